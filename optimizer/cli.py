@@ -1,0 +1,219 @@
+"""The `kiln` command line. Each subcommand is a small function over the library; errors become one message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from optimizer import __version__
+from optimizer.errors import EXIT_INTERNAL, KilnError
+
+DESCRIPTION = """\
+kiln takes a trained model to a fast, verified inference engine for a target, and runs it.
+
+  kiln example block ex/                 write a small example model to ex/model.onnx
+  kiln optimize ex/model.onnx -o out/    optimize, build, verify and benchmark it
+  kiln run out/ --inputs in.npz --output out.npz
+  kiln bench out/                        latency at each shape of the engine's profile
+  kiln targets                           what each target can do, and whether it runs here
+
+Exit codes: 0 ok, 1 internal error, 2 bad input, 3 verification failed.
+"""
+
+OPTIMIZE_EPILOG = """\
+shapes:
+  Each dynamic dim of the model's inputs needs a range. Name it by its symbolic name or by
+  INPUT:AXIS, e.g. --shapes batch=1..8 --shapes seq=16..128..512 (min..opt..max; opt defaults
+  to the middle). The engine is verified at the min, opt and max of every dim.
+
+recipe (--config recipe.toml; command-line options win):
+  target = "cpu"
+  precision = "fp16"
+  [shapes]
+  batch = "1..8"
+  [passes]
+  disable = ["cse"]
+  [verify]
+  seed = 0
+  atol = 1e-3        # rtol too; defaults depend on precision
+  [bench]
+  runs = 20
+  warmup = 3
+
+OUTDIR gets model.onnx, engine/, report.json and report.md. It is built in a temporary
+directory and renamed into place, so a failed run leaves what was there before.
+"""
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print only machine-readable JSON on stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _common()
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("optimize", parents=[common], help="optimize a model into a verified engine", epilog=OPTIMIZE_EPILOG, formatter_class=raw)
+    p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), or a directory holding one")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
+    p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], help="compute precision (default fp32); inputs and outputs stay fp32")
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
+    p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
+    p.add_argument("--verify-each", action="store_true", help="after every pass: checker, ORT load and parity (slow; finds the pass that breaks a model)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final parity check (a failed check exits 3 otherwise)")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass by name (`kiln passes` lists them)")
+    p.add_argument("--seed", type=int, help="seed for verification and benchmark inputs (default 0)")
+    p.add_argument("--bench-runs", type=int, help="timed runs per profile shape for the report (default 10; 0 skips)")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR even if it is not a kiln output")
+    p.set_defaults(handler=cmd_optimize)
+
+    p = sub.add_parser("run", parents=[common], help="run an engine on inputs from an .npz file")
+    p.add_argument("engine", type=Path, metavar="OUTDIR", help="a directory `kiln optimize` wrote")
+    p.add_argument("--inputs", type=Path, required=True, metavar="in.npz", help="one array per model input, by name")
+    p.add_argument("--output", type=Path, required=True, metavar="out.npz", help="where to write the outputs")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("bench", parents=[common], help="latency (median, p90) at each shape of the engine's profile")
+    p.add_argument("engine", type=Path, metavar="OUTDIR", help="a directory `kiln optimize` wrote")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per shape (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("targets", parents=[common], help="list targets, their capabilities, and whether they run here")
+    p.set_defaults(handler=cmd_targets)
+
+    p = sub.add_parser("passes", parents=[common], help="list the passes kiln runs, in order")
+    p.set_defaults(handler=cmd_passes)
+
+    p = sub.add_parser("example", parents=[common], help="write an example model that needs nothing downloaded")
+    p.add_argument("name", metavar="NAME", help="example to write: block")
+    p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
+    p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
+    p.set_defaults(handler=cmd_example)
+    return parser
+
+
+def _emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def cmd_optimize(args) -> int:
+    from optimizer.config import Options, load_recipe, validate
+    from optimizer.errors import InputError
+    from optimizer.pipeline import optimize
+    from optimizer.progress import Progress
+
+    options = Options()
+    if args.config:
+        load_recipe(args.config, options)
+    for field in ("target", "precision", "seed", "bench_runs"):
+        if getattr(args, field) is not None:
+            setattr(options, field, getattr(args, field))
+    options.shapes += [("--shapes", s) for s in args.shapes]
+    options.disable_passes += args.disable_pass
+    options.verify_each |= args.verify_each
+    options.verify &= not args.no_verify
+    validate(options)
+    if options.bench_runs < 0:
+        raise InputError("--bench-runs must be 0 or more")
+    report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.json))
+    checks = report["verification"]["shapes"]
+    text = (
+        f"{report['status']}: {report['source']['nodes']} -> {report['model']['nodes']} nodes, "
+        f"verified at {sum(c['passed'] for c in checks)}/{len(checks)} shapes\n"
+        f"report: {args.output / 'report.md'} (and report.json)"
+    )
+    _emit(args, report, text)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from optimizer.runner import run_engine
+
+    results, warnings = run_engine(args.engine, args.inputs, args.output)
+    for warning in warnings:
+        print(f"kiln: warning: {warning}", file=sys.stderr)
+    summary = {name: {"dtype": v.dtype.name, "shape": list(v.shape)} for name, v in results.items()}
+    text = "\n".join(f"{n}: {s['dtype']} {s['shape']}" for n, s in summary.items()) + f"\nwrote {args.output}"
+    _emit(args, {"outputs": summary, "file": str(args.output), "warnings": warnings}, text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from optimizer.bench import bench_profile
+    from optimizer.errors import InputError
+    from optimizer.runner import load_engine
+
+    if args.runs < 1 or args.warmup < 0:
+        raise InputError("--runs must be at least 1 and --warmup 0 or more")
+    engine = load_engine(args.engine)
+    results = bench_profile(engine, engine.profile, args.runs, args.warmup, args.seed)
+    lines = [f"{'corner':<8} {'median ms':>10} {'p90 ms':>10}  shapes"]
+    for r in results:
+        shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
+        lines.append(f"{r['corner']:<8} {r['median_ms']:>10.3f} {r['p90_ms']:>10.3f}  {shapes}")
+    _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results}, "\n".join(lines))
+    return 0
+
+
+def cmd_targets(args) -> int:
+    import targets
+
+    described = [t.describe() for t in targets.TARGETS.values()]
+    lines = []
+    for t in described:
+        state = "available" if t["available"] else f"unavailable: {t['unavailable_reason']}"
+        lines.append(f"{t['name']:<8} {t['description']} ({state})")
+        lines.append(f"{'':<8} precisions: {', '.join(t['precisions'])}; capabilities: {', '.join(t['capabilities'])}")
+    _emit(args, {"targets": described}, "\n".join(lines))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    import passes
+
+    listed = [{"name": p.name, "summary": p.summary} for p in [*passes.cleanup_passes(), passes.ConvertToFloat16()]]
+    _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
+    return 0
+
+
+def cmd_example(args) -> int:
+    from optimizer.examples import write_example
+
+    path = write_example(args.name, args.directory, args.force)
+    _emit(args, {"example": args.name, "model": str(path)}, f"wrote {path}\nnext: kiln optimize {path} -o out/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KilnError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is kiln's bug: say so, keep the traceback for --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"kiln: internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the traceback", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Options for one `kiln optimize` run, from a recipe.toml and the command line (which wins)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from optimizer.errors import InputError
+
+PRECISIONS = ("fp32", "fp16")
+
+# Tolerances for comparing an engine with the fp32 original: |got - want| <= atol + rtol * |want|.
+# fp16 keeps 11 significant bits (about 3 decimal digits), and errors grow through a network's depth.
+TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2}}
+
+
+@dataclasses.dataclass
+class Options:
+    target: str = "cpu"
+    precision: str = "fp32"
+    shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
+    disable_passes: list[str] = dataclasses.field(default_factory=list)
+    verify: bool = True
+    verify_each: bool = False
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    bench_runs: int = 10
+    bench_warmup: int = 2
+
+    def tolerance(self) -> dict[str, float]:
+        default = TOLERANCES[self.precision]
+        return {
+            "atol": default["atol"] if self.atol is None else self.atol,
+            "rtol": default["rtol"] if self.rtol is None else self.rtol,
+        }
+
+
+# Recipe layout: section -> key -> (Options field, accepted types). "" is the top level.
+_RECIPE = {
+    "": {"target": ("target", str), "precision": ("precision", str)},
+    "passes": {"disable": ("disable_passes", list)},
+    "verify": {
+        "enabled": ("verify", bool),
+        "each": ("verify_each", bool),
+        "seed": ("seed", int),
+        "atol": ("atol", (int, float)),
+        "rtol": ("rtol", (int, float)),
+    },
+    "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
+}
+
+
+def load_recipe(path: Path, options: Options) -> None:
+    """Apply a recipe file to options; unknown keys and wrong types are errors naming the key."""
+    if not path.is_file():
+        raise InputError(f"recipe {path}: no such file", hint="check the --config path")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
+    known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes"))
+    for key, value in data.items():
+        if key == "shapes":
+            if not isinstance(value, dict):
+                raise InputError(f"recipe {path}: [shapes] must be a table of NAME = \"MIN..MAX\"")
+            for name, spec in value.items():
+                if not isinstance(spec, (str, int)) or isinstance(spec, bool):
+                    raise InputError(f"recipe {path}: shapes.{name} must be a string like \"1..8\" or a size")
+                options.shapes.append((f"recipe {path.name}", f"{name}={spec}"))
+        elif key in _RECIPE and key:
+            if not isinstance(value, dict):
+                raise InputError(f"recipe {path}: {key} must be a table ([{key}])")
+            for sub, sub_value in value.items():
+                _set(options, path, f"{key}.{sub}", _RECIPE[key].get(sub), sub_value, sorted(_RECIPE[key]))
+        elif key in _RECIPE[""]:
+            _set(options, path, key, _RECIPE[""][key], value, known)
+        else:
+            raise InputError(f"recipe {path}: unknown key {key!r}", hint=f"known keys: {', '.join(known)}")
+    validate(options)
+
+
+def _set(options: Options, path: Path, key: str, entry, value, known: list[str]) -> None:
+    if entry is None:
+        raise InputError(f"recipe {path}: unknown key {key!r}", hint=f"known keys here: {', '.join(known)}")
+    field, types = entry
+    if isinstance(value, bool) and types is not bool or not isinstance(value, types):
+        raise InputError(f"recipe {path}: {key} has the wrong type ({type(value).__name__})")
+    if field == "disable_passes" and not all(isinstance(v, str) for v in value):
+        raise InputError(f"recipe {path}: {key} must be a list of pass names")
+    setattr(options, field, value)
+
+
+def validate(options: Options) -> None:
+    if options.precision not in PRECISIONS:
+        raise InputError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if options.bench_runs < 0 or options.bench_warmup < 0:
+        raise InputError("bench runs and warmup must be 0 or more")

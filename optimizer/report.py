@@ -1,0 +1,100 @@
+"""report.json (the contract for CI, schema-versioned) and report.md (for people)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from optimizer.outdir import REPORT_FILE, REPORT_SCHEMA
+
+SCHEMA_VERSION = 1
+_LIBRARIES = ("kiln-ml", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "protobuf", "ml_dtypes")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def new_report(command: str) -> dict:
+    return {"schema": REPORT_SCHEMA, "schema_version": SCHEMA_VERSION, "command": command, "versions": versions()}
+
+
+def write_reports(directory: Path, report: dict) -> None:
+    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (directory / "report.md").write_text(markdown(report))
+
+
+def _table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _dims(shape: list) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def _shapes(shapes: dict) -> str:
+    return ", ".join(f"{k} {_dims(v)}" for k, v in shapes.items())
+
+
+def markdown(report: dict) -> str:
+    src, model, target = report["source"], report["model"], report["target"]
+    verification = report["verification"]
+    out = [
+        f"# kiln report: {Path(src['path']).name}",
+        "",
+        f"**Status: {report['status']}** · target `{target['name']}` · precision {report['precision']} · "
+        f"{src['nodes']} → {model['nodes']} nodes · {report['timings']['total_s']:.2f} s",
+        "",
+        f"- source: `{src['path']}` (sha256 `{src['hash'][:16]}…`)",
+        f"- optimized model: `{model['file']}` (sha256 `{model['hash'][:16]}…`)",
+        f"- engine: {', '.join(f'`{f}`' for f in target['files'])}",
+        "",
+    ]
+    for note in report["notes"]:
+        out.append(f"> {note}")
+    out += ["", "## Inputs and outputs", ""]
+    io_rows = [["input", s["name"], s["dtype"], _dims(s["shape"])] for s in report["inputs"]]
+    io_rows += [["output", s["name"], s["dtype"], _dims(s["shape"])] for s in report["outputs"]]
+    out += _table(["", "name", "dtype", "shape"], io_rows)
+    dims = report["profile"]["dims"]
+    if dims:
+        out += ["## Dynamic dims", ""]
+        out += _table(["dim", "min", "opt", "max"], [[d, r["min"], r["opt"], r["max"]] for d, r in dims.items()])
+    out += ["## Passes", ""]
+    rows = []
+    for p in report["passes"]:
+        extra = ", ".join(f"{k} {v}" for k, v in p["stats"].items())
+        rows.append([p["name"], f"{p['seconds'] * 1e3:.1f}", p["nodes_before"], p["nodes_after"], extra])
+    out += _table(["pass", "ms", "nodes before", "nodes after", "details"], rows)
+    for p in report["passes"]:
+        out += [f"- warning ({p['name']}): {w}" for w in p["warnings"]]
+        for node, reason in p["details"].get("kept_fp32", {}).items():
+            out.append(f"- kept in fp32 ({p['name']}): `{node}`: {reason}")
+    out += ["## Verification", ""]
+    if not verification["enabled"]:
+        out += ["Not run (`--no-verify`).", ""]
+    else:
+        tol = verification["tolerance"]
+        out += [f"Against {verification['reference']}; pass when |got − want| ≤ {tol['atol']:g} + {tol['rtol']:g}·|want|.", ""]
+        rows = []
+        for check in verification["shapes"]:
+            for name, err in (check["outputs"] or {"-": {"max_abs": float("nan"), "max_rel": float("nan")}}).items():
+                rows.append([check["corner"], _shapes(check["shapes"]), name, f"{err['max_abs']:.3g}", f"{err['max_rel']:.3g}",
+                             "pass" if check["passed"] else f"**FAIL** {check['error'] or ''}"])  # fmt: skip
+        out += _table(["corner", "shapes", "output", "max abs", "max rel", "result"], rows)
+    if report["latency"]:
+        out += ["## Latency", ""]
+        rows = [[b["corner"], _shapes(b["shapes"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", b["runs"]] for b in report["latency"]]
+        out += _table(["corner", "shapes", "median ms", "p90 ms", "runs"], rows)
+    out += ["## Versions", ""] + _table(["library", "version"], [[k, v] for k, v in report["versions"].items()])
+    return "\n".join(out)

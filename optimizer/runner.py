@@ -1,0 +1,66 @@
+"""`kiln run` and `kiln bench`: load an engine from an OUTDIR and use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import targets
+from calibration import DataError, read_npz
+from optimizer.errors import InputError
+from optimizer.outdir import atomic_file
+from optimizer.pipeline import ENGINE_DIR
+
+
+def load_engine(path: Path) -> targets.Engine:
+    """The engine in a kiln OUTDIR (or in its engine/ directory)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such directory", hint="pass the OUTDIR that `kiln optimize -o` wrote")
+    engine_dir = path / ENGINE_DIR if (path / ENGINE_DIR).is_dir() else path
+    try:
+        manifest = targets.read_manifest(engine_dir)
+        target = targets.get_target(manifest.get("target", ""))
+    except (targets.EngineError, KeyError) as exc:
+        raise InputError(str(exc.args[0]), hint="pass the OUTDIR that `kiln optimize -o` wrote") from None
+    reason = target.available()
+    if reason:
+        raise InputError(f"the engine in {path} is for target {target.name!r}, not available here: {reason}")
+    try:
+        return target.load(engine_dir)
+    except targets.EngineError as exc:
+        raise InputError(str(exc)) from None
+
+
+def check_feeds(engine: targets.Engine, feeds: dict[str, np.ndarray], source: str) -> list[str]:
+    """Raise InputError for inputs the engine cannot take; return warnings for shapes it was not verified at."""
+    names = {spec.name for spec in engine.inputs}
+    missing, extra = sorted(names - set(feeds)), sorted(set(feeds) - names)
+    expected = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in engine.inputs)
+    if missing or extra:
+        what = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}"]))
+        raise InputError(f"{source}: {what}", hint=f"the engine takes {expected}")
+    for spec in engine.inputs:
+        array = feeds[spec.name]
+        if array.dtype.name != spec.dtype:
+            raise InputError(f"{source}: input {spec.name!r} is {array.dtype.name}, the engine takes {spec.dtype}")
+        if array.ndim != len(spec.shape) or any(
+            isinstance(want, int) and want != got for want, got in zip(spec.shape, array.shape)
+        ):
+            raise InputError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the engine takes {list(spec.shape)}")
+    problem = engine.profile.contains({k: v.shape for k, v in feeds.items()})
+    return [f"{problem}; the engine was not verified at this shape"] if problem else []
+
+
+def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    engine = load_engine(outdir)
+    try:
+        feeds = read_npz(inputs)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
+    warnings = check_feeds(engine, feeds, str(inputs))
+    results = engine.run(feeds)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **results)
+    return results, warnings

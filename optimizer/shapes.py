@@ -1,0 +1,134 @@
+"""The model's inputs and outputs, and the dynamic-shape profile from --shapes, recipes and metadata."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from optimizer.errors import InputError
+from targets import DimRange, Profile, TensorSpec
+
+# Models may carry their own ranges, as "batch=1..2..8,seq=1..128" (set by kiln's importers and examples).
+SHAPES_METADATA_KEY = "kiln.shapes"
+DEFAULT_MIN, DEFAULT_MAX = 1, 8
+_SPEC = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)(?:\.\.(\d+))?(?:\.\.(\d+))?\s*$")
+
+
+def _spec(value: ir.Value, graph_name: str) -> TensorSpec:
+    if value.shape is None or value.dtype is None:
+        raise InputError(
+            f"{graph_name} {value.name!r} has no {'shape' if value.dtype else 'type'} in the model",
+            hint="re-export the model with typed, ranked inputs and outputs",
+        )
+    dims: list[int | str] = []
+    for axis, dim in enumerate(value.shape):
+        if isinstance(dim, int):
+            dims.append(dim)
+        else:
+            dims.append(dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else f"{value.name}:{axis}")
+    return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, tuple(dims))
+
+
+def input_specs(model: ir.Model) -> tuple[TensorSpec, ...]:
+    return tuple(_spec(v, "input") for v in model.graph.inputs if v.name not in model.graph.initializers)
+
+
+def output_specs(model: ir.Model) -> tuple[TensorSpec, ...]:
+    specs = []
+    for value in model.graph.outputs:
+        # Outputs may be untyped before shape inference; report what is known.
+        if value.dtype is None or value.shape is None:
+            specs.append(TensorSpec(value.name, "unknown", ()))
+        else:
+            specs.append(_spec(value, "output"))
+    return tuple(specs)
+
+
+def parse_shape_spec(text: str, source: str = "--shapes") -> tuple[str, DimRange]:
+    """'NAME=MIN..MAX', 'NAME=MIN..OPT..MAX' or 'NAME=SIZE' -> (NAME, range); opt defaults to the middle."""
+    match = _SPEC.match(text)
+    if not match:
+        raise InputError(
+            f"{source} {text!r} is not NAME=MIN..MAX",
+            hint="write e.g. batch=1..8, batch=1..4..8 (min..opt..max) or x:1=16..128 (input x, axis 1)",
+        )
+    name, *numbers = match.groups()
+    values = [int(n) for n in numbers if n is not None]
+    if len(values) == 1:
+        lo = opt = hi = values[0]
+    elif len(values) == 2:
+        lo, hi = values
+        opt = (lo + hi) // 2
+    else:
+        lo, opt, hi = values
+    if lo > hi:
+        raise InputError(f"{source} {text!r}: min {lo} is greater than max {hi}", hint="write MIN..MAX with MIN <= MAX")
+    if lo < 1:
+        raise InputError(f"{source} {text!r}: sizes must be at least 1")
+    if not lo <= opt <= hi:
+        raise InputError(f"{source} {text!r}: opt {opt} is outside {lo}..{hi}")
+    return name, DimRange(lo, opt, hi)
+
+
+def _describe_dims(inputs: tuple[TensorSpec, ...]) -> str:
+    where: dict[str, list[str]] = {}
+    for spec in inputs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                where.setdefault(dim, []).append(f"{spec.name}:{axis}")
+    if not where:
+        return "the model has no dynamic dims"
+    return "dynamic dims: " + ", ".join(f"{d} ({', '.join(w)})" for d, w in where.items())
+
+
+def _resolve_name(name: str, inputs: tuple[TensorSpec, ...], dims: list[str], source: str, text: str) -> str:
+    if name in dims:
+        return name
+    by_name = {spec.name: spec for spec in inputs}
+    input_name, _, axis = name.rpartition(":")
+    if input_name in by_name and axis.lstrip("-").isdigit():
+        spec = by_name[input_name]
+        axis_i = int(axis)
+        if not -len(spec.shape) <= axis_i < len(spec.shape):
+            raise InputError(
+                f"{source} {text!r}: input {input_name!r} has rank {len(spec.shape)}, no axis {axis_i}",
+                hint=_describe_dims(inputs),
+            )
+        dim = spec.shape[axis_i]
+        if isinstance(dim, int):
+            raise InputError(
+                f"{source} {text!r}: axis {axis_i} of input {input_name!r} is static ({dim}) and takes no range",
+                hint=_describe_dims(inputs),
+            )
+        return dim
+    if name in by_name:
+        raise InputError(f"{source} {text!r} names input {name!r} but no axis", hint=f"write {name}:AXIS=MIN..MAX")
+    raise InputError(
+        f"{source} {text!r}: the model has no input or dynamic dim called {name!r}",
+        hint=_describe_dims(inputs),
+    )
+
+
+def build_profile(
+    inputs: tuple[TensorSpec, ...], specs: list[tuple[str, str]], metadata_spec: str | None = None
+) -> tuple[Profile, list[str]]:
+    """The profile for inputs from (source, spec) pairs, later ones winning; also notes on defaults used.
+
+    Ranges come from the model's metadata first, then the recipe and the command line.
+    """
+    dims = list(dict.fromkeys(d for spec in inputs for d in spec.dynamic_dims))
+    all_specs = [("model metadata", s) for s in (metadata_spec or "").split(",") if s.strip()] + specs
+    ranges: dict[str, DimRange] = {}
+    for source, text in all_specs:
+        name, dim_range = parse_shape_spec(text, source)
+        ranges[_resolve_name(name, inputs, dims, source, text)] = dim_range
+    notes = []
+    for dim in dims:
+        if dim not in ranges:
+            ranges[dim] = DimRange(DEFAULT_MIN, (DEFAULT_MIN + DEFAULT_MAX) // 2, DEFAULT_MAX)
+            notes.append(
+                f"dynamic dim {dim!r} has no range; using {ranges[dim]} (set it with --shapes {dim}=MIN..MAX)"
+            )
+    return Profile(inputs, ranges), notes

@@ -1,0 +1,122 @@
+"""Verification: the optimized engine against the original model on ONNX Runtime CPU in fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optimizer.models import save_model
+from targets import Engine, Profile, random_inputs
+
+REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
+
+
+@dataclasses.dataclass
+class ShapeCheck:
+    corner: str
+    shapes: dict[str, list[int]]
+    passed: bool
+    outputs: dict[str, dict[str, float]]
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def reference_session(model_path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+
+
+def compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> tuple[bool, dict[str, float]]:
+    """Elementwise |got - want| <= atol + rtol * |want|; max_rel is max_abs over the largest |want|."""
+    if got.shape != want.shape:
+        return False, {"max_abs": float("inf"), "max_rel": float("inf")}
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(got64 - want64)
+    both_nan = np.isnan(got64) & np.isnan(want64)
+    diff = np.where(both_nan, 0.0, diff)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.nanmax(np.abs(want64))) if want64.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    ok = bool(np.all(diff <= atol + rtol * np.abs(want64)))  # NaN where want is finite fails here
+    return ok, {"max_abs": max_abs, "max_rel": max_rel}
+
+
+def check_outputs(
+    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], atol: float, rtol: float
+) -> tuple[bool, dict[str, dict[str, float]]]:
+    passed, errors = True, {}
+    for name, expected in want.items():
+        if name not in got:
+            return False, {name: {"max_abs": float("inf"), "max_rel": float("inf")}}
+        ok, errors[name] = compare(np.asarray(got[name]), expected, atol, rtol)
+        passed &= ok
+    return passed, errors
+
+
+def corner_inputs(profile: Profile, seed: int, int_ranges=None):
+    """(corner, shapes, feeds) for each profile corner, each with its own seed."""
+    for i, (corner, shapes) in enumerate(profile.corners()):
+        yield corner, shapes, random_inputs(profile.inputs, shapes, seed + i, int_ranges)
+
+
+def verify_engine(
+    engine: Engine, reference: ort.InferenceSession, profile: Profile, tolerance: Mapping[str, float], seed: int
+) -> list[ShapeCheck]:
+    checks = []
+    for corner, shapes, feeds in corner_inputs(profile, seed):
+        as_lists = {k: list(v) for k, v in shapes.items()}
+        try:
+            got, want = engine.run(feeds), run_session(reference, feeds)
+        except Exception as exc:  # a failing run is a failed check, named with its shape
+            checks.append(ShapeCheck(corner, as_lists, False, {}, f"{type(exc).__name__}: {exc}"))
+            continue
+        passed, errors = check_outputs(got, want, **tolerance)
+        checks.append(ShapeCheck(corner, as_lists, passed, errors))
+    return checks
+
+
+class StepVerifier:
+    """--verify-each: after a pass, the model must pass the checker, load in ORT and match the original."""
+
+    def __init__(self, reference: ort.InferenceSession, profile: Profile, seed: int):
+        corner, shapes = next((c, s) for c, s in profile.corners() if c in ("opt", "static"))
+        self.corner = corner
+        self.feeds = random_inputs(profile.inputs, shapes, seed)
+        self.want = run_session(reference, self.feeds)
+
+    def check(self, model: ir.Model, tolerance: Mapping[str, float]) -> str | None:
+        """None if the model is sound, else what is wrong."""
+        with tempfile.TemporaryDirectory(prefix="kiln-verify-each-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(model, path)
+            try:
+                onnx.checker.check_model(os.fspath(path))
+            except onnx.checker.ValidationError as exc:
+                return f"the ONNX checker rejects the model: {str(exc).splitlines()[0]}"
+            try:
+                session = reference_session(path)
+                got = run_session(session, self.feeds)
+            except Exception as exc:
+                return f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}"
+        ok, errors = check_outputs(got, self.want, **tolerance)
+        if not ok:
+            worst = max(errors, key=lambda k: errors[k]["max_abs"])
+            return f"output {worst!r} differs at the {self.corner} shape (max abs error {errors[worst]['max_abs']:.3g})"
+        return None

@@ -1,0 +1,53 @@
+"""The base every kiln pass builds on: an onnx-ir in-place pass with a name, a summary and notes."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+
+class KilnPass(ir.passes.InPlacePass):
+    """An in-place onnx-ir pass that reports through `stats`, `details` and `warnings`, never by printing.
+
+    `name` is what recipes and reports call the pass; `requires` / `ensures` (from onnx-ir) check
+    the model before and after `call`.
+    """
+
+    name: str = ""
+    summary: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: dict[str, int] = {}
+        self.details: dict[str, object] = {}
+        self.warnings: list[str] = []
+
+    def __call__(self, model_or_result):
+        self.stats, self.details, self.warnings = {}, {}, []
+        return super().__call__(model_or_result)
+
+
+def count_nodes(model: ir.Model) -> int:
+    """Nodes in the main graph and all subgraphs."""
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    """Node count per op type ('domain::Op' outside the default domain), subgraphs included."""
+    counts: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def check_topological_order(graph: ir.Graph) -> None:
+    """Raise PostconditionError if a node in graph uses a value that no earlier node produced."""
+    defined = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.graph is graph and value not in defined:
+                raise ir.passes.PostconditionError(
+                    f"node {node.name!r} ({node.op_type}) uses {value.name!r} before it is produced"
+                )
+        defined.update(node.outputs)

@@ -1,0 +1,128 @@
+"""Tensor specs and dynamic-shape profiles: the shapes an engine is built, verified and benchmarked for."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+CORNERS = ("min", "opt", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class DimRange:
+    """The range one dynamic dimension may take, with the size to tune for."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"need 1 <= min <= opt <= max, got {self.min}..{self.opt}..{self.max}")
+
+    def __str__(self) -> str:
+        return f"{self.min}..{self.opt}..{self.max}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, numpy dtype name, and shape with dynamic dims named."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def dynamic_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.shape if isinstance(d, str))
+
+    def concrete(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Inputs plus a range for every dynamic dim they use."""
+
+    inputs: tuple[TensorSpec, ...]
+    dims: Mapping[str, DimRange]
+
+    def __post_init__(self) -> None:
+        used = {d for spec in self.inputs for d in spec.dynamic_dims}
+        if used != set(self.dims):
+            raise ValueError(f"profile dims {sorted(self.dims)} do not match the inputs' dims {sorted(used)}")
+
+    def sizes(self, corner: str) -> dict[str, int]:
+        return {name: getattr(r, corner) for name, r in self.dims.items()}
+
+    def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {spec.name: spec.concrete(sizes) for spec in self.inputs}
+
+    def corners(self) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+        """(label, input shapes) at min, opt and max; one 'static' entry when nothing is dynamic."""
+        if not self.dims:
+            return [("static", self.shapes({}))]
+        seen, result = set(), []
+        for corner in CORNERS:
+            shapes = self.shapes(self.sizes(corner))
+            key = tuple(sorted(shapes.items()))
+            if key not in seen:
+                seen.add(key)
+                result.append((corner, shapes))
+        return result
+
+    def contains(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """None if the shapes fit the profile, else the reason they do not."""
+        for spec in self.inputs:
+            shape = shapes[spec.name]
+            for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+                if isinstance(want, str):
+                    r = self.dims[want]
+                    if not r.min <= got <= r.max:
+                        return f"{spec.name} axis {axis} ({want}) is {got}, outside the profile {r.min}..{r.max}"
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [spec.to_json() for spec in self.inputs],
+            "dims": {name: dataclasses.asdict(r) for name, r in sorted(self.dims.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Profile:
+        return cls(
+            tuple(TensorSpec.from_json(s) for s in data["inputs"]),
+            {name: DimRange(**r) for name, r in data["dims"].items()},
+        )
+
+
+def random_inputs(
+    inputs: tuple[TensorSpec, ...],
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int,
+    int_ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Seeded inputs: floats uniform in [-1, 1), integers uniform in their range (default [0, 8))."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape, dtype = shapes[spec.name], np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+        elif dtype.kind in "iu":
+            lo, hi = (int_ranges or {}).get(spec.name, (0, 8))
+            feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise ValueError(f"cannot make random data for input {spec.name!r} of dtype {dtype}")
+    return feeds
