@@ -127,7 +127,7 @@ def cmd_optimize(args) -> int:
     validate(options)
     if options.bench_runs < 0:
         raise InputError("--bench-runs must be 0 or more")
-    report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.json))
+    report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.json and sys.stderr.isatty()))
     checks = report["verification"]["shapes"]
     text = (
         f"{report['status']}: {report['source']['nodes']} -> {report['model']['nodes']} nodes, "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from optimizer.errors import InputError
 from optimizer.outdir import atomic_file
@@ -26,11 +26,13 @@ def transformer_block(seed: int = 0) -> onnx.ModelProto:
 
     def weight(name, *shape):
         fan_in = shape[0] if len(shape) > 1 else 1
-        data = rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape).astype(np.float32)
-        return helper.make_tensor(name, TensorProto.FLOAT, shape, data.ravel())
+        return numpy_helper.from_array(rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape).astype(np.float32), name)
 
     def ints(name, values):
-        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    def scalar(name, value):
+        return numpy_helper.from_array(np.array(value, np.float32), name)
 
     inits = [
         weight("ln1_scale", HIDDEN), weight("ln1_bias", HIDDEN),
@@ -39,9 +41,7 @@ def transformer_block(seed: int = 0) -> onnx.ModelProto:
         weight("ln2_scale", HIDDEN), weight("ln2_bias", HIDDEN),
         weight("w_fc1", HIDDEN, MLP), weight("b_fc1", MLP),
         weight("w_fc2", MLP, HIDDEN), weight("b_fc2", HIDDEN),
-        helper.make_tensor("sqrt2", TensorProto.FLOAT, [], [float(np.sqrt(2.0))]),
-        helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
-        helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+        scalar("sqrt2", np.sqrt(2.0)), scalar("one", 1.0), scalar("half", 0.5),
         ints("split_qkv", [HIDDEN] * 3), ints("heads_shape", [0, 0, HEADS, head]), ints("merge_shape", [0, 0, HIDDEN]),
     ]  # fmt: skip
     n = helper.make_node
@@ -59,7 +59,7 @@ def transformer_block(seed: int = 0) -> onnx.ModelProto:
         n("Transpose", ["v_h"], ["v_t"], perm=[0, 2, 1, 3]),
         n("MatMul", ["q_t", "k_t"], ["scores"]),
         # sqrt(head_dim) computed at run time, as traced exporters often leave it: constant folding's job.
-        n("Constant", [], ["head_dim"], value=helper.make_tensor("head_dim", TensorProto.FLOAT, [], [float(head)])),
+        n("Constant", [], ["head_dim"], value=scalar("head_dim", head)),
         n("Sqrt", ["head_dim"], ["scale"]),
         n("Div", ["scores", "scale"], ["scores_scaled"]),
         n("Softmax", ["scores_scaled"], ["probs"], axis=-1),

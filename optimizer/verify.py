@@ -48,13 +48,14 @@ def compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> tupl
     if got.shape != want.shape:
         return False, {"max_abs": float("inf"), "max_rel": float("inf")}
     got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(got64 - want64)
     both_nan = np.isnan(got64) & np.isnan(want64)
-    diff = np.where(both_nan, 0.0, diff)
+    diff = np.where(both_nan, 0.0, np.abs(got64 - want64))
     max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.nanmax(np.abs(want64))) if want64.size else 0.0
+    finite = np.abs(want64[np.isfinite(want64)])
+    scale = float(finite.max()) if finite.size else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
-    ok = bool(np.all(diff <= atol + rtol * np.abs(want64)))  # NaN where want is finite fails here
+    # NaN where the reference is a number fails here, as NaN compares false.
+    ok = bool(np.all((diff <= atol + rtol * np.abs(want64)) | both_nan))
     return ok, {"max_abs": max_abs, "max_rel": max_rel}
 
 

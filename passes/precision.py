@@ -23,6 +23,19 @@ def _is_f32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == F32
 
 
+def _is_fp32_slot(node: ir.Node, index: int) -> bool:
+    """Whether input `index` of node must be float32: any input of a kept op, or a FLOAT32_INPUTS position."""
+    if node.domain != "":
+        return False
+    return node.op_type in KEEP_FP32_OPS or index in FLOAT32_INPUTS.get(node.op_type, ())
+
+
+def _only_feeds_fp32(value: ir.Value) -> bool:
+    """Whether every use of value is a float32 slot (so it must stay float32 to keep its exact value)."""
+    uses = list(value.uses())
+    return bool(uses) and all(_is_fp32_slot(use.node, use.idx) for use in uses)
+
+
 def _to_f16_tensor(tensor: ir.TensorProtocol) -> ir.Tensor:
     return ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name)
 
@@ -49,13 +62,16 @@ class ConvertToFloat16(KilnPass):
         kept: dict[str, str] = {}
         converted = 0
         for init in graph.initializers.values():
-            if _is_f32(init) and init.const_value is not None:
+            # One that only feeds float32 slots (Range bounds, Resize scales) keeps its exact value.
+            if _is_f32(init) and init.const_value is not None and not _only_feeds_fp32(init):
                 init.const_value = _to_f16_tensor(init.const_value)
                 init.dtype = F16
                 converted += 1
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if node.op_type in KEEP_FP32_OPS and node.domain == "":
                 kept[node.name or node.op_type] = KEEP_FP32_OPS[node.op_type]
+                continue
+            if self._is_fp32_boundary_cast(node):
                 continue
             self._convert_attributes(node)
             for out in node.outputs:
@@ -73,12 +89,31 @@ class ConvertToFloat16(KilnPass):
     def ensures(self, model: ir.Model) -> None:
         for init in model.graph.initializers.values():
             if _is_f32(init) and not all(
-                use.node.op_type == "Cast" or use.node.op_type in KEEP_FP32_OPS for use in init.uses()
+                use.node.op_type == "Cast" or _is_fp32_slot(use.node, use.idx) for use in init.uses()
             ):
                 raise ir.passes.PostconditionError(f"initializer {init.name!r} is still float32")
 
     @staticmethod
+    def _is_fp32_boundary_cast(node: ir.Node) -> bool:
+        """A Cast to float32 that only feeds float32 slots or graph outputs, such as the ones this pass
+        inserts; converting it again would make the pass add a second layer of Casts."""
+        if node.op_type != "Cast" or node.domain != "" or not _is_f32(node.outputs[0]):
+            return False
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if not uses and not out.is_graph_output():
+            return False
+        return all(_is_fp32_slot(use.node, use.idx) for use in uses)
+
+    @staticmethod
     def _convert_attributes(node: ir.Node) -> None:
+        if node.op_type == "Constant" and node.domain == "":
+            # value_float(s) make a float32 output whatever the value's type says; store float16 instead.
+            for name in ("value_float", "value_floats"):
+                attr = node.attributes.pop(name, None)
+                if attr is not None:
+                    data = np.asarray(attr.value, dtype=np.float16)
+                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(data))
         to = node.attributes.get("to")
         if node.op_type == "Cast" and to is not None and to.as_int() == F32:
             node.attributes["to"] = ir.AttrInt64("to", F16)
@@ -109,7 +144,8 @@ class ConvertToFloat16(KilnPass):
     @staticmethod
     def _keep_io_float32(graph: ir.Graph) -> None:
         for value in graph.inputs:
-            uses = list(value.uses())
+            # Float32 slots (Range bounds, Resize scales) keep reading the float32 input.
+            uses = [use for use in value.uses() if not _is_fp32_slot(use.node, use.idx)]
             if _is_f32(value) and uses:
                 cast = _cast(value, F16, f"{value.name}_fp16")
                 for use in uses:

@@ -1,0 +1,82 @@
+"""Atomic writes, the comparison behind verification, and progress output."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from optimizer.errors import InputError
+from optimizer.outdir import atomic_file, check_outdir, staged_dir
+from optimizer.progress import Progress
+from optimizer.verify import check_outputs, compare
+
+
+def test_atomic_file_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_staged_dir_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(out) as stage:
+        (stage / "a").write_text("half")
+        raise RuntimeError("boom")
+    assert (out / "a").read_text() == "old"
+    with staged_dir(out) as stage:
+        (stage / "b").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_check_outdir(tmp_path):
+    model = tmp_path / "m" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes(b"x")
+    check_outdir(tmp_path / "new", model, force=False)
+    (tmp_path / "empty").mkdir()
+    check_outdir(tmp_path / "empty", model, force=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="exists and is a file"):
+        check_outdir(tmp_path / "file", model, force=True)
+    with pytest.raises(InputError, match="holds the input model"):
+        check_outdir(tmp_path, model, force=True)
+
+
+def test_compare_tolerances_and_nan():
+    want = np.array([1.0, -2.0, 0.0], np.float32)
+    ok, err = compare(want + np.float32(1e-5), want, atol=1e-4, rtol=0)
+    assert ok and err["max_abs"] == pytest.approx(1e-5, rel=1e-2) and err["max_rel"] == pytest.approx(5e-6, rel=1e-2)
+    ok, _ = compare(want + np.float32(1e-3), want, atol=1e-4, rtol=0)
+    assert not ok
+    ok, _ = compare(np.array([1.0, np.nan, 0.0], np.float32), want, atol=1, rtol=1)
+    assert not ok
+    ok, _ = compare(np.array([np.nan]), np.array([np.nan]), atol=0, rtol=0)
+    assert ok
+    ok, err = compare(np.zeros(2), np.zeros(3), atol=1, rtol=1)
+    assert not ok and err["max_abs"] == float("inf")
+    ok, errors = check_outputs({"y": want}, {"y": want, "z": want}, atol=0, rtol=0)
+    assert not ok and "z" in errors
+
+
+def test_progress_writes_stages_only_when_enabled():
+    stream = io.StringIO()
+    with Progress(True, stream).stage("build"):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "kiln: build ..." and lines[1].startswith("kiln: build done (")
+    quiet = io.StringIO()
+    with Progress(False, quiet).stage("build"):
+        pass
+    assert quiet.getvalue() == ""
