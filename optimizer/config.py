@@ -57,7 +57,7 @@ def load_recipe(path: Path, options: Options) -> None:
     if not path.is_file():
         raise InputError(f"recipe {path}: no such file", hint="check the --config path")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
     known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes"))

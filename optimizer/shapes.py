@@ -88,7 +88,7 @@ def _resolve_name(name: str, inputs: tuple[TensorSpec, ...], dims: list[str], so
         return name
     by_name = {spec.name: spec for spec in inputs}
     input_name, _, axis = name.rpartition(":")
-    if input_name in by_name and axis.lstrip("-").isdigit():
+    if input_name in by_name and re.fullmatch(r"-?[0-9]+", axis):
         spec = by_name[input_name]
         axis_i = int(axis)
         if not -len(spec.shape) <= axis_i < len(spec.shape):
