@@ -20,7 +20,20 @@ class _WarningCollector(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        # onnx-ir logs a failed inference as "...failed: %s..." with the exception only in exc_info.
+        exc = record.exc_info[1] if record.exc_info else None
+        message = f"{type(exc).__name__}: {str(exc).strip()}" if exc is not None else record.getMessage()
+        self.messages.append(message)
+
+
+def _restore_initializer_order(graph: ir.Graph, order: list[str]) -> None:
+    """onnx-ir's shape inference takes large initializers out and puts them back at the end; put them
+    back where they were, so that a pass that changed nothing leaves the same serialized model."""
+    initializers = graph.initializers
+    if list(initializers) == order:
+        return
+    for name in [n for n in order if n in initializers] + [n for n in initializers if n not in order]:
+        initializers[name] = initializers.pop(name)
 
 
 class InferShapes(KilnPass):
@@ -32,10 +45,12 @@ class InferShapes(KilnPass):
         collector = _WarningCollector()
         logger = logging.getLogger(common.shape_inference.__name__)
         logger.addHandler(collector)
+        order = list(model.graph.initializers)
         try:
             result = common.ShapeInferencePass(strict_mode=True)(model)
         finally:
             logger.removeHandler(collector)
+            _restore_initializer_order(model.graph, order)
         self.warnings.extend(f"shape inference skipped: {m}" for m in collector.messages)
         return ir.passes.PassResult(model, result.modified)
 
@@ -60,8 +75,30 @@ class LiftConstants(KilnPass):
         return ir.passes.PassResult(model, result.modified)
 
     def ensures(self, model: ir.Model) -> None:
-        if any(node.op_type == "Constant" and node.domain == "" for node in model.graph):
-            raise ir.passes.PostconditionError("a Constant node is left in the main graph")
+        # A Constant that is itself a graph output stays (onnx-ir does not lift those).
+        for node in model.graph:
+            if node.op_type == "Constant" and node.domain == "" and not node.outputs[0].is_graph_output():
+                raise ir.passes.PostconditionError("a Constant node is left in the main graph")
+
+
+def _identity_must_stay(node: ir.Node) -> bool:
+    """y = Identity(x) where y is a graph output and x a graph input, an initializer or another graph
+    output: removing it would rename or drop one of the graph's inputs or outputs."""
+    source, out = node.inputs[0], node.outputs[0]
+    return (
+        source is not None
+        and out.is_graph_output()
+        and (source.is_graph_input() or source.is_initializer() or source.is_graph_output())
+    )
+
+
+class _IdentityElimination(common.IdentityEliminationPass):
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        # onnx-ir would rename x to y when both are graph outputs, leaving the outputs (y, y).
+        is_identity = node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1
+        if is_identity and _identity_must_stay(node):
+            return False
+        return super()._try_eliminate_identity_node(node)
 
 
 class RemoveIdentity(KilnPass):
@@ -70,7 +107,7 @@ class RemoveIdentity(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = op_counts(model).get("Identity", 0)
-        result = common.IdentityEliminationPass()(model)
+        result = _IdentityElimination()(model)
         self.stats["identities_removed"] = before - op_counts(model).get("Identity", 0)
         return ir.passes.PassResult(model, result.modified)
 
@@ -78,8 +115,7 @@ class RemoveIdentity(KilnPass):
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type != "Identity" or node.domain != "":
                 continue
-            # The one Identity that must stay: a graph input passed straight through to an output.
-            if not (node.inputs[0].is_graph_input() and node.outputs[0].is_graph_output()):
+            if not _identity_must_stay(node):
                 raise ir.passes.PostconditionError(f"Identity node {node.name!r} was not removed")
 
 
