@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("optimize", parents=[common], help="optimize a model into a verified engine", epilog=OPTIMIZE_EPILOG, formatter_class=raw)
-    p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), or a directory holding one")
+    p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, or a TensorFlow SavedModel directory")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
     p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
     p.add_argument("--precision", choices=["fp32", "fp16"], help="compute precision (default fp32); inputs and outputs stay fp32")
@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for verification and benchmark inputs (default 0)")
     p.add_argument("--bench-runs", type=int, help="timed runs per profile shape for the report (default 10; 0 skips)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR even if it is not a kiln output")
+    g = p.add_argument_group("TensorFlow SavedModel import")
+    g.add_argument("--signature", help="signature to convert (default serving_default)")
+    g.add_argument("--outputs", type=lambda s: s.split(","), metavar="A,B", help="outputs to keep (default: image, if there is one, else all); the rest are pruned with what feeds only them")
+    g.add_argument("--opset", type=int, help="ONNX opset for the conversion (default 17)")
+    g.add_argument("--layout", choices=["nhwc", "nchw"], help="image layout at the model's boundary (default nhwc, as the signature has it)")
+    g.add_argument("--align", type=int, metavar="N", help="pad H and W to multiples of N in the engine (default 64 for FILM, else 1)")
+    g.add_argument("--import-timeout", type=float, metavar="SECONDS", help="stop the conversion after this long (default 1800)")
     p.set_defaults(handler=cmd_optimize)
 
     p = sub.add_parser("run", parents=[common], help="run an engine on inputs from an .npz file")
@@ -117,7 +124,7 @@ def cmd_optimize(args) -> int:
     options = Options()
     if args.config:
         load_recipe(args.config, options)
-    for field in ("target", "precision", "seed", "bench_runs"):
+    for field in ("target", "precision", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]
@@ -183,7 +190,10 @@ def cmd_targets(args) -> int:
 def cmd_passes(args) -> int:
     import passes
 
-    listed = [{"name": p.name, "summary": p.summary} for p in [*passes.cleanup_passes(), passes.ConvertToFloat16()]]
+    from optimizer.config import Options
+    from optimizer.pipeline import pass_pipeline
+
+    listed = [{"name": p.name, "summary": p.summary} for p in pass_pipeline(Options(precision="fp16"))]
     _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
     return 0
 

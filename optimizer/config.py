@@ -9,6 +9,8 @@ from pathlib import Path
 from optimizer.errors import InputError
 
 PRECISIONS = ("fp32", "fp16")
+LAYOUTS = ("nhwc", "nchw")
+MAX_IMPORT_OPSET = 18  # the newest opset tf2onnx 1.16/1.17 emits
 
 # Tolerances for comparing an engine with the fp32 original: |got - want| <= atol + rtol * |want|.
 # fp16 keeps 11 significant bits (about 3 decimal digits), and errors grow through a network's depth.
@@ -28,6 +30,13 @@ class Options:
     rtol: float | None = None
     bench_runs: int = 10
     bench_warmup: int = 2
+    # Importers (TensorFlow SavedModel).
+    signature: str = "serving_default"
+    outputs: list[str] | None = None  # None: 'image' if the model has it, else all
+    opset: int = 17
+    layout: str = "nhwc"
+    align: int | None = None  # None: 64 for FILM signatures, else no padding
+    import_timeout: float = 1800.0
 
     def tolerance(self) -> dict[str, float]:
         default = TOLERANCES[self.precision]
@@ -49,6 +58,14 @@ _RECIPE = {
         "rtol": ("rtol", (int, float)),
     },
     "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
+    "import": {
+        "signature": ("signature", str),
+        "outputs": ("outputs", list),
+        "opset": ("opset", int),
+        "layout": ("layout", str),
+        "align": ("align", int),
+        "timeout": ("import_timeout", (int, float)),
+    },
 }
 
 
@@ -87,8 +104,8 @@ def _set(options: Options, path: Path, key: str, entry, value, known: list[str])
     field, types = entry
     if isinstance(value, bool) and types is not bool or not isinstance(value, types):
         raise InputError(f"recipe {path}: {key} has the wrong type ({type(value).__name__})")
-    if field == "disable_passes" and not all(isinstance(v, str) for v in value):
-        raise InputError(f"recipe {path}: {key} must be a list of pass names")
+    if types is list and not all(isinstance(v, str) for v in value):
+        raise InputError(f"recipe {path}: {key} must be a list of names")
     setattr(options, field, value)
 
 
@@ -97,3 +114,11 @@ def validate(options: Options) -> None:
         raise InputError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
     if options.bench_runs < 0 or options.bench_warmup < 0:
         raise InputError("bench runs and warmup must be 0 or more")
+    if options.layout not in LAYOUTS:
+        raise InputError(f"unknown layout {options.layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
+    if not 16 <= options.opset <= MAX_IMPORT_OPSET:
+        raise InputError(f"import opset {options.opset} is unsupported", hint=f"choose 16..{MAX_IMPORT_OPSET} (GridSample needs 16)")
+    if options.align is not None and options.align < 1:
+        raise InputError(f"--align {options.align}: must be 1 (no padding) or more")
+    if options.import_timeout <= 0:
+        raise InputError("the import timeout must be positive")

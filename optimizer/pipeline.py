@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -9,10 +11,14 @@ import onnx_ir as ir
 
 import passes
 import targets
+from targets import DimRange, Profile
 from optimizer import __version__
+from optimizer.align import METADATA_KEY as ALIGN_KEY
+from optimizer.align import AlignedEngine, Alignment
 from optimizer.bench import bench_profile
 from optimizer.config import TOLERANCES, Options
 from optimizer.errors import InputError, KilnError, VerificationFailed
+from optimizer.importers import import_model
 from optimizer.models import content_hash, find_model, load_model, save_model
 from optimizer.outdir import check_outdir, staged_dir
 from optimizer.progress import Progress
@@ -25,7 +31,8 @@ ENGINE_DIR = "engine"
 
 def pass_pipeline(options: Options) -> list[passes.KilnPass]:
     """The passes for these options, in order, minus the disabled ones."""
-    chosen = passes.cleanup_passes()
+    # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
+    chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
     if options.precision == "fp16":
         chosen.append(passes.ConvertToFloat16())
     known = {p.name for p in chosen}
@@ -53,21 +60,34 @@ def choose_target(options: Options) -> targets.Target:
 
 def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progress: Progress) -> dict:
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
+    target = choose_target(options)
+    chosen_passes = pass_pipeline(options)
+    if not model_arg.exists():
+        find_model(model_arg)  # raises the missing-path error
+    check_outdir(outdir, model_arg, force)
+    with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
+        return _optimize(model_arg, outdir, Path(work), target, chosen_passes, options, progress)
+
+
+def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, progress: Progress) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     report = new_report("optimize")
-    target = choose_target(options)
-    chosen_passes = pass_pipeline(options)
-    model_path = find_model(model_arg)
-    check_outdir(outdir, model_path, force)
 
     t = time.perf_counter()
-    with progress.stage(f"load {model_path}"):
+    with progress.stage(f"import {model_arg}"):
+        model_path, imported_from, notes = import_model(model_arg, work, options)
+    timings["import_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with progress.stage(f"load {model_path.name}"):
         model = load_model(model_path)
-        source = {"path": str(model_path), "format": "onnx", "hash": content_hash(model),
-                  "nodes": passes.count_nodes(model), "opset": model.opset_imports.get("", None)}  # fmt: skip
+        source = imported_from or {"path": str(model_path), "format": "onnx", "hash": content_hash(model)}
+        source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
-        profile, notes = build_profile(inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY))
+        profile, shape_notes = build_profile(inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY))
+        alignment, profile = _aligned(model, profile)
+        notes += shape_notes
         for note in notes:
             progress.line(f"kiln: note: {note}")
         reference = reference_session(model_path) if options.verify or options.verify_each else None
@@ -83,15 +103,18 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
             model_files = save_model(model, stage / "model.onnx")
             engine_dir = stage / ENGINE_DIR
             engine_dir.mkdir()
-            target.build(stage / "model.onnx", engine_dir, profile)
+            extras = {"alignment": alignment.to_json()} if alignment else {}
+            target.build(stage / "model.onnx", engine_dir, profile, extras)
             engine = target.load(engine_dir)
+            if alignment:
+                engine = AlignedEngine(engine, alignment)
         timings["build_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         checks = []
         if options.verify:
             with progress.stage(f"verify at {len(profile.corners())} shape(s)"):
-                checks = verify_engine(engine, reference, profile, options.tolerance(), options.seed)
+                checks = verify_engine(engine, reference, profile, options.tolerance(), options.seed, alignment)
         timings["verify_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -114,6 +137,7 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
             inputs=[s.to_json() for s in inputs],
             outputs=[s.to_json() for s in output_specs(model)],
             profile=profile.to_json(),
+            alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
             notes=notes,
             passes=[r.to_json() for r in records],
             verification={"enabled": options.verify, "reference": REFERENCE, "tolerance": options.tolerance(),
@@ -133,6 +157,30 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
             hint=f"see {outdir / 'report.md'}; rerun with --verify-each to find the pass that breaks parity",
         )
     return report
+
+
+def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profile]:
+    """The model's alignment rule, and the profile with its spatial ranges checked against it (an opt
+    between aligned sizes is rounded down to one)."""
+    text = model.metadata_props.get(ALIGN_KEY)
+    if not text:
+        return None, profile
+    alignment = Alignment.from_json(json.loads(text))
+    multiple = alignment.multiple
+    dims = dict(profile.dims)
+    for spec in profile.inputs:
+        for axis in alignment.inputs.get(spec.name, ()):
+            name = spec.shape[axis]
+            r = dims.get(name) if isinstance(name, str) else None
+            if r is None:
+                continue
+            if r.min % multiple or r.max % multiple:
+                raise InputError(
+                    f"the range {r.min}..{r.max} of dim {name!r} must be in multiples of {multiple}: {alignment.rule()}",
+                    hint=f"give the padded range, e.g. --shapes {name}={alignment.padded_size(r.min)}..{alignment.padded_size(r.max)}",
+                )
+            dims[name] = DimRange(r.min, max(r.min, r.opt - r.opt % multiple), r.max)
+    return alignment, Profile(profile.inputs, dims)
 
 
 def _fmt_shapes(shapes: dict) -> str:

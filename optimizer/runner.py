@@ -8,6 +8,7 @@ import numpy as np
 
 import targets
 from calibration import DataError, read_npz
+from optimizer.align import AlignedEngine, Alignment
 from optimizer.errors import InputError
 from optimizer.outdir import atomic_file
 from optimizer.pipeline import ENGINE_DIR
@@ -27,9 +28,12 @@ def load_engine(path: Path) -> targets.Engine:
     if reason:
         raise InputError(f"the engine in {path} is for target {target.name!r}, not available here: {reason}")
     try:
-        return target.load(engine_dir)
+        engine = target.load(engine_dir)
     except targets.EngineError as exc:
         raise InputError(str(exc)) from None
+    if manifest.get("alignment"):
+        engine = AlignedEngine(engine, Alignment.from_json(manifest["alignment"]))
+    return engine
 
 
 def check_feeds(engine: targets.Engine, feeds: dict[str, np.ndarray], source: str) -> list[str]:

@@ -14,7 +14,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optimizer.models import save_model
-from targets import Engine, Profile, random_inputs
+from optimizer.align import Alignment
+from targets import CORNERS, Engine, Profile, random_inputs
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -77,20 +78,45 @@ def corner_inputs(profile: Profile, seed: int, int_ranges=None):
         yield corner, shapes, random_inputs(profile.inputs, shapes, seed + i, int_ranges)
 
 
+def padded_inputs(profile: Profile, alignment: Alignment, seed: int):
+    """("opt, padded", shapes, feeds): the opt shape shrunk off the alignment, so the engine must pad."""
+    sizes = profile.sizes("opt") if profile.dims else {}
+    spatial = {spec.shape[axis] for spec in profile.inputs for axis in alignment.inputs.get(spec.name, ())}
+    for dim in spatial & set(sizes):
+        sizes[dim] = max(1, sizes[dim] - alignment.multiple // 2 - 1)
+    shapes = profile.shapes(sizes)
+    return "opt, padded", shapes, random_inputs(profile.inputs, shapes, seed + len(CORNERS))
+
+
 def verify_engine(
-    engine: Engine, reference: ort.InferenceSession, profile: Profile, tolerance: Mapping[str, float], seed: int
+    engine: Engine,
+    reference: ort.InferenceSession,
+    profile: Profile,
+    tolerance: Mapping[str, float],
+    seed: int,
+    alignment: Alignment | None = None,
 ) -> list[ShapeCheck]:
+    """Engine against reference at each profile corner, and at an unaligned shape when the engine pads."""
+    cases = list(corner_inputs(profile, seed))
+    if alignment:
+        cases.append(padded_inputs(profile, alignment, seed))
     checks = []
-    for corner, shapes, feeds in corner_inputs(profile, seed):
+    for corner, shapes, feeds in cases:
         as_lists = {k: list(v) for k, v in shapes.items()}
         try:
-            got, want = engine.run(feeds), run_session(reference, feeds)
+            got, want = engine.run(feeds), _run_reference(reference, feeds, alignment)
         except Exception as exc:  # a failing run is a failed check, named with its shape
             checks.append(ShapeCheck(corner, as_lists, False, {}, f"{type(exc).__name__}: {exc}"))
             continue
         passed, errors = check_outputs(got, want, **tolerance)
         checks.append(ShapeCheck(corner, as_lists, passed, errors))
     return checks
+
+
+def _run_reference(reference: ort.InferenceSession, feeds, alignment: Alignment | None) -> dict[str, np.ndarray]:
+    if alignment is None:
+        return run_session(reference, feeds)
+    return alignment.run_padded(lambda padded: run_session(reference, padded), feeds)
 
 
 class StepVerifier:

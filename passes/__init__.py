@@ -12,6 +12,7 @@ from passes.cleanup import (
     SortTopologically,
     cleanup_passes,
 )
+from passes.fuse_warp import WarpToGridSample
 from passes.manager import PassFailed, PassManager, PassRecord
 from passes.precision import ConvertToFloat16
 
@@ -29,6 +30,7 @@ __all__ = [
     "RemoveDeadNodes",
     "RemoveIdentity",
     "SortTopologically",
+    "WarpToGridSample",
     "cleanup_passes",
     "count_nodes",
     "op_counts",

@@ -47,8 +47,10 @@ class Target(abc.ABC):
         """None when this machine can build and run the target, else why not."""
 
     @abc.abstractmethod
-    def build(self, model_path: Path, engine_dir: Path, profile: Profile) -> dict:
-        """Write the engine files for model_path into engine_dir; return the manifest written."""
+    def build(self, model_path: Path, engine_dir: Path, profile: Profile, extras: dict | None = None) -> dict:
+        """Write the engine files for model_path into engine_dir; return the manifest written.
+
+        extras are kept in the manifest for whoever loads the engine (e.g. the alignment rule)."""
 
     @abc.abstractmethod
     def load(self, engine_dir: Path) -> Engine:

@@ -14,6 +14,7 @@ from targets.base import Engine, EngineError, Target, read_manifest, write_manif
 from targets.profile import Profile, TensorSpec
 
 ENGINE_MODEL = "model.ort.onnx"
+ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
 # Above this size the optimized model must keep its weights in a side file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -58,7 +59,7 @@ class OrtTarget(Target):
         options.log_severity_level = 3
         return options
 
-    def build(self, model_path: Path, engine_dir: Path, profile: Profile) -> dict:
+    def build(self, model_path: Path, engine_dir: Path, profile: Profile, extras: dict | None = None) -> dict:
         # Extended, not "all": layout rewrites are specific to the build machine's CPU, so they are
         # applied again when the engine loads, and the saved model stays portable.
         options = self.session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -73,6 +74,7 @@ class OrtTarget(Target):
             "providers": list(self.providers),
             "model": ENGINE_MODEL,
             "profile": profile.to_json(),
+            **(extras or {}),
         }
         write_manifest(engine_dir, manifest)
         return manifest

@@ -10,7 +10,7 @@ import pytest
 from optimizer.config import TOLERANCES, Options, load_recipe, validate
 from optimizer.errors import InputError
 
-KNOWN_TOP = "bench, passes, precision, shapes, target, verify"
+KNOWN_TOP = "bench, import, passes, precision, shapes, target, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -140,7 +140,7 @@ def test_wrong_type(tmp_path, text, key, type_name):
 def test_disable_must_be_names(tmp_path):
     path = write(tmp_path, '[passes]\ndisable = ["fold", 3]\n')
     err = recipe_error(path)
-    assert err.message == f"recipe {path}: passes.disable must be a list of pass names"
+    assert err.message == f"recipe {path}: passes.disable must be a list of names"
 
 
 def test_section_must_be_table(tmp_path):
@@ -252,4 +252,10 @@ def test_options_defaults():
         "rtol": None,
         "bench_runs": 10,
         "bench_warmup": 2,
+        "signature": "serving_default",
+        "outputs": None,
+        "opset": 17,
+        "layout": "nhwc",
+        "align": None,
+        "import_timeout": 1800.0,
     }
