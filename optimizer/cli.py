@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_passes)
 
     p = sub.add_parser("example", parents=[common], help="write an example model that needs nothing downloaded")
-    p.add_argument("name", metavar="NAME", help="example to write: block")
+    p.add_argument("name", metavar="NAME", help="block (ONNX transformer block) or film (FILM SavedModel; needs kiln-ml[tf])")
     p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,21 @@ def write_block(directory: Path, seed: int = 0) -> Path:
     return path
 
 
-EXAMPLES = {"block": (write_block, "a small transformer block (dynamic batch and sequence), as ONNX")}
+def write_film(directory: Path, seed: int = 0) -> Path:
+    from optimizer.lazy import check_installed
+
+    check_installed(["tensorflow"], "tf", "the film example")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    from optimizer.film_net import FilmConfig, export_saved_model
+
+    return export_saved_model(directory, FilmConfig.small(), seed)
+
+
+# name -> (writer, description, the path it writes relative to DIR)
+EXAMPLES = {
+    "block": (write_block, "a small transformer block (dynamic batch and sequence), as ONNX", "model.onnx"),
+    "film": (write_film, "a small FILM frame interpolator (seeded weights), as a TensorFlow SavedModel", "."),
+}
 
 
 def write_example(name: str, directory: Path, force: bool = False) -> Path:
@@ -118,8 +133,9 @@ def write_example(name: str, directory: Path, force: bool = False) -> Path:
         raise InputError(f"unknown example {name!r}", hint=f"examples: {', '.join(sorted(EXAMPLES))}")
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory")
-    target = directory / "model.onnx"
-    if target.exists() and not force:
+    writer, _, relative = EXAMPLES[name]
+    target = directory / relative
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not force:
         raise InputError(f"{target} already exists", hint="choose another directory, or pass --force to replace it")
     directory.mkdir(parents=True, exist_ok=True)
-    return EXAMPLES[name][0](directory)
+    return writer(directory)

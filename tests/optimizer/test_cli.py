@@ -63,7 +63,7 @@ def test_optimize_writes_engine_and_reports(built):
     assert report["status"] == "ok"
     assert report["source"]["nodes"] == 35 and report["model"]["nodes"] == 30
     assert [p["name"] for p in report["passes"]] == [
-        "infer-shapes", "lift-constants", "fold-constants", "remove-identity",
+        "warp-to-gridsample", "infer-shapes", "lift-constants", "fold-constants", "remove-identity",
         "cse", "dedupe-initializers", "remove-dead-nodes", "topological-sort",
     ]  # fmt: skip
     assert report["profile"]["dims"] == {"batch": {"min": 1, "opt": 2, "max": 4}, "seq": {"min": 1, "opt": 16, "max": 64}}
