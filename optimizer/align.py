@@ -41,6 +41,15 @@ class Alignment:
     def padded_size(self, size: int) -> int:
         return -(-size // self.multiple) * self.multiple
 
+    def padded_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        padded = {}
+        for name, shape in shapes.items():
+            shape = list(shape)
+            for axis in self.inputs.get(name, ()):
+                shape[axis] = self.padded_size(shape[axis])
+            padded[name] = tuple(shape)
+        return padded
+
     def pad(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, int, int, int] | None]:
         """Feeds padded to the alignment, and the crop box (top, left, height, width); None when none was needed."""
         sizes = {(feeds[n].shape[h], feeds[n].shape[w]) for n, (h, w) in self.inputs.items() if n in feeds}

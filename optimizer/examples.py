@@ -137,5 +137,11 @@ def write_example(name: str, directory: Path, force: bool = False) -> Path:
     target = directory / relative
     if target.exists() and (target.is_file() or any(target.iterdir())) and not force:
         raise InputError(f"{target} already exists", hint="choose another directory, or pass --force to replace it")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    return writer(directory)
+    try:
+        return writer(directory)
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # a failed example (e.g. TensorFlow missing) leaves no empty DIR behind
+        raise

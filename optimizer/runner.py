@@ -52,7 +52,10 @@ def check_feeds(engine: targets.Engine, feeds: dict[str, np.ndarray], source: st
             isinstance(want, int) and want != got for want, got in zip(spec.shape, array.shape)
         ):
             raise InputError(f"{source}: input {spec.name!r} has shape {list(array.shape)}, the engine takes {list(spec.shape)}")
-    problem = engine.profile.contains({k: v.shape for k, v in feeds.items()})
+    shapes = {k: v.shape for k, v in feeds.items()}
+    if isinstance(engine, AlignedEngine):  # the engine runs at the padded size: that is what was verified
+        shapes = engine.alignment.padded_shapes(shapes)
+    problem = engine.profile.contains(shapes)
     return [f"{problem}; the engine was not verified at this shape"] if problem else []
 
 

@@ -208,9 +208,13 @@ class WarpToGridSample(KilnPass):
             nodes, out = grid_sample_nodes(warp, f"{warp.name}/kiln_grid_sample", "linear" if opset >= 20 else "bilinear")
             graph.insert_before(warp.anchor, nodes)
             out.shape, out.type = warp.output.shape, warp.output.type
+            # Ask before replacing: afterwards the old value is no graph output any more.
+            was_output = warp.output.is_graph_output()
             warp.output.replace_all_uses_with(out, replace_graph_outputs=True)
-            if warp.output.is_graph_output():
-                out.name = warp.output.name
+            if was_output:  # keep the graph output's name; the old value goes with its dead Reshape
+                name = warp.output.name
+                warp.output.name = f"{name}/replaced"
+                out.name = name
             rewritten += 1
         if rewritten:
             common.RemoveUnusedNodesPass()(model)

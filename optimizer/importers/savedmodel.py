@@ -107,8 +107,9 @@ def to_nchw(model: ir.Model) -> None:
     graph = model.graph
     for value in images(model):
         n, h, w, c = value.shape
+        uses = list(value.uses())  # before the Transpose below becomes a use too (rewiring it would make a cycle)
         inner = ir.node("Transpose", [value], {"perm": [0, 2, 3, 1]}, name=f"{value.name}_to_nhwc")
-        for use in list(value.uses()):
+        for use in uses:
             use.node.replace_input_with(use.idx, inner.outputs[0])
         inner.outputs[0].name = f"{value.name}_nhwc"
         graph.insert_before(next(iter(graph)), inner)
@@ -119,6 +120,9 @@ def to_nchw(model: ir.Model) -> None:
             value.name = f"{name}_nhwc"
             outer = ir.node("Transpose", [value], {"perm": [0, 3, 1, 2]}, name=f"{name}_to_nchw")
             outer.outputs[0].name = name
+            # Typed and shaped like the output it replaces, so the alignment finds it (and crops it back).
+            n, h, w, c = value.shape
+            outer.outputs[0].shape, outer.outputs[0].type = ir.Shape([n, c, h, w]), value.type
             graph.append(outer)
             graph.outputs[i] = outer.outputs[0]
 
