@@ -19,7 +19,6 @@ import onnxruntime as ort
 from optimizer.bench import measure
 from optimizer.cli import main as kiln
 from optimizer.runner import load_engine
-from targets import random_inputs
 
 
 class RawSession:
@@ -54,7 +53,7 @@ def main() -> None:
     profile = runners["kiln cpu fp32"].profile
     print(f"\n{'corner':<7} {'runner':<15} {'median ms':>10} {'p90 ms':>9} {'vs raw':>7}")
     for corner, shapes in profile.corners():
-        feeds = random_inputs(profile.inputs, shapes, seed=0)
+        feeds = profile.random_inputs(shapes, seed=0)
         base = None
         for name, runner in runners.items():
             stats = measure(runner, feeds, args.runs, warmup=5)

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from targets import Engine, Profile, random_inputs
+from targets import Engine, Profile
 
 
 def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
@@ -28,6 +28,6 @@ def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
 def bench_profile(engine: Engine, profile: Profile, runs: int, warmup: int, seed: int = 0) -> list[dict]:
     results = []
     for corner, shapes in profile.corners():
-        feeds = random_inputs(profile.inputs, shapes, seed)
+        feeds = profile.random_inputs(shapes, seed)
         results.append({"corner": corner, "shapes": {k: list(v) for k, v in shapes.items()}, **measure(engine, feeds, runs, warmup)})
     return results

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("optimize", parents=[common], help="optimize a model into a verified engine", epilog=OPTIMIZE_EPILOG, formatter_class=raw)
-    p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, or a TensorFlow SavedModel directory")
+    p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, a TensorFlow SavedModel, or a diffusers model directory (save_pretrained)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
     p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
     p.add_argument("--precision", choices=["fp32", "fp16"], help="compute precision (default fp32); inputs and outputs stay fp32")
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layout", choices=["nhwc", "nchw"], help="image layout at the model's boundary (default nhwc, as the signature has it)")
     g.add_argument("--align", type=int, metavar="N", help="pad H and W to multiples of N in the engine (default 64 for FILM, else 1)")
     g.add_argument("--import-timeout", type=float, metavar="SECONDS", help="stop the conversion after this long (default 1800)")
+    g = p.add_argument_group("diffusers model import")
+    g.add_argument("--trust-pickle", action="store_true", help="load pickle (.bin/.ckpt) weights; they can run code when loaded, so only for files you trust")
     p.set_defaults(handler=cmd_optimize)
 
     p = sub.add_parser("run", parents=[common], help="run an engine on inputs from an .npz file")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_passes)
 
     p = sub.add_parser("example", parents=[common], help="write an example model that needs nothing downloaded")
-    p.add_argument("name", metavar="NAME", help="block (ONNX transformer block) or film (FILM SavedModel; needs kiln-ml[tf])")
+    p.add_argument("name", metavar="NAME", help="block (ONNX transformer block), film (FILM SavedModel; needs [tf]), dit or vae (diffusers; need [torch])")
     p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)
@@ -130,6 +132,7 @@ def cmd_optimize(args) -> int:
     options.shapes += [("--shapes", s) for s in args.shapes]
     options.disable_passes += args.disable_pass
     options.verify_each |= args.verify_each
+    options.trust_pickle |= args.trust_pickle
     options.verify &= not args.no_verify
     validate(options)
     if options.bench_runs < 0:

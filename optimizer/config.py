@@ -37,6 +37,7 @@ class Options:
     layout: str = "nhwc"
     align: int | None = None  # None: 64 for FILM signatures, else no padding
     import_timeout: float = 1800.0
+    trust_pickle: bool = False  # diffusers: load pickle checkpoints (they can run code)
 
     def tolerance(self) -> dict[str, float]:
         default = TOLERANCES[self.precision]
@@ -65,6 +66,7 @@ _RECIPE = {
         "layout": ("layout", str),
         "align": ("align", int),
         "timeout": ("import_timeout", (int, float)),
+        "trust_pickle": ("trust_pickle", bool),
     },
 }
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer.diffusion_examples import write_dit, write_vae
 from optimizer.errors import InputError
 from optimizer.outdir import atomic_file
 
@@ -125,6 +126,8 @@ def write_film(directory: Path, seed: int = 0) -> Path:
 EXAMPLES = {
     "block": (write_block, "a small transformer block (dynamic batch and sequence), as ONNX", "model.onnx"),
     "film": (write_film, "a small FILM frame interpolator (seeded weights), as a TensorFlow SavedModel", "."),
+    "dit": (write_dit, "a tiny class-conditional DiT (diffusers save_pretrained, seeded weights)", "."),
+    "vae": (write_vae, "a tiny AutoencoderKL (diffusers save_pretrained); kiln imports its decoder", "."),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -23,7 +24,7 @@ from optimizer.models import content_hash, find_model, load_model, save_model
 from optimizer.outdir import check_outdir, staged_dir
 from optimizer.progress import Progress
 from optimizer.report import new_report, write_reports
-from optimizer.shapes import SHAPES_METADATA_KEY, build_profile, input_specs, output_specs
+from optimizer.shapes import SHAPES_METADATA_KEY, build_profile, input_specs, int_ranges, output_specs
 from optimizer.verify import REFERENCE, StepVerifier, reference_session, verify_engine
 
 ENGINE_DIR = "engine"
@@ -85,7 +86,9 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
         source = imported_from or {"path": str(model_path), "format": "onnx", "hash": content_hash(model)}
         source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
-        profile, shape_notes = build_profile(inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY))
+        profile, shape_notes = build_profile(
+            inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model)
+        )
         alignment, profile = _aligned(model, profile)
         notes += shape_notes
         for note in notes:
@@ -180,7 +183,7 @@ def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profi
                     hint=f"give the padded range, e.g. --shapes {name}={alignment.padded_size(r.min)}..{alignment.padded_size(r.max)}",
                 )
             dims[name] = DimRange(r.min, max(r.min, r.opt - r.opt % multiple), r.max)
-    return alignment, Profile(profile.inputs, dims)
+    return alignment, dataclasses.replace(profile, dims=dims)
 
 
 def _fmt_shapes(shapes: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -12,6 +13,8 @@ from targets import DimRange, Profile, TensorSpec
 
 # Models may carry their own ranges, as "batch=1..2..8,seq=1..128" (set by kiln's importers and examples).
 SHAPES_METADATA_KEY = "kiln.shapes"
+# And the value ranges of integer inputs, as JSON: {"class_labels": [0, 1000]}.
+INT_RANGES_METADATA_KEY = "kiln.int_ranges"
 DEFAULT_MIN, DEFAULT_MAX = 1, 8
 _SPEC = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)(?:\.\.(\d+))?(?:\.\.(\d+))?\s*$")
 
@@ -29,6 +32,11 @@ def _spec(value: ir.Value, graph_name: str) -> TensorSpec:
         else:
             dims.append(dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else f"{value.name}:{axis}")
     return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, tuple(dims))
+
+
+def int_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
+    text = model.metadata_props.get(INT_RANGES_METADATA_KEY)
+    return {name: (int(lo), int(hi)) for name, (lo, hi) in json.loads(text).items()} if text else {}
 
 
 def input_specs(model: ir.Model) -> tuple[TensorSpec, ...]:
@@ -112,7 +120,10 @@ def _resolve_name(name: str, inputs: tuple[TensorSpec, ...], dims: list[str], so
 
 
 def build_profile(
-    inputs: tuple[TensorSpec, ...], specs: list[tuple[str, str]], metadata_spec: str | None = None
+    inputs: tuple[TensorSpec, ...],
+    specs: list[tuple[str, str]],
+    metadata_spec: str | None = None,
+    int_ranges: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Profile, list[str]]:
     """The profile for inputs from (source, spec) pairs, later ones winning; also notes on defaults used.
 
@@ -131,4 +142,4 @@ def build_profile(
             notes.append(
                 f"dynamic dim {dim!r} has no range; using {ranges[dim]} (set it with --shapes {dim}=MIN..MAX)"
             )
-    return Profile(inputs, ranges), notes
+    return Profile(inputs, ranges, int_ranges or {}), notes

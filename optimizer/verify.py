@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from optimizer.models import save_model
 from optimizer.align import Alignment
-from targets import CORNERS, Engine, Profile, random_inputs
+from targets import CORNERS, Engine, Profile
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -72,10 +72,10 @@ def check_outputs(
     return passed, errors
 
 
-def corner_inputs(profile: Profile, seed: int, int_ranges=None):
+def corner_inputs(profile: Profile, seed: int):
     """(corner, shapes, feeds) for each profile corner, each with its own seed."""
     for i, (corner, shapes) in enumerate(profile.corners()):
-        yield corner, shapes, random_inputs(profile.inputs, shapes, seed + i, int_ranges)
+        yield corner, shapes, profile.random_inputs(shapes, seed + i)
 
 
 def padded_inputs(profile: Profile, alignment: Alignment, seed: int):
@@ -85,7 +85,7 @@ def padded_inputs(profile: Profile, alignment: Alignment, seed: int):
     for dim in spatial & set(sizes):
         sizes[dim] = max(1, sizes[dim] - alignment.multiple // 2 - 1)
     shapes = profile.shapes(sizes)
-    return "opt, padded", shapes, random_inputs(profile.inputs, shapes, seed + len(CORNERS))
+    return "opt, padded", shapes, profile.random_inputs(shapes, seed + len(CORNERS))
 
 
 def verify_engine(
@@ -125,7 +125,7 @@ class StepVerifier:
     def __init__(self, reference: ort.InferenceSession, profile: Profile, seed: int):
         corner, shapes = next((c, s) for c, s in profile.corners() if c in ("opt", "static"))
         self.corner = corner
-        self.feeds = random_inputs(profile.inputs, shapes, seed)
+        self.feeds = profile.random_inputs(shapes, seed)
         self.want = run_session(reference, self.feeds)
 
     def check(self, model: ir.Model, tolerance: Mapping[str, float]) -> str | None:

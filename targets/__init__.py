@@ -2,7 +2,7 @@
 
 from targets.base import Engine, EngineError, Target, read_manifest
 from targets.cpu import CPU
-from targets.profile import CORNERS, DimRange, Profile, TensorSpec, random_inputs
+from targets.profile import CORNERS, DimRange, Profile, TensorSpec
 
 TARGETS: dict[str, Target] = {t.name: t for t in (CPU,)}
 
@@ -26,6 +26,5 @@ __all__ = [
     "Target",
     "TensorSpec",
     "get_target",
-    "random_inputs",
     "read_manifest",
 ]

@@ -51,10 +51,12 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """Inputs plus a range for every dynamic dim they use."""
+    """Inputs plus a range for every dynamic dim they use, and the value range of integer inputs
+    (class labels, timesteps) for making test data."""
 
     inputs: tuple[TensorSpec, ...]
     dims: Mapping[str, DimRange]
+    int_ranges: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         used = {d for spec in self.inputs for d in spec.dynamic_dims}
@@ -91,10 +93,28 @@ class Profile:
                         return f"{spec.name} axis {axis} ({want}) is {got}, outside the profile {r.min}..{r.max}"
         return None
 
+    def random_inputs(self, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+        """Seeded inputs: floats uniform in [-1, 1), integers in their int_ranges entry (default [0, 8))."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.inputs:
+            shape, dtype = shapes[spec.name], np.dtype(spec.dtype)
+            if dtype.kind == "f":
+                feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+            elif dtype.kind in "iu":
+                lo, hi = self.int_ranges.get(spec.name, (0, 8))
+                feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(dtype)
+            elif dtype.kind == "b":
+                feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise ValueError(f"cannot make random data for input {spec.name!r} of dtype {dtype}")
+        return feeds
+
     def to_json(self) -> dict:
         return {
             "inputs": [spec.to_json() for spec in self.inputs],
             "dims": {name: dataclasses.asdict(r) for name, r in sorted(self.dims.items())},
+            "int_ranges": {name: list(r) for name, r in sorted(self.int_ranges.items())},
         }
 
     @classmethod
@@ -102,27 +122,5 @@ class Profile:
         return cls(
             tuple(TensorSpec.from_json(s) for s in data["inputs"]),
             {name: DimRange(**r) for name, r in data["dims"].items()},
+            {name: tuple(r) for name, r in data.get("int_ranges", {}).items()},
         )
-
-
-def random_inputs(
-    inputs: tuple[TensorSpec, ...],
-    shapes: Mapping[str, tuple[int, ...]],
-    seed: int,
-    int_ranges: Mapping[str, tuple[int, int]] | None = None,
-) -> dict[str, np.ndarray]:
-    """Seeded inputs: floats uniform in [-1, 1), integers uniform in their range (default [0, 8))."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in inputs:
-        shape, dtype = shapes[spec.name], np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
-        elif dtype.kind in "iu":
-            lo, hi = (int_ranges or {}).get(spec.name, (0, 8))
-            feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        else:
-            raise ValueError(f"cannot make random data for input {spec.name!r} of dtype {dtype}")
-    return feeds

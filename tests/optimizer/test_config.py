@@ -258,4 +258,5 @@ def test_options_defaults():
         "layout": "nhwc",
         "align": None,
         "import_timeout": 1800.0,
+        "trust_pickle": False,
     }

@@ -88,9 +88,10 @@ def test_profile_corners_contains_and_json_round_trip():
 
 def test_random_inputs_are_seeded_and_typed():
     specs = (TensorSpec("f", "float32", ("n",)), TensorSpec("i", "int64", ("n",)), TensorSpec("b", "bool", (2,)))
+    profile = Profile(specs, {"n": DimRange(1, 2, 5)}, {"i": (10, 12)})
     shapes = {"f": (5,), "i": (5,), "b": (2,)}
-    first = targets.random_inputs(specs, shapes, seed=3, int_ranges={"i": (10, 12)})
-    second = targets.random_inputs(specs, shapes, seed=3, int_ranges={"i": (10, 12)})
+    first = profile.random_inputs(shapes, seed=3)
+    second = profile.random_inputs(shapes, seed=3)
     for name in first:
         np.testing.assert_array_equal(first[name], second[name])
     assert first["f"].dtype == np.float32 and np.all(np.abs(first["f"]) <= 1)

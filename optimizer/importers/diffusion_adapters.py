@@ -1,0 +1,551 @@
+"""What each diffusers model family takes, for the diffusers importer: one `Adapter` per family.
+
+An adapter names the ONNX inputs and says how to make each from the config and the dim sizes (batch,
+latent height and width, frames, text length), which dims are dynamic and what they must satisfy
+(multiples of the patch size, the reach of a positional table, a fixed length), how to call the model
+(return_dict=False; the output is 'sample'), and any change to the model needed while exporting. This
+module also picks where to trace and where to check. torch and diffusers are imported only inside
+functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from optimizer.errors import InputError
+from optimizer.shapes import parse_shape_spec
+from targets import DimRange
+
+BATCH_DEFAULT = DimRange(1, 2, 4)
+TEXT_DEFAULT = DimRange(4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DimRule:
+    """A dim the model's inputs share, in latent pixels (or frames, or text tokens), and its limits."""
+
+    name: str
+    default: DimRange
+    multiple: int = 1  # sizes must be multiples of this (the patch size)
+    max: int | None = None  # the largest size the model takes (its positional table)
+    fixed: int | None = None  # the only size the model takes: the dim is static in the export
+    same_as: str | None = None  # always equal to that dim (square latents): not a dim of its own
+    avoid: tuple[int, ...] = ()  # sizes that take a special path when traced: never the export size
+    why: str = ""  # why multiple / max / fixed / same_as, for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRule:
+    """One ONNX input: its axes (dim names or static sizes) and how to make seeded values for it."""
+
+    name: str
+    axes: tuple[str | int, ...]
+    kind: str = "normal"  # normal: N(0, 1) floats; uniform: floats in [0, high); int: int64 in [0, high)
+    high: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """A change to the model made only while exporting; the check against PyTorch runs the original."""
+
+    what: str
+    why: str
+    apply: Callable  # (model) -> context manager
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """How to export one diffusers model class: inputs, dims, the call, and export-time patches."""
+
+    class_name: str
+    family: str
+    inputs: tuple[InputRule, ...]
+    dims: tuple[DimRule, ...]
+    call: Callable  # (model, *tensors in input order) -> the output tensor
+    output_axes: tuple[str | int | None, ...] = ()  # names for the output's dims; None: as exported
+    patches: tuple[Patch, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def rule(self, name: str) -> DimRule:
+        return next(r for r in self.dims if r.name == name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def dynamic_dims(self) -> list[DimRule]:
+        """The dims a range is given for: not fixed, not following another dim."""
+        return [r for r in self.dims if r.fixed is None and r.same_as is None]
+
+    def int_ranges(self) -> dict[str, list[int]]:
+        """Integer inputs and the [low, high) their values come from (an embedding table's size)."""
+        return {i.name: [0, int(i.high)] for i in self.inputs if i.kind == "int"}
+
+
+def _align_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _spatial(multiple: int, limit: int | None = None) -> DimRange:
+    """The default latent side: 8..16..32 in multiples of the patch size, within the model's limit."""
+    lo, opt, hi = (_align_up(v, multiple) for v in (8, 16, 32))
+    if limit is not None:
+        hi = min(hi, limit // multiple * multiple)
+        opt, lo = min(opt, hi), min(lo, hi)
+    return DimRange(lo, opt, hi)
+
+
+def _kwargs_call(names: Sequence[str], grouped: Mapping[str, str] | None = None):
+    """call(model, *tensors) -> model(name=tensor, ..., return_dict=False)[0].
+
+    grouped maps an input name to the dict kwarg it goes into (PixArt's added_cond_kwargs).
+    """
+    grouped = dict(grouped or {})
+    order = [*names, *grouped]
+
+    def call(model, *tensors):
+        given = dict(zip(order, tensors, strict=True))
+        kwargs = {name: given[name] for name in names}
+        for name, group in grouped.items():
+            kwargs.setdefault(group, {})[name] = given[name]
+        return model(**kwargs, return_dict=False)[0]
+
+    return call
+
+
+def _first(config: Mapping, *keys):
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
+def _text_width(config: Mapping) -> int | None:
+    return _first(config, "caption_channels", "joint_attention_dim", "text_embed_dim", "cross_attention_dim")
+
+
+def _batch() -> DimRule:
+    return DimRule("batch", BATCH_DEFAULT)
+
+
+def _text(fixed: int | None = None, why: str = "") -> DimRule:
+    if fixed is not None:
+        return DimRule("text_len", DimRange(fixed, fixed, fixed), fixed=fixed, why=why)
+    return DimRule("text_len", TEXT_DEFAULT)
+
+
+def _sides(patch: int, avoid: tuple[int, ...], limit: int | None = None, why: str = "", square: bool = False):
+    """height and width rules for latents patched by patch x patch."""
+    why = f"its patch_size is {patch}{why}"
+    height = DimRule("height", _spatial(patch, limit), multiple=patch, max=limit, avoid=avoid, why=why)
+    if square:
+        why = "its unpatchify assumes square latents"
+        return height, dataclasses.replace(height, name="width", same_as="height", why=why)
+    return height, dataclasses.replace(height, name="width")
+
+
+@contextlib.contextmanager
+def _instance_method(obj, name: str, function) -> Iterator[None]:
+    """obj.name is function bound to obj, on this instance only, inside the block."""
+    had, old = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, types.MethodType(function, obj))
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+# -- DiT: class-conditional, square latents -------------------------------------------------------
+
+
+def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
+    """DiTTransformer2DModel.forward, but the unpatchify takes the grid from the input, not sqrt(tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    p = self.patch_size
+    height, width = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+    hidden_states = self.pos_embed(hidden_states)
+    for block in self.transformer_blocks:
+        hidden_states = block(hidden_states, timestep=timestep, class_labels=class_labels,
+                              cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
+    conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+    hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+    hidden_states = self.proj_out_2(hidden_states)
+    hidden_states = hidden_states.reshape(-1, height, width, p, p, self.out_channels)
+    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+    output = hidden_states.reshape(-1, self.out_channels, height * p, width * p)
+    return (output,) if not return_dict else {"sample": output}
+
+
+def _dit(model, config) -> Adapter:
+    patch = config["patch_size"]
+    height, width = _sides(patch, (config["sample_size"],), square=True)
+    names = ("hidden_states", "timestep", "class_labels")
+    return Adapter(
+        type(model).__name__, "dit",
+        inputs=(InputRule("hidden_states", ("batch", config["in_channels"], "height", "width")),
+                InputRule("timestep", ("batch",), "int", 1000),
+                InputRule("class_labels", ("batch",), "int", config.get("num_embeds_ada_norm") or 1000)),
+        dims=(_batch(), height, width),
+        call=_kwargs_call(names),
+        output_axes=("batch", None, "height", "width"),
+        patches=(Patch(
+            "DiT unpatchify from the input's height and width",
+            "DiTTransformer2DModel.forward takes the latent side from int(sqrt(tokens)), which tracing fixes at "
+            "the export size; kiln exports a copy of forward that takes it from hidden_states' shape",
+            lambda m: _instance_method(m, "forward", _dit_forward)),),
+        notes=(f"latents are square (width follows height) in multiples of the patch size {patch}",),
+    )  # fmt: skip
+
+
+# -- PixArt-alpha and -sigma ----------------------------------------------------------------------
+
+
+def _pixart(model, config) -> Adapter:
+    height, width = _sides(config["patch_size"], (config["sample_size"],))
+    names = ("hidden_states", "encoder_hidden_states", "timestep")
+    inputs = [
+        InputRule("hidden_states", ("batch", config["in_channels"], "height", "width")),
+        InputRule("encoder_hidden_states", ("batch", "text_len", _text_width(config))),
+        InputRule("timestep", ("batch",), "int", 1000),
+    ]
+    grouped = {}
+    if getattr(model, "use_additional_conditions", False):
+        # PixArt-alpha at 1024: the image's resolution in pixels and its aspect ratio, as the pipeline passes them.
+        inputs += [InputRule("resolution", ("batch", 2), "uniform", 2048.0),
+                   InputRule("aspect_ratio", ("batch", 1), "uniform", 4.0)]  # fmt: skip
+        grouped = {"resolution": "added_cond_kwargs", "aspect_ratio": "added_cond_kwargs"}
+    return Adapter(type(model).__name__, "pixart", tuple(inputs), (_batch(), height, width, _text()),
+                   call=_kwargs_call(names, grouped), output_axes=("batch", None, "height", "width"))  # fmt: skip
+
+
+# -- Stable Diffusion 3 and 3.5 -------------------------------------------------------------------
+
+
+def _sd3(model, config) -> Adapter:
+    patch, table = config["patch_size"], config.get("pos_embed_max_size")
+    limit = table * patch if table else None
+    why = f", and its positional table covers {table} patches a side (pos_embed_max_size)" if table else ""
+    height, width = _sides(patch, (config.get("sample_size") or 0,), limit, why)
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    return Adapter(
+        type(model).__name__, "sd3",
+        inputs=(InputRule("hidden_states", ("batch", config["in_channels"], "height", "width")),
+                InputRule("encoder_hidden_states", ("batch", "text_len", config["joint_attention_dim"])),
+                InputRule("pooled_projections", ("batch", config["pooled_projection_dim"])),
+                InputRule("timestep", ("batch",), "uniform", 1000.0)),
+        dims=(_batch(), height, width, _text()),
+        call=_kwargs_call(names),
+        output_axes=("batch", None, "height", "width"),
+    )  # fmt: skip
+
+
+# -- CogVideoX (video): hidden_states [batch, frames, channels, height, width] --------------------
+
+
+def _cog_positional_embeddings(self, sample_height, sample_width, sample_frames, device=None):
+    """CogVideoXPatchEmbed._get_positional_embeddings without its in-place write through .data."""
+    import torch
+    from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+    grid_h, grid_w = sample_height // self.patch_size, sample_width // self.patch_size
+    frames = (sample_frames - 1) // self.temporal_compression_ratio + 1
+    pos = get_3d_sincos_pos_embed(self.embed_dim, (grid_w, grid_h), frames, self.spatial_interpolation_scale,
+                                  self.temporal_interpolation_scale, device=device, output_type="pt")  # fmt: skip
+    text = pos.new_zeros(self.max_text_seq_length, self.embed_dim)
+    return torch.cat([text, pos.flatten(0, 1)], dim=0)[None]
+
+
+def _cogvideox(model, config) -> Adapter:
+    cls = type(model).__name__
+    if config.get("use_rotary_positional_embeddings"):  # (learned positional embeddings come only with these)
+        raise InputError(
+            f"{cls} with use_rotary_positional_embeddings takes rotary embeddings (image_rotary_emb) that the "
+            "CogVideoX pipeline computes from the latent grid; kiln cannot make them from the config yet",
+            hint="kiln exports CogVideoX models with sincos positional embeddings (such as CogVideoX-2b)",
+        )
+    patch, patch_t, text_len = config["patch_size"], config.get("patch_size_t") or 1, config["max_text_seq_length"]
+    latent_frames = (config["sample_frames"] - 1) // config["temporal_compression_ratio"] + 1
+    why = f"its patch_size is {patch}"
+    height = DimRule("height", _spatial(patch), multiple=patch, avoid=(config["sample_height"],), why=why)
+    width = dataclasses.replace(height, name="width", avoid=(config["sample_width"],))
+    frames = DimRule("frames", DimRange(*(_align_up(v, patch_t) for v in (1, 2, 4))), multiple=patch_t,
+                     avoid=(latent_frames,), why=f"its patch_size_t is {patch_t}")  # fmt: skip
+    text = _text(text_len, f"its joint positional embedding covers max_text_seq_length = {text_len} text tokens")
+    inputs = [
+        InputRule("hidden_states", ("batch", "frames", config["in_channels"], "height", "width")),
+        InputRule("encoder_hidden_states", ("batch", "text_len", config["text_embed_dim"])),
+        InputRule("timestep", ("batch",), "int", 1000),
+    ]
+    if config.get("ofs_embed_dim"):  # CogVideoX 1.5 image-to-video
+        inputs.append(InputRule("ofs", ("batch",), "uniform", 4.0))
+    patches = (Patch(
+        "CogVideoX positional table built with torch.cat",
+        "CogVideoXPatchEmbed writes its positional table through .data, which torch.export cannot trace; kiln "
+        "exports the same table built with torch.cat",
+        lambda m: _instance_method(m.patch_embed, "_get_positional_embeddings", _cog_positional_embeddings)),)  # fmt: skip
+    return Adapter(
+        cls, "cogvideox", tuple(inputs), (_batch(), frames, height, width, text),
+        call=_kwargs_call([i.name for i in inputs]),
+        output_axes=("batch", "frames", None, "height", "width"),
+        patches=patches,
+        notes=(f"text length is fixed at max_text_seq_length = {text_len}",),
+    )
+
+
+# -- Latte (video): hidden_states [batch, channels, frames, height, width] ------------------------
+
+
+def _latte(model, config) -> Adapter:
+    length = config["video_length"]
+    height, width = _sides(config["patch_size"], (config["sample_size"],))
+    frames = DimRule("frames", DimRange(length, length, length), fixed=length,
+                     why=f"its temporal positional embedding covers video_length = {length} frames")  # fmt: skip
+    names = ("hidden_states", "encoder_hidden_states", "timestep")
+    return Adapter(
+        type(model).__name__, "latte",
+        inputs=(InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
+                InputRule("encoder_hidden_states", ("batch", "text_len", config["caption_channels"])),
+                InputRule("timestep", ("batch",), "int", 1000)),
+        dims=(_batch(), frames, height, width, _text()),
+        call=_kwargs_call(names),
+        output_axes=("batch", None, "frames", "height", "width"),
+        notes=(f"frames are fixed at video_length = {length}",),
+    )  # fmt: skip
+
+
+# -- The VAE's decoder alone: latents -> image ----------------------------------------------------
+
+
+def _vae_decoder(model, config) -> Adapter:
+    cls, channels = type(model).__name__, config["latent_channels"]
+    factor = 2 ** (len(config["block_out_channels"]) - 1)  # a 2x upsampler in every decoder block but the last
+    height = DimRule("height", _spatial(1))
+    return Adapter(
+        cls, "vae-decoder",
+        inputs=(InputRule("latent_sample", ("batch", channels, "height", "width")),),
+        dims=(_batch(), height, dataclasses.replace(height, name="width")),
+        call=lambda model, z: model.decode(z, return_dict=False)[0],
+        output_axes=("batch", None, f"{factor}*height", f"{factor}*width"),
+        notes=(f"the decoder of {cls} alone: latent_sample [batch, {channels}, height, width] -> sample [batch, "
+               f"{config.get('out_channels', 3)}, {factor}*height, {factor}*width]; it does not scale latents (divide "
+               f"them by scaling_factor {config.get('scaling_factor')} first, as the pipeline does)",),
+    )  # fmt: skip
+
+
+# -- Other image transformers: inputs guessed from forward's parameters and the config ------------
+
+_GUESSABLE = {"hidden_states", "encoder_hidden_states", "timestep", "pooled_projections", "class_labels", "guidance"}
+
+
+def _generic_transformer(model, config) -> Adapter:
+    import inspect
+
+    cls = type(model).__name__
+    supported = f"kiln has adapters for {', '.join(sorted(FAMILIES))}"
+    params = inspect.signature(model.forward).parameters
+    required = [n for n, p in params.items()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
+    unknown = [n for n in required if n not in _GUESSABLE]
+    patch, channels = config.get("patch_size"), config.get("in_channels")
+    if unknown:
+        raise InputError(f"kiln has no adapter for {cls}: its forward needs {', '.join(unknown)}, which kiln cannot "
+                         "make from the config", hint=supported)  # fmt: skip
+    if "hidden_states" not in params or not patch or not channels:
+        raise InputError(f"kiln has no adapter for {cls}: it takes no hidden_states, or its config gives no "
+                         "in_channels and patch_size to make latents from", hint=supported)  # fmt: skip
+    height, width = _sides(patch, (config.get("sample_size") or 0,))
+    inputs, dims = [InputRule("hidden_states", ("batch", channels, "height", "width"))], [_batch(), height, width]
+    if "encoder_hidden_states" in params and _text_width(config):
+        inputs.append(InputRule("encoder_hidden_states", ("batch", "text_len", _text_width(config))))
+        dims.append(_text())
+    if "pooled_projections" in params and config.get("pooled_projection_dim"):
+        inputs.append(InputRule("pooled_projections", ("batch", config["pooled_projection_dim"])))
+    if "timestep" in params:
+        inputs.append(InputRule("timestep", ("batch",), "uniform", 1000.0))
+    classes = _first(config, "num_classes", "num_embeds_ada_norm")
+    if "class_labels" in params and classes:
+        inputs.append(InputRule("class_labels", ("batch",), "int", classes))
+    if "guidance" in params and config.get("guidance_embeds"):
+        inputs.append(InputRule("guidance", ("batch",), "uniform", 8.0))
+    missing = [n for n in required if n not in {i.name for i in inputs}]
+    if missing:
+        raise InputError(f"kiln has no adapter for {cls}: its forward needs {', '.join(missing)}, and its config "
+                         "does not give their sizes", hint=supported)  # fmt: skip
+    return Adapter(
+        cls, "generic", tuple(inputs), tuple(dims), call=_kwargs_call([i.name for i in inputs]),
+        output_axes=("batch", None, "height", "width"),
+        notes=(f"kiln has no adapter written for {cls}: its inputs were guessed from forward's parameters and the config",),
+    )
+
+
+FAMILIES: dict[str, Callable[..., Adapter]] = {
+    "DiTTransformer2DModel": _dit,
+    "PixArtTransformer2DModel": _pixart,
+    "SD3Transformer2DModel": _sd3,
+    "CogVideoXTransformer3DModel": _cogvideox,
+    "LatteTransformer3DModel": _latte,
+    "AutoencoderKL": _vae_decoder,
+}
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why."""
+    config, name = dict(model.config), type(model).__name__
+    if name in FAMILIES:
+        return FAMILIES[name](model, config)
+    if name.startswith("Autoencoder") or "UNet" in name or "ControlNet" in name:
+        raise InputError(f"kiln has no adapter for {name} yet: its inputs and outputs are not a latent transformer's",
+                         hint=f"kiln has adapters for {', '.join(sorted(FAMILIES))}")  # fmt: skip
+    return _generic_transformer(model, config)
+
+
+# -- Ranges, sizes, inputs ------------------------------------------------------------------------
+
+
+def _dim_name(adapter: Adapter, name: str, where: str) -> str:
+    """A dim name, or INPUT:AXIS, as the adapter's dim name."""
+    if name in {r.name for r in adapter.dims}:
+        return name
+    dims = f"its dims: {', '.join(r.name for r in adapter.dynamic_dims)}"
+    input_name, _, axis = name.rpartition(":")
+    axes = next((i.axes for i in adapter.inputs if i.name == input_name), None)
+    if axes is not None and re.fullmatch(r"-?\d+", axis):
+        if -len(axes) <= int(axis) < len(axes) and isinstance(axes[int(axis)], str):
+            return axes[int(axis)]
+        raise InputError(f"{where}: axis {axis} of {input_name} is not a dynamic dim of {adapter.class_name}", hint=dims)
+    raise InputError(f"{where}: {adapter.class_name} has no dim {name!r}", hint=dims)
+
+
+def check_range(adapter: Adapter, rule: DimRule, r: DimRange, where: str) -> None:
+    """Raise InputError if the range holds a size the model cannot take."""
+    cls, m = adapter.class_name, rule.multiple
+    if rule.fixed is not None:
+        raise InputError(f"{where}: {cls} takes {rule.name} {rule.fixed} only ({rule.why}), so it is not a dynamic dim",
+                         hint=f"leave {rule.name} out of --shapes")  # fmt: skip
+    if rule.same_as is not None:
+        raise InputError(f"{where}: {cls} takes {rule.name} equal to {rule.same_as} ({rule.why})",
+                         hint=f"set {rule.same_as} only; {rule.name} follows it")  # fmt: skip
+    bad = [v for v in (r.min, r.opt, r.max) if v % m]
+    if bad:
+        lo = _align_up(r.min, m)
+        hi = max(lo, r.max // m * m)
+        opt = min(max(_align_up(r.opt, m), lo), hi)
+        raise InputError(f"{where}: {cls} takes {rule.name} in multiples of {m} ({rule.why}); {bad[0]} is not",
+                         hint=f"e.g. --shapes {rule.name}={lo}..{opt}..{hi}")  # fmt: skip
+    if rule.max is not None and r.max > rule.max:
+        raise InputError(f"{where}: {cls} takes {rule.name} up to {rule.max} ({rule.why}); {r.max} is more",
+                         hint=f"keep {rule.name} at most {rule.max}")  # fmt: skip
+
+
+def resolve_ranges(adapter: Adapter, specs: Sequence[tuple[str, str]]) -> tuple[dict[str, DimRange], list[str]]:
+    """Ranges of the adapter's dynamic dims: its defaults, overridden by (source, 'NAME=MIN..OPT..MAX') specs,
+    later ones winning. Each range given is checked against the model's constraints here, before export.
+    Returns the ranges and a note for each default used."""
+    ranges = {r.name: r.default for r in adapter.dynamic_dims}
+    given = set()
+    for source, text in specs:
+        where = f"{source} {text!r}"
+        name, r = parse_shape_spec(text, source)
+        name = _dim_name(adapter, name, where)
+        check_range(adapter, adapter.rule(name), r, where)
+        ranges[name] = r
+        given.add(name)
+    notes = [f"{name}={r} (the default for {adapter.class_name}; set it with --shapes {name}=MIN..OPT..MAX)"
+             for name, r in ranges.items() if name not in given]  # fmt: skip
+    return ranges, notes
+
+
+def all_sizes(adapter: Adapter, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Sizes of every dim, fixed ones and followers included, from the dynamic dims' sizes."""
+    full = {**sizes, **{r.name: r.fixed for r in adapter.dims if r.fixed is not None}}
+    full.update({r.name: full[r.same_as] for r in adapter.dims if r.same_as is not None})
+    return full
+
+
+def export_sizes(adapter: Adapter, ranges: Mapping[str, DimRange]) -> dict[str, int]:
+    """Where to trace each dynamic dim: near opt, in multiples of the dim's step and at least two steps
+    (tracing specialises a size of 1), off the sizes the model treats specially (its config's sample
+    size, where DiT and PixArt take their stored positional table), and unlike the other dims and the
+    inputs' static sizes, so tracing cannot take one size for another. It may lie outside the range."""
+    taken = {a for i in adapter.inputs for a in i.axes if isinstance(a, int)}
+    taken |= {r.fixed for r in adapter.dims if r.fixed is not None}
+    sizes = {}
+    for rule in adapter.dynamic_dims:
+        r, m = ranges[rule.name], rule.multiple
+        top = rule.max if rule.max is not None else 4 * max(r.max, 2 * m)
+        inside = list(range(_align_up(r.min, m), r.max + 1, m))
+        outside = [v for v in range(m, top + 1, m) if not r.min <= v <= r.max]
+        candidates = sorted(inside, key=lambda v: (abs(v - r.opt), v))
+        candidates += sorted(outside, key=lambda v: (min(abs(v - r.min), abs(v - r.max)), v))
+        good = [v for v in candidates if v // m >= 2 and v not in rule.avoid]
+        fresh = [v for v in good if v not in taken]
+        sizes[rule.name] = (fresh or good or candidates or [r.opt])[0]
+        taken.add(sizes[rule.name])
+    return sizes
+
+
+def check_sizes(adapter: Adapter, ranges: Mapping[str, DimRange]) -> list[tuple[str, dict[str, int]]]:
+    """(label, sizes) to check an export at: min, opt, max, and one shape that is none of those."""
+    dims = adapter.dynamic_dims
+    result: list[tuple[str, dict[str, int]]] = []
+    for corner in ("min", "opt", "max"):
+        sizes = {r.name: getattr(ranges[r.name], corner) for r in dims}
+        if sizes not in [s for _, s in result]:
+            result.append((corner, sizes))
+    # Off the corners: above opt for the first dim, below it for the next and so on, each unlike the sizes
+    # picked before, so that dims with equal ranges (height, width) differ here as they never do at the
+    # corners, and an export that took one for the other fails.
+    off: dict[str, int | None] = {}
+    for i, rule in enumerate(dims):
+        r, m = ranges[rule.name], rule.multiple
+        between = [v for v in range(_align_up(r.min, m), r.max + 1, m) if v not in (r.min, r.opt, r.max)]
+        upper, lower = [v for v in between if v > r.opt], [v for v in between if v < r.opt]
+        pool = next((p for p in ([upper, lower] if i % 2 == 0 else [lower, upper]) if p), [])
+        pool = [v for v in pool if v not in off.values()] or pool
+        off[rule.name] = pool[len(pool) // 2] if pool else None
+    sizes = None
+    if any(v is not None for v in off.values()):
+        sizes = {r.name: ranges[r.name].opt if off[r.name] is None else off[r.name] for r in dims}
+    elif len(dims) >= 2:  # every range holds corner sizes only: mix them
+        sizes = {r.name: ranges[r.name].min if i % 2 else ranges[r.name].max for i, r in enumerate(dims)}
+    if sizes is not None and sizes not in [s for _, s in result]:
+        result.append(("off-corner", sizes))
+    return result
+
+
+def input_shapes(adapter: Adapter, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    full = all_sizes(adapter, sizes)
+    return {i.name: tuple(full[a] if isinstance(a, str) else a for a in i.axes) for i in adapter.inputs}
+
+
+def make_inputs(adapter: Adapter, sizes: Mapping[str, int], seed: int) -> list:
+    """Seeded torch tensors for the adapter's inputs at these dim sizes (fp32 floats, int64 integers)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for rule, shape in zip(adapter.inputs, input_shapes(adapter, sizes).values(), strict=True):
+        if rule.kind == "int":
+            tensors.append(torch.randint(0, int(rule.high), shape, generator=generator, dtype=torch.int64))
+        elif rule.kind == "uniform":
+            tensors.append(torch.rand(shape, generator=generator, dtype=torch.float32) * rule.high)
+        else:
+            tensors.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+    return tensors
+
+
+def fmt_sizes(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def shapes_spec(ranges: Mapping[str, DimRange]) -> str:
+    """Ranges as kiln's shapes metadata: 'batch=1..2..4,height=8..16..32'."""
+    return ",".join(f"{name}={r}" for name, r in ranges.items())
