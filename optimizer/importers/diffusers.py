@@ -52,7 +52,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 EXTRA = "torch"
 OUTPUT = "sample"
 SOURCE_FORMAT = "diffusers"
-# Integer inputs and the [low, high) their values must come from (an embedding table's size), as JSON.
 # Parity with PyTorch: max |onnx - torch| <= PARITY_ATOL * max(1, max |torch|), fp32.
 PARITY_ATOL = 1e-4
 PARITY_RULE = "max |onnx - torch| <= 1e-4 * max(1, max |torch|)"

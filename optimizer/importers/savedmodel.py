@@ -98,7 +98,7 @@ def name_dims(model: ir.Model) -> None:
 
 
 def images(model: ir.Model) -> list[ir.Value]:
-    """Rank-4 float values with 3 or more channels last: the image-like tensors of an NHWC signature."""
+    """Rank-4 float inputs: the image-like tensors of an NHWC signature (FILM: x0 and x1)."""
     return [v for v in model.graph.inputs if v.shape is not None and len(v.shape) == 4 and v.dtype == ir.DataType.FLOAT]
 
 
