@@ -193,10 +193,12 @@ def cmd_targets(args) -> int:
 def cmd_passes(args) -> int:
     import passes
 
+    import targets
     from optimizer.config import Options
     from optimizer.pipeline import pass_pipeline
 
-    listed = [{"name": p.name, "summary": p.summary} for p in pass_pipeline(Options(precision="fp16"))]
+    everything = pass_pipeline(Options(precision="fp16"), targets.CUDA)
+    listed = [{"name": p.name, "summary": p.summary} for p in everything]
     _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
     return 0
 

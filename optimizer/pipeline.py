@@ -30,10 +30,12 @@ from optimizer.verify import REFERENCE, StepVerifier, reference_session, verify_
 ENGINE_DIR = "engine"
 
 
-def pass_pipeline(options: Options) -> list[passes.KilnPass]:
-    """The passes for these options, in order, minus the disabled ones."""
+def pass_pipeline(options: Options, target: targets.Target | None = None) -> list[passes.KilnPass]:
+    """The passes for these options and target, in order, minus the disabled ones."""
     # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
     chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
+    if target is not None and "ort-fusions" in target.capabilities:
+        chosen.append(passes.FuseForOnnxRuntime())
     if options.precision == "fp16":
         chosen.append(passes.ConvertToFloat16())
     known = {p.name for p in chosen}
@@ -50,7 +52,10 @@ def choose_target(options: Options) -> targets.Target:
         raise InputError(str(exc.args[0]), hint="`kiln targets` lists them") from None
     reason = target.available()
     if reason:
-        raise InputError(f"target {target.name!r} is not available here: {reason}", hint="`kiln targets` shows what is")
+        raise InputError(
+            f"target {target.name!r} is not available here: {reason}",
+            hint="`kiln targets` shows what is; GPU targets need an NVIDIA GPU and pip install 'kiln-ml[gpu]'",
+        )
     if options.precision not in target.precisions:
         raise InputError(
             f"target {target.name!r} does not support {options.precision}",
@@ -62,7 +67,7 @@ def choose_target(options: Options) -> targets.Target:
 def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progress: Progress) -> dict:
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
     target = choose_target(options)
-    chosen_passes = pass_pipeline(options)
+    chosen_passes = pass_pipeline(options, target)
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)

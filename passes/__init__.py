@@ -12,6 +12,7 @@ from passes.cleanup import (
     SortTopologically,
     cleanup_passes,
 )
+from passes.fuse_ort import FuseForOnnxRuntime
 from passes.fuse_warp import WarpToGridSample
 from passes.manager import PassFailed, PassManager, PassRecord
 from passes.precision import ConvertToFloat16
@@ -21,6 +22,7 @@ __all__ = [
     "DeduplicateInitializers",
     "EliminateCommonSubexpressions",
     "FoldConstants",
+    "FuseForOnnxRuntime",
     "InferShapes",
     "KilnPass",
     "LiftConstants",

@@ -2,9 +2,10 @@
 
 from targets.base import Engine, EngineError, Target, read_manifest
 from targets.cpu import CPU
+from targets.cuda import CUDA, H100
 from targets.profile import CORNERS, DimRange, Profile, TensorSpec
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CPU,)}
+TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, H100)}
 
 
 def get_target(name: str) -> Target:
@@ -18,6 +19,8 @@ def get_target(name: str) -> Target:
 __all__ = [
     "CORNERS",
     "CPU",
+    "CUDA",
+    "H100",
     "TARGETS",
     "DimRange",
     "Engine",

@@ -46,12 +46,18 @@ class OrtTarget(Target):
     """A target whose engine is an ONNX Runtime session over an offline-optimized model."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Options for the first provider, e.g. cuDNN's convolution algorithm search on CUDA.
+    provider_options: tuple[tuple[str, str], ...] = ()
 
     def available(self) -> str | None:
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             return f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}"
         return None
+
+    def session_providers(self) -> list:
+        first, *rest = self.providers
+        return [(first, dict(self.provider_options)), *rest]
 
     def session_options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -68,10 +74,11 @@ class OrtTarget(Target):
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", ENGINE_MODEL + ".data"
             )
-        ort.InferenceSession(os.fspath(model_path), options, providers=list(self.providers))
+        ort.InferenceSession(os.fspath(model_path), options, providers=self.session_providers())
         manifest = {
             "target": self.name,
             "providers": list(self.providers),
+            "provider_options": dict(self.provider_options),
             "model": ENGINE_MODEL,
             "profile": profile.to_json(),
             **(extras or {}),
@@ -85,7 +92,7 @@ class OrtTarget(Target):
         if not model.is_file():
             raise EngineError(f"engine model {model} is missing; rebuild the engine with `kiln optimize`")
         options = self.session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        session = ort.InferenceSession(os.fspath(model), options, providers=list(self.providers))
+        session = ort.InferenceSession(os.fspath(model), options, providers=self.session_providers())
         return OrtEngine(session, Profile.from_json(manifest["profile"]))
 
 

@@ -97,3 +97,22 @@ def test_random_inputs_are_seeded_and_typed():
     assert first["f"].dtype == np.float32 and np.all(np.abs(first["f"]) <= 1)
     assert first["i"].dtype == np.int64 and set(first["i"]) <= {10, 11}
     assert first["b"].dtype == bool
+
+
+def test_cuda_targets_say_why_they_are_unavailable_and_carry_their_settings():
+    import onnxruntime as ort
+
+    from optimizer.config import Options
+    from optimizer.pipeline import pass_pipeline
+
+    for target in (targets.CUDA, targets.H100):
+        assert target.family == "cuda"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            assert target.available() == f"onnxruntime {ort.__version__} here lacks CUDAExecutionProvider"
+    assert targets.CUDA.session_providers() == [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
+        "CPUExecutionProvider",
+    ]
+    assert dict(targets.H100.provider_options)["arena_extend_strategy"] == "kSameAsRequested"
+    assert "ort-fusions" in [p.name for p in pass_pipeline(Options(), targets.H100)]
+    assert "ort-fusions" not in [p.name for p in pass_pipeline(Options(), targets.CPU)]
