@@ -156,6 +156,3 @@ def _load_external_tensors(model: ir.Model) -> None:
         if isinstance(init.const_value, ir.ExternalTensor):
             init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
 
-
-def metadata(model: ir.Model, key: str) -> str | None:
-    return model.metadata_props.get(key)
