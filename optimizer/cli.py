@@ -20,6 +20,9 @@ kiln takes a trained model to a fast, verified inference engine for a target, an
   kiln bench out/                        latency at each shape of the engine's profile
   kiln targets                           what each target can do, and whether it runs here
 
+MODEL is an .onnx file, a TensorFlow SavedModel (kiln-ml[tf]; `kiln example film f/`) or a diffusers
+model directory (kiln-ml[torch]; `kiln example dit d/`, `kiln example vae v/`).
+
 Exit codes: 0 ok, 1 internal error, 2 bad input, 3 verification failed.
 """
 
