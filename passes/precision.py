@@ -124,14 +124,12 @@ class ConvertToFloat16(KilnPass):
     @staticmethod
     def _wrap_fp32_nodes(graph: ir.Graph) -> None:
         for node in list(graph):
-            positions = FLOAT32_INPUTS.get(node.op_type, ()) if node.domain == "" else ()
-            keep_whole = node.op_type in KEEP_FP32_OPS and node.domain == ""
             for i, value in enumerate(node.inputs):
-                if value is not None and value.dtype == F16 and (keep_whole or i in positions):
+                if value is not None and value.dtype == F16 and _is_fp32_slot(node, i):
                     cast = _cast(value, F32, f"{node.name or node.op_type}_in{i}_fp32")
                     graph.insert_before(node, cast)
                     node.replace_input_with(i, cast.outputs[0])
-            if not keep_whole:
+            if node.op_type not in KEEP_FP32_OPS or node.domain != "":
                 continue
             for out in node.outputs:
                 if out.dtype == F32 and out.uses():

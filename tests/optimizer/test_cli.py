@@ -302,3 +302,9 @@ def test_console_script_and_bare_imports():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_verify_each_when_opt_coincides_with_min(capsys, example, tmp_path):
+    code, _, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--verify-each", "--bench-runs", "0",
+                           "--shapes", "batch=1..1..2", "--shapes", "seq=4..4..8")  # fmt: skip
+    assert code == 0, err
