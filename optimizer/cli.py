@@ -200,7 +200,8 @@ def cmd_passes(args) -> int:
     from optimizer.config import Options
     from optimizer.pipeline import pass_pipeline
 
-    everything = pass_pipeline(Options(precision="fp16"), targets.CUDA)
+    everything = pass_pipeline(Options(precision="fp16"), targets.CUDA, static_sizes={})
+    everything.insert(-1, passes.FuseStandardOnnx())  # the CPU's and TensorRT's instead of ort-fusions
     listed = [{"name": p.name, "summary": p.summary} for p in everything]
     _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
     return 0

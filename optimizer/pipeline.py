@@ -30,15 +30,22 @@ from optimizer.verify import REFERENCE, StepVerifier, expected_outputs, referenc
 ENGINE_DIR = "engine"
 
 
-def pass_pipeline(options: Options, target: targets.Target | None = None) -> list[passes.KilnPass]:
-    """The passes for these options and target, in order, minus the disabled ones."""
+def pass_pipeline(
+    options: Options, target: targets.Target | None = None, static_sizes: dict[str, int] | None = None
+) -> list[passes.KilnPass]:
+    """The passes for these options and target, in order, minus the disabled ones. static_sizes (the
+    profile's dims when each has one size) freezes the input shapes first."""
     # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
     chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
+    if static_sizes is not None:
+        chosen.insert(0, passes.FreezeShapes(static_sizes))
     if target is not None and "ort-fusions" in target.capabilities:
         chosen.append(passes.FuseForOnnxRuntime())
+    else:
+        chosen.append(passes.FuseStandardOnnx())
     if options.precision == "fp16":
         chosen.append(passes.ConvertToFloat16())
-    known = {p.name for p in chosen}
+    known = {p.name for p in chosen} | {passes.FreezeShapes.name}
     unknown = sorted(set(options.disable_passes) - known)
     if unknown:
         raise InputError(f"cannot disable unknown pass(es) {', '.join(unknown)}", hint=f"passes: {', '.join(sorted(known))}")
@@ -113,6 +120,8 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
     timings["reference_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if profile.is_static() and profile.dims and "freeze-shapes" not in options.disable_passes:
+        chosen_passes = pass_pipeline(options, target, profile.sizes("opt"))
     model, records = _run_passes(model, chosen_passes, options, verifier, progress)
     timings["passes_s"] = time.perf_counter() - t
 

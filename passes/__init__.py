@@ -12,17 +12,22 @@ from passes.cleanup import (
     SortTopologically,
     cleanup_passes,
 )
-from passes.fuse_ort import FuseForOnnxRuntime
+from passes.fuse_adaln import FuseAdaLnModulation
+from passes.fuse_ort import FuseForOnnxRuntime, FuseStandardOnnx
 from passes.fuse_warp import WarpToGridSample
 from passes.manager import PassFailed, PassManager, PassRecord
 from passes.precision import ConvertToFloat16
+from passes.static_shapes import FreezeShapes
 
 __all__ = [
     "ConvertToFloat16",
     "DeduplicateInitializers",
     "EliminateCommonSubexpressions",
     "FoldConstants",
+    "FreezeShapes",
+    "FuseAdaLnModulation",
     "FuseForOnnxRuntime",
+    "FuseStandardOnnx",
     "InferShapes",
     "KilnPass",
     "LiftConstants",

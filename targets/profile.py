@@ -63,6 +63,10 @@ class Profile:
         if used != set(self.dims):
             raise ValueError(f"profile dims {sorted(self.dims)} do not match the inputs' dims {sorted(used)}")
 
+    def is_static(self) -> bool:
+        """Whether every dim has one size (so the engine can be built for exactly that shape)."""
+        return all(r.min == r.max for r in self.dims.values())
+
     def sizes(self, corner: str) -> dict[str, int]:
         return {name: getattr(r, corner) for name, r in self.dims.items()}
 

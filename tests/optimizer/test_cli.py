@@ -64,7 +64,7 @@ def test_optimize_writes_engine_and_reports(built):
     assert report["source"]["nodes"] == 35 and report["model"]["nodes"] == 30
     assert [p["name"] for p in report["passes"]] == [
         "warp-to-gridsample", "infer-shapes", "lift-constants", "fold-constants", "remove-identity",
-        "cse", "dedupe-initializers", "remove-dead-nodes", "topological-sort",
+        "cse", "dedupe-initializers", "remove-dead-nodes", "topological-sort", "fusions",
     ]  # fmt: skip
     assert report["profile"]["dims"] == {"batch": {"min": 1, "opt": 2, "max": 4}, "seq": {"min": 1, "opt": 16, "max": 64}}
     checks = report["verification"]["shapes"]
