@@ -100,3 +100,8 @@ class AlignedEngine:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.alignment.run_padded(self.engine.run, feeds)
+
+    def __getattr__(self, name: str):
+        if name == "device_runner" and hasattr(self.engine, "device_runner"):
+            return lambda feeds: self.engine.device_runner(self.alignment.pad(feeds)[0])
+        raise AttributeError(name)

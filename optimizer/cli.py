@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from optimizer import __version__
+from optimizer.config import IO_DTYPES, PRECISIONS
 from optimizer.errors import EXIT_INTERNAL, KilnError
 
 DESCRIPTION = """\
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, a TensorFlow SavedModel, or a diffusers model directory (save_pretrained)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
     p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], help="compute precision (default fp32); inputs and outputs stay fp32")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
+    p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
     p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
     p.add_argument("--verify-each", action="store_true", help="after every pass: checker, ORT load and parity (slow; finds the pass that breaks a model)")
@@ -129,7 +131,7 @@ def cmd_optimize(args) -> int:
     options = Options()
     if args.config:
         load_recipe(args.config, options)
-    for field in ("target", "precision", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout"):
+    for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]

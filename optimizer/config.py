@@ -8,19 +8,26 @@ from pathlib import Path
 
 from optimizer.errors import InputError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
+IO_DTYPES = ("float32", "float16")
 LAYOUTS = ("nhwc", "nchw")
 MAX_IMPORT_OPSET = 18  # the newest opset tf2onnx 1.16/1.17 emits
 
 # Tolerances for comparing an engine with the fp32 original: |got - want| <= atol + rtol * |want|.
-# fp16 keeps 11 significant bits (about 3 decimal digits), and errors grow through a network's depth.
-TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 2e-2}}
+# fp16 keeps 11 significant bits (about 3 decimal digits), bf16 8 (about 2), and errors grow through a
+# network's depth.
+TOLERANCES = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-3},
+    "fp16": {"atol": 2e-2, "rtol": 2e-2},
+    "bf16": {"atol": 6e-2, "rtol": 6e-2},
+}
 
 
 @dataclasses.dataclass
 class Options:
     target: str = "cpu"
     precision: str = "fp32"
+    io_dtype: str = "float32"  # float16: the engine takes and returns fp16 (no boundary casts)
     shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
     disable_passes: list[str] = dataclasses.field(default_factory=list)
     verify: bool = True
@@ -49,7 +56,7 @@ class Options:
 
 # Recipe layout: section -> key -> (Options field, accepted types). "" is the top level.
 _RECIPE = {
-    "": {"target": ("target", str), "precision": ("precision", str)},
+    "": {"target": ("target", str), "precision": ("precision", str), "io_dtype": ("io_dtype", str)},
     "passes": {"disable": ("disable_passes", list)},
     "verify": {
         "enabled": ("verify", bool),
@@ -114,6 +121,10 @@ def _set(options: Options, path: Path, key: str, entry, value, known: list[str])
 def validate(options: Options) -> None:
     if options.precision not in PRECISIONS:
         raise InputError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if options.io_dtype not in IO_DTYPES:
+        raise InputError(f"unknown io_dtype {options.io_dtype!r}", hint=f"choose one of {', '.join(IO_DTYPES)}")
+    if options.io_dtype == "float16" and options.precision != "fp16":
+        raise InputError(f"io_dtype float16 needs precision fp16, not {options.precision}", hint="add --precision fp16")
     if options.bench_runs < 0 or options.bench_warmup < 0:
         raise InputError("bench runs and warmup must be 0 or more")
     if options.layout not in LAYOUTS:

@@ -43,8 +43,8 @@ def pass_pipeline(
         chosen.append(passes.FuseForOnnxRuntime())
     else:
         chosen.append(passes.FuseStandardOnnx())
-    if options.precision == "fp16":
-        chosen.append(passes.ConvertToFloat16())
+    if options.precision != "fp32":
+        chosen.append(passes.ConvertPrecision(options.precision, io_float32=options.io_dtype == "float32"))
     known = {p.name for p in chosen} | {passes.FreezeShapes.name}
     unknown = sorted(set(options.disable_passes) - known)
     if unknown:
@@ -223,7 +223,7 @@ def _run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifie
 
     def after(record: passes.PassRecord, current: ir.Model) -> None:
         nonlocal fp16_started
-        fp16_started |= record.name == "fp16"
+        fp16_started |= record.name == options.precision
         if verifier is None:
             return
         tolerance = options.tolerance() if fp16_started else TOLERANCES["fp32"]

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from optimizer.models import save_model
 from optimizer.align import Alignment
 from targets import CORNERS, Engine, Profile
+from targets.base import as_input_types
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -127,7 +128,7 @@ def verify_engine(engine: Engine, expected: list[Expected], tolerance: Mapping[s
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, case.error))
             continue
         try:
-            got = engine.run(case.feeds)
+            got = engine.run(as_input_types(engine, case.feeds))
         except Exception as exc:  # a failing run is a failed check, named with its shape
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, f"{type(exc).__name__}: {exc}"))
             continue

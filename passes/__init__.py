@@ -16,10 +16,11 @@ from passes.fuse_adaln import FuseAdaLnModulation
 from passes.fuse_ort import FuseForOnnxRuntime, FuseStandardOnnx
 from passes.fuse_warp import WarpToGridSample
 from passes.manager import PassFailed, PassManager, PassRecord
-from passes.precision import ConvertToFloat16
+from passes.precision import ConvertPrecision, ConvertToFloat16
 from passes.static_shapes import FreezeShapes
 
 __all__ = [
+    "ConvertPrecision",
     "ConvertToFloat16",
     "DeduplicateInitializers",
     "EliminateCommonSubexpressions",

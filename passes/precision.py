@@ -1,43 +1,44 @@
-"""Precision passes: run the model in float16 while its inputs and outputs stay float32."""
+"""Precision passes: run the model in float16 or bfloat16, keeping the numerically sensitive parts and
+(by default) the inputs and outputs in float32. Every node kept in float32 is listed with its reason."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from passes.base import KilnPass
 
-F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+F32 = ir.DataType.FLOAT
+LOW = {"fp16": (ir.DataType.FLOAT16, np.float16), "bf16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
 
-# Ops kept in float32 whole, and why; each gets Casts around it.
+_PHASE = "phases of timestep and positional embeddings reach ~1000 rad, where float16 steps by 0.5"
+# Ops kept in float32 whole, and why; each gets Casts at its boundary.
 KEEP_FP32_OPS: dict[str, str] = {
     "Range": "ONNX Runtime has no float16 Range kernel",
     "RandomNormal": "sampling is defined in float32",
     "RandomUniform": "sampling is defined in float32",
+    "Sin": _PHASE,
+    "Cos": _PHASE,
+    "GridSample": "warp coordinates: at 1920 px, float16 steps near ±1 are half a pixel",
 }
+# Inputs whose producing arithmetic stays float32 too, back to its sources (op -> input positions):
+# the FILM flow that becomes sampling coordinates, the timestep scaled into a phase.
+FP32_CHAIN_INPUTS: dict[str, tuple[int, ...]] = {"GridSample": (1,), "Sin": (0,), "Cos": (0,)}
+# Ops a float32 chain extends through: cheap arithmetic and data movement on small tensors (the flow
+# field, the timestep vector); anything heavier ends the chain, and its output is cast up.
+CHAIN_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Exp", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose",
+    "Concat", "Expand", "Slice", "Split", "Gather", "Tile", "Identity", "Resize", "Where",
+})  # fmt: skip
 # Inputs that ONNX defines as float32 whatever the data type (op -> input positions).
 FLOAT32_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,)}
+# Ops that stay in low precision because they keep float32 statistics inside (stash_type = 1).
+FP32_INSIDE = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "GroupNormalization")
 
 
 def _is_f32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == F32
-
-
-def _is_fp32_slot(node: ir.Node, index: int) -> bool:
-    """Whether input `index` of node must be float32: any input of a kept op, or a FLOAT32_INPUTS position."""
-    if node.domain != "":
-        return False
-    return node.op_type in KEEP_FP32_OPS or index in FLOAT32_INPUTS.get(node.op_type, ())
-
-
-def _only_feeds_fp32(value: ir.Value) -> bool:
-    """Whether every use of value is a float32 slot (so it must stay float32 to keep its exact value)."""
-    uses = list(value.uses())
-    return bool(uses) and all(_is_fp32_slot(use.node, use.idx) for use in uses)
-
-
-def _to_f16_tensor(tensor: ir.TensorProtocol) -> ir.Tensor:
-    return ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name)
 
 
 def _cast(value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
@@ -45,56 +46,96 @@ def _cast(value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
     return ir.node("Cast", [value], {"to": to}, outputs=[out], name=f"{name}_cast")
 
 
-class ConvertToFloat16(KilnPass):
-    """Every float32 tensor becomes float16, except the graph's inputs and outputs and the ops in
-    KEEP_FP32_OPS, which get Casts at their boundary."""
+def fp32_nodes(graph: ir.Graph) -> dict[ir.Node, str]:
+    """The nodes of graph that stay float32, each with the reason."""
+    kept: dict[ir.Node, str] = {}
+    for node in graph:
+        if node.domain != "" or node.op_type not in KEEP_FP32_OPS:
+            continue
+        kept[node] = KEEP_FP32_OPS[node.op_type]
+        reason = f"feeds {node.op_type} ({KEEP_FP32_OPS[node.op_type]})"
+        stack = [node.inputs[i] for i in FP32_CHAIN_INPUTS.get(node.op_type, ()) if i < len(node.inputs)]
+        while stack:
+            value = stack.pop()
+            producer = value.producer() if value is not None else None
+            if producer is None or producer in kept or producer.domain != "" or producer.op_type not in CHAIN_OPS:
+                continue
+            kept[producer] = reason
+            stack.extend(v for v in producer.inputs if v is not None)
+    return kept
 
-    name = "fp16"
-    summary = "convert float32 weights and activations to float16, keeping float32 IO"
+
+class ConvertPrecision(KilnPass):
+    """Every float32 tensor becomes float16 (or bfloat16), except the nodes `fp32_nodes` keeps and,
+    unless io_float32 is off, the graph's inputs and outputs; Casts join the two."""
+
+    summary = "convert float32 weights and activations to float16 or bfloat16, keeping float32 IO and sensitive ops"
+
+    def __init__(self, precision: str = "fp16", io_float32: bool = True) -> None:
+        super().__init__()
+        self.name = precision
+        self.low, self.np_low = LOW[precision]
+        self.io_float32 = io_float32
+        self._kept: dict[ir.Node, str] = {}
 
     def requires(self, model: ir.Model) -> None:
         untyped = [v.name for v in model.graph.outputs if v.dtype is None]
         if untyped:
             raise ir.passes.PreconditionError(f"outputs {untyped} have no type; run infer-shapes first")
 
+    def _is_fp32_slot(self, node: ir.Node, index: int) -> bool:
+        """Whether input `index` of node must be float32: any input of a kept node, or a FLOAT32_INPUTS position."""
+        if node.domain != "":
+            return False
+        return node in self._kept or index in FLOAT32_INPUTS.get(node.op_type, ())
+
+    def _only_feeds_fp32(self, value: ir.Value) -> bool:
+        uses = list(value.uses())
+        return bool(uses) and all(self._is_fp32_slot(use.node, use.idx) for use in uses)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        kept: dict[str, str] = {}
+        self._kept = fp32_nodes(graph)
         converted = 0
         for init in graph.initializers.values():
-            # One that only feeds float32 slots (Range bounds, Resize scales) keeps its exact value.
-            if _is_f32(init) and init.const_value is not None and not _only_feeds_fp32(init):
-                init.const_value = _to_f16_tensor(init.const_value)
-                init.dtype = F16
+            # One that only feeds float32 slots (Range bounds, Resize scales, phase tables) keeps its exact value.
+            if _is_f32(init) and init.const_value is not None and not self._only_feeds_fp32(init):
+                init.const_value = ir.tensor(init.const_value.numpy().astype(self.np_low), name=init.const_value.name)
+                init.dtype = self.low
                 converted += 1
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
-            if node.op_type in KEEP_FP32_OPS and node.domain == "":
-                kept[node.name or node.op_type] = KEEP_FP32_OPS[node.op_type]
-                continue
-            if self._is_fp32_boundary_cast(node):
+            if node in self._kept or self._is_fp32_boundary_cast(node):
                 continue
             self._convert_attributes(node)
             for out in node.outputs:
                 if _is_f32(out):
-                    out.dtype = F16
+                    out.dtype = self.low
                     converted += 1
-        modified = converted > 0
-        if modified:
-            self._wrap_fp32_nodes(graph)
-            self._keep_io_float32(graph)
-        self.stats = {"values_converted": converted, "nodes_kept_fp32": len(kept)}
-        self.details["kept_fp32"] = kept
-        return ir.passes.PassResult(model, modified)
+        if not self.io_float32:
+            for value in graph.inputs:
+                if _is_f32(value) and not self._only_feeds_fp32(value):
+                    value.dtype = self.low
+                    converted += 1
+        if converted:
+            self._join(graph)
+            if self.io_float32:
+                self._keep_io_float32(graph)
+        self.stats = {"values_converted": converted, "nodes_kept_fp32": len(self._kept)}
+        self.details["kept_fp32"] = {node.name or node.op_type: reason for node, reason in self._kept.items()}
+        inside = sorted({n.op_type for n in graph if n.op_type in FP32_INSIDE})
+        if inside:
+            self.details["fp32_inside"] = {op: "runs in low precision; its statistics accumulate in float32" for op in inside}
+        return ir.passes.PassResult(model, converted > 0)
 
     def ensures(self, model: ir.Model) -> None:
         for init in model.graph.initializers.values():
             if _is_f32(init) and not all(
-                use.node.op_type == "Cast" or _is_fp32_slot(use.node, use.idx) for use in init.uses()
+                use.node.op_type == "Cast" or self._is_fp32_slot(use.node, use.idx)
+                for use in init.uses()
             ):
                 raise ir.passes.PostconditionError(f"initializer {init.name!r} is still float32")
 
-    @staticmethod
-    def _is_fp32_boundary_cast(node: ir.Node) -> bool:
+    def _is_fp32_boundary_cast(self, node: ir.Node) -> bool:
         """A Cast to float32 that only feeds float32 slots or graph outputs, such as the ones this pass
         inserts; converting it again would make the pass add a second layer of Casts."""
         if node.op_type != "Cast" or node.domain != "" or not _is_f32(node.outputs[0]):
@@ -103,57 +144,62 @@ class ConvertToFloat16(KilnPass):
         uses = list(out.uses())
         if not uses and not out.is_graph_output():
             return False
-        return all(_is_fp32_slot(use.node, use.idx) for use in uses)
+        return all(self._is_fp32_slot(use.node, use.idx) for use in uses)
 
-    @staticmethod
-    def _convert_attributes(node: ir.Node) -> None:
+    def _convert_attributes(self, node: ir.Node) -> None:
         if node.op_type == "Constant" and node.domain == "":
-            # value_float(s) make a float32 output whatever the value's type says; store float16 instead.
+            # value_float(s) make a float32 output whatever the value's type says; store low precision instead.
             for name in ("value_float", "value_floats"):
                 attr = node.attributes.pop(name, None)
                 if attr is not None:
-                    data = np.asarray(attr.value, dtype=np.float16)
+                    data = np.asarray(attr.value, dtype=np.float32).astype(self.np_low)
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(data))
         to = node.attributes.get("to")
         if node.op_type == "Cast" and to is not None and to.as_int() == F32:
-            node.attributes["to"] = ir.AttrInt64("to", F16)
+            node.attributes["to"] = ir.AttrInt64("to", self.low)
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == F32:
-                node.attributes[name] = ir.AttrTensor(name, _to_f16_tensor(attr.as_tensor()))
+                tensor = attr.as_tensor()
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(tensor.numpy().astype(self.np_low), name=tensor.name))
 
-    @staticmethod
-    def _wrap_fp32_nodes(graph: ir.Graph) -> None:
+    def _join(self, graph: ir.Graph) -> None:
+        """Casts where a low-precision value meets a float32 slot, and where a kept node's float32
+        output meets a converted node."""
         for node in list(graph):
             for i, value in enumerate(node.inputs):
-                if value is not None and value.dtype == F16 and _is_fp32_slot(node, i):
+                if value is not None and value.dtype == self.low and self._is_fp32_slot(node, i):
                     cast = _cast(value, F32, f"{node.name or node.op_type}_in{i}_fp32")
                     graph.insert_before(node, cast)
                     node.replace_input_with(i, cast.outputs[0])
-            if node.op_type not in KEEP_FP32_OPS or node.domain != "":
+            if node not in self._kept:
                 continue
             for out in node.outputs:
-                if out.dtype == F32 and out.uses():
-                    cast = _cast(out, F16, f"{out.name}_fp16")
+                uses = [u for u in out.uses() if u.node not in self._kept and not self._is_fp32_slot(u.node, u.idx)]
+                if out.dtype == F32 and uses:
+                    cast = _cast(out, self.low, f"{out.name}_{self.name}")
                     graph.insert_after(node, cast)
-                    for use in list(out.uses()):
-                        if use.node is not cast:
-                            use.node.replace_input_with(use.idx, cast.outputs[0])
+                    for use in uses:
+                        use.node.replace_input_with(use.idx, cast.outputs[0])
 
-    @staticmethod
-    def _keep_io_float32(graph: ir.Graph) -> None:
+    def _keep_io_float32(self, graph: ir.Graph) -> None:
         for value in graph.inputs:
-            # Float32 slots (Range bounds, Resize scales) keep reading the float32 input.
-            uses = [use for use in value.uses() if not _is_fp32_slot(use.node, use.idx)]
+            # Float32 slots (Range bounds, Resize scales, kept nodes) keep reading the float32 input.
+            uses = [use for use in value.uses() if not self._is_fp32_slot(use.node, use.idx)]
             if _is_f32(value) and uses:
-                cast = _cast(value, F16, f"{value.name}_fp16")
+                cast = _cast(value, self.low, f"{value.name}_{self.name}")
                 for use in uses:
                     use.node.replace_input_with(use.idx, cast.outputs[0])
                 graph.insert_before(next(iter(graph)), cast)
         for i, value in enumerate(graph.outputs):
-            if value.dtype != F16 or value.is_graph_input():
+            if value.dtype != self.low or value.is_graph_input():
                 continue
             name = value.name
-            value.name = f"{name}_fp16"
+            value.name = f"{name}_{self.name}"
             cast = _cast(value, F32, name)
             graph.append(cast)
             graph.outputs[i] = cast.outputs[0]
+
+
+class ConvertToFloat16(ConvertPrecision):
+    def __init__(self, io_float32: bool = True) -> None:
+        super().__init__("fp16", io_float32)

@@ -69,6 +69,12 @@ class Target(abc.ABC):
         }
 
 
+def as_input_types(engine: Engine, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """feeds cast to the engine's input dtypes (an fp16-IO engine takes the same data as its original)."""
+    dtypes = {spec.name: spec.dtype for spec in engine.inputs}
+    return {k: v.astype(dtypes[k]) if dtypes.get(k, v.dtype.name) != v.dtype.name else v for k, v in feeds.items()}
+
+
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
     body = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION, **manifest}
     (engine_dir / ENGINE_MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")

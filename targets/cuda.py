@@ -1,7 +1,8 @@
 """NVIDIA GPUs through ONNX Runtime's CUDA execution provider (onnxruntime-gpu, the [gpu] extra).
 
 `cuda` is the family; a target for one GPU model inherits it and sets what matters on that GPU.
-The engine takes and returns host arrays; kiln's GPU benchmarks bind device buffers themselves.
+The engine binds its inputs and outputs to GPU buffers (IO binding); with a static profile it captures
+the whole run as one CUDA graph, and `kiln bench` times it on device-resident inputs.
 """
 
 import dataclasses
@@ -12,9 +13,11 @@ CUDA = OrtTarget(
     name="cuda",
     family="cuda",
     description="ONNX Runtime CUDA execution provider (any recent NVIDIA GPU)",
-    precisions=("fp32", "fp16"),
-    capabilities=("dynamic-shapes", "contrib-ops", "ort-fusions", "external-data"),
+    precisions=("fp32", "fp16", "bf16"),
+    capabilities=("dynamic-shapes", "contrib-ops", "ort-fusions", "external-data", "cuda-graphs", "io-binding"),
     providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+    device="cuda",
+    cuda_graphs=True,
     # Exhaustive search times every cuDNN convolution algorithm once per shape: slow first run, fastest after.
     provider_options=(("cudnn_conv_algo_search", "EXHAUSTIVE"),),
 )

@@ -48,6 +48,10 @@ class OrtTarget(Target):
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # Options for the first provider, e.g. cuDNN's convolution algorithm search on CUDA.
     provider_options: tuple[tuple[str, str], ...] = ()
+    # Where the engine keeps its input and output buffers: "cpu", or "cuda" for IO binding on the GPU.
+    device: str = "cpu"
+    # Capture the run as one CUDA graph when the profile is static (one shape): no per-kernel launches.
+    cuda_graphs: bool = False
 
     def available(self) -> str | None:
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
@@ -55,9 +59,15 @@ class OrtTarget(Target):
             return f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}"
         return None
 
-    def session_providers(self) -> list:
+    def session_providers(self, profile: Profile | None = None) -> list:
         first, *rest = self.providers
-        return [(first, dict(self.provider_options)), *rest]
+        options = dict(self.provider_options)
+        if self.uses_cuda_graph(profile):
+            options["enable_cuda_graph"] = "1"
+        return [(first, options), *rest]
+
+    def uses_cuda_graph(self, profile: Profile | None) -> bool:
+        return self.cuda_graphs and profile is not None and profile.is_static()
 
     def session_options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -79,6 +89,8 @@ class OrtTarget(Target):
             "target": self.name,
             "providers": list(self.providers),
             "provider_options": dict(self.provider_options),
+            "device": self.device,
+            "cuda_graph": self.uses_cuda_graph(profile),
             "model": ENGINE_MODEL,
             "profile": profile.to_json(),
             **(extras or {}),
@@ -91,9 +103,12 @@ class OrtTarget(Target):
         model = engine_dir / manifest.get("model", ENGINE_MODEL)
         if not model.is_file():
             raise EngineError(f"engine model {model} is missing; rebuild the engine with `kiln optimize`")
+        profile = Profile.from_json(manifest["profile"])
         options = self.session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        session = ort.InferenceSession(os.fspath(model), options, providers=self.session_providers())
-        return OrtEngine(session, Profile.from_json(manifest["profile"]))
+        session = ort.InferenceSession(os.fspath(model), options, providers=self.session_providers(profile))
+        if self.device == "cpu":
+            return OrtEngine(session, profile)
+        return BoundEngine(session, profile, self.device, static=self.uses_cuda_graph(profile))
 
 
 class OrtEngine:
@@ -108,3 +123,56 @@ class OrtEngine:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(None, dict(feeds))
         return {spec.name: value for spec, value in zip(self.outputs, values, strict=True)}
+
+
+class BoundEngine(OrtEngine):
+    """An engine whose inputs and outputs live in device buffers (ONNX Runtime IO binding).
+
+    The buffers are allocated once per shape and refilled in place, so the addresses stay fixed, as
+    CUDA graph replay requires; `device_runner` times the engine on device-resident data alone."""
+
+    def __init__(self, session: ort.InferenceSession, profile: Profile, device: str, static: bool = False):
+        super().__init__(session, profile)
+        self.device = device
+        self.static = static  # one shape only, outputs preallocated (a captured CUDA graph)
+        self._binding = session.io_binding()
+        self._buffers: dict[str, ort.OrtValue] = {}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> None:
+        shapes = {name: tuple(array.shape) for name, array in feeds.items()}
+        if shapes == self._shapes:
+            for name, array in feeds.items():
+                self._buffers[name].update_inplace(np.ascontiguousarray(array))
+            return
+        if self.static and self._shapes is not None:
+            raise EngineError(f"this engine runs one shape, {self._shapes}, captured as a CUDA graph; got {shapes}")
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        self._buffers = {}
+        for name, array in feeds.items():
+            self._buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+            self._binding.bind_ortvalue_input(name, self._buffers[name])
+        for spec in self.outputs:
+            if self.static:  # a graph replays into the same output buffers
+                out = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), np.dtype(spec.dtype), self.device, 0)
+                self._binding.bind_ortvalue_output(spec.name, out)
+            else:
+                self._binding.bind_output(spec.name, self.device)
+        self._shapes = shapes
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._bind(feeds)
+        self.session.run_with_iobinding(self._binding)
+        values = self._binding.copy_outputs_to_cpu()
+        return {spec.name: value for spec, value in zip(self.outputs, values, strict=True)}
+
+    def device_runner(self, feeds: Mapping[str, np.ndarray]):
+        """A function that runs the engine on feeds already on the device, and waits for it."""
+        self._bind(feeds)
+
+        def run() -> None:
+            self.session.run_with_iobinding(self._binding)
+            self._binding.synchronize_outputs()
+
+        return run

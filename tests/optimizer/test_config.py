@@ -10,7 +10,7 @@ import pytest
 from optimizer.config import TOLERANCES, Options, load_recipe, validate
 from optimizer.errors import InputError
 
-KNOWN_TOP = "bench, import, passes, precision, shapes, target, verify"
+KNOWN_TOP = "bench, import, io_dtype, passes, precision, shapes, target, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -200,7 +200,7 @@ def test_unknown_precision(tmp_path):
     path = write(tmp_path, 'precision = "fp8"\n')
     err = recipe_error(path)
     assert err.message == "unknown precision 'fp8'"
-    assert err.hint == "choose one of fp32, fp16"
+    assert err.hint == "choose one of fp32, fp16, bf16"
 
 
 def test_negative_bench_runs(tmp_path):
@@ -243,6 +243,7 @@ def test_options_defaults():
     assert dataclasses.asdict(Options()) == {
         "target": "cpu",
         "precision": "fp32",
+        "io_dtype": "float32",
         "shapes": [],
         "disable_passes": [],
         "verify": True,

@@ -72,7 +72,10 @@ def test_fp16_example_block(block, block_feeds):
     assert model.graph.outputs[0].producer().name == "y_cast"
     assert all(v.dtype == F16 for n in model.graph if n.op_type != "Cast" for v in n.outputs)
     assert pass_.stats == {"values_converted": to_convert, "nodes_kept_fp32": 0}
-    assert pass_.details == {"kept_fp32": {}}
+    assert pass_.details == {
+        "kept_fp32": {},
+        "fp32_inside": {"LayerNormalization": "runs in low precision; its statistics accumulate in float32"},
+    }
     assert pass_.warnings == []
     assert_outputs_close(expected, actual, **TOL)
     check(model)
