@@ -1,24 +1,31 @@
-"""DiT-XL/2 on one GPU: torch eager bf16, torch.compile bf16, ONNX Runtime CUDA fp32 on kiln's export, and
-kiln's h100 target in fp16 (cleanup, ONNX Runtime fusions, fp16 conversion).
+"""DiT-XL/2 on one GPU, every runner side by side in one process.
 
-    python benchmarks/dit_gpu.py [--runs 20]
+    python benchmarks/dit_gpu.py [--runs 20] [--profile]
 
-Random weights at real size (28 layers, hidden 1152, 16 heads, patch 2; 675M parameters), 256² batch 8
-(latent 32) and 512² batch 2 (latent 64). kiln exports once through its diffusers importer with dynamic
-batch and latent size, and the same ONNX file serves both shapes. Every runner gets device-resident
-inputs; the table gives the median and the max relative error of each runner's output against torch fp32
-(TF32 off). ORT runs with its CUDA EP defaults (TF32 allowed for fp32 matmuls, as cuBLAS does).
+Runners: torch eager bf16, torch.compile bf16, ONNX Runtime CUDA fp32 on kiln's export, ONNX Runtime's
+transformers optimizer (model_type "mmdit", fp16), and kiln's h100 target in fp16 and bf16: dynamic
+shapes (one engine for both cases) and static (shapes frozen per case, run as one CUDA graph).
+
+Random weights at real size (28 layers, hidden 1152, 16 heads, patch 2), 256² batch 8 (latent 32) and
+512² batch 2 (latent 64). Every runner reads device-resident inputs and writes device-resident outputs.
+The table gives the median, the speed-up against the fastest baseline (non-kiln runner) of the case, and
+the max relative error against torch fp32 with TF32 off. --profile adds the top CUDA kernels of kiln's
+dynamic fp16 engine at 256² b8 (torch's profiler sees ONNX Runtime's kernels too).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import gpu_ms, kiln_engine, print_table, rel_err  # noqa: E402
 
 CASES = {"256² b8": (8, 32), "512² b2": (2, 64)}
 
@@ -33,108 +40,154 @@ def dit_xl_2():
     ).eval()  # fmt: skip
 
 
-def cuda_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return float(np.median(samples))
+def export_dit(model, work: Path):
+    """kiln's diffusers export with dynamic batch and latent size; returns (path, dim ranges)."""
+    from optimizer.importers.diffusers import export
+    from optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
+
+    adapter = adapter_for(model)
+    ranges, _ = resolve_ranges(adapter, [("bench", "batch=1..2..8"), ("bench", "height=32..64")])
+    path = work / "dit.onnx"
+    start = time.perf_counter()
+    record = export(model, adapter, ranges, path)
+    print(f"kiln export: {record['exporter']} exporter, {time.perf_counter() - start:.0f} s")
+    return path, ranges
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.float(), want.float()
-    return float((got - want).abs().max() / want.abs().max())
+def ort_transformers_fp16(raw: Path, work: Path) -> Path:
+    """ONNX Runtime's own transformers optimizer, as its docs run it for MMDiT models, then fp16."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    start = time.perf_counter()
+    optimized = optimize_model(str(raw), model_type="mmdit", num_heads=16, hidden_size=1152, opt_level=0, use_gpu=True)
+    optimized.convert_float_to_float16(keep_io_types=True)
+    path = work / "ort_transformers_fp16.onnx"
+    optimized.save_model_to_file(str(path), use_external_data_format=True)
+    print(f"ORT transformers optimizer: {time.perf_counter() - start:.0f} s, ops {optimized.get_operator_statistics()}")
+    return path
+
+
+def session_runner(session, feeds: dict[str, np.ndarray]):
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    binding.bind_output("sample", "cuda", 0)
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run, lambda: binding.copy_outputs_to_cpu()[0]
+
+
+def profile_kernels(run, runs: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            run()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+    total = sum(totals.values())
+    print(f"\nkiln dynamic fp16, 256² b8: {total / runs:.2f} ms of kernel time per run")
+    print("| kernel | ms per run | share |\n|---|---|---|")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"| {name[:90]} | {ms / runs:.3f} | {ms / total:.1%} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of kiln's fp16 engine")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (about a minute per case)")
+    parser.add_argument("--case", choices=list(CASES), action="append", help="run only these cases (default: all)")
+    parser.add_argument("--precisions", default="fp16,bf16", help="kiln precisions to build (default fp16,bf16)")
     args = parser.parse_args()
 
+    import onnx_ir as ir
     import onnxruntime as ort
 
-    import onnx_ir as ir
-
-    from optimizer.importers.diffusers import export
-    from optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
-    from passes import ConvertToFloat16, FuseForOnnxRuntime, PassManager, cleanup_passes
-    from targets import H100
+    from targets import H100, DimRange
 
     ort.preload_dlls()
     ort.set_default_logger_severity(3)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    work = Path(tempfile.mkdtemp(prefix="kiln-dit-"))
 
     model = dit_xl_2()
     print(f"DiT-XL/2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
-    adapter = adapter_for(model)
-    ranges, _ = resolve_ranges(adapter, [("bench", "batch=1..2..8"), ("bench", "height=32..64")])
-    onnx_path = Path(tempfile.mkdtemp(prefix="kiln-dit-")) / "dit.onnx"
-    start = time.perf_counter()
-    record = export(model, adapter, ranges, onnx_path)
-    print(f"kiln export: {record['exporter']} exporter, {time.perf_counter() - start:.0f} s")
-    start = time.perf_counter()
-    sessions = {"ORT CUDA fp32 (kiln export)": ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])}
-    print(f"ORT CUDA session: {time.perf_counter() - start:.0f} s")
-    start = time.perf_counter()
-    fp16_path = onnx_path.with_name("dit_fp16.onnx")
-    model_ir, records = PassManager([*cleanup_passes(), FuseForOnnxRuntime(), ConvertToFloat16()]).run(ir.load(onnx_path))
-    ir.save(model_ir, fp16_path, external_data=fp16_path.name + ".data")
-    del model_ir
-    fused = next(r for r in records if r.name == "ort-fusions").stats
-    sessions["kiln h100 fp16"] = ort.InferenceSession(str(fp16_path), providers=H100.session_providers())
-    print(f"kiln passes (fusions {fused}) and fp16 session: {time.perf_counter() - start:.0f} s")
+    raw, ranges = export_dit(model, work)
+    sessions = {
+        "ORT CUDA fp32 (kiln export)": ort.InferenceSession(str(raw), providers=["CUDAExecutionProvider"]),
+        "ORT transformers optimizer fp16": ort.InferenceSession(str(ort_transformers_fp16(raw, work)), providers=["CUDAExecutionProvider"]),
+    }  # fmt: skip
+    engines = {}
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        try:
+            engines[f"kiln h100 {precision} dynamic"], records = kiln_engine(ir.load(raw), work / f"dyn-{precision}", H100, precision, ranges)
+            print(f"  fusions: {next(r.stats for r in records if r.name == 'ort-fusions')}")
+        except Exception as exc:  # report a precision ORT cannot run, and go on
+            print(f"  kiln h100 {precision} dynamic failed: {type(exc).__name__}: {str(exc)[:300]}")
 
     fp32 = model.cuda()
     rows = []
     for label, (batch, latent) in CASES.items():
+        if args.case and label not in args.case:
+            continue
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(batch, 4, latent, latent, device="cuda", generator=g)
         t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
         c = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+        feeds = {"hidden_states": x.cpu().numpy(), "timestep": t.cpu().numpy(), "class_labels": c.cpu().numpy()}
         with torch.no_grad():
-            want = fp32(x, timestep=t, class_labels=c, return_dict=False)[0]
-        results = {}
+            want = fp32(x, timestep=t, class_labels=c, return_dict=False)[0].cpu().numpy()
+
         bf16 = dit_xl_2().to("cuda", torch.bfloat16)
         bf16.load_state_dict(fp32.state_dict())
         with torch.no_grad():
-            eager = lambda: bf16(x.bfloat16(), timestep=t, class_labels=c, return_dict=False)[0]  # noqa: E731
-            results["torch eager bf16"] = (cuda_ms(eager, args.runs), rel_err(eager(), want))
-            compiled_model = torch.compile(bf16)
-            compiled = lambda: compiled_model(x.bfloat16(), timestep=t, class_labels=c, return_dict=False)[0]  # noqa: E731
-            start = time.perf_counter()
-            compiled()
-            print(f"{label}: torch.compile took {time.perf_counter() - start:.0f} s")
-            results["torch.compile bf16"] = (cuda_ms(compiled, args.runs), rel_err(compiled(), want))
-        del bf16, compiled_model
+            torch_runners = {"torch eager bf16": bf16}
+            if not args.no_compile:
+                torch_runners["torch.compile bf16"] = torch.compile(bf16)
+            for name, module in torch_runners.items():
+                def call(module=module):
+                    out = module(x.bfloat16(), timestep=t, class_labels=c, return_dict=False)[0]
+                    torch.cuda.synchronize()
+                    return out
+                start = time.perf_counter()
+                out = call()
+                print(f"{label}: {name} first run {time.perf_counter() - start:.0f} s")
+                rows.append((label, name, gpu_ms(call, args.runs), rel_err(out.float().cpu().numpy(), want)))
+        del bf16, torch_runners
         torch.cuda.empty_cache()
 
         for name, session in sessions.items():
-            binding = session.io_binding()
-            for input_name, tensor in (("hidden_states", x), ("timestep", t), ("class_labels", c)):
-                tensor = tensor.contiguous()
-                binding.bind_input(input_name, "cuda", 0, {torch.float32: np.float32, torch.int64: np.int64}[tensor.dtype],
-                                   list(tensor.shape), tensor.data_ptr())  # fmt: skip
-            out = torch.empty_like(want)
-            binding.bind_output("sample", "cuda", 0, np.float32, list(out.shape), out.data_ptr())
-            ms = cuda_ms(lambda: session.run_with_iobinding(binding), args.runs)  # noqa: B023
-            session.run_with_iobinding(binding)
-            torch.cuda.synchronize()
-            results[name] = (ms, rel_err(out, want))
-        fastest = min(ms for ms, _ in results.values())
-        rows += [(label, name, ms, ms / fastest, err) for name, (ms, err) in results.items()]
-
-    print("\n| case | runner | median ms | vs fastest | max rel err vs torch fp32 |\n|---|---|---|---|---|")
-    for label, name, ms, ratio, err in rows:
-        print(f"| {label} | {name} | {ms:.2f} | {ratio:.2f}x | {err:.1e} |")
+            run, result = session_runner(session, feeds)
+            rows.append((label, name, gpu_ms(run, args.runs), rel_err(result(), want)))
+        variants = dict(engines)
+        for precision in precisions:
+            static = {"batch": DimRange(batch, batch, batch), "height": DimRange(latent, latent, latent)}
+            try:
+                variants[f"kiln h100 {precision} static (CUDA graph)"], _ = kiln_engine(
+                    ir.load(raw), work / f"static-{precision}-{batch}", H100, precision, static)
+            except Exception as exc:
+                print(f"  kiln h100 {precision} static failed: {type(exc).__name__}: {str(exc)[:300]}")
+        for name, engine in variants.items():
+            try:
+                rows.append((label, name, gpu_ms(engine.device_runner(feeds), args.runs), rel_err(engine.run(feeds)["sample"], want)))
+            except Exception as exc:
+                print(f"  {name} failed at {label}: {type(exc).__name__}: {str(exc)[:300]}")
+        if args.profile and label == "256² b8" and "kiln h100 fp16 dynamic" in engines:
+            profile_kernels(engines["kiln h100 fp16 dynamic"].device_runner(feeds))
+        print_table(rows)  # so far, in case a later case fails
+    print("\nFinal table")
+    print_table(rows)
 
 
 if __name__ == "__main__":

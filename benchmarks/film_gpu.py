@@ -1,17 +1,16 @@
-"""FILM on ONNX Runtime CUDA: the raw tf2onnx graph against kiln's graphs, fp32, at 512², 1024², 1080p.
+"""FILM on ONNX Runtime CUDA: the raw tf2onnx graph in fp32 against kiln's engines, at 1024² and 1080p.
 
 Two steps, because the GPU machine has no TensorFlow:
 
     python benchmarks/film_gpu.py prepare .bench/film    # here: export FILM (default config), convert, kiln
-    python benchmarks/film_gpu.py run .bench/film        # on the GPU: refill weights, time, print a table
+    python benchmarks/film_gpu.py run .bench/film        # on the GPU: refill weights, build, time, print
 
-`prepare` writes three graphs without their weights (benchmarks/weights.py refills them with the same
-seeded values on the other side):
-- raw:        tf2onnx's output as it is (all signature outputs);
-- kiln-nowarp: kiln's import and cleanup with the warp rewrite disabled (the `image` output only);
-- kiln:        kiln's graph with each warp rewritten into one GridSample.
-Inputs and outputs stay on the device (IO binding), the same for every runner. 1080p is padded to
-1088×1920, FILM's alignment of 64, as kiln's engine does.
+`prepare` writes graphs without their weights (benchmarks/weights.py refills them with the same seeded
+values on the other side): raw (tf2onnx's output as it is) and kiln (kiln's import with the warp
+rewrite; kiln-nowarp, without it, is kept for comparisons). `run` builds kiln's h100 engines from the
+kiln graph with kiln's own pass pipeline: fp16 with dynamic shapes, and fp16 frozen to each size as a
+CUDA graph (with cuDNN's NHWC convolutions as a variant). Inputs and outputs stay on the device for
+every runner. 1080p is padded to 1088×1920, FILM's alignment of 64, as kiln's engine does.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from weights import refill, strip  # noqa: E402
 
-SIZES = {"512²": (512, 512), "1024²": (1024, 1024), "1080p": (1088, 1920)}
-RUNNERS = ("raw", "kiln-nowarp", "kiln")
+SIZES = {"1024²": (1024, 1024), "1080p": (1088, 1920)}
 
 
 def prepare(out: Path) -> None:
@@ -62,50 +60,66 @@ def prepare(out: Path) -> None:
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
 
 
-def run(out: Path, runs: int, warmup: int, tf32: bool) -> None:
+def run(out: Path, runs: int, warmup: int) -> None:
+    import onnx_ir as ir
     import onnxruntime as ort
+
+    from gpu_common import gpu_ms, kiln_engine, print_table, rel_err
+    from targets import H100, DimRange
 
     ort.preload_dlls()
     ort.set_default_logger_severity(3)
+    work = Path(tempfile.mkdtemp(prefix="kiln-film-gpu-"))
     sessions = {}
-    for name in RUNNERS:
-        model = refill(out / f"{name}.onnx")
-        start = time.perf_counter()
-        # use_tf32=0 keeps convolutions in true fp32, for both runners alike.
-        provider = ("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})
-        sessions[name] = ort.InferenceSession(model.SerializeToString(), providers=[provider])
-        print(f"{name}: session in {time.perf_counter() - start:.1f} s")
+    for label, name, tf32 in (("raw fp32, TF32 off", "raw", "0"), ("raw fp32", "raw", "1"), ("kiln fp32 (warp rewrite)", "kiln", "1")):
+        provider = ("CUDAExecutionProvider", {"use_tf32": tf32})  # "1" is ONNX Runtime's default
+        sessions[label] = ort.InferenceSession(refill(out / f"{name}.onnx").SerializeToString(), providers=[provider])
+    dynamic = {"batch": DimRange(1, 1, 1), "height": DimRange(64, 1024, 1088), "width": DimRange(64, 1024, 1920)}
+    engines = {}
+    engines["kiln h100 fp16 dynamic"], records = kiln_engine(ir.from_proto(refill(out / "kiln.onnx")), work / "dyn", H100, "fp16", dynamic)
+    kept = next(r for r in records if r.name == "fp16")
+    print(f"  fp16: {kept.stats}; kept in fp32: {sorted(set(kept.details['kept_fp32'].values()))}")
     rng = np.random.default_rng(0)
     rows = []
     for label, (h, w) in SIZES.items():
         feeds = {"x0": rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32),
                  "x1": rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32),
                  "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
-        images, times = {}, {}
+        images = {}
         for name, session in sessions.items():
             binding = session.io_binding()
             for key, value in feeds.items():
                 binding.bind_ortvalue_input(key, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
             binding.bind_output("image", "cuda", 0)
-            for _ in range(warmup):
-                session.run_with_iobinding(binding)
-            samples = []
-            for _ in range(runs):
-                binding.synchronize_inputs()
-                start = time.perf_counter()
+
+            def call(session=session, binding=binding):
                 session.run_with_iobinding(binding)
                 binding.synchronize_outputs()
-                samples.append((time.perf_counter() - start) * 1e3)
-            times[name] = float(np.median(samples))
+
+            ms = gpu_ms(call, runs, warmup)
             images[name] = binding.copy_outputs_to_cpu()[0]
-        ref = images["raw"]
-        for name in RUNNERS:
-            err = float(np.abs(images[name] - ref).max() / max(1e-12, np.abs(ref).max()))
-            rows.append((label, name, times[name], times["raw"] / times[name], err))
-    print(f"\nTF32 {'on' if tf32 else 'off'}")
-    print(f"\n| size | runner | median ms | speed-up vs raw | max rel err vs raw |\n|---|---|---|---|---|")
-    for label, name, ms, ratio, err in rows:
-        print(f"| {label} | {name} | {ms:.2f} | {ratio:.2f}x | {err:.1e} |")
+            rows.append([label, name, ms, images[name]])
+        variants = dict(engines)
+        static = {"batch": DimRange(1, 1, 1), "height": DimRange(h, h, h), "width": DimRange(w, w, w)}
+        for name, changes in (("kiln h100 fp16 static (CUDA graph)", {}),
+                              ("kiln h100 fp16 static, NHWC convs", {"provider_options": (*H100.provider_options, ("prefer_nhwc", "1"))})):  # fmt: skip
+            try:
+                variants[name], _ = kiln_engine(ir.from_proto(refill(out / "kiln.onnx")), work / f"{name}-{h}", H100, "fp16", static, **changes)
+            except Exception as exc:
+                print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        for name, engine in variants.items():
+            try:
+                ms = gpu_ms(engine.device_runner(feeds), runs, warmup)
+                rows.append([label, name, ms, engine.run(feeds)["image"]])
+            except Exception as exc:
+                print(f"  {name} failed at {label}: {type(exc).__name__}: {str(exc)[:300]}")
+        reference = images["raw fp32, TF32 off"]
+        for row in rows:
+            if row[0] == label:
+                row[3] = rel_err(row[3], reference)
+        print_table([tuple(r) for r in rows])
+    print("\nFinal table (speed-up against the fastest raw tf2onnx runner; error against raw fp32 with TF32 off)")
+    print_table([tuple(r) for r in rows], baseline_name="raw")
 
 
 def main() -> None:
@@ -114,12 +128,11 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--tf32", action="store_true", help="let cuDNN use TF32 for fp32 convolutions")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.directory)
     else:
-        run(args.directory, args.runs, args.warmup, args.tf32)
+        run(args.directory, args.runs, args.warmup)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
@@ -63,7 +64,17 @@ class FoldConstants(KilnPass):
         before = sum(op_counts(model).values())
         result = fold_constants(model)
         self.stats["nodes_folded"] = before - sum(op_counts(model).values())
+        _make_contiguous(model.graph)
         return ir.passes.PassResult(model, bool(result.modified))
+
+
+def _make_contiguous(graph: ir.Graph) -> None:
+    """Folding a Transpose can leave a strided numpy view as a constant, which hashing and saving
+    cannot read; store a contiguous copy instead."""
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray) and not tensor.raw.flags.c_contiguous:
+            value.const_value = ir.tensor(np.ascontiguousarray(tensor.raw), name=tensor.name)
 
 
 class LiftConstants(KilnPass):

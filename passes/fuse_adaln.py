@@ -31,6 +31,13 @@ def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
     return None if attr is None else list(attr.as_ints())
 
 
+def _initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(data, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def _adds_one(node: ir.Node, value: ir.Value) -> bool:
     """Whether node is `value + 1` with a scalar constant 1."""
     if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
@@ -79,8 +86,7 @@ class FuseAdaLnModulation(KilnPass):
     def rewrite(self, graph: ir.Graph, split: ir.Node) -> int:
         """Rewire split's consumers to a channel-axis split of the unsqueezed vector; return the 1+'s folded."""
         source = split.inputs[0]
-        axes = ir.Value(name=f"{split.name}_axes", const_value=ir.tensor(np.array([1], np.int64)))
-        graph.register_initializer(axes)
+        axes = _initializer(graph, f"{split.name}_axes", np.array([1], np.int64))
         wide = ir.node("Unsqueeze", [source, axes], name=f"{split.name}_unsqueeze")
         attributes = {k: v for k, v in split.attributes.items() if k != "axis"}
         chunks = ir.node(
@@ -111,8 +117,7 @@ class FuseAdaLnModulation(KilnPass):
             dead.append(unsqueeze)
         graph.remove([*dead, split], safe=True)
         if folded:
-            value = ir.Value(name=f"{gemm.name}_bias_plus_one", const_value=ir.tensor(new_bias.astype(bias.dtype)))
-            graph.register_initializer(value)
+            value = _initializer(graph, f"{gemm.name}_bias_plus_one", new_bias.astype(bias.dtype))
             old_bias = gemm.inputs[2]
             gemm.replace_input_with(2, value)
             if not old_bias.uses() and old_bias.name in graph.initializers:

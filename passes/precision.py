@@ -54,14 +54,15 @@ def fp32_nodes(graph: ir.Graph) -> dict[ir.Node, str]:
             continue
         kept[node] = KEEP_FP32_OPS[node.op_type]
         reason = f"feeds {node.op_type} ({KEEP_FP32_OPS[node.op_type]})"
+        # Only float data is followed: integer shape arithmetic has no precision to lose.
         stack = [node.inputs[i] for i in FP32_CHAIN_INPUTS.get(node.op_type, ()) if i < len(node.inputs)]
         while stack:
             value = stack.pop()
-            producer = value.producer() if value is not None else None
+            producer = value.producer() if _is_f32(value) else None
             if producer is None or producer in kept or producer.domain != "" or producer.op_type not in CHAIN_OPS:
                 continue
             kept[producer] = reason
-            stack.extend(v for v in producer.inputs if v is not None)
+            stack.extend(producer.inputs)
     return kept
 
 

@@ -154,7 +154,7 @@ class BoundEngine(OrtEngine):
             self._buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
             self._binding.bind_ortvalue_input(name, self._buffers[name])
         for spec in self.outputs:
-            if self.static:  # a graph replays into the same output buffers
+            if self.static and all(isinstance(d, int) for d in spec.shape):  # a graph replays into the same buffers
                 out = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), np.dtype(spec.dtype), self.device, 0)
                 self._binding.bind_ortvalue_output(spec.name, out)
             else:

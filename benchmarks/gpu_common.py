@@ -1,0 +1,70 @@
+"""What the GPU benchmarks share: building a kiln engine the way `kiln optimize` does, and timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+
+def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict, **target_changes):
+    """Run kiln's pass pipeline for target on model (in place) and build and load its engine in work.
+
+    dims maps each dynamic dim to a DimRange; when every range is one size, the shapes are frozen and
+    the engine captures a CUDA graph, as `kiln optimize` does for a static profile. target_changes
+    override target fields (e.g. provider_options) for a variant. Returns (engine, pass records)."""
+    from optimizer.config import Options
+    from optimizer.models import save_model
+    from optimizer.pipeline import pass_pipeline
+    from optimizer.shapes import input_specs
+    from passes import PassManager
+    from targets import Profile
+
+    target = dataclasses.replace(target, **target_changes)
+    static = all(r.min == r.max for r in dims.values())
+    sizes = {name: r.min for name, r in dims.items()} if static else None
+    start = time.perf_counter()
+    model, records = PassManager(pass_pipeline(Options(precision=precision), target, sizes)).run(model)
+    passes_s = time.perf_counter() - start
+    work.mkdir(parents=True, exist_ok=True)
+    save_model(model, work / "model.onnx")
+    profile = Profile(input_specs(model), {} if static else dims)
+    (work / "engine").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    target.build(work / "model.onnx", work / "engine", profile)
+    engine = target.load(work / "engine")
+    print(f"  kiln {target.name} {precision}{' static' if static else ''}: passes {passes_s:.0f} s, build+load {time.perf_counter() - start:.0f} s")
+    return engine, records
+
+
+def gpu_ms(fn, runs: int, warmup: int = 3) -> float:
+    """Median wall time of fn (which must wait for the GPU itself) over runs, in ms."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(samples))
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))
+
+
+def print_table(rows: list[tuple], baseline_name: str | None = None) -> None:
+    """rows: (case, runner, ms, err). Ratios are against the fastest baseline runner of each case
+    (runners not starting with 'kiln'), so >1 means faster than it."""
+    print("\n| case | runner | median ms | speed-up vs fastest baseline | max rel err vs fp32 |\n|---|---|---|---|---|")
+    for case in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == case]
+        baselines = [r[2] for r in mine if not r[1].startswith("kiln") and (baseline_name is None or baseline_name in r[1])]
+        fastest = min(baselines) if baselines else None
+        for _, runner, ms, err in mine:
+            ratio = f"{fastest / ms:.2f}x" if fastest else "-"
+            print(f"| {case} | {runner} | {ms:.2f} | {ratio} | {err:.1e} |")
