@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import gpu_ms, kiln_engine, print_table, rel_err  # noqa: E402
+from gpu_common import gpu_ms, kiln_engine, print_table, profile_kernels, rel_err  # noqa: E402
 
 CASES = {"256² b8": (8, 32), "512² b2": (2, 64)}
 
@@ -82,24 +82,6 @@ def session_runner(session, feeds: dict[str, np.ndarray]):
     return run, lambda: binding.copy_outputs_to_cpu()[0]
 
 
-def profile_kernels(run, runs: int = 20) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            run()
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
-    total = sum(totals.values())
-    print(f"\nkiln dynamic fp16, 256² b8: {total / runs:.2f} ms of kernel time per run")
-    print("| kernel | ms per run | share |\n|---|---|---|")
-    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"| {name[:90]} | {ms / runs:.3f} | {ms / total:.1%} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
@@ -107,6 +89,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (about a minute per case)")
     parser.add_argument("--case", choices=list(CASES), action="append", help="run only these cases (default: all)")
     parser.add_argument("--precisions", default="fp16,bf16", help="kiln precisions to build (default fp16,bf16)")
+    parser.add_argument("--kiln-only", action="store_true", help="skip the torch and ONNX Runtime baselines")
     args = parser.parse_args()
 
     import onnx_ir as ir
@@ -123,7 +106,7 @@ def main() -> None:
     model = dit_xl_2()
     print(f"DiT-XL/2: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
     raw, ranges = export_dit(model, work)
-    sessions = {
+    sessions = {} if args.kiln_only else {
         "ORT CUDA fp32 (kiln export)": ort.InferenceSession(str(raw), providers=["CUDAExecutionProvider"]),
         "ORT transformers optimizer fp16": ort.InferenceSession(str(ort_transformers_fp16(raw, work)), providers=["CUDAExecutionProvider"]),
     }  # fmt: skip
@@ -152,8 +135,8 @@ def main() -> None:
         bf16 = dit_xl_2().to("cuda", torch.bfloat16)
         bf16.load_state_dict(fp32.state_dict())
         with torch.no_grad():
-            torch_runners = {"torch eager bf16": bf16}
-            if not args.no_compile:
+            torch_runners = {} if args.kiln_only else {"torch eager bf16": bf16}
+            if not (args.no_compile or args.kiln_only):
                 torch_runners["torch.compile bf16"] = torch.compile(bf16)
             for name, module in torch_runners.items():
                 def call(module=module):
@@ -184,7 +167,7 @@ def main() -> None:
             except Exception as exc:
                 print(f"  {name} failed at {label}: {type(exc).__name__}: {str(exc)[:300]}")
         if args.profile and label == "256² b8" and "kiln h100 fp16 dynamic" in engines:
-            profile_kernels(engines["kiln h100 fp16 dynamic"].device_runner(feeds))
+            profile_kernels("kiln dynamic fp16, 256² b8", engines["kiln h100 fp16 dynamic"].device_runner(feeds))
         print_table(rows)  # so far, in case a later case fails
     print("\nFinal table")
     print_table(rows)

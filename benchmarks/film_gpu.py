@@ -60,16 +60,25 @@ def prepare(out: Path) -> None:
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
 
 
-def run(out: Path, runs: int, warmup: int) -> None:
+def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from gpu_common import gpu_ms, kiln_engine, print_table, rel_err
+    from gpu_common import gpu_ms, kiln_engine, print_table, profile_kernels, rel_err
     from targets import H100, DimRange
 
     ort.preload_dlls()
     ort.set_default_logger_severity(3)
     work = Path(tempfile.mkdtemp(prefix="kiln-film-gpu-"))
+    if profile:
+        h, w = SIZES["1080p"]
+        static = {"batch": DimRange(1, 1, 1), "height": DimRange(h, h, h), "width": DimRange(w, w, w)}
+        engine, _ = kiln_engine(ir.from_proto(refill(out / "kiln.onnx")), work / "profile", H100, "fp16", static, cuda_graphs=False)
+        rng = np.random.default_rng(0)
+        feeds = {"x0": rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32), "x1": rng.uniform(0, 1, (1, h, w, 3)).astype(np.float32),
+                 "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
+        profile_kernels("kiln h100 fp16 static (graph off for the profiler), 1080p", engine.device_runner(feeds), runs)
+        return
     sessions = {}
     for label, name, tf32 in (("raw fp32, TF32 off", "raw", "0"), ("raw fp32", "raw", "1"), ("kiln fp32 (warp rewrite)", "kiln", "1")):
         provider = ("CUDAExecutionProvider", {"use_tf32": tf32})  # "1" is ONNX Runtime's default
@@ -128,11 +137,12 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="only print the top CUDA kernels of kiln's fp16 engine at 1080p")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.directory)
     else:
-        run(args.directory, args.runs, args.warmup)
+        run(args.directory, args.runs, args.warmup, args.profile)
 
 
 if __name__ == "__main__":

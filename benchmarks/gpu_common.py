@@ -68,3 +68,24 @@ def print_table(rows: list[tuple], baseline_name: str | None = None) -> None:
         for _, runner, ms, err in mine:
             ratio = f"{fastest / ms:.2f}x" if fastest else "-"
             print(f"| {case} | {runner} | {ms:.2f} | {ratio} | {err:.1e} |")
+
+
+def profile_kernels(title: str, run, runs: int = 20) -> None:
+    """Print the top CUDA kernels of run by total time; torch's profiler (CUPTI) sees every kernel in
+    the process, ONNX Runtime's included."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            run()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+    total = sum(totals.values())
+    print(f"\n{title}: {total / runs:.2f} ms of kernel time per run")
+    print("| kernel | ms per run | share |\n|---|---|---|")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"| {name[:90]} | {ms / runs:.3f} | {ms / total:.1%} |")

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from passes.base import KilnPass
@@ -46,10 +49,39 @@ def _cast(value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
     return ir.node("Cast", [value], {"to": to}, outputs=[out], name=f"{name}_cast")
 
 
-def fp32_nodes(graph: ir.Graph) -> dict[ir.Node, str]:
+@functools.cache
+def _output_types(op_type: str, opset: int) -> frozenset[str]:
+    """The types ONNX allows for op_type's first output at opset (empty if the op is unknown)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return frozenset()
+    if not schema.outputs:
+        return frozenset()
+    type_str = schema.outputs[0].type_str
+    for constraint in schema.type_constraints:
+        if constraint.type_param_str == type_str:
+            return frozenset(constraint.allowed_type_strs)
+    return frozenset({type_str})
+
+
+def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
+    """Whether node is a standard op that computes in float32 and ONNX defines no low-precision form of."""
+    if node.domain != "" or not any(_is_f32(out) for out in node.outputs):
+        return False
+    allowed = _output_types(node.op_type, opset)
+    return bool(allowed) and f"tensor({_TYPE_NAMES[low]})" not in allowed and "tensor(float)" in allowed
+
+
+_TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: int = 18) -> dict[ir.Node, str]:
     """The nodes of graph that stay float32, each with the reason."""
     kept: dict[ir.Node, str] = {}
     for node in graph:
+        if node.domain == "" and node.op_type not in KEEP_FP32_OPS and _lacks_type(node, low, opset):
+            kept[node] = f"ONNX {node.op_type} (opset {opset}) has no {_TYPE_NAMES[low]} form"
         if node.domain != "" or node.op_type not in KEEP_FP32_OPS:
             continue
         kept[node] = KEEP_FP32_OPS[node.op_type]
@@ -96,7 +128,7 @@ class ConvertPrecision(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._kept = fp32_nodes(graph)
+        self._kept = fp32_nodes(graph, self.low, model.opset_imports.get("", 18))
         converted = 0
         for init in graph.initializers.values():
             # One that only feeds float32 slots (Range bounds, Resize scales, phase tables) keeps its exact value.
