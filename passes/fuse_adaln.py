@@ -79,7 +79,8 @@ class FuseAdaLnModulation(KilnPass):
             return "the modulation vector is not [batch, channels]"
         if split.attributes.get_int("axis", 0) not in (1, -1):
             return "the split is not along the channels"
-        if any(out.is_graph_output() for out in split.outputs):
+        chunks = [*split.outputs, *(uses[0].node.outputs[0] for uses in consumers)]
+        if any(value.is_graph_output() for value in chunks):
             return "a chunk is a graph output"
         return None
 
@@ -107,7 +108,7 @@ class FuseAdaLnModulation(KilnPass):
             result = unsqueeze.outputs[0]
             new.shape, new.dtype = result.shape, result.dtype
             uses = list(result.uses())
-            if width is not None and len(uses) == 1 and _adds_one(uses[0].node, result) and not result.is_graph_output():
+            if width is not None and len(uses) == 1 and _adds_one(uses[0].node, result) and not uses[0].node.outputs[0].is_graph_output():
                 add = uses[0].node
                 new_bias[k * width : (k + 1) * width] += 1
                 ir.convenience.replace_all_uses_with(add.outputs[0], new)
