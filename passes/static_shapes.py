@@ -15,6 +15,9 @@ from passes.base import KilnPass
 from passes.cleanup import FoldConstants, InferShapes, RemoveDeadNodes
 
 
+MAX_ROUNDS = 4
+
+
 class FreezeShapes(KilnPass):
     name = "freeze-shapes"
     summary = "fix dynamic input dims to the profile's one size and fold the shape arithmetic away"
@@ -39,16 +42,23 @@ class FreezeShapes(KilnPass):
             frozen += 1
         if not frozen:
             return ir.passes.PassResult(model, False)
-        # Forget the symbolic shapes inferred from the dynamic inputs, so inference writes static ones.
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            for out in node.outputs:
-                if out.shape is not None and not out.shape.is_static():
-                    out.shape = None
-        shapes_before = sum(1 for _ in graph)
-        for inner in (InferShapes(), FoldConstants(), RemoveDeadNodes()):
-            inner(model)
-            self.warnings += inner.warnings
-        self.stats = {"inputs_frozen": frozen, "nodes_removed": shapes_before - sum(1 for _ in graph)}
+        nodes_before = sum(1 for _ in graph)
+        # A Reshape whose target is computed from shapes gets a static output only once that computation
+        # is folded; so infer and fold in rounds until nothing more folds.
+        for _ in range(MAX_ROUNDS):
+            count = sum(1 for _ in graph)
+            # Forget the symbolic shapes inferred from the dynamic inputs, so inference writes static ones.
+            for node in ir.traversal.RecursiveGraphIterator(graph):
+                for out in node.outputs:
+                    if out.shape is not None and not out.shape.is_static():
+                        out.shape = None
+            for inner in (InferShapes(), FoldConstants(), RemoveDeadNodes()):
+                inner(model)
+                self.warnings += inner.warnings
+            if sum(1 for _ in graph) == count:
+                break
+        self.warnings = list(dict.fromkeys(self.warnings))
+        self.stats = {"inputs_frozen": frozen, "nodes_removed": nodes_before - sum(1 for _ in graph)}
         return ir.passes.PassResult(model, True)
 
     def ensures(self, model: ir.Model) -> None:

@@ -106,6 +106,36 @@ def test_fp16_engine_is_verified_with_fp16_tolerances(capsys, example, tmp_path)
     assert report["latency"] == []
 
 
+def test_static_profile_freezes_shapes(capsys, example, tmp_path):
+    code, out, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--shapes", "batch=2", "--shapes", "seq=8", "--json", "--bench-runs", "2")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["passes"][0]["name"] == "freeze-shapes"
+    assert report["passes"][0]["stats"]["inputs_frozen"] == 1
+    engine_input = onnx.load(tmp_path / "o" / "model.onnx").graph.input[0]
+    assert [d.dim_value for d in engine_input.type.tensor_type.shape.dim] == [2, 8, 64]
+    assert [c["shapes"]["x"] for c in report["verification"]["shapes"]] == [[2, 8, 64]]
+    assert report["latency"][0]["io"] == "host"  # the CPU engine runs from host arrays
+    code, _, _ = run_cli(capsys, "optimize", example, "-o", tmp_path / "d", "--shapes", "batch=2", "--shapes", "seq=8",
+                         "--disable-pass", "freeze-shapes", "--bench-runs", "0")  # fmt: skip
+    assert code == 0
+
+
+def test_float16_io_engine(capsys, example, tmp_path):
+    code, out, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--precision", "fp16", "--io-dtype", "float16", "--json", "--bench-runs", "1")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["inputs"][0]["dtype"] == "float32"  # the original's
+    assert report["model"]["op_counts"].get("Cast", 0) == 0
+    assert all(c["passed"] for c in report["verification"]["shapes"])
+    assert_bad_input(capsys, "io_dtype float16 needs precision fp16, not fp32", "optimize", example, "-o", tmp_path / "x", "--io-dtype", "float16")
+
+
+def test_bf16_is_refused_on_the_cpu_target(capsys, example, tmp_path):
+    message = assert_bad_input(capsys, "target 'cpu' does not support bf16", "optimize", example, "-o", tmp_path / "o", "--precision", "bf16")
+    assert "it supports fp32, fp16" in message
+
+
 def test_verify_each_runs_and_names_the_breaking_pass(capsys, example, tmp_path):
     assert run_cli(capsys, "optimize", example, "-o", tmp_path / "ok", "--verify-each", "--bench-runs", "0")[0] == 0
     recipe = tmp_path / "strict.toml"

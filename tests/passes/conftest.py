@@ -22,3 +22,18 @@ def block_feeds():
     import numpy as np
 
     return {"x": np.random.default_rng(1).standard_normal((2, 8, 64)).astype(np.float32)}
+
+
+@pytest.fixture(scope="session")
+def film(tmp_path_factory) -> dict:
+    """The small FILM SavedModel (seed 0), tf2onnx's conversion of it (once per run), and the loaded SavedModel."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    from optimizer import film_net as F
+    from optimizer.importers.savedmodel import convert
+
+    root = tmp_path_factory.mktemp("film")
+    saved = F.export_saved_model(root / "saved_model", F.FilmConfig.small(), seed=0)
+    onnx_path = root / "raw.onnx"
+    convert(saved, onnx_path, "serving_default", 17, timeout=600)
+    return {"saved": saved, "onnx": onnx_path, "tf": F.load_saved_model(saved)}

@@ -17,7 +17,6 @@ pytest.importorskip("tf2onnx")
 from passes_helpers import assert_idempotent, serialize  # noqa: E402
 
 from optimizer import film_net as F  # noqa: E402
-from optimizer.importers.savedmodel import convert  # noqa: E402
 from passes import op_counts  # noqa: E402
 from passes.fuse_warp import WarpToGridSample  # noqa: E402
 
@@ -88,16 +87,6 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def film(tmp_path_factory) -> dict:
-    """The small FILM SavedModel (seed 0), tf2onnx's conversion of it (once), and the loaded SavedModel."""
-    root = tmp_path_factory.mktemp("film")
-    saved = F.export_saved_model(root / "saved_model", SMALL, seed=0)
-    onnx_path = root / "raw.onnx"
-    convert(saved, onnx_path, "serving_default", 17, timeout=600)
-    return {"saved": saved, "onnx": onnx_path, "tf": F.load_saved_model(saved)}
 
 
 @pytest.fixture

@@ -116,3 +116,43 @@ def test_cuda_targets_say_why_they_are_unavailable_and_carry_their_settings():
     assert dict(targets.H100.provider_options)["arena_extend_strategy"] == "kSameAsRequested"
     assert "ort-fusions" in [p.name for p in pass_pipeline(Options(), targets.H100)]
     assert "ort-fusions" not in [p.name for p in pass_pipeline(Options(), targets.CPU)]
+
+
+def _bound_engine(static: bool):
+    import onnxruntime as ort
+
+    from optimizer.examples import transformer_block
+    from targets.ort import BoundEngine
+
+    session = ort.InferenceSession(transformer_block(seed=0).SerializeToString(), providers=["CPUExecutionProvider"])
+    spec = targets.TensorSpec("x", "float32", ("batch", "seq", 64))
+    profile = targets.Profile((spec,), {"batch": targets.DimRange(2, 2, 2), "seq": targets.DimRange(8, 8, 8)})
+    return session, BoundEngine(session, profile, "cpu", static=static)
+
+
+def test_bound_engine_refills_its_buffers_in_place():
+    session, engine = _bound_engine(static=True)
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # the second run reuses the first run's buffers
+        x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["y"], session.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    run = engine.device_runner({"x": x})
+    run()
+    with pytest.raises(targets.EngineError, match=r"this engine runs one shape, \{'x': \(2, 8, 64\)\}, captured as a CUDA graph"):
+        engine.run({"x": np.zeros((1, 8, 64), np.float32)})
+
+
+def test_dynamic_bound_engine_rebinds_for_a_new_shape():
+    session, engine = _bound_engine(static=False)
+    for shape in ((2, 8, 64), (1, 3, 64)):
+        x = np.ones(shape, np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["y"], session.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_graphs_only_for_static_profiles():
+    spec = targets.TensorSpec("x", "float32", ("batch",))
+    static = targets.Profile((spec,), {"batch": targets.DimRange(4, 4, 4)})
+    dynamic = targets.Profile((spec,), {"batch": targets.DimRange(1, 2, 4)})
+    assert targets.H100.session_providers(static)[0][1]["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in targets.H100.session_providers(dynamic)[0][1]
+    assert not targets.CPU.uses_cuda_graph(static)
