@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import gpu_ms, kiln_engine, print_table, profile_kernels, rel_err  # noqa: E402
+from gpu_common import kiln_engine, print_table, profile_kernels, rel_err  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 CASES = {"256² b8": (8, 32), "512² b2": (2, 64)}
 
@@ -146,13 +147,13 @@ def main() -> None:
                 start = time.perf_counter()
                 out = call()
                 print(f"{label}: {name} first run {time.perf_counter() - start:.0f} s")
-                rows.append((label, name, gpu_ms(call, args.runs), rel_err(out.float().cpu().numpy(), want)))
+                rows.append((label, name, median_ms(call, args.runs), rel_err(out.float().cpu().numpy(), want)))
         del bf16, torch_runners
         torch.cuda.empty_cache()
 
         for name, session in sessions.items():
             run, result = session_runner(session, feeds)
-            rows.append((label, name, gpu_ms(run, args.runs), rel_err(result(), want)))
+            rows.append((label, name, median_ms(run, args.runs), rel_err(result(), want)))
         variants = dict(engines)
         for precision in precisions:
             static = {"batch": DimRange(batch, batch, batch), "height": DimRange(latent, latent, latent)}
@@ -163,7 +164,7 @@ def main() -> None:
                 print(f"  kiln h100 {precision} static failed: {type(exc).__name__}: {str(exc)[:300]}")
         for name, engine in variants.items():
             try:
-                rows.append((label, name, gpu_ms(engine.device_runner(feeds), args.runs), rel_err(engine.run(feeds)["sample"], want)))
+                rows.append((label, name, median_ms(engine.device_runner(feeds), args.runs), rel_err(engine.run(feeds)["sample"], want)))
             except Exception as exc:
                 print(f"  {name} failed at {label}: {type(exc).__name__}: {str(exc)[:300]}")
         if args.profile and label == "256² b8" and "kiln h100 fp16 dynamic" in engines:

@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,8 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from gpu_common import gpu_ms, kiln_engine, print_table, profile_kernels, rel_err
+    from gpu_common import kiln_engine, print_table, profile_kernels, rel_err
+    from timing import median_ms
     from targets import H100, DimRange
 
     ort.preload_dlls()
@@ -105,7 +105,7 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
                 session.run_with_iobinding(binding)
                 binding.synchronize_outputs()
 
-            ms = gpu_ms(call, runs, warmup)
+            ms = median_ms(call, runs, warmup)
             images[name] = binding.copy_outputs_to_cpu()[0]
             rows.append([label, name, ms, images[name]])
         variants = dict(engines)
@@ -118,7 +118,7 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
                 print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
         for name, engine in variants.items():
             try:
-                ms = gpu_ms(engine.device_runner(feeds), runs, warmup)
+                ms = median_ms(engine.device_runner(feeds), runs, warmup)
                 rows.append([label, name, ms, engine.run(feeds)["image"]])
             except Exception as exc:
                 print(f"  {name} failed at {label}: {type(exc).__name__}: {str(exc)[:300]}")

@@ -40,18 +40,6 @@ def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict,
     return engine, records
 
 
-def gpu_ms(fn, runs: int, warmup: int = 3) -> float:
-    """Median wall time of fn (which must wait for the GPU itself) over runs, in ms."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(samples))
-
-
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))

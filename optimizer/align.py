@@ -102,6 +102,7 @@ class AlignedEngine:
         return self.alignment.run_padded(self.engine.run, feeds)
 
     def __getattr__(self, name: str):
+        # device_runner exists exactly when the wrapped engine has one (bench looks for it).
         if name == "device_runner" and hasattr(self.engine, "device_runner"):
             return lambda feeds: self.engine.device_runner(self.alignment.pad(feeds)[0])
         raise AttributeError(name)

@@ -216,17 +216,17 @@ def _fmt_shapes(shapes: dict) -> str:
 
 
 def _run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier | None, progress: Progress):
-    fp16_started = False
+    low_precision_started = False
 
     def before(pass_: passes.KilnPass) -> None:
         progress.line(f"kiln: pass {pass_.name}")
 
     def after(record: passes.PassRecord, current: ir.Model) -> None:
-        nonlocal fp16_started
-        fp16_started |= record.name == options.precision
+        nonlocal low_precision_started
+        low_precision_started |= record.name == options.precision
         if verifier is None:
             return
-        tolerance = options.tolerance() if fp16_started else TOLERANCES["fp32"]
+        tolerance = options.tolerance() if low_precision_started else TOLERANCES["fp32"]
         problem = verifier.check(current, tolerance)
         if problem:
             raise KilnError(f"--verify-each: after pass {record.name!r}, {problem}")

@@ -65,6 +65,9 @@ def _output_types(op_type: str, opset: int) -> frozenset[str]:
     return frozenset({type_str})
 
 
+_TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
 def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
     """Whether node is a standard op that computes in float32 and ONNX defines no low-precision form of."""
     if node.domain != "" or not any(_is_f32(out) for out in node.outputs):
@@ -73,16 +76,15 @@ def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
     return bool(allowed) and f"tensor({_TYPE_NAMES[low]})" not in allowed and "tensor(float)" in allowed
 
 
-_TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
-
-
 def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: int = 18) -> dict[ir.Node, str]:
     """The nodes of graph that stay float32, each with the reason."""
     kept: dict[ir.Node, str] = {}
     for node in graph:
-        if node.domain == "" and node.op_type not in KEEP_FP32_OPS and _lacks_type(node, low, opset):
-            kept[node] = f"ONNX {node.op_type} (opset {opset}) has no {_TYPE_NAMES[low]} form"
-        if node.domain != "" or node.op_type not in KEEP_FP32_OPS:
+        if node.domain != "":
+            continue
+        if node.op_type not in KEEP_FP32_OPS:
+            if _lacks_type(node, low, opset):
+                kept[node] = f"ONNX {node.op_type} (opset {opset}) has no {_TYPE_NAMES[low]} form"
             continue
         kept[node] = KEEP_FP32_OPS[node.op_type]
         reason = f"feeds {node.op_type} ({KEEP_FP32_OPS[node.op_type]})"

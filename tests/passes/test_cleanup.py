@@ -26,7 +26,6 @@ from passes import (
     FoldConstants,
     InferShapes,
     LiftConstants,
-    PassFailed,
     PassManager,
     RemoveDeadNodes,
     RemoveIdentity,
