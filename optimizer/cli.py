@@ -20,6 +20,10 @@ kiln takes a trained model to a fast, verified inference engine for a target, an
   kiln run out/ --inputs in.npz --output out.npz
   kiln bench out/                        latency at each shape of the engine's profile
   kiln targets                           what each target can do, and whether it runs here
+  kiln interpolate film-out/ clip.mp4 -o smooth.mp4 --factor 4
+                                         FILM in-betweens: a video or frame folder at 4x the rate
+  kiln decode vae-out/ latents.npy -o frames/
+                                         a VAE decoder over a sequence of latents, chunk by chunk
 
 MODEL is an .onnx file, a TensorFlow SavedModel (kiln-ml[tf]; `kiln example film f/`) or a diffusers
 model directory (kiln-ml[torch]; `kiln example dit d/`, `kiln example vae v/`).
@@ -103,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.set_defaults(handler=cmd_bench)
+
+    serve = argparse.ArgumentParser(add_help=False)
+    serve.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="a folder (frames written as frame_000000.png, ...) or a video file (.mp4, .avi, .mov, .mkv; encoded on the CPU)")
+    serve.add_argument("--workers", type=int, help="post-processing workers (default: enough to keep up, from the measured encode cost)")
+    serve.add_argument("--serial", action="store_true", help="run compute, copy and encoding one after another, with no overlap (for comparison)")
+    serve.add_argument("--format", choices=["png", "jpg"], default="png", help="image format for a folder OUTPUT (default png)")
+    serve.add_argument("--force", action="store_true", help="write over an existing OUTPUT")
+    serve.add_argument("--report", type=Path, metavar="FILE.json", help="also write the run's metrics to this file")
+
+    p = sub.add_parser("interpolate", parents=[common, serve], help="FILM frame interpolation of a video or a folder of frames")
+    p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a FILM SavedModel")
+    p.add_argument("input", type=Path, metavar="INPUT", help="a folder of frames (in name order) or a video file; any size (padded to the model's alignment)")
+    p.add_argument("--factor", type=int, default=2, help="frames out per frame in, a power of two: n frames become (n-1)*factor+1 (default 2)")
+    p.add_argument("--fps", type=float, help="frame rate of a video OUTPUT (default: the input's times factor; 30 for folders)")
+    p.set_defaults(handler=cmd_interpolate)
+
+    p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk")
+    p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a diffusers AutoencoderKL")
+    p.add_argument("latents", type=Path, metavar="LATENTS.npy", help="float latents [frames, channels, height, width]")
+    p.add_argument("--chunk", type=int, default=8, help="frames decoded per engine run (default 8)")
+    p.add_argument("--fps", type=float, default=24.0, help="frame rate of a video OUTPUT (default 24)")
+    p.set_defaults(handler=cmd_decode)
 
     p = sub.add_parser("targets", parents=[common], help="list targets, their capabilities, and whether they run here")
     p.set_defaults(handler=cmd_targets)
@@ -193,6 +219,36 @@ def cmd_targets(args) -> int:
         lines.append(f"{'':<8} precisions: {', '.join(t['precisions'])}; capabilities: {', '.join(t['capabilities'])}")
     _emit(args, {"targets": described}, "\n".join(lines))
     return 0
+
+
+def _serve(args, job) -> int:
+    from optimizer.runner import load_engine
+
+    engine = load_engine(args.engine)
+    result = job(engine, progress=not args.json and sys.stderr.isatty())
+    if args.report:
+        from optimizer.outdir import atomic_file
+
+        with atomic_file(args.report) as tmp:
+            tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    text = (f"ok: {result['frames']} frames to {result['output']} in {result['wall_s']:.2f}s ({result['fps']:.1f} fps; "
+            f"compute busy {result['compute_busy']:.0%}, {result['workers']} post-processing worker(s))")  # fmt: skip
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from optimizer.serve.jobs import interpolate
+
+    return _serve(args, lambda engine, progress: interpolate(
+        engine, args.input, args.output, args.factor, args.workers, args.serial, args.format, args.fps, args.force, progress))
+
+
+def cmd_decode(args) -> int:
+    from optimizer.serve.jobs import decode
+
+    return _serve(args, lambda engine, progress: decode(
+        engine, args.latents, args.output, args.chunk, args.workers, args.serial, args.format, args.fps, args.force, progress))
 
 
 def cmd_passes(args) -> int:

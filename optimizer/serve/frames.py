@@ -47,6 +47,12 @@ def read_frames(folder: Path) -> Iterator[tuple[int, np.ndarray]]:
         yield index, read_frame(path)
 
 
+def to_uint8(frame: np.ndarray) -> np.ndarray:
+    """A float RGB frame in [0, 1] ([H, W, 3] or [1, H, W, 3]) as uint8 [H, W, 3]."""
+    frame = np.asarray(frame)
+    return np.clip(frame.reshape(frame.shape[-3:]) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 class FrameFolderSink:
     """Writes frame `index` (float RGB in [0, 1], [H, W, 3] or [1, H, W, 3]) as DIR/frame_{index:06d}.EXT."""
 
@@ -58,13 +64,18 @@ class FrameFolderSink:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, png_level]
 
+    def close(self) -> None:
+        """Nothing to finish: every frame is already in place."""
+
+    def abort(self) -> None:
+        """Frames already written are whole and stay."""
+
     def path(self, index: int) -> Path:
         return self.directory / f"frame_{index:06d}.{self.ext}"
 
     def write(self, index: int, frame: np.ndarray) -> None:
         cv2 = _cv2()
-        image = np.clip(np.asarray(frame).reshape(frame.shape[-3:]) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        ok, encoded = cv2.imencode(f".{self.ext}", np.ascontiguousarray(image[:, :, ::-1]), self.params)
+        ok, encoded = cv2.imencode(f".{self.ext}", np.ascontiguousarray(to_uint8(frame)[:, :, ::-1]), self.params)
         if not ok:
             raise RuntimeError(f"OpenCV could not encode frame {index} as {self.ext}")
         final = self.path(index)

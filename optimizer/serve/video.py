@@ -1,0 +1,98 @@
+"""Video files in and out, through OpenCV (the [serve] extra). Encoding runs on the CPU.
+
+A video is written to a temporary file beside its destination and renamed when the last frame is in;
+a run that fails leaves no video behind, and the file that was there before is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.errors import InputError
+from optimizer.serve.frames import _cv2, to_uint8
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def video_fps(path: Path) -> float:
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(os.fspath(path))
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    finally:
+        capture.release()
+    return fps if fps and fps > 0 else 30.0
+
+
+def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB float32 frame in [0, 1]) for each frame of the video at path."""
+    cv2 = _cv2()
+    if not path.is_file():
+        raise InputError(f"{path}: no such video file")
+    capture = cv2.VideoCapture(os.fspath(path))
+    if not capture.isOpened():
+        raise InputError(f"{path}: OpenCV cannot open it as a video", hint=f"use one of {', '.join(VIDEO_SUFFIXES)}, or a folder of frames")
+    try:
+        index = 0
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            yield index, image[:, :, ::-1].astype(np.float32) / 255.0
+            index += 1
+        if index == 0:
+            raise InputError(f"{path}: no frame could be decoded (empty or corrupt video)")
+    finally:
+        capture.release()
+
+
+class VideoSink:
+    """Writes frames to one video file, in index order whatever order they arrive in."""
+
+    def __init__(self, path: Path, fps: float, fourcc: str = "mp4v"):
+        self.path, self.fps, self.fourcc = Path(path), fps, fourcc
+        self.tmp = self.path.with_name(f".{self.path.stem}.kiln-tmp{self.path.suffix}")
+        self._writer = None
+        self._pending: dict[int, np.ndarray] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        image = to_uint8(frame)[:, :, ::-1]  # the conversion runs in the worker, in parallel
+        with self._lock:  # one encoder: frames go in strictly in order
+            self._pending[index] = np.ascontiguousarray(image)
+            while self._next in self._pending:
+                self._encode(self._pending.pop(self._next))
+                self._next += 1
+
+    def _encode(self, image: np.ndarray) -> None:
+        if self._writer is None:
+            cv2 = _cv2()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            height, width = image.shape[:2]
+            self._writer = cv2.VideoWriter(os.fspath(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (width, height))
+            if not self._writer.isOpened():
+                raise OSError(f"OpenCV cannot write a {self.fourcc} video to {self.tmp}")
+        self._writer.write(image)
+
+    def close(self) -> None:
+        """Finish the video and move it into place."""
+        if self._pending:
+            raise RuntimeError(f"frames {sorted(self._pending)} arrived but frame {self._next} never did")
+        if self._writer is not None:
+            self._writer.release()
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+        self.tmp.unlink(missing_ok=True)

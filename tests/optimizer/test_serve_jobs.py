@@ -1,0 +1,162 @@
+"""`kiln interpolate` and `kiln decode` end to end, on engines `kiln optimize` built from the small FILM
+SavedModel and the tiny AutoencoderKL: frame counts and order, pixels against the engine run directly,
+video in and out, and one clear message per kind of bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optimizer.cli import main
+
+cv2 = pytest.importorskip("cv2")
+
+H, W = 40, 56  # not a multiple of FILM's alignment: the engine pads and crops
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def quiet(*args) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def film_engine(tmp_path_factory) -> Path:
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    root = tmp_path_factory.mktemp("film")
+    assert quiet("example", "film", root / "film") == 0
+    out = root / "engine"
+    assert quiet("optimize", root / "film", "-o", out, "--shapes", "height=64", "--shapes", "width=64", "--bench-runs", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_engine(tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("vae")
+    assert quiet("example", "vae", root / "vae") == 0
+    out = root / "engine"
+    assert quiet("optimize", root / "vae", "-o", out, "--shapes", "batch=1..2..4", "--shapes", "height=8", "--shapes", "width=8", "--bench-runs", "0") == 0
+    return out
+
+
+def write_frames(folder: Path, count: int) -> list[np.ndarray]:
+    folder.mkdir(parents=True)
+    frames = []
+    for i in range(count):
+        image = np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"in_{i:03d}.png"), image[:, :, ::-1])
+        frames.append(image.astype(np.float32) / 255.0)
+    return frames
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return cv2.imread(str(path))[:, :, ::-1]
+
+
+def test_interpolate_a_folder_by_4(capsys, film_engine, tmp_path):
+    from optimizer.runner import load_engine
+    from optimizer.serve.jobs import FilmInterpolator
+
+    frames = write_frames(tmp_path / "in", 3)
+    code, out, err = run_cli(capsys, "interpolate", film_engine, tmp_path / "in", "-o", tmp_path / "out", "--factor", "4", "--json", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["frames"] == result["expected_frames"] == 9 == (3 - 1) * 4 + 1
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert sorted(os.listdir(tmp_path / "out")) == [f"frame_{i:06d}.png" for i in range(9)]
+    # Inputs land at 0, 4 and 8; in-betweens are the engine's recursive mid-points, in order.
+    for i, k in ((0, 0), (1, 4), (2, 8)):
+        np.testing.assert_array_equal(read_rgb(tmp_path / "out" / f"frame_{k:06d}.png"), np.round(frames[i] * 255).astype(np.uint8))
+    film = FilmInterpolator(load_engine(film_engine), 4)
+    expected = film.between(frames[0], frames[1], 2)
+    for k, want in enumerate(expected, start=1):
+        got = read_rgb(tmp_path / "out" / f"frame_{k:06d}.png").astype(np.int16)
+        assert np.abs(got - np.clip(want * 255 + 0.5, 0, 255).astype(np.int16)).max() <= 1
+
+
+def test_serial_and_overlapped_interpolation_write_the_same_frames(film_engine, tmp_path):
+    write_frames(tmp_path / "in", 4)
+    assert quiet("interpolate", film_engine, tmp_path / "in", "-o", tmp_path / "a", "--workers", "3") == 0
+    assert quiet("interpolate", film_engine, tmp_path / "in", "-o", tmp_path / "b", "--serial", "--format", "png") == 0
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert len(names) == 7 and names == sorted(os.listdir(tmp_path / "b"))
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_interpolate_video_to_video(capsys, film_engine, tmp_path):
+    source = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (W, H))
+    for frame in write_frames(tmp_path / "frames", 5):
+        writer.write((frame[:, :, ::-1] * 255).astype(np.uint8))
+    writer.release()
+    code, out, err = run_cli(capsys, "interpolate", film_engine, source, "-o", tmp_path / "smooth.avi", "--json")
+    assert code == 0, err
+    capture = cv2.VideoCapture(str(tmp_path / "smooth.avi"))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    assert count == json.loads(out)["frames"] == 9
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(20.0)
+    assert not [p for p in os.listdir(tmp_path) if "kiln-tmp" in p]
+
+
+def test_interpolate_bad_input(capsys, film_engine, vae_engine, tmp_path):
+    write_frames(tmp_path / "in", 3)
+
+    def bad(fragment, *args):
+        code, _, err = run_cli(capsys, "interpolate", *args)
+        assert code == 2 and fragment in err and "Traceback" not in err, err
+        return err
+
+    bad("--factor must be a power of two (2, 4, 8, ...), got 3", film_engine, tmp_path / "in", "-o", tmp_path / "o", "--factor", "3")
+    bad("not a FILM interpolator's x0, x1 and time", vae_engine, tmp_path / "in", "-o", tmp_path / "o")
+    bad("not a folder of frames or a video file", film_engine, tmp_path / "nope.txt", "-o", tmp_path / "o")
+    (tmp_path / "one").mkdir()
+    cv2.imwrite(str(tmp_path / "one" / "a.png"), np.zeros((H, W, 3), np.uint8))
+    bad(f"{tmp_path / 'one'} has one frame; interpolation needs at least two", film_engine, tmp_path / "one", "-o", tmp_path / "o")
+    cv2.imwrite(str(tmp_path / "in" / "in_009.png"), np.zeros((H + 2, W, 3), np.uint8))
+    bad(f"frame 3 is {W}x{H + 2}, frame 0 is {W}x{H}", film_engine, tmp_path / "in", "-o", tmp_path / "sizes")
+    (tmp_path / "in" / "in_009.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    err = bad(f"{tmp_path / 'in' / 'in_009.png'}: cannot be decoded as an image (corrupt or truncated?)", film_engine, tmp_path / "in", "-o", tmp_path / "o")
+    assert "the read stage failed" in err
+    # Everything the readable frames give is out, whole: inputs 0-2 at 0, 2, 4 and the in-betweens 1, 3.
+    assert sorted(os.listdir(tmp_path / "o")) == [f"frame_{i:06d}.png" for i in range(5)]
+    (tmp_path / "in" / "in_009.png").unlink()
+    bad("exists and is not empty", film_engine, tmp_path / "in", "-o", tmp_path / "o")
+    assert quiet("interpolate", film_engine, tmp_path / "in", "-o", tmp_path / "o", "--force") == 0
+    assert len(os.listdir(tmp_path / "o")) == 5
+
+
+def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
+    from optimizer.runner import load_engine
+
+    latents = np.random.default_rng(0).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "z.npy", latents)
+    code, out, err = run_cli(capsys, "decode", vae_engine, tmp_path / "z.npy", "-o", tmp_path / "frames", "--chunk", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["frames"] == 5
+    assert sorted(os.listdir(tmp_path / "frames")) == [f"frame_{i:06d}.png" for i in range(5)]
+    want = load_engine(vae_engine).run({"latent_sample": latents[3:4]})["sample"][0]
+    want = np.clip((np.transpose(want, (1, 2, 0)) + 1) / 2 * 255 + 0.5, 0, 255).astype(np.int16)
+    assert np.abs(read_rgb(tmp_path / "frames" / "frame_000003.png").astype(np.int16) - want).max() <= 1
+
+    np.save(tmp_path / "nan.npy", np.full((2, 4, 8, 8), np.nan, np.float32))
+    code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "nan.npy", "-o", tmp_path / "n")
+    assert code == 2 and "holds NaN or infinite values" in err
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
+    code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "wrong.npy", "-o", tmp_path / "w")
+    assert code == 2 and "holds shape [2, 3, 8, 8]; the decoder takes [frames, 4, height, width]" in err
