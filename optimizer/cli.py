@@ -231,6 +231,8 @@ def _serve(args, job) -> int:
 
         with atomic_file(args.report) as tmp:
             tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    for warning in result.get("warnings", []):
+        print(f"kiln: warning: {warning}", file=sys.stderr)
     text = (f"ok: {result['frames']} frames to {result['output']} in {result['wall_s']:.2f}s ({result['fps']:.1f} fps; "
             f"compute busy {result['compute_busy']:.0%}, {result['workers']} post-processing worker(s))")  # fmt: skip
     _emit(args, result, text)

@@ -21,6 +21,7 @@ from optimizer.progress import FrameCounter
 from optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames, to_uint8, _cv2
 from optimizer.serve.pipeline import FramePipeline
 from optimizer.serve.video import VideoSink, is_video, read_video, video_fps
+from optimizer.runner import check_feeds
 from targets.base import as_input_types
 
 FILM_INPUTS = {"x0", "x1", "time"}
@@ -73,9 +74,11 @@ class FilmInterpolator:
                              hint="build one with `kiln optimize` from a FILM SavedModel")  # fmt: skip
         self.engine, self.factor, self.levels = engine, factor, check_factor(factor)
 
+    def feeds(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+        return as_input_types(self.engine, {"x0": a[None], "x1": b[None], "time": np.full((1, 1), 0.5, np.float32)})
+
     def midpoint(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        feeds = {"x0": a[None], "x1": b[None], "time": np.full((1, 1), 0.5, np.float32)}
-        return self.engine.run(as_input_types(self.engine, feeds))["image"][0]
+        return self.engine.run(self.feeds(a, b))["image"][0]
 
     def between(self, a: np.ndarray, b: np.ndarray, levels: int) -> list[np.ndarray]:
         if levels == 0:
@@ -161,6 +164,7 @@ def interpolate(engine, source: Path, output: Path, factor: int, workers: int | 
     head = [next(frames, None), next(frames, None)]
     if head[1] is None:
         raise InputError(f"{source} has {'no frame' if head[0] is None else 'one frame'}; interpolation needs at least two")
+    warnings = check_feeds(engine, film.feeds(head[0][1], head[1][1]), f"frames of {source}")
     start = time.perf_counter()
     film.midpoint(head[0][1], head[1][1])
     per_frame_s = (time.perf_counter() - start) * (factor - 1) / factor
@@ -169,7 +173,7 @@ def interpolate(engine, source: Path, output: Path, factor: int, workers: int | 
     total = (count - 1) * factor + 1 if count else None
     items = film.items(itertools.chain(head, frames))
     metrics = run_job(film, items, output, fmt, fps or source_fps * factor, total, workers, serial, progress, per_frame_s, head[0][1])
-    return {"job": "interpolate", "factor": factor, "input": str(source), "output": str(output), **metrics}
+    return {"job": "interpolate", "factor": factor, "input": str(source), "output": str(output), "warnings": warnings, **metrics}
 
 
 def decode(engine, latents_path: Path, output: Path, chunk: int = 8, workers: int | None = None, serial: bool = False,
