@@ -80,6 +80,10 @@ def markdown(report: dict) -> str:
         out += [f"- warning ({p['name']}): {w}" for w in p["warnings"]]
         for node, reason in p["details"].get("kept_fp32", {}).items():
             out.append(f"- kept in fp32 ({p['name']}): `{node}`: {reason}")
+        for op, note in p["details"].get("fp32_inside", {}).items():
+            out.append(f"- {op} ({p['name']}): {note}")
+        for rule, reasons in p["details"].get("refused", {}).items():
+            out += [f"- not fused ({p['name']}, {rule}), {n}×: {reason}" for reason, n in reasons.items()]
     out += ["## Verification", ""]
     if not verification["enabled"]:
         out += ["Not run (`--no-verify`).", ""]

@@ -104,6 +104,8 @@ def test_fp16_engine_is_verified_with_fp16_tolerances(capsys, example, tmp_path)
     assert report["model"]["op_counts"]["Cast"] == 2
     assert all(c["passed"] for c in report["verification"]["shapes"])
     assert report["latency"] == []
+    markdown = (tmp_path / "o" / "report.md").read_text()
+    assert "- LayerNormalization (fp16): runs in low precision; its statistics accumulate in float32" in markdown
 
 
 def test_static_profile_freezes_shapes(capsys, example, tmp_path):
