@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import kiln_engine, print_table, profile_kernels, rel_err  # noqa: E402
-from timing import median_ms  # noqa: E402
+from gpu_common import kiln_engine, print_table, profile_kernels, rel_err, session_runner  # noqa: E402
+from optimizer.bench import median_ms  # noqa: E402
 
 CASES = {"256² b8": (8, 32), "512² b2": (2, 64)}
 
@@ -66,21 +65,6 @@ def ort_transformers_fp16(raw: Path, work: Path) -> Path:
     optimized.save_model_to_file(str(path), use_external_data_format=True)
     print(f"ORT transformers optimizer: {time.perf_counter() - start:.0f} s, ops {optimized.get_operator_statistics()}")
     return path
-
-
-def session_runner(session, feeds: dict[str, np.ndarray]):
-    import onnxruntime as ort
-
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    binding.bind_output("sample", "cuda", 0)
-
-    def run():
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run, lambda: binding.copy_outputs_to_cpu()[0]
 
 
 def main() -> None:
@@ -152,7 +136,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
         for name, session in sessions.items():
-            run, result = session_runner(session, feeds)
+            run, result = session_runner(session, feeds, "sample")
             rows.append((label, name, median_ms(run, args.runs), rel_err(result(), want)))
         variants = dict(engines)
         for precision in precisions:

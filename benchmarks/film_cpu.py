@@ -12,14 +12,12 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from optimizer.bench import median_ms
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

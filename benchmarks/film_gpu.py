@@ -63,8 +63,8 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from gpu_common import kiln_engine, print_table, profile_kernels, rel_err
-    from timing import median_ms
+    from gpu_common import kiln_engine, print_table, profile_kernels, rel_err, session_runner
+    from optimizer.bench import median_ms
     from targets import H100, DimRange
 
     ort.preload_dlls()
@@ -96,17 +96,9 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
                  "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
         images = {}
         for name, session in sessions.items():
-            binding = session.io_binding()
-            for key, value in feeds.items():
-                binding.bind_ortvalue_input(key, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-            binding.bind_output("image", "cuda", 0)
-
-            def call(session=session, binding=binding):
-                session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-
+            call, result = session_runner(session, feeds, "image")
             ms = median_ms(call, runs, warmup)
-            images[name] = binding.copy_outputs_to_cpu()[0]
+            images[name] = result()
             rows.append([label, name, ms, images[name]])
         variants = dict(engines)
         static = {"batch": DimRange(1, 1, 1), "height": DimRange(h, h, h), "width": DimRange(w, w, w)}

@@ -40,6 +40,23 @@ def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict,
     return engine, records
 
 
+def session_runner(session, feeds: dict[str, np.ndarray], output: str):
+    """(run, result) for an ONNX Runtime session with feeds and output bound on the GPU: run() runs it
+    and waits; result() copies the output to the host."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    binding.bind_output(output, "cuda", 0)
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run, lambda: binding.copy_outputs_to_cpu()[0]
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))

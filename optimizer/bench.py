@@ -10,18 +10,28 @@ from targets import Engine, Profile
 from targets.base import as_input_types
 
 
+def samples_ms(fn, runs: int, warmup: int) -> list[float]:
+    """Wall time of each of runs calls of fn after warmup calls, in ms; fn must wait for its device itself."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    return float(np.median(samples_ms(fn, runs, warmup)))
+
+
 def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
     """Latency of one run. An engine with a device_runner is timed on device-resident inputs and
     outputs (the copies are the serving pipeline's job); others from host arrays to host arrays."""
     device_runner = getattr(engine, "device_runner", None)
     run = device_runner(feeds) if device_runner else lambda: engine.run(feeds)
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = samples_ms(run, runs, warmup)
     return {
         "io": "device" if device_runner else "host",
         "runs": runs,

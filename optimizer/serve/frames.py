@@ -18,7 +18,7 @@ from optimizer.lazy import require
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _cv2():
+def opencv():
     return require("cv2", "serve", "reading and writing frames")
 
 
@@ -34,7 +34,7 @@ def frame_paths(folder: Path) -> list[Path]:
 
 def read_frame(path: Path) -> np.ndarray:
     """An RGB frame as float32 in [0, 1], shape [H, W, 3]; InputError naming the file if it cannot be read."""
-    cv2 = _cv2()
+    cv2 = opencv()
     data = np.fromfile(path, np.uint8) if path.is_file() else None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
     if image is None:
@@ -57,7 +57,7 @@ class FrameFolderSink:
     """Writes frame `index` (float RGB in [0, 1], [H, W, 3] or [1, H, W, 3]) as DIR/frame_{index:06d}.EXT."""
 
     def __init__(self, directory: Path, ext: str = "png", jpeg_quality: int = 90, png_level: int = 1):
-        cv2 = _cv2()
+        cv2 = opencv()
         if ext not in ("png", "jpg"):
             raise InputError(f"cannot write .{ext} frames", hint="use png or jpg")
         self.directory, self.ext = Path(directory), ext
@@ -74,7 +74,7 @@ class FrameFolderSink:
         return self.directory / f"frame_{index:06d}.{self.ext}"
 
     def write(self, index: int, frame: np.ndarray) -> None:
-        cv2 = _cv2()
+        cv2 = opencv()
         ok, encoded = cv2.imencode(f".{self.ext}", np.ascontiguousarray(to_uint8(frame)[:, :, ::-1]), self.params)
         if not ok:
             raise RuntimeError(f"OpenCV could not encode frame {index} as {self.ext}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from optimizer.errors import InputError
 from optimizer.progress import FrameCounter
-from optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames, to_uint8, _cv2
+from optimizer.serve.frames import FrameFolderSink, frame_paths, opencv, read_frames, to_uint8
 from optimizer.serve.pipeline import FramePipeline
 from optimizer.serve.video import VideoSink, is_video, read_video, video_fps
 from optimizer.runner import check_feeds
@@ -55,7 +55,7 @@ def source_frames(source: Path) -> tuple[Iterator[tuple[int, np.ndarray]], int |
     if source.is_dir():
         return read_frames(source), len(frame_paths(source)), 30.0
     if is_video(source):
-        cv2 = _cv2()
+        cv2 = opencv()
         capture = cv2.VideoCapture(os.fspath(source))
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
         capture.release()
@@ -111,7 +111,7 @@ def auto_workers(sink, seconds_per_frame: float, frame: np.ndarray) -> int:
     compute time per frame, rounded up (plus one for slack), at most the cores there are."""
     if isinstance(sink, VideoSink):
         return 2  # one encoder writes the video; a second worker converts the next frame meanwhile
-    cv2 = _cv2()
+    cv2 = opencv()
     start = time.perf_counter()
     cv2.imencode(f".{sink.ext}", to_uint8(frame)[:, :, ::-1], sink.params)
     encode_s = time.perf_counter() - start
@@ -157,8 +157,6 @@ def interpolate(engine, source: Path, output: Path, factor: int, workers: int | 
     if source.resolve() == output.resolve():
         raise InputError(f"{output} is the input; write the result somewhere else")
     frames, count, source_fps = source_frames(source)
-    if count == 1:
-        raise InputError(f"{source} has one frame; interpolation needs at least two")
     check_output(output, force)
     # Warm the engine up on the first two frames; the time of a mid-point sets the worker count.
     head = [next(frames, None), next(frames, None)]

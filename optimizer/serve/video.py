@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.errors import InputError
-from optimizer.serve.frames import _cv2, to_uint8
+from optimizer.serve.frames import opencv, to_uint8
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 
@@ -24,7 +24,7 @@ def is_video(path: Path) -> bool:
 
 
 def video_fps(path: Path) -> float:
-    cv2 = _cv2()
+    cv2 = opencv()
     capture = cv2.VideoCapture(os.fspath(path))
     try:
         fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
@@ -35,7 +35,7 @@ def video_fps(path: Path) -> float:
 
 def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     """(index, RGB float32 frame in [0, 1]) for each frame of the video at path."""
-    cv2 = _cv2()
+    cv2 = opencv()
     if not path.is_file():
         raise InputError(f"{path}: no such video file")
     capture = cv2.VideoCapture(os.fspath(path))
@@ -76,7 +76,7 @@ class VideoSink:
 
     def _encode(self, image: np.ndarray) -> None:
         if self._writer is None:
-            cv2 = _cv2()
+            cv2 = opencv()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             height, width = image.shape[:2]
             self._writer = cv2.VideoWriter(os.fspath(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (width, height))
