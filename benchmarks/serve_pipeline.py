@@ -1,56 +1,173 @@
-"""The frame pipeline, serial against overlapped, on one job: the metrics issue 6 asks for.
+"""The frame pipeline, serial against overlapped: the metrics and the table issue 6 asks for.
 
     python benchmarks/serve_pipeline.py interpolate ENGINE_DIR FRAMES_DIR [--factor 2] [--format png]
-    python benchmarks/serve_pipeline.py decode ENGINE_DIR LATENTS.npy [--chunk 8] [--format png]
+    python benchmarks/serve_pipeline.py decode ENGINE_DIR LATENTS.npy [--format png]
+    python benchmarks/serve_pipeline.py gpu FILM_ONNX WORK_DIR      # the issue's GPU table, every case
 
-Runs the job twice into temporary folders, serially and overlapped, with the same worker count, and
-prints one table: wall time, frames per second, time per stage, the compute stage's busy fraction, the
-copy rate, and overlap efficiency = (T_serial - T_async) / (T_serial - T_slowest_stage), where a
-stage's time is its serial total (post-processing divided by the workers).
+`interpolate` and `decode` run one job on a built engine. `gpu` builds what it needs in WORK_DIR first
+(no TensorFlow on the GPU machine, so FILM comes as kiln's stripped graph from
+`benchmarks/film_gpu.py prepare`): FILM (default configuration) as an h100 fp16 engine frozen to
+1080p (padded to 1088x1920) with 1080p input frames, and a real-size AutoencoderKL (Stable Diffusion's
+layout, seeded random weights) whose decoder is an h100 fp16 engine for 4 latents of 64x64 (512²
+frames) a run, with 32 latent frames. Then FILM factor 2 to JPEG and to PNG, and the VAE to PNG.
+
+Each job runs overlapped, then serially with the worker count the overlapped run chose from the
+measured encode cost, into temporary folders, in one process on one engine. Overlap efficiency is
+(T_serial - T_async) / (T_serial - T_slowest_stage); a stage's time is its total in the serial run:
+reading, compute (GPU time from CUDA events on a GPU), the device-to-host copy, and post-processing
+divided by the workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FILM_SIZE = (1080, 1920)
+VAE_BATCH, VAE_LATENT = 4, 64
+SD_VAE = dict(  # Stable Diffusion's AutoencoderKL layout: 84M parameters, 8x upsampling
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)  # fmt: skip
+
+
+def compare(job: str, backend, source: Path, fmt: str, factor: int = 2, workers: int | None = None) -> dict:
+    """Run job overlapped, then serially with the same workers; both results and the derived figures."""
+    from optimizer.serve.jobs import decode, interpolate
+
+    results, written = {}, {}
+    for serial in (False, True):
+        output = Path(tempfile.mkdtemp(prefix="kiln-serve-")) / "out"
+        if job == "interpolate":
+            result = interpolate(backend, source, output, factor, workers, serial, fmt)
+        else:
+            result = decode(backend, source, output, None, workers, serial, fmt)
+        written[serial] = {p.name: hashlib.sha256(p.read_bytes()).digest() for p in output.iterdir()}
+        shutil.rmtree(output.parent)
+        workers = result["workers"]
+        results["serial" if serial else "async"] = result
+    serial, overlapped = results["serial"], results["async"]
+    stages = {
+        "read": serial["read_s"],
+        "compute": serial.get("gpu_compute_s", serial["compute_s"]),
+        "copy": serial.get("d2h_s", serial["copy_s"]),
+        "post": serial["post_s"] / workers,
+    }
+    slowest = max(stages, key=stages.get)
+    efficiency = (serial["wall_s"] - overlapped["wall_s"]) / max(serial["wall_s"] - stages[slowest], 1e-9)
+    return {"results": results, "stages": stages, "slowest": slowest, "efficiency": efficiency,
+            "speedup": serial["wall_s"] / overlapped["wall_s"], "same_frames": written[False] == written[True]}  # fmt: skip
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    print("\n| case | mode | frames | workers | wall s | fps | GPU busy | GPU compute s | D2H GB/s | read s | post s (all workers) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case, c in rows:
+        for mode, r in c["results"].items():
+            busy = f"{r['gpu_busy']:.1%}" if "gpu_busy" in r else f"{r['compute_busy']:.0%} (compute thread)"
+            gpu = f"{r['gpu_compute_s']:.2f}" if "gpu_compute_s" in r else "-"
+            d2h = f"{r['d2h_gb_per_s']:.1f}" if "d2h_gb_per_s" in r else "-"
+            print(f"| {case} | {mode} | {r['frames']} | {r['workers']} | {r['wall_s']:.2f} | {r['fps']:.1f} | {busy} | {gpu} | {d2h} | "
+                  f"{r['read_s']:.2f} | {r['post_s']:.2f} |")  # fmt: skip
+    print("\n| case | serial s | async s | speed-up | slowest stage (serial) | overlap efficiency | same bytes |\n|---|---|---|---|---|---|---|")
+    for case, c in rows:
+        serial, overlapped = c["results"]["serial"], c["results"]["async"]
+        print(f"| {case} | {serial['wall_s']:.2f} | {overlapped['wall_s']:.2f} | {c['speedup']:.2f}x | "
+              f"{c['slowest']} {c['stages'][c['slowest']]:.2f} s | {c['efficiency']:.1%} | {c['same_frames']} |")  # fmt: skip
+
+
+def kiln(*args) -> None:
+    import contextlib
+    import io
+
+    from optimizer.cli import main as kiln_main
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the report is in the engine folder
+        code = kiln_main([*map(str, args), "--json"])
+    if code:
+        raise SystemExit(f"kiln {' '.join(map(str, args))} failed")
+
+
+def film_frames(folder: Path, count: int) -> Path:
+    """count 1080p JPEG frames of a scene in motion: a gradient, textured discs moving, and sensor noise."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = FILM_SIZE
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    texture = cv2.GaussianBlur(rng.uniform(0, 255, (height, width, 3)).astype(np.float32), (0, 0), 3)
+    for k in range(count):
+        image = np.stack([xx / width * 200, yy / height * 200, (xx + yy) / (width + height) * 255], axis=-1)
+        for i in range(6):
+            cx, cy = (200 + 250 * i + 12 * k) % width, (300 + 90 * i + 7 * k) % height
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (60 + 15 * i) ** 2
+            image[disc] = texture[disc]
+        image += rng.normal(0, 3, image.shape)
+        cv2.imwrite(str(folder / f"in_{k:04d}.jpg"), np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return folder
+
+
+def build_gpu_cases(film_onnx: Path, work: Path, frames: int, latents: int) -> dict:
+    import onnx
+    import torch
+    from diffusers import AutoencoderKL
+
+    from weights import refill
+
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--target", "h100", "--precision", "fp16", "--bench-runs", "0"]
+    if not (work / "film-engine").is_dir():
+        onnx.save(refill(film_onnx), work / "film.onnx")
+        kiln("optimize", work / "film.onnx", "-o", work / "film-engine", *common, "--no-verify",  # 1080p on the CPU: minutes
+             "--shapes", "batch=1", "--shapes", "height=1088", "--shapes", "width=1920")  # fmt: skip
+    if not (work / "vae-engine").is_dir():
+        torch.manual_seed(0)
+        AutoencoderKL(**SD_VAE).save_pretrained(work / "vae")
+        kiln("optimize", work / "vae", "-o", work / "vae-engine", *common,
+             "--shapes", f"batch={VAE_BATCH}", "--shapes", f"height={VAE_LATENT}", "--shapes", f"width={VAE_LATENT}")  # fmt: skip
+    np.save(work / "latents.npy", np.random.default_rng(0).standard_normal((latents, 4, VAE_LATENT, VAE_LATENT)).astype(np.float32))
+    return {"frames": film_frames(work / "frames", frames), "latents": work / "latents.npy"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=["interpolate", "decode"])
-    parser.add_argument("engine", type=Path)
-    parser.add_argument("source", type=Path)
+    parser.add_argument("job", choices=["interpolate", "decode", "gpu"])
+    parser.add_argument("engine", type=Path, help="ENGINE_DIR; for gpu, kiln's stripped FILM graph")
+    parser.add_argument("source", type=Path, help="frames or latents; for gpu, the work folder")
     parser.add_argument("--factor", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--format", choices=["png", "jpg"], default="png")
     parser.add_argument("--workers", type=int, help="default: chosen from the measured encode cost, as kiln does")
+    parser.add_argument("--frames", type=int, default=32, help="gpu: 1080p input frames for FILM")
+    parser.add_argument("--latents", type=int, default=32, help="gpu: latent frames for the VAE")
     args = parser.parse_args()
 
-    from optimizer.runner import load_engine
-    from optimizer.serve.jobs import decode, interpolate
+    from optimizer.serve.jobs import open_backend
 
-    engine = load_engine(args.engine)
-    work = Path(tempfile.mkdtemp(prefix="kiln-serve-"))
-    results, workers = {}, args.workers
-    for serial in (False, True):  # overlapped first: it picks the worker count the serial run reuses
-        output = work / ("serial" if serial else "async")
-        if args.job == "interpolate":
-            result = interpolate(engine, args.source, output, args.factor, workers, serial, args.format)
-        else:
-            result = decode(engine, args.source, output, args.chunk, workers, serial, args.format)
-        workers = result["workers"]
-        results["serial" if serial else "async"] = result
-    serial, overlapped = results["serial"], results["async"]
-    slowest = max(serial["compute_s"], serial["copy_s"], serial["post_s"] / workers)
-    efficiency = (serial["wall_s"] - overlapped["wall_s"]) / max(serial["wall_s"] - slowest, 1e-9)
-    print(f"\n{args.job}, {serial['frames']} frames, {workers} post-processing worker(s), {args.format}")
-    print("\n| mode | wall s | fps | compute s | copy s | post s (all workers) | compute busy | copy GB/s |\n|---|---|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        print(f"| {mode} | {r['wall_s']:.2f} | {r['fps']:.1f} | {r['compute_s']:.2f} | {r['copy_s']:.3f} | {r['post_s']:.2f} | "
-              f"{r['compute_busy']:.0%} | {r['copy_gb_per_s']:.1f} |")  # fmt: skip
-    print(f"\nspeed-up {serial['wall_s'] / overlapped['wall_s']:.2f}x; overlap efficiency {efficiency:.0%} "
-          f"(slowest stage {slowest:.2f} s)")
+    if args.job != "gpu":
+        rows = [(f"{args.job} {args.format}", compare(args.job, open_backend(args.engine), args.source, args.format, args.factor, args.workers))]
+    else:
+        inputs = build_gpu_cases(args.engine, args.source, args.frames, args.latents)
+        film, vae = open_backend(args.source / "film-engine"), open_backend(args.source / "vae-engine")
+        cases = [
+            ("FILM 1080p x2 jpg", lambda: compare("interpolate", film, inputs["frames"], "jpg", 2, args.workers)),
+            ("FILM 1080p x2 png", lambda: compare("interpolate", film, inputs["frames"], "png", 2, args.workers)),
+            (f"VAE {VAE_LATENT * 8}² {args.latents} frames png", lambda: compare("decode", vae, inputs["latents"], "png", workers=args.workers)),
+            (f"VAE {VAE_LATENT * 8}² {args.latents} frames jpg", lambda: compare("decode", vae, inputs["latents"], "jpg", workers=args.workers)),
+        ]
+        rows = []
+        for name, case in cases:
+            rows.append((name, case()))
+            print_table(rows[-1:])  # as it finishes: a failure later keeps what was measured
+        print("\nall cases:")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,13 @@ class Alignment:
         top, left = pad_h // 2, pad_w // 2
         padded = dict(feeds)
         for name, (h_axis, w_axis) in self.inputs.items():
-            widths = [(0, 0)] * feeds[name].ndim
-            widths[h_axis], widths[w_axis] = (top, pad_h - top), (left, pad_w - left)
-            padded[name] = np.pad(feeds[name], widths)
+            value = feeds[name]
+            shape, inside = list(value.shape), [slice(None)] * value.ndim
+            shape[h_axis], shape[w_axis] = height + pad_h, width + pad_w
+            inside[h_axis], inside[w_axis] = slice(top, top + height), slice(left, left + width)
+            # numpy arrays and torch tensors alike (the GPU pipeline pads on the device)
+            padded[name] = value.new_zeros(shape) if hasattr(value, "new_zeros") else np.zeros(shape, value.dtype)
+            padded[name][tuple(inside)] = value
         return padded, (top, left, height, width)
 
     def crop(self, outputs: Mapping[str, np.ndarray], box, padded_hw: tuple[int, int]) -> dict[str, np.ndarray]:

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk")
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a diffusers AutoencoderKL")
     p.add_argument("latents", type=Path, metavar="LATENTS.npy", help="float latents [frames, channels, height, width]")
-    p.add_argument("--chunk", type=int, default=8, help="frames decoded per engine run (default 8)")
+    p.add_argument("--chunk", type=int, help="frames decoded per engine run (default: the engine's batch if its profile "
+                   "is static, else 8)")
     p.add_argument("--fps", type=float, default=24.0, help="frame rate of a video OUTPUT (default 24)")
     p.set_defaults(handler=cmd_decode)
 
@@ -222,10 +223,9 @@ def cmd_targets(args) -> int:
 
 
 def _serve(args, job) -> int:
-    from optimizer.runner import load_engine
+    from optimizer.serve.jobs import open_backend
 
-    engine = load_engine(args.engine)
-    result = job(engine, progress=not args.json and sys.stderr.isatty())
+    result = job(open_backend(args.engine), progress=not args.json and sys.stderr.isatty())
     if args.report:
         from optimizer.outdir import atomic_file
 
@@ -233,8 +233,9 @@ def _serve(args, job) -> int:
             tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     for warning in result.get("warnings", []):
         print(f"kiln: warning: {warning}", file=sys.stderr)
+    busy = f"GPU busy {result['gpu_busy']:.1%}" if "gpu_busy" in result else f"compute busy {result['compute_busy']:.0%}"
     text = (f"ok: {result['frames']} frames to {result['output']} in {result['wall_s']:.2f}s ({result['fps']:.1f} fps; "
-            f"compute busy {result['compute_busy']:.0%}, {result['workers']} post-processing worker(s))")  # fmt: skip
+            f"{busy}, {result['workers']} post-processing worker(s))")  # fmt: skip
     _emit(args, result, text)
     return 0
 
@@ -242,15 +243,15 @@ def _serve(args, job) -> int:
 def cmd_interpolate(args) -> int:
     from optimizer.serve.jobs import interpolate
 
-    return _serve(args, lambda engine, progress: interpolate(
-        engine, args.input, args.output, args.factor, args.workers, args.serial, args.format, args.fps, args.force, progress))
+    return _serve(args, lambda backend, progress: interpolate(
+        backend, args.input, args.output, args.factor, args.workers, args.serial, args.format, args.fps, args.force, progress))
 
 
 def cmd_decode(args) -> int:
     from optimizer.serve.jobs import decode
 
-    return _serve(args, lambda engine, progress: decode(
-        engine, args.latents, args.output, args.chunk, args.workers, args.serial, args.format, args.fps, args.force, progress))
+    return _serve(args, lambda backend, progress: decode(
+        backend, args.latents, args.output, args.chunk, args.workers, args.serial, args.format, args.fps, args.force, progress))
 
 
 def cmd_passes(args) -> int:

@@ -131,7 +131,7 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
             model_files = save_model(model, stage / "model.onnx")
             engine_dir = stage / ENGINE_DIR
             engine_dir.mkdir()
-            extras = {"alignment": alignment.to_json()} if alignment else {}
+            extras = {"precision": options.precision, **({"alignment": alignment.to_json()} if alignment else {})}
             target.build(stage / "model.onnx", engine_dir, profile, extras)
             engine = target.load(engine_dir)
             if alignment:

@@ -34,8 +34,12 @@ CHAIN_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Exp", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose",
     "Concat", "Expand", "Slice", "Split", "Gather", "Tile", "Identity", "Resize", "Where",
 })  # fmt: skip
-# Inputs that ONNX defines as float32 whatever the data type (op -> input positions).
-FLOAT32_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,)}
+# Inputs that must stay float32 whatever the data type ((domain, op) -> input positions): ONNX defines
+# Resize's and Upsample's so; ONNX Runtime's GroupNorm (fused from the VAE's InstanceNorm pattern)
+# takes gamma and beta in float32 only, and fails at run time on the GPU otherwise.
+FLOAT32_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("", "Resize"): (1, 2), ("", "Upsample"): (1,), ("com.microsoft", "GroupNorm"): (1, 2),
+}  # fmt: skip
 # Ops that stay in low precision because they keep float32 statistics inside (stash_type = 1).
 FP32_INSIDE = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "GroupNormalization")
 
@@ -120,9 +124,7 @@ class ConvertPrecision(KilnPass):
 
     def _is_fp32_slot(self, node: ir.Node, index: int) -> bool:
         """Whether input `index` of node must be float32: any input of a kept node, or a FLOAT32_INPUTS position."""
-        if node.domain != "":
-            return False
-        return node in self._kept or index in FLOAT32_INPUTS.get(node.op_type, ())
+        return (node.domain == "" and node in self._kept) or index in FLOAT32_INPUTS.get((node.domain, node.op_type), ())
 
     def _only_feeds_fp32(self, value: ir.Value) -> bool:
         uses = list(value.uses())

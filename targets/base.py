@@ -53,8 +53,8 @@ class Target(abc.ABC):
         extras are kept in the manifest for whoever loads the engine (e.g. the alignment rule)."""
 
     @abc.abstractmethod
-    def load(self, engine_dir: Path) -> Engine:
-        """Load an engine that build() wrote."""
+    def load(self, engine_dir: Path, cuda_stream: int | None = None) -> Engine:
+        """Load an engine that build() wrote; a GPU engine runs on cuda_stream (a cudaStream_t) if given."""
 
     def describe(self) -> dict:
         reason = self.available()

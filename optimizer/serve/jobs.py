@@ -19,12 +19,15 @@ import numpy as np
 from optimizer.errors import InputError
 from optimizer.progress import FrameCounter
 from optimizer.serve.frames import FrameFolderSink, frame_paths, opencv, read_frames, to_uint8
+from optimizer.serve.backends import HostBackend
 from optimizer.serve.pipeline import FramePipeline
 from optimizer.serve.video import VideoSink, is_video, read_video, video_fps
 from optimizer.runner import check_feeds
 from targets.base import as_input_types
 
 FILM_INPUTS = {"x0", "x1", "time"}
+ENCODE_MARGIN = 2.0  # measured on the H200: 1080p PNG took 55 ms alone and 150 ms with two encoders and compute running
+DEFAULT_CHUNK = 8  # latent frames per run for an engine with a dynamic batch
 
 
 def check_factor(factor: int) -> int:
@@ -63,34 +66,54 @@ def source_frames(source: Path) -> tuple[Iterator[tuple[int, np.ndarray]], int |
     raise InputError(f"{source}: not a folder of frames or a video file", hint="give a folder of images or a .mp4/.avi/.mov/.mkv file")
 
 
+def open_backend(path: Path):
+    """The engine in a kiln OUTDIR, behind the backend for where it runs: CUDA engines on the GPU
+    backend (torch streams and pinned memory), every other engine on the host."""
+    from optimizer.runner import engine_manifest, load_engine
+
+    engine_dir, manifest = engine_manifest(path)
+    if manifest.get("device") == "cuda":
+        from optimizer.serve.cuda import CudaBackend
+
+        return CudaBackend(engine_dir)
+    return HostBackend(load_engine(path))
+
+
 class FilmInterpolator:
     """compute(item) for the pipeline. Items come from `items`: ("frame", k, f) puts input frame k at
     output index k * factor; ("between", k, a, b) puts the in-betweens of frames k and k + 1 after it."""
 
-    def __init__(self, engine, factor: int):
-        names = {spec.name for spec in engine.inputs}
+    def __init__(self, backend, factor: int):
+        names = {spec.name for spec in backend.engine.inputs}
         if not FILM_INPUTS <= names:
             raise InputError(f"the engine takes {sorted(names)}, not a FILM interpolator's x0, x1 and time",
                              hint="build one with `kiln optimize` from a FILM SavedModel")  # fmt: skip
-        self.engine, self.factor, self.levels = engine, factor, check_factor(factor)
+        self.backend, self.factor, self.levels = backend, factor, check_factor(factor)
+        self.time = backend.upload_array(np.full((1, 1), 0.5, np.float32))
+        self._uploaded: dict[int, tuple[np.ndarray, object]] = {}  # each input frame is uploaded once
 
-    def feeds(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-        return as_input_types(self.engine, {"x0": a[None], "x1": b[None], "time": np.full((1, 1), 0.5, np.float32)})
+    def midpoint(self, a, b):
+        return self.backend.run({"x0": a[None], "x1": b[None], "time": self.time})["image"][0]
 
-    def midpoint(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self.engine.run(self.feeds(a, b))["image"][0]
-
-    def between(self, a: np.ndarray, b: np.ndarray, levels: int) -> list[np.ndarray]:
+    def between(self, a, b, levels: int) -> list:
         if levels == 0:
             return []
         mid = self.midpoint(a, b)
         return [*self.between(a, mid, levels - 1), mid, *self.between(mid, b, levels - 1)]
 
-    def __call__(self, item) -> list[tuple[int, np.ndarray]]:
+    def upload(self, frame: np.ndarray):
+        if id(frame) not in self._uploaded:
+            if len(self._uploaded) >= 2:  # pairs slide by one frame: keep the newest
+                self._uploaded.pop(next(iter(self._uploaded)))
+            self._uploaded[id(frame)] = (frame, self.backend.upload(frame))
+        return self._uploaded[id(frame)][1]
+
+    def __call__(self, item) -> list[tuple[int, object]]:
         kind, k, *frames = item
         if kind == "frame":
             return [(k * self.factor, frames[0])]
-        return [(k * self.factor + i + 1, f) for i, f in enumerate(self.between(*frames, self.levels))]
+        mids = self.between(*(self.upload(f) for f in frames), self.levels)
+        return [(k * self.factor + i + 1, self.backend.to_frame(mid)) for i, mid in enumerate(mids)]
 
     def items(self, frames: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple]:
         """Each input frame as soon as it is read, and the in-betweens of each pair once both are read, so
@@ -106,16 +129,37 @@ class FilmInterpolator:
             previous = frame
 
 
+def timed_warm_up(backend, compute, item) -> tuple[float, np.ndarray]:
+    """Run compute(item) twice: the first run warms the engine up (cuDNN's algorithm search, the CUDA
+    graph capture); the second, to the host, gives the time per output frame and a frame to time the
+    encoder on. Their measurements are dropped."""
+    frames = backend.launch(compute, item)
+    host = [backend.host_buffer(f.shape, f.dtype) for _, f in frames]  # allocated before the clock starts
+    for (_, frame), out in zip(frames, host, strict=True):
+        backend.to_host(frame, out)
+    start = time.perf_counter()
+    for (_, frame), out in zip(backend.launch(compute, item), host, strict=True):
+        backend.to_host(frame, out)
+    per_frame_s = (time.perf_counter() - start) / len(frames)
+    backend.device_metrics()
+    return per_frame_s, host[0]
+
+
 def auto_workers(sink, seconds_per_frame: float, frame: np.ndarray) -> int:
     """Enough post-processing workers to keep up with compute: the encode time of one frame over the
     compute time per frame, rounded up (plus one for slack), at most the cores there are."""
     if isinstance(sink, VideoSink):
         return 2  # one encoder writes the video; a second worker converts the next frame meanwhile
     cv2 = opencv()
-    start = time.perf_counter()
-    cv2.imencode(f".{sink.ext}", to_uint8(frame)[:, :, ::-1], sink.params)
-    encode_s = time.perf_counter() - start
-    return max(1, min(os.cpu_count() or 1, math.ceil(encode_s / max(seconds_per_frame, 1e-6)) + 1))
+    image = np.ascontiguousarray(to_uint8(frame)[:, :, ::-1])
+    encode_s = float("inf")
+    for _ in range(2):  # the first call may pay the encoder's set-up
+        start = time.perf_counter()
+        cv2.imencode(f".{sink.ext}", image, sink.params)
+        encode_s = min(encode_s, time.perf_counter() - start)
+    auto_workers.encode_s = encode_s
+    # Twice the ratio: encoders running side by side (and writing files) are slower than one alone.
+    return max(1, min(os.cpu_count() or 1, math.ceil(ENCODE_MARGIN * encode_s / max(seconds_per_frame, 1e-6)) + 1))
 
 
 def _clear_frames(output: Path) -> None:
@@ -126,7 +170,7 @@ def _clear_frames(output: Path) -> None:
                 path.unlink()
 
 
-def run_job(compute, items, output: Path, fmt: str, fps: float, total: int | None, workers: int | None,
+def run_job(backend, compute, items, output: Path, fmt: str, fps: float, total: int | None, workers: int | None,
             serial: bool, progress: bool, per_frame_s: float, sample: np.ndarray) -> dict:  # fmt: skip
     """Run the pipeline into output (a folder or a video), with workers chosen from the encode cost of
     sample against the compute cost per frame unless given; finish the sink, or abort it on failure."""
@@ -139,7 +183,7 @@ def run_job(compute, items, output: Path, fmt: str, fps: float, total: int | Non
             sink.write(index, frame)
             counter.advance()
 
-    pipeline = FramePipeline(compute, Counting(), workers=workers, serial=serial)
+    pipeline = FramePipeline(compute, Counting(), backend, workers=workers, serial=serial)
     try:
         metrics = pipeline.run(items)
         sink.close()
@@ -148,39 +192,48 @@ def run_job(compute, items, output: Path, fmt: str, fps: float, total: int | Non
         raise
     finally:
         counter.finish()
-    return {**metrics.to_json(), "expected_frames": total}
+    return {**metrics.to_json(), "expected_frames": total, "compute_ms_per_frame": per_frame_s * 1e3,
+            "encode_ms": getattr(auto_workers, "encode_s", 0) * 1e3}
 
 
-def interpolate(engine, source: Path, output: Path, factor: int, workers: int | None = None, serial: bool = False,
+def interpolate(backend, source: Path, output: Path, factor: int, workers: int | None = None, serial: bool = False,
                 fmt: str = "png", fps: float | None = None, force: bool = False, progress: bool = False) -> dict:  # fmt: skip
-    film = FilmInterpolator(engine, factor)
+    film = FilmInterpolator(backend, factor)
     if source.resolve() == output.resolve():
         raise InputError(f"{output} is the input; write the result somewhere else")
     frames, count, source_fps = source_frames(source)
     check_output(output, force)
-    # Warm the engine up on the first two frames; the time of a mid-point sets the worker count.
     head = [next(frames, None), next(frames, None)]
     if head[1] is None:
         raise InputError(f"{source} has {'no frame' if head[0] is None else 'one frame'}; interpolation needs at least two")
-    warnings = check_feeds(engine, film.feeds(head[0][1], head[1][1]), f"frames of {source}")
-    start = time.perf_counter()
-    film.midpoint(head[0][1], head[1][1])
-    per_frame_s = (time.perf_counter() - start) * (factor - 1) / factor
+    x0, x1 = (f[None].astype(np.float32) for _, f in head)  # only shapes and types are checked
+    feeds = {"x0": x0, "x1": x1, "time": np.full((1, 1), 0.5, np.float32)}
+    warnings = check_feeds(backend.engine, as_input_types(backend.engine, feeds), f"frames of {source}")
+    # A pair's in-betweens give factor - 1 of every factor output frames.
+    per_frame_s, sample = timed_warm_up(backend, film, ("between", 0, head[0][1], head[1][1]))
+    per_frame_s *= (factor - 1) / factor
     if force:
         _clear_frames(output)
     total = (count - 1) * factor + 1 if count else None
     items = film.items(itertools.chain(head, frames))
-    metrics = run_job(film, items, output, fmt, fps or source_fps * factor, total, workers, serial, progress, per_frame_s, head[0][1])
+    metrics = run_job(backend, film, items, output, fmt, fps or source_fps * factor, total, workers, serial, progress, per_frame_s, sample)
     return {"job": "interpolate", "factor": factor, "input": str(source), "output": str(output), "warnings": warnings, **metrics}
 
 
-def decode(engine, latents_path: Path, output: Path, chunk: int = 8, workers: int | None = None, serial: bool = False,
+def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, workers: int | None = None, serial: bool = False,
            fmt: str = "png", fps: float = 24.0, force: bool = False, progress: bool = False) -> dict:  # fmt: skip
     """A VAE decoder engine (latent_sample [B, C, h, w] -> sample [B, 3, H, W] in [-1, 1]) over latents
-    [N, C, h, w] from an .npy file, chunk frames at a time."""
+    [N, C, h, w] from an .npy file, chunk frames at a time. An engine built for one batch size (a static
+    profile) decodes exactly that many per run; the last chunk is filled up with copies of its last latent."""
+    engine = backend.engine
     names = [spec.name for spec in engine.inputs]
     if names != ["latent_sample"]:
         raise InputError(f"the engine takes {names}, not a VAE decoder's latent_sample", hint="build one with `kiln optimize` from a diffusers AutoencoderKL")
+    batch = engine.inputs[0].shape[0]
+    if isinstance(batch, int) and chunk not in (None, batch):
+        raise InputError(f"this engine decodes exactly {batch} frame(s) per run (its profile is static), not --chunk {chunk}",
+                         hint=f"pass --chunk {batch}, or rebuild the engine with a range for the batch")  # fmt: skip
+    chunk = batch if isinstance(batch, int) else chunk or DEFAULT_CHUNK
     if chunk < 1:
         raise InputError("--chunk must be at least 1")
     try:
@@ -192,22 +245,18 @@ def decode(engine, latents_path: Path, output: Path, chunk: int = 8, workers: in
         raise InputError(f"{latents_path} holds shape {list(latents.shape)}; the decoder takes [frames, {channels}, height, width]")
     if not np.isfinite(latents).all():
         raise InputError(f"{latents_path} holds NaN or infinite values", hint="check the sampler that wrote it")
-    dtype = engine.inputs[0].dtype
 
-    def compute(start: int) -> list[tuple[int, np.ndarray]]:
-        sample = engine.run({"latent_sample": latents[start : start + chunk].astype(dtype)})["sample"]
-        frames = (np.transpose(sample, (0, 2, 3, 1)).astype(np.float32) + 1.0) / 2.0
-        return [(start + i, frame) for i, frame in enumerate(frames)]
+    def compute(start: int) -> list[tuple[int, object]]:
+        part = latents[start : start + chunk]
+        count = len(part)
+        if isinstance(batch, int) and count < batch:
+            part = np.concatenate([part, np.repeat(part[-1:], batch - count, axis=0)])
+        sample = backend.run({"latent_sample": backend.upload_array(part)})["sample"]
+        return [(start + i, backend.to_frame(sample[i], channels_first=True, low=-1.0)) for i in range(count)]
 
     check_output(output, force)
-    start = time.perf_counter()
-    first = compute(0)  # warms the engine up; its time per frame sets the worker count
-    per_frame_s = (time.perf_counter() - start) / len(first)
+    per_frame_s, sample = timed_warm_up(backend, compute, 0)
     if force:
         _clear_frames(output)
-
-    def replay(item):
-        return first if item == 0 else compute(item)
-
-    metrics = run_job(replay, range(0, len(latents), chunk), output, fmt, fps, len(latents), workers, serial, progress, per_frame_s, first[0][1])
+    metrics = run_job(backend, compute, range(0, len(latents), chunk), output, fmt, fps, len(latents), workers, serial, progress, per_frame_s, sample)
     return {"job": "decode", "chunk": chunk, "input": str(latents_path), "output": str(output), **metrics}

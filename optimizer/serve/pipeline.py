@@ -1,9 +1,11 @@
-"""The frame pipeline: engine compute, the copy to host, and host post-processing, overlapped.
+"""The frame pipeline: reading, engine compute, the copy to host, and host post-processing, overlapped.
 
-Three stages run at once, joined by bounded queues:
-- compute (the caller's thread) launches the engine on each work item; an item may yield several frames;
+Four stages run at once, joined by bounded queues:
+- read (one thread) pulls work items from the source (decoding input frames) ahead of compute;
+- compute (the caller's thread) launches the engine on each work item through the backend; an item
+  may yield several frames;
 - copy (one thread) waits for each frame's compute and copies it into a ring of host buffers allocated
-  once (pinned on a GPU backend);
+  once (pinned on a GPU, where the copy runs on its own stream);
 - post-processing (a pool of threads) encodes and writes each frame, then gives its buffer back.
 
 A slow encoder holds buffers, the copier then waits for a free one, and compute for room in the copy
@@ -29,33 +31,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from optimizer.errors import KilnError
+from optimizer.serve.backends import Backend, HostBackend
 
 POLL_S = 0.05  # how often a blocked stage looks for a stop
+READ_AHEAD = 4  # work items read and decoded ahead of compute
+_END = object()  # the source is exhausted
 
 
 class PipelineError(KilnError):
     """The pipeline stopped early; the message names the stage, the frame and how many were written."""
-
-
-class Backend(Protocol):
-    """Where compute results live and how they reach the host."""
-
-    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A host buffer for the ring (pinned memory on a GPU)."""
-
-    def to_host(self, result: Any, out: np.ndarray) -> int:
-        """Wait for result's compute, copy it into out; return the bytes copied."""
-
-
-class HostBackend:
-    """Results already on the host (an ONNX Runtime CPU engine): the copy is a plain memcpy."""
-
-    def host_buffer(self, shape, dtype) -> np.ndarray:
-        return np.empty(shape, dtype)
-
-    def to_host(self, result, out: np.ndarray) -> int:
-        np.copyto(out, result)
-        return out.nbytes
 
 
 class Sink(Protocol):
@@ -67,20 +51,24 @@ class Sink(Protocol):
 class Metrics:
     frames: int = 0
     wall_s: float = 0.0
+    read_s: float = 0.0  # pulling work items from the source (decoding input frames)
     compute_s: float = 0.0
     copy_s: float = 0.0
     post_s: float = 0.0  # summed over the workers
     bytes_copied: int = 0
     workers: int = 1
     serial: bool = False
+    device: dict = dataclasses.field(default_factory=dict)  # the backend's own measurements (GPU busy, D2H rate)
 
     def to_json(self) -> dict:
         wall = max(self.wall_s, 1e-9)
+        fields = dataclasses.asdict(self)
         return {
-            **dataclasses.asdict(self),
+            **{k: v for k, v in fields.items() if k != "device"},
             "fps": self.frames / wall,
-            "compute_busy": self.compute_s / wall,
-            "copy_gb_per_s": self.bytes_copied / max(self.copy_s, 1e-9) / 1e9,
+            "compute_busy": self.compute_s / wall,  # the compute thread's share of the wall time
+            "copy_gb_per_s": self.bytes_copied / max(self.copy_s, 1e-9) / 1e9,  # includes waiting for compute
+            **self.device,
         }
 
 
@@ -107,6 +95,7 @@ class FramePipeline:
         self.written: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()  # no new work
+        self._computing_done = threading.Event()  # compute takes no more items
         self._abort = threading.Event()  # no more work of any kind
         self._failure: _Failure | None = None
 
@@ -122,6 +111,16 @@ class FramePipeline:
     def _put(self, q: queue.Queue, item) -> bool:
         """put that gives up when the pipeline aborts; False if it gave up."""
         while not self._abort.is_set():
+            try:
+                q.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _offer(self, q: queue.Queue, item) -> bool:
+        """The reader's put: gives up once compute takes no more items."""
+        while not (self._abort.is_set() or self._computing_done.is_set()):
             try:
                 q.put(item, timeout=POLL_S)
                 return True
@@ -152,7 +151,7 @@ class FramePipeline:
 
     def _computed(self, item) -> list[tuple[int, Any]]:
         start = time.perf_counter()
-        frames = list(self.compute(item))
+        frames = self.backend.launch(self.compute, item)
         self.metrics.compute_s += time.perf_counter() - start
         return frames
 
@@ -168,6 +167,7 @@ class FramePipeline:
             self._fail("interrupt", None, exc)
         self.metrics.wall_s = time.perf_counter() - start
         self.metrics.frames = len(self.written)
+        self.metrics.device = self.backend.device_metrics()
         if self._failure is not None:
             error = PipelineError(self._describe(self._failure), hint=getattr(self._failure.error, "hint", None))
             if isinstance(self._failure.error, KilnError):  # bad input stays exit 2
@@ -188,8 +188,11 @@ class FramePipeline:
         """items until the pipeline stops; a failing source (an unreadable input frame) fails the 'read' stage."""
         iterator = iter(items)
         while not self._stop.is_set():
+            start = time.perf_counter()
             try:
-                yield next(iterator)
+                item = next(iterator)
+                self.metrics.read_s += time.perf_counter() - start
+                yield item
             except StopIteration:
                 return
             except Exception as exc:
@@ -253,17 +256,30 @@ class FramePipeline:
             except Exception as exc:
                 self._fail("post-processing", index, exc)
 
-        threads = [threading.Thread(target=copier, name="kiln-copy", daemon=True)]
+        to_compute: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+
+        def reader() -> None:
+            for item in self._items(items):  # stops at a read failure, or when compute stops
+                if not self._offer(to_compute, item):
+                    return
+            self._offer(to_compute, _END)  # also after a read failure: what was read is still computed
+
+        threads = [threading.Thread(target=reader, name="kiln-read", daemon=True)]
+        threads += [threading.Thread(target=copier, name="kiln-copy", daemon=True)]
         threads += [threading.Thread(target=worker, name=f"kiln-post-{i}", daemon=True) for i in range(self.workers)]
         for thread in threads:
             thread.start()
         try:
-            for item in self._items(items):
-                for frame in self._frames(item) or ():
-                    if not self._put(to_copy, frame):
-                        break
+            while (item := self._get(to_compute)) is not None and item is not _END:
+                frames = self._frames(item)
+                if frames is None:
+                    break
+                if not all(self._put(to_copy, frame) for frame in frames):
+                    break
         except KeyboardInterrupt as exc:
             self._fail("interrupt", None, exc)  # no new work; what was computed is still written
+        finally:
+            self._computing_done.set()
         try:
             self._put(to_copy, "end")
             for thread in threads:

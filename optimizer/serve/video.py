@@ -34,7 +34,7 @@ def video_fps(path: Path) -> float:
 
 
 def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB float32 frame in [0, 1]) for each frame of the video at path."""
+    """(index, uint8 RGB frame [H, W, 3]) for each frame of the video at path."""
     cv2 = opencv()
     if not path.is_file():
         raise InputError(f"{path}: no such video file")
@@ -47,7 +47,7 @@ def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
             ok, image = capture.read()
             if not ok:
                 break
-            yield index, image[:, :, ::-1].astype(np.float32) / 255.0
+            yield index, np.ascontiguousarray(image[:, :, ::-1])
             index += 1
         if index == 0:
             raise InputError(f"{path}: no frame could be decoded (empty or corrupt video)")

@@ -68,6 +68,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def test_interpolate_a_folder_by_4(capsys, film_engine, tmp_path):
     from optimizer.runner import load_engine
+    from optimizer.serve.backends import HostBackend
     from optimizer.serve.jobs import FilmInterpolator
 
     frames = write_frames(tmp_path / "in", 3)
@@ -80,7 +81,7 @@ def test_interpolate_a_folder_by_4(capsys, film_engine, tmp_path):
     # Inputs land at 0, 4 and 8; in-betweens are the engine's recursive mid-points, in order.
     for i, k in ((0, 0), (1, 4), (2, 8)):
         np.testing.assert_array_equal(read_rgb(tmp_path / "out" / f"frame_{k:06d}.png"), np.round(frames[i] * 255).astype(np.uint8))
-    film = FilmInterpolator(load_engine(film_engine), 4)
+    film = FilmInterpolator(HostBackend(load_engine(film_engine)), 4)
     expected = film.between(frames[0], frames[1], 2)
     for k, want in enumerate(expected, start=1):
         got = read_rgb(tmp_path / "out" / f"frame_{k:06d}.png").astype(np.int16)

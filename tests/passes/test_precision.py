@@ -180,6 +180,28 @@ def test_fp16_resize_scales_stay_float32():
     assert_idempotent(ConvertToFloat16, model)
 
 
+def test_fp16_keeps_ort_group_norm_gamma_and_beta_float32():
+    """ONNX Runtime's GroupNorm (onnxscript fuses it from the VAE's InstanceNorm pattern) fails at run
+    time on the GPU unless gamma and beta are float32; X and the output go to float16."""
+    model = parse(
+        """
+        <ir_version: 9, opset_import: ["" : 17, "com.microsoft" : 1]>
+        g (float[1,4,4,8] x) => (float[1,4,4,8] y)
+        <float[8] gamma = {1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0}, float[8] beta = {0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0}>
+        {
+          [gn] y = com.microsoft.GroupNorm <epsilon = 0.00001, groups = 2, activation = 0> (x, gamma, beta)
+        }
+        """,
+        header="",
+    )
+    ConvertToFloat16()(model)
+    group_norm = node(model, "gn")
+    assert [v.dtype for v in group_norm.inputs] == [F16, F32, F32]
+    assert group_norm.outputs[0].dtype == F16
+    assert sorted(_float_initializers(model, F32)) == ["beta", "gamma"]
+    assert_idempotent(ConvertToFloat16, model)
+
+
 # --- smaller contracts ------------------------------------------------------------------------------
 
 

@@ -113,6 +113,11 @@ def test_cuda_targets_say_why_they_are_unavailable_and_carry_their_settings():
         ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
         "CPUExecutionProvider",
     ]
+    # fp32 engines run without TF32 (verified to fp32's tolerance); fp16 ones keep it (tensor-core convolutions).
+    assert targets.H100.session_providers(precision="fp32")[0][1]["use_tf32"] == "0"
+    assert "use_tf32" not in targets.H100.session_providers(precision="fp16")[0][1]
+    assert targets.CPU.session_providers(precision="fp32", cuda_stream=1234) == [("CPUExecutionProvider", {})]
+    assert targets.H100.session_providers(cuda_stream=1234)[0][1]["user_compute_stream"] == "1234"
     assert dict(targets.H100.provider_options)["arena_extend_strategy"] == "kSameAsRequested"
     assert "ort-fusions" in [p.name for p in pass_pipeline(Options(), targets.H100)]
     assert "ort-fusions" not in [p.name for p in pass_pipeline(Options(), targets.CPU)]
