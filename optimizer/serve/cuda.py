@@ -63,6 +63,7 @@ class DeviceSession:
         self.shapes: dict[str, tuple[int, ...]] | None = None
         self.options = ort.RunOptions()
         self.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.runs: list[tuple[Any, Any]] = []  # (start, end) events of each engine run
 
     def _buffer(self, spec, shape) -> Any:
         return self.torch.empty(shape, dtype=getattr(self.torch, spec.dtype), device="cuda")
@@ -98,8 +99,13 @@ class DeviceSession:
             self._bind(shapes)
         for name, value in padded.items():
             self.buffers[name].copy_(value)  # casts to the engine's input type
+        start = self.torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(WARMUP_RUNS if new_shape else 1):
             self.session.run_with_iobinding(self.binding, self.options)
+        end = self.torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.runs.append((start, end))
         outputs = {spec.name: self.buffers[spec.name] for spec in self.outputs}
         if box is not None:
             name, (h_axis, w_axis) = next(iter(self.alignment.inputs.items()))
@@ -162,18 +168,23 @@ class CudaBackend:
         return result.tensor.nbytes
 
     def device_metrics(self) -> dict:
-        """GPU busy = the compute stream's time inside work items over the span from the first item's
-        start to the last one's end; device-to-host GB/s from the copy events alone."""
+        """From the events on the compute stream, over the span from the first work item's start to the
+        last one's end: gpu_busy is the time inside work items (uploads and conversions included),
+        engine_busy the time inside engine runs alone. Device-to-host GB/s from the copy events alone.
+        An event pair times all the stream did between the two, so a gap inside one (the host late to
+        launch the next op) counts as busy; with a CUDA graph an engine run is one launch."""
         self.torch.cuda.synchronize()
-        items, copies = self._items, self._copies
-        self._items, self._copies = [], []
+        items, runs, copies = self._items, self.session.runs, self._copies
+        self._items, self.session.runs, self._copies = [], [], []
         if not items:
             return {}
         busy_ms = sum(start.elapsed_time(end) for start, end in items)
         span_ms = items[0][0].elapsed_time(items[-1][1])
+        engine_ms = sum(start.elapsed_time(end) for start, end in runs)
         copy_ms = sum(start.elapsed_time(end) for start, end, _ in copies)
         return {
             "gpu_busy": busy_ms / max(span_ms, 1e-9),
+            "engine_busy": engine_ms / max(span_ms, 1e-9),
             "gpu_compute_s": busy_ms / 1e3,
             "gpu_span_s": span_ms / 1e3,
             "d2h_s": copy_ms / 1e3,

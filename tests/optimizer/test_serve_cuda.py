@@ -56,7 +56,8 @@ def test_gpu_decode_matches_the_cpu_engine(engines, tmp_path, kind):
     assert code == 0
     result = json.loads(out)
     assert result["frames"] == 7 and result["chunk"] == (2 if kind == "static" else 8)
-    assert 0 < result["gpu_busy"] <= 1 and result["d2h_gb_per_s"] > 0 and result["gpu_compute_s"] > 0
+    assert 0 < result["engine_busy"] <= result["gpu_busy"] + 1e-6 <= 1 + 1e-6  # engine runs lie inside work items
+    assert result["d2h_gb_per_s"] > 0 and result["gpu_compute_s"] > 0
     assert kiln("decode", built["cpu"], latents, "-o", tmp_path / "cpu")[0] == 0
     gpu, cpu = frames(tmp_path / "gpu"), frames(tmp_path / "cpu")
     assert len(gpu) == len(cpu) == 7

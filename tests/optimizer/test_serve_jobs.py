@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -161,3 +162,14 @@ def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
     code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "wrong.npy", "-o", tmp_path / "w")
     assert code == 2 and "holds shape [2, 3, 8, 8]; the decoder takes [frames, 4, height, width]" in err
+
+
+def test_auto_workers_keep_up_with_compute():
+    from optimizer.serve.jobs import ENCODE_MARGIN, auto_workers
+
+    cores = os.cpu_count()
+    assert auto_workers(None, 0.04) == 2  # a video: one encoder, one converter
+    assert auto_workers(0.001, 1.0) == 2  # encoding is cheap: one worker and one spare
+    # A 1080p PNG (250 ms on one core) against FILM's 42 ms of compute per output frame.
+    assert auto_workers(0.25, 0.042) == min(cores, math.ceil(ENCODE_MARGIN * 0.25 / 0.042) + 1)
+    assert auto_workers(10.0, 0.001) == cores
