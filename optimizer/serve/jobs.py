@@ -245,13 +245,13 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
     names = [spec.name for spec in engine.inputs]
     if names != ["latent_sample"]:
         raise InputError(f"the engine takes {names}, not a VAE decoder's latent_sample", hint="build one with `kiln optimize` from a diffusers AutoencoderKL")
+    if chunk is not None and chunk < 1:
+        raise InputError(f"--chunk must be at least 1, got {chunk}")
     batch = engine.inputs[0].shape[0]
     if isinstance(batch, int) and chunk not in (None, batch):
         raise InputError(f"this engine decodes exactly {batch} frame(s) per run (its profile is static), not --chunk {chunk}",
                          hint=f"pass --chunk {batch}, or rebuild the engine with a range for the batch")  # fmt: skip
     chunk = batch if isinstance(batch, int) else chunk or DEFAULT_CHUNK
-    if chunk < 1:
-        raise InputError("--chunk must be at least 1")
     try:
         latents = np.load(latents_path, allow_pickle=False)
     except (OSError, ValueError) as exc:

@@ -108,19 +108,9 @@ class FramePipeline:
         if stage in ("copy", "post-processing"):
             self._abort.set()
 
-    def _put(self, q: queue.Queue, item) -> bool:
-        """put that gives up when the pipeline aborts; False if it gave up."""
-        while not self._abort.is_set():
-            try:
-                q.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _offer(self, q: queue.Queue, item) -> bool:
-        """The reader's put: gives up once compute takes no more items."""
-        while not (self._abort.is_set() or self._computing_done.is_set()):
+    def _put(self, q: queue.Queue, item, give_up: threading.Event | None = None) -> bool:
+        """put that gives up when the pipeline aborts (or give_up is set); False if it gave up."""
+        while not (self._abort.is_set() or (give_up is not None and give_up.is_set())):
             try:
                 q.put(item, timeout=POLL_S)
                 return True
@@ -167,7 +157,11 @@ class FramePipeline:
             self._fail("interrupt", None, exc)
         self.metrics.wall_s = time.perf_counter() - start
         self.metrics.frames = len(self.written)
-        self.metrics.device = self.backend.device_metrics()
+        try:
+            self.metrics.device = self.backend.device_metrics()
+        except Exception:
+            if self._failure is None:  # after a failure (a GPU fault, say) the first error is the one to report
+                raise
         if self._failure is not None:
             error = PipelineError(self._describe(self._failure), hint=getattr(self._failure.error, "hint", None))
             if isinstance(self._failure.error, KilnError):  # bad input stays exit 2
@@ -260,9 +254,9 @@ class FramePipeline:
 
         def reader() -> None:
             for item in self._items(items):  # stops at a read failure, or when compute stops
-                if not self._offer(to_compute, item):
+                if not self._put(to_compute, item, give_up=self._computing_done):
                     return
-            self._offer(to_compute, _END)  # also after a read failure: what was read is still computed
+            self._put(to_compute, _END, give_up=self._computing_done)  # also after a read failure: what was read is still computed
 
         threads = [threading.Thread(target=reader, name="kiln-read", daemon=True)]
         threads += [threading.Thread(target=copier, name="kiln-copy", daemon=True)]

@@ -162,6 +162,29 @@ def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
     code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "wrong.npy", "-o", tmp_path / "w")
     assert code == 2 and "holds shape [2, 3, 8, 8]; the decoder takes [frames, 4, height, width]" in err
+    code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "z.npy", "-o", tmp_path / "c", "--chunk", "0")
+    assert code == 2 and "--chunk must be at least 1, got 0" in err
+
+
+def test_decode_with_a_static_batch_fills_the_last_chunk(capsys, tmp_path):
+    """An engine built for batch 2 decodes 5 latents as 2 + 2 + (1 and a copy), and writes exactly 5."""
+    from optimizer.runner import load_engine
+
+    pytest.importorskip("diffusers")
+    assert quiet("example", "vae", tmp_path / "vae") == 0
+    engine = tmp_path / "engine"
+    assert quiet("optimize", tmp_path / "vae", "-o", engine, "--shapes", "batch=2", "--shapes", "height=8", "--shapes", "width=8", "--bench-runs", "0") == 0
+    latents = np.random.default_rng(1).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "z.npy", latents)
+    code, out, err = run_cli(capsys, "decode", engine, tmp_path / "z.npy", "-o", tmp_path / "frames", "--json")
+    assert code == 0, err
+    assert json.loads(out)["chunk"] == 2
+    assert sorted(os.listdir(tmp_path / "frames")) == [f"frame_{i:06d}.png" for i in range(5)]
+    want = load_engine(engine).run({"latent_sample": latents[3:5]})["sample"][1]  # the last frame, in a full batch
+    want = np.clip((np.transpose(want, (1, 2, 0)) + 1) / 2 * 255 + 0.5, 0, 255).astype(np.int16)
+    assert np.abs(read_rgb(tmp_path / "frames" / "frame_000004.png").astype(np.int16) - want).max() <= 1
+    code, _, err = run_cli(capsys, "decode", engine, tmp_path / "z.npy", "-o", tmp_path / "x", "--chunk", "3")
+    assert code == 2 and "this engine decodes exactly 2 frame(s) per run (its profile is static), not --chunk 3" in err
 
 
 def test_auto_workers_keep_up_with_compute():

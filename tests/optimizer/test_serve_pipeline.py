@@ -98,6 +98,28 @@ def test_a_slow_encoder_applies_backpressure():
     assert sorted(sink.calls) == list(range(60))
 
 
+def test_reading_runs_ahead_of_compute_by_a_bounded_amount():
+    from optimizer.serve.pipeline import READ_AHEAD
+
+    read, ahead = [], []
+
+    def source():
+        for item in range(30):
+            read.append(item)
+            yield item
+
+    def compute(item):
+        ahead.append(len(read) - item - 1)  # items read but not yet computed
+        time.sleep(0.002)
+        return two_frames(item)
+
+    sink = RecordingSink(delay=0)
+    metrics = FramePipeline(compute, sink, workers=2).run(source())
+    # The queue holds READ_AHEAD items and the reader one more in hand, waiting for room.
+    assert max(ahead) <= READ_AHEAD + 1 and max(ahead) >= 1
+    assert sorted(sink.calls) == list(range(60)) and metrics.read_s >= 0
+
+
 def test_an_encoder_worker_that_dies_stops_the_pipeline(tmp_path):
     class Dying(FrameFolderSink):
         def write(self, index, data):
