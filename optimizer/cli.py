@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.set_defaults(handler=cmd_bench)
 
+    where = ("Engine compute, the copy to host and encoding run overlapped. An engine built for cuda or h100 runs on "
+             "the GPU (needs torch with CUDA): frames become uint8 there and are copied on a second CUDA stream into "
+             "pinned host buffers; a cpu engine runs the same pipeline on the host.")
     serve = argparse.ArgumentParser(add_help=False)
     serve.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="a folder (frames written as frame_000000.png, ...) or a video file (.mp4, .avi, .mov, .mkv; encoded on the CPU)")
     serve.add_argument("--workers", type=int, help="post-processing workers (default: enough to keep up, from the measured encode cost)")
@@ -116,14 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--force", action="store_true", help="write over an existing OUTPUT")
     serve.add_argument("--report", type=Path, metavar="FILE.json", help="also write the run's metrics to this file")
 
-    p = sub.add_parser("interpolate", parents=[common, serve], help="FILM frame interpolation of a video or a folder of frames")
+    p = sub.add_parser("interpolate", parents=[common, serve], help="FILM frame interpolation of a video or a folder of frames",
+                       description="FILM frame interpolation (the authors' recursive mid-points). " + where)
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a FILM SavedModel")
     p.add_argument("input", type=Path, metavar="INPUT", help="a folder of frames (in name order) or a video file; any size (padded to the model's alignment)")
     p.add_argument("--factor", type=int, default=2, help="frames out per frame in, a power of two: n frames become (n-1)*factor+1 (default 2)")
     p.add_argument("--fps", type=float, help="frame rate of a video OUTPUT (default: the input's times factor; 30 for folders)")
     p.set_defaults(handler=cmd_interpolate)
 
-    p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk")
+    p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk",
+                       description="Decode latents through a VAE-decoder engine, a chunk at a time. " + where)
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a diffusers AutoencoderKL")
     p.add_argument("latents", type=Path, metavar="LATENTS.npy", help="float latents [frames, channels, height, width]")
     p.add_argument("--chunk", type=int, help="frames decoded per engine run (default: the engine's batch if its profile "

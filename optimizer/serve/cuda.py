@@ -11,8 +11,9 @@ Stream layout. The engine's session is created on the compute stream (ONNX Runti
 `user_compute_stream`), so uploads, the engine run and the conversion to uint8 are ordered on one
 stream with no host synchronisation; the session is told not to synchronise at the end of a run. Each
 work item records a ready event; the copier thread makes the copy stream wait for it, copies into a
-pinned ring buffer and waits for that copy alone. Events around each item on the compute stream give
-the GPU's busy fraction, and events around each copy the device-to-host rate.
+pinned ring buffer and waits for that copy alone. Events around each work item and each engine run
+on the compute stream give the GPU's busy fraction, and events around each copy the device-to-host
+rate.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class CudaBackend:
 
     def upload(self, frame: np.ndarray) -> Any:
         with self._on_compute_stream():
-            return self.upload_array(frame).float().div_(255.0)
+            return unit_float(self.upload_array(frame))
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         with self._on_compute_stream():
@@ -210,9 +211,22 @@ class CudaBackend:
 
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> Any:
         with self._on_compute_stream():
-            image = image.float()
-            if channels_first:
-                image = image.permute(1, 2, 0)
-            if low:
-                image = (image - low) / (1.0 - low)
-            return (image * 255.0 + 0.5).clamp_(0, 255).to(self.torch.uint8).contiguous()
+            return uint8_frame(image, channels_first, low)
+
+
+# The device-side twins of HostBackend's conversions, op for op, so both give the same bytes.
+def unit_float(frame):
+    """A uint8 tensor as float32 in [0, 1]."""
+    return frame.float().div_(255.0)
+
+
+def uint8_frame(image, channels_first: bool = False, low: float = 0.0):
+    """A float image tensor in [low, 1] ([H, W, 3], or [3, H, W] if channels_first) as uint8 RGB [H, W, 3]."""
+    import torch
+
+    image = image.float()
+    if channels_first:
+        image = image.permute(1, 2, 0)
+    if low:
+        image = (image - low) / (1.0 - low)
+    return (image * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).contiguous()

@@ -187,6 +187,26 @@ def test_decode_with_a_static_batch_fills_the_last_chunk(capsys, tmp_path):
     assert code == 2 and "this engine decodes exactly 2 frame(s) per run (its profile is static), not --chunk 3" in err
 
 
+def test_a_cuda_engine_without_a_gpu_is_one_clear_error(capsys, vae_engine, tmp_path):
+    """The engine's manifest picks the GPU backend; without a CUDA device it says so and exits 2."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    copy = tmp_path / "engine"
+    shutil.copytree(vae_engine, copy)
+    manifest_path = copy / "engine" / "engine.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(target="cuda", device="cuda")
+    manifest_path.write_text(json.dumps(manifest))
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 8, 8), np.float32))
+    code, _, err = run_cli(capsys, "decode", copy, tmp_path / "z.npy", "-o", tmp_path / "frames")
+    assert code == 2 and "Traceback" not in err
+    assert f"the engine in {copy / 'engine'} runs on CUDA, and torch here sees no CUDA device" in err
+    assert not (tmp_path / "frames").exists()
+
+
 def test_auto_workers_keep_up_with_compute():
     from optimizer.serve.jobs import ENCODE_MARGIN, auto_workers
 
