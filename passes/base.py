@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -24,6 +25,11 @@ class KilnPass(ir.passes.InPlacePass):
     def __call__(self, model_or_result):
         self.stats, self.details, self.warnings = {}, {}, []
         return super().__call__(model_or_result)
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's data when it is a constant (an initializer with data), else None."""
+    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def count_nodes(model: ir.Model) -> int:

@@ -14,18 +14,14 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import KilnPass
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None or value.const_value is None else value.const_value.numpy()
+from passes.base import KilnPass, constant_array
 
 
 def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
     if node.op_type != "Unsqueeze" or node.domain != "":
         return None
     if len(node.inputs) > 1:
-        axes = _const(node.inputs[1])
+        axes = constant_array(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
     attr = node.attributes.get("axes")
     return None if attr is None else list(attr.as_ints())
@@ -43,7 +39,7 @@ def _adds_one(node: ir.Node, value: ir.Value) -> bool:
     if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
         return False
     other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-    data = _const(other)
+    data = constant_array(other)
     return data is not None and data.size == 1 and float(data.reshape(())) == 1.0
 
 
@@ -97,7 +93,7 @@ class FuseAdaLnModulation(KilnPass):
         chunks.attributes["axis"] = ir.AttrInt64("axis", 2)
         graph.insert_after(split, [wide, chunks])
         gemm = source.producer()
-        bias = _const(gemm.inputs[2]) if gemm is not None and gemm.op_type == "Gemm" and len(gemm.inputs) > 2 else None
+        bias = constant_array(gemm.inputs[2]) if gemm is not None and gemm.op_type == "Gemm" and len(gemm.inputs) > 2 else None
         width = None
         if bias is not None and bias.ndim == 1 and bias.shape[0] % len(split.outputs) == 0 and len(split.inputs) == 1:
             width = bias.shape[0] // len(split.outputs)  # equal chunks: the offset of chunk k is k * width

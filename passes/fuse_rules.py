@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, matmul_add_to_gemm_rule
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
+
+from passes.base import constant_array
 
 MS = "com.microsoft"
 
@@ -33,12 +34,6 @@ class KilnRule(pattern.RewriteRuleClassBase):
         return pattern.RewriteRule(self.pattern, self.rewrite, self.check, name=self.name)
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _last_dim(value: ir.Value) -> int | None:
     if value.shape is None or len(value.shape) == 0:
         return None
@@ -48,7 +43,7 @@ def _last_dim(value: ir.Value) -> int | None:
 
 def _check_channel_vector(rule: KilnRule, vector: ir.Value, x: ir.Value, what: str) -> pattern.MatchResult:
     """vector must be a constant 1-D tensor as long as x's last dim (what the contrib ops broadcast)."""
-    data = _constant(vector)
+    data = constant_array(vector)
     if data is None:
         return rule.refuse(f"{what} is not a constant")
     if data.ndim != 1:

@@ -137,7 +137,7 @@ class ConvertPrecision(KilnPass):
         for init in graph.initializers.values():
             # One that only feeds float32 slots (Range bounds, Resize scales, phase tables) keeps its exact value.
             if _is_f32(init) and init.const_value is not None and not self._only_feeds_fp32(init):
-                init.const_value = ir.tensor(init.const_value.numpy().astype(self.np_low), name=init.const_value.name)
+                init.const_value = self._low_tensor(init.const_value)
                 init.dtype = self.low
                 converted += 1
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
@@ -183,6 +183,9 @@ class ConvertPrecision(KilnPass):
             return False
         return all(self._is_fp32_slot(use.node, use.idx) for use in uses)
 
+    def _low_tensor(self, tensor: ir.TensorProtocol) -> ir.Tensor:
+        return ir.tensor(tensor.numpy().astype(self.np_low), name=tensor.name)
+
     def _convert_attributes(self, node: ir.Node) -> None:
         if node.op_type == "Constant" and node.domain == "":
             # value_float(s) make a float32 output whatever the value's type says; store low precision instead.
@@ -196,8 +199,7 @@ class ConvertPrecision(KilnPass):
             node.attributes["to"] = ir.AttrInt64("to", self.low)
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == F32:
-                tensor = attr.as_tensor()
-                node.attributes[name] = ir.AttrTensor(name, ir.tensor(tensor.numpy().astype(self.np_low), name=tensor.name))
+                node.attributes[name] = ir.AttrTensor(name, self._low_tensor(attr.as_tensor()))
 
     def _join(self, graph: ir.Graph) -> None:
         """Casts where a low-precision value meets a float32 slot, and where a kept node's float32

@@ -21,9 +21,8 @@ from optimizer.progress import FrameCounter
 from optimizer.serve.frames import FrameFolderSink, frame_paths, opencv, read_frames, to_uint8
 from optimizer.serve.backends import HostBackend
 from optimizer.serve.pipeline import FramePipeline
-from optimizer.serve.video import VideoSink, is_video, read_video, video_fps
+from optimizer.serve.video import VideoSink, is_video, read_video, video_info
 from optimizer.runner import check_feeds
-from targets.base import as_input_types
 
 FILM_INPUTS = {"x0", "x1", "time"}
 # Encoders side by side, sharing memory bandwidth and the GIL with the other stages, run slower than one alone.
@@ -59,11 +58,7 @@ def source_frames(source: Path) -> tuple[Iterator[tuple[int, np.ndarray]], int |
     if source.is_dir():
         return read_frames(source), len(frame_paths(source)), 30.0
     if is_video(source):
-        cv2 = opencv()
-        capture = cv2.VideoCapture(os.fspath(source))
-        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
-        capture.release()
-        return read_video(source), count or None, video_fps(source)
+        return read_video(source), *video_info(source)
     raise InputError(f"{source}: not a folder of frames or a video file", hint="give a folder of images or a .mp4/.avi/.mov/.mkv file")
 
 
@@ -220,9 +215,10 @@ def interpolate(backend, source: Path, output: Path, factor: int, workers: int |
     head = [next(frames, None), next(frames, None)]
     if head[1] is None:
         raise InputError(f"{source} has {'no frame' if head[0] is None else 'one frame'}; interpolation needs at least two")
-    x0, x1 = (f[None].astype(np.float32) for _, f in head)  # only shapes and types are checked
-    feeds = {"x0": x0, "x1": x1, "time": np.full((1, 1), 0.5, np.float32)}
-    warnings = check_feeds(backend.engine, as_input_types(backend.engine, feeds), f"frames of {source}")
+    # Only shapes and types are checked: empty arrays of the engine's types, no copy of the frames.
+    dtypes = {spec.name: spec.dtype for spec in backend.engine.inputs}
+    shapes = {"x0": (1, *head[0][1].shape), "x1": (1, *head[1][1].shape), "time": (1, 1)}
+    warnings = check_feeds(backend.engine, {k: np.empty(v, dtypes[k]) for k, v in shapes.items()}, f"frames of {source}")
     # A pair's in-betweens give factor - 1 of every factor output frames.
     per_frame_s, sample = timed_warm_up(backend, film, ("between", 0, head[0][1], head[1][1]))
     per_frame_s *= (factor - 1) / factor

@@ -23,14 +23,17 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def video_fps(path: Path) -> float:
+def video_info(path: Path) -> tuple[int | None, float]:
+    """The frame count (None if the container does not say) and the frame rate (30 if it does not say)."""
     cv2 = opencv()
     capture = cv2.VideoCapture(os.fspath(path))
+    count, fps = 0, 0.0
     try:
-        fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+        if capture.isOpened():
+            count, fps = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), capture.get(cv2.CAP_PROP_FPS)
     finally:
         capture.release()
-    return fps if fps and fps > 0 else 30.0
+    return count or None, fps if fps and fps > 0 else 30.0
 
 
 def read_video(path: Path) -> Iterator[tuple[int, np.ndarray]]:
