@@ -16,7 +16,9 @@ measured encode cost, into temporary folders, in one process on one engine. Over
 (T_serial - T_async) / (T_serial - T_slowest_stage); a stage's time is its total in the serial run:
 reading, compute (GPU time from CUDA events on a GPU), the device-to-host copy, and post-processing
 divided by the workers. The two runs' frames are compared: a race between the stages would show as
-frames that differ (so would a nondeterministic kernel; the table says by how many levels).
+frames that differ (so would a nondeterministic kernel; the table says by how many levels). ONNX
+Runtime's fused GroupNorm is one: the VAE's frames differ by a few levels from run to run, serial or
+not (with that fusion disabled they are identical); JPEG turns such a difference into tens of levels.
 """
 
 from __future__ import annotations

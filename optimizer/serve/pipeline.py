@@ -5,7 +5,8 @@ Four stages run at once, joined by bounded queues:
 - compute (the caller's thread) launches the engine on each work item through the backend; an item
   may yield several frames;
 - copy (one thread) waits for each frame's compute and copies it into a ring of host buffers allocated
-  once (pinned on a GPU, where the copy runs on its own stream);
+  once (pinned on a GPU, where the copy runs on its own stream). Compute runs up to COPY_AHEAD work
+  items ahead of it, so the GPU has the next item queued while the copier waits for the current one;
 - post-processing (a pool of threads) encodes and writes each frame, then gives its buffer back.
 
 A slow encoder holds buffers, the copier then waits for a free one, and compute for room in the copy
@@ -35,6 +36,7 @@ from optimizer.serve.backends import Backend, HostBackend
 
 POLL_S = 0.05  # how often a blocked stage looks for a stop
 READ_AHEAD = 4  # work items read and decoded ahead of compute
+COPY_AHEAD = 2  # work items computed ahead of the copy (their frames held on the device)
 _END = object()  # the source is exhausted
 
 
@@ -215,7 +217,7 @@ class FramePipeline:
                     return self._fail(stage, index, exc)
 
     def _run_overlapped(self, items: Iterable[Any]) -> None:
-        to_copy: queue.Queue = queue.Queue(maxsize=2)
+        to_copy: queue.Queue = queue.Queue(maxsize=COPY_AHEAD)  # one entry per work item: its frames
         to_post: queue.Queue = queue.Queue(maxsize=self.ring_size)
         free: queue.Queue = queue.Queue()
         ring: list[np.ndarray] = []
@@ -223,18 +225,18 @@ class FramePipeline:
         def copier() -> None:
             index = None
             try:
-                while (job := self._get(to_copy)) is not None and job != "end":
-                    index, result = job
-                    if not ring:  # the ring is allocated once, at the first frame's shape
-                        ring.extend(self.backend.host_buffer(result.shape, result.dtype) for _ in range(self.ring_size))
-                        for slot in range(self.ring_size):
-                            free.put(slot)
-                    slot = self._get(free)
-                    if slot is None:
-                        return
-                    self._copy(result, ring[slot])
-                    if not self._put(to_post, (index, slot)):
-                        return
+                while (frames := self._get(to_copy)) is not None and frames != "end":
+                    for index, result in frames:
+                        if not ring:  # the ring is allocated once, at the first frame's shape
+                            ring.extend(self.backend.host_buffer(result.shape, result.dtype) for _ in range(self.ring_size))
+                            for slot in range(self.ring_size):
+                                free.put(slot)
+                        slot = self._get(free)
+                        if slot is None:
+                            return
+                        self._copy(result, ring[slot])
+                        if not self._put(to_post, (index, slot)):
+                            return
                 for _ in range(self.workers):  # one end marker per worker
                     self._put(to_post, None)
             except Exception as exc:
@@ -268,7 +270,7 @@ class FramePipeline:
                 frames = self._frames(item)
                 if frames is None:
                     break
-                if not all(self._put(to_copy, frame) for frame in frames):
+                if not self._put(to_copy, frames):
                     break
         except KeyboardInterrupt as exc:
             self._fail("interrupt", None, exc)  # no new work; what was computed is still written

@@ -17,7 +17,7 @@ from optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
 cv2 = pytest.importorskip("cv2")
 
 from optimizer.serve.frames import FrameFolderSink, read_frame, read_frames  # noqa: E402
-from optimizer.serve.pipeline import FramePipeline, PipelineError  # noqa: E402
+from optimizer.serve.pipeline import COPY_AHEAD, FramePipeline, PipelineError  # noqa: E402
 
 H, W = 24, 32
 
@@ -93,8 +93,9 @@ def test_a_slow_encoder_applies_backpressure():
     peak: list[int] = []
     pipeline = FramePipeline(compute, sink, workers=1, ring=3)
     pipeline.run(range(30))
-    # Frames computed but not yet written: the ring, the copy queue (2) and one item's frames, no more.
-    assert max(peak) <= pipeline.ring_size + 2 + 2 + 2
+    # Frames computed but not yet written: the ring, and the frames of the items queued for the copy,
+    # in the copier's hands and being computed, no more.
+    assert max(peak) <= pipeline.ring_size + 2 * (COPY_AHEAD + 2)
     assert sorted(sink.calls) == list(range(60))
 
 
