@@ -120,7 +120,7 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
     timings["reference_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if profile.is_static() and profile.dims and "freeze-shapes" not in options.disable_passes:
+    if profile.is_static() and profile.dims:  # freeze the shapes first (pass_pipeline drops it if disabled)
         chosen_passes = pass_pipeline(options, target, profile.sizes("opt"))
     model, records = _run_passes(model, chosen_passes, options, verifier, progress)
     timings["passes_s"] = time.perf_counter() - t

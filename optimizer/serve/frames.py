@@ -76,16 +76,20 @@ class FrameFolderSink:
     def path(self, index: int) -> Path:
         return self.directory / f"frame_{index:06d}.{self.ext}"
 
-    def write(self, index: int, frame: np.ndarray) -> None:
-        cv2 = opencv()
-        ok, encoded = cv2.imencode(f".{self.ext}", np.ascontiguousarray(to_uint8(frame)[:, :, ::-1]), self.params)
+    def encode(self, frame: np.ndarray, index: int = 0) -> bytes:
+        """frame as the bytes of a .png or .jpg file."""
+        ok, encoded = opencv().imencode(f".{self.ext}", np.ascontiguousarray(to_uint8(frame)[:, :, ::-1]), self.params)
         if not ok:
             raise RuntimeError(f"OpenCV could not encode frame {index} as {self.ext}")
+        return encoded.tobytes()
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        encoded = self.encode(frame, index)
         final = self.path(index)
         tmp = final.with_name(f".{final.name}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(encoded.tobytes())
+                f.write(encoded)
             os.replace(tmp, final)
         except OSError:
             tmp.unlink(missing_ok=True)

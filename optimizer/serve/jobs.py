@@ -18,7 +18,7 @@ import numpy as np
 
 from optimizer.errors import InputError
 from optimizer.progress import FrameCounter
-from optimizer.serve.frames import FrameFolderSink, frame_paths, opencv, read_frames, to_uint8
+from optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames
 from optimizer.serve.backends import HostBackend
 from optimizer.serve.pipeline import FramePipeline
 from optimizer.serve.video import VideoSink, is_video, read_video, video_info
@@ -146,14 +146,12 @@ def encode_seconds(sink, samples: list[np.ndarray]) -> float | None:
     whose single encoder sets no worker count."""
     if isinstance(sink, VideoSink):
         return None
-    cv2 = opencv()
     slowest = 0.0
     for frame in samples:
-        image = np.ascontiguousarray(to_uint8(frame)[:, :, ::-1])
         best = float("inf")
         for _ in range(2):  # the first call may pay the encoder's set-up
             start = time.perf_counter()
-            cv2.imencode(f".{sink.ext}", image, sink.params)
+            sink.encode(frame)
             best = min(best, time.perf_counter() - start)
         slowest = max(slowest, best)
     return slowest
