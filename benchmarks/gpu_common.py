@@ -34,7 +34,7 @@ def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict,
     profile = Profile(input_specs(model), {} if static else dims)
     (work / "engine").mkdir(exist_ok=True)
     start = time.perf_counter()
-    target.build(work / "model.onnx", work / "engine", profile)
+    target.build(work / "model.onnx", work / "engine", profile, {"precision": precision})  # loads with the same TF32 rule
     engine = target.load(work / "engine")
     print(f"  kiln {target.name} {precision}{' static' if static else ''}: passes {passes_s:.0f} s, build+load {time.perf_counter() - start:.0f} s")
     return engine, records
