@@ -16,19 +16,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from optimizer.bench import measure
-from optimizer.cli import main as kiln
-from optimizer.runner import load_engine
-
-
-class RawSession:
-    """ONNX Runtime with its default settings on the unoptimized model: the baseline."""
-
-    def __init__(self, path: Path):
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def run(self, feeds):
-        return self.session.run(None, feeds)
+from kiln.optimizer.bench import measure
+from kiln.optimizer.cli import main as kiln
+from kiln.optimizer.run import open_engine as load_engine
+from kiln.targets import Engine
 
 
 def main() -> None:
@@ -42,7 +33,9 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             kiln(["example", "block", str(work / "ex")])
         model = work / "ex" / "model.onnx"
-    runners = {"ort raw fp32": RawSession(model)}
+    # The baseline: ONNX Runtime with its default settings on the unoptimized model.
+    raw = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    runners = {"ort raw fp32": Engine.from_session(raw)}
     for precision in ("fp32", "fp16"):
         out = work / precision
         with contextlib.redirect_stdout(io.StringIO()):

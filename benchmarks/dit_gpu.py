@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import kiln_engine, print_table, profile_kernels, rel_err, session_runner  # noqa: E402
-from optimizer.bench import median_ms  # noqa: E402
+from gpu_common import baseline_engine, kiln_engine, print_table, profile_kernels, rel_err  # noqa: E402
+from kiln.optimizer.bench import median_ms  # noqa: E402
 
 CASES = {"256² b8": (8, 32), "512² b2": (2, 64)}
 
@@ -42,8 +42,8 @@ def dit_xl_2():
 
 def export_dit(model, work: Path):
     """kiln's diffusers export with dynamic batch and latent size; returns (path, dim ranges)."""
-    from optimizer.importers.diffusers import export
-    from optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
+    from kiln.optimizer.importers.diffusers import export
+    from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
 
     adapter = adapter_for(model)
     ranges, _ = resolve_ranges(adapter, [("bench", "batch=1..2..8"), ("bench", "height=32..64")])
@@ -80,7 +80,7 @@ def main() -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from targets import H100, DimRange
+    from kiln.targets import H100, DimRange
 
     ort.preload_dlls()
     ort.set_default_logger_severity(3)
@@ -136,8 +136,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
         for name, session in sessions.items():
-            run, result = session_runner(session, feeds, "sample")
-            rows.append((label, name, median_ms(run, args.runs), rel_err(result(), want)))
+            engine = baseline_engine(session)
+            rows.append((label, name, median_ms(engine.device_runner(feeds), args.runs), rel_err(engine.run(feeds)["sample"], want)))
         variants = dict(engines)
         for precision in precisions:
             static = {"batch": DimRange(batch, batch, batch), "height": DimRange(latent, latent, latent)}

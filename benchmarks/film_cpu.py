@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.bench import median_ms
+from kiln.optimizer.bench import median_ms
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    from optimizer.cli import main as kiln
-    from optimizer.film_net import FilmConfig, export_saved_model, load_saved_model, reference_interpolate
-    from optimizer.runner import load_engine
+    from kiln.optimizer.cli import main as kiln
+    from kiln.optimizer.examples.film_net import FilmConfig, export_saved_model, load_saved_model, reference_interpolate
+    from kiln.optimizer.run import open_engine as load_engine
 
     work = Path(tempfile.mkdtemp(prefix="kiln-film-cpu-"))
     saved = export_saved_model(work / "saved_model", FilmConfig(), seed=0)

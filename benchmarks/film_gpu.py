@@ -34,8 +34,8 @@ SIZES = {"1024²": (1024, 1024), "1080p": (1088, 1920)}
 def prepare(out: Path) -> None:
     import onnx
 
-    from optimizer.cli import main as kiln
-    from optimizer.film_net import FilmConfig, export_saved_model
+    from kiln.optimizer.cli import main as kiln
+    from kiln.optimizer.examples.film_net import FilmConfig, export_saved_model
 
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kiln-film-"))
@@ -63,9 +63,9 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from gpu_common import kiln_engine, print_table, profile_kernels, rel_err, session_runner
-    from optimizer.bench import median_ms
-    from targets import H100, DimRange
+    from gpu_common import baseline_engine, kiln_engine, print_table, profile_kernels, rel_err
+    from kiln.optimizer.bench import median_ms
+    from kiln.targets import H100, DimRange
 
     ort.preload_dlls()
     ort.set_default_logger_severity(3)
@@ -96,9 +96,9 @@ def run(out: Path, runs: int, warmup: int, profile: bool = False) -> None:
                  "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
         images = {}
         for name, session in sessions.items():
-            call, result = session_runner(session, feeds, "image")
-            ms = median_ms(call, runs, warmup)
-            images[name] = result()
+            engine = baseline_engine(session)
+            ms = median_ms(engine.device_runner(feeds), runs, warmup)
+            images[name] = engine.run(feeds)["image"]
             rows.append([label, name, ms, images[name]])
         variants = dict(engines)
         static = {"batch": DimRange(1, 1, 1), "height": DimRange(h, h, h), "width": DimRange(w, w, w)}

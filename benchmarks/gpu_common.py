@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,50 +10,29 @@ import onnx_ir as ir
 
 
 def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict, **target_changes):
-    """Run kiln's pass pipeline for target on model (in place) and build and load its engine in work.
-
-    dims maps each dynamic dim to a DimRange; when every range is one size, the shapes are frozen and
-    the engine captures a CUDA graph, as `kiln optimize` does for a static profile. target_changes
-    override target fields (e.g. provider_options) for a variant. Returns (engine, pass records)."""
-    from optimizer.config import Options
-    from optimizer.models import save_model
-    from optimizer.pipeline import pass_pipeline
-    from optimizer.shapes import input_specs
-    from passes import PassManager
-    from targets import Profile
+    """kiln's engine for target from model (changed in place), built in work through the same function
+    as `kiln optimize`. dims maps each dynamic dim to a DimRange; when every range is one size, the shapes
+    are frozen and a GPU engine runs as one CUDA graph. target_changes override target fields (e.g.
+    provider_options) for a variant. Returns (engine, pass records)."""
+    from kiln.optimizer.build import build_engine
+    from kiln.optimizer.config import Options
+    from kiln.optimizer.shapes import input_specs
+    from kiln.targets import Profile
 
     target = dataclasses.replace(target, **target_changes)
-    static = all(r.min == r.max for r in dims.values())
-    sizes = {name: r.min for name, r in dims.items()} if static else None
-    start = time.perf_counter()
-    model, records = PassManager(pass_pipeline(Options(precision=precision), target, sizes)).run(model)
-    passes_s = time.perf_counter() - start
     work.mkdir(parents=True, exist_ok=True)
-    save_model(model, work / "model.onnx")
-    profile = Profile(input_specs(model), {} if static else dims)
-    (work / "engine").mkdir(exist_ok=True)
-    start = time.perf_counter()
-    target.build(work / "model.onnx", work / "engine", profile, {"precision": precision})  # loads with the same TF32 rule
-    engine = target.load(work / "engine")
-    print(f"  kiln {target.name} {precision}{' static' if static else ''}: passes {passes_s:.0f} s, build+load {time.perf_counter() - start:.0f} s")
-    return engine, records
+    built = build_engine(model, work, target, Options(precision=precision), Profile(input_specs(model), dims))
+    static = " static" if built.config.cuda_graph or all(r.min == r.max for r in dims.values()) else ""
+    print(f"  kiln {target.name} {precision}{static}: passes {built.passes_s:.0f} s, build+load {built.build_s:.0f} s")
+    return built.engine, built.records
 
 
-def session_runner(session, feeds: dict[str, np.ndarray], output: str):
-    """(run, result) for an ONNX Runtime session with feeds and output bound on the GPU: run() runs it
-    and waits; result() copies the output to the host."""
-    import onnxruntime as ort
+def baseline_engine(session):
+    """An ONNX Runtime session that kiln did not build, run through the same binding as kiln's engines
+    (inputs and outputs on the GPU): `engine.device_runner(feeds)` and `engine.run(feeds)`."""
+    from kiln.targets import Engine
 
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    binding.bind_output(output, "cuda", 0)
-
-    def run():
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run, lambda: binding.copy_outputs_to_cpu()[0]
+    return Engine.from_session(session, "cuda")
 
 
 def rel_err(got, want) -> float:

@@ -25,9 +25,12 @@ def build_dit(work: Path) -> Path:
     import onnx_ir as ir
 
     from dit_gpu import dit_xl_2
-    from optimizer.importers.diffusers import export
-    from optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
-    from passes import ConvertToFloat16, FuseForOnnxRuntime, PassManager, cleanup_passes
+    from kiln.optimizer.importers.diffusers import export
+    from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
+    from kiln.optimizer.build import select_passes
+    from kiln.optimizer.config import Options
+    from kiln.passes import PassManager
+    from kiln.targets import H100
 
     model = dit_xl_2()
     adapter = adapter_for(model)
@@ -35,7 +38,7 @@ def build_dit(work: Path) -> Path:
     raw = work / "dit.onnx"
     export(model, adapter, ranges, raw)
     del model
-    optimized, _ = PassManager([*cleanup_passes(), FuseForOnnxRuntime(), ConvertToFloat16()]).run(ir.load(raw))
+    optimized, _ = PassManager(select_passes(Options(precision="fp16"), H100)).run(ir.load(raw))
     path = work / "dit_fp16.onnx"
     ir.save(optimized, path, external_data=path.name + ".data")
     return path
@@ -51,7 +54,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from targets import H100
+    from kiln.targets import H100
 
     ort.preload_dlls()
     work = Path(tempfile.mkdtemp(prefix="kiln-profile-"))
@@ -60,7 +63,9 @@ def main() -> None:
     options.enable_profiling = True
     options.profile_file_prefix = str(work / "ort")
     options.log_severity_level = 2  # warnings name nodes that fall back to the CPU
-    session = ort.InferenceSession(str(path), options, providers=H100.session_providers())
+    # The session settings of kiln's dynamic fp16 h100 engine (no CUDA graph: the profiler needs kernels).
+    providers = [("CUDAExecutionProvider", dict(H100.provider_options)), "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
     rng = np.random.default_rng(0)
     feeds = {"hidden_states": rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32),
              "timestep": rng.integers(0, 1000, (args.batch,)), "class_labels": rng.integers(0, 1000, (args.batch,))}  # fmt: skip

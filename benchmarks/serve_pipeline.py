@@ -42,7 +42,7 @@ SD_VAE = dict(  # Stable Diffusion's AutoencoderKL layout: 84M parameters, 8x up
 
 def compare(job: str, backend, source: Path, fmt: str, factor: int = 2, workers: int | None = None) -> dict:
     """Run job overlapped, then serially with the same workers; both results and the derived figures."""
-    from optimizer.serve.jobs import decode, interpolate
+    from kiln.optimizer.serve.jobs import decode, interpolate
 
     results, outputs = {}, {}
     for mode in ("async", "serial"):
@@ -107,7 +107,7 @@ def kiln(*args) -> None:
     import contextlib
     import io
 
-    from optimizer.cli import main as kiln_main
+    from kiln.optimizer.cli import main as kiln_main
 
     with contextlib.redirect_stdout(io.StringIO()):  # the report is in the engine folder
         code = kiln_main([*map(str, args), "--json"])
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=64, help="gpu: latent frames for the VAE (enough that filling and draining the pipeline is a small part)")
     args = parser.parse_args()
 
-    from optimizer.serve.jobs import open_backend
+    from kiln.optimizer.serve.jobs import open_backend
 
     if args.job != "gpu":
         rows = [(f"{args.job} {args.format}", compare(args.job, open_backend(args.engine), args.source, args.format, args.factor, args.workers))]

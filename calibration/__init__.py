@@ -1,5 +1,5 @@
 """Calibration data: reading and validating arrays that feed a model (calibration sets, run inputs)."""
 
-from calibration.arrays import DataError, check_finite, read_npz
+from kiln.calibration.arrays import DataError, check_finite, read_npz
 
 __all__ = ["DataError", "check_finite", "read_npz"]

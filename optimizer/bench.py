@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 
-from targets import Engine, Profile
-from targets.base import as_input_types
+from kiln.targets import Engine, Profile
 
 
 def samples_ms(fn, runs: int, warmup: int) -> list[float]:
@@ -27,13 +26,12 @@ def median_ms(fn, runs: int, warmup: int = 1) -> float:
 
 
 def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
-    """Latency of one run. An engine with a device_runner is timed on device-resident inputs and
-    outputs (the copies are the serving pipeline's job); others from host arrays to host arrays."""
-    device_runner = getattr(engine, "device_runner", None)
-    run = device_runner(feeds) if device_runner else lambda: engine.run(feeds)
+    """Latency of one run. A GPU engine is timed on device-resident inputs and outputs (the copies are
+    the serving pipeline's job); a CPU engine from host arrays to host arrays."""
+    run = engine.device_runner(feeds) if engine.device_resident else lambda: engine.run(feeds)
     times = samples_ms(run, runs, warmup)
     return {
-        "io": "device" if device_runner else "host",
+        "io": "device" if engine.device_resident else "host",
         "runs": runs,
         "median_ms": float(np.median(times)),
         "p90_ms": float(np.percentile(times, 90)),
@@ -44,6 +42,6 @@ def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
 def bench_profile(engine: Engine, profile: Profile, runs: int, warmup: int, seed: int = 0) -> list[dict]:
     results = []
     for corner, shapes in profile.corners():
-        feeds = as_input_types(engine, profile.random_inputs(shapes, seed))
+        feeds = engine.as_input_types(profile.random_inputs(shapes, seed))
         results.append({"corner": corner, "shapes": {k: list(v) for k, v in shapes.items()}, **measure(engine, feeds, runs, warmup)})
     return results

@@ -8,9 +8,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from optimizer import __version__
-from optimizer.config import IO_DTYPES, PRECISIONS
-from optimizer.errors import EXIT_INTERNAL, KilnError
+from kiln.optimizer import __version__
+from kiln.optimizer.config import IO_DTYPES, PRECISIONS
+from kiln.optimizer.errors import EXIT_INTERNAL, KilnError
 
 DESCRIPTION = """\
 kiln takes a trained model to a fast, verified inference engine for a target, and runs it.
@@ -155,10 +155,10 @@ def _emit(args, data, text: str) -> None:
 
 
 def cmd_optimize(args) -> int:
-    from optimizer.config import Options, load_recipe, validate
-    from optimizer.errors import InputError
-    from optimizer.pipeline import optimize
-    from optimizer.progress import Progress
+    from kiln.optimizer.config import Options, load_recipe, validate
+    from kiln.optimizer.errors import InputError
+    from kiln.optimizer.optimize import optimize
+    from kiln.optimizer.progress import Progress
 
     options = Options()
     if args.config:
@@ -186,7 +186,7 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from optimizer.runner import run_engine
+    from kiln.optimizer.run import run_engine
 
     results, warnings = run_engine(args.engine, args.inputs, args.output)
     for warning in warnings:
@@ -198,13 +198,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from optimizer.bench import bench_profile
-    from optimizer.errors import InputError
-    from optimizer.runner import load_engine
+    from kiln.optimizer.bench import bench_profile
+    from kiln.optimizer.errors import InputError
+    from kiln.optimizer.run import open_engine
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup 0 or more")
-    engine = load_engine(args.engine)
+    engine = open_engine(args.engine)
     results = bench_profile(engine, engine.profile, args.runs, args.warmup, args.seed)
     lines = [f"{'corner':<8} {'median ms':>10} {'p90 ms':>10}  shapes"]
     for r in results:
@@ -215,7 +215,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    import targets
+    from kiln import targets
 
     described = [t.describe() for t in targets.TARGETS.values()]
     lines = []
@@ -228,11 +228,11 @@ def cmd_targets(args) -> int:
 
 
 def _serve(args, job) -> int:
-    from optimizer.serve.jobs import open_backend
+    from kiln.optimizer.serve.jobs import open_backend
 
     result = job(open_backend(args.engine), progress=not args.json and sys.stderr.isatty())
     if args.report:
-        from optimizer.outdir import atomic_file
+        from kiln.optimizer.outdir import atomic_file
 
         with atomic_file(args.report) as tmp:
             tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -246,27 +246,25 @@ def _serve(args, job) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from optimizer.serve.jobs import interpolate
+    from kiln.optimizer.serve.jobs import interpolate
 
     return _serve(args, lambda backend, progress: interpolate(
         backend, args.input, args.output, args.factor, args.workers, args.serial, args.format, args.fps, args.force, progress))
 
 
 def cmd_decode(args) -> int:
-    from optimizer.serve.jobs import decode
+    from kiln.optimizer.serve.jobs import decode
 
     return _serve(args, lambda backend, progress: decode(
         backend, args.latents, args.output, args.chunk, args.workers, args.serial, args.format, args.fps, args.force, progress))
 
 
 def cmd_passes(args) -> int:
-    import passes
+    from kiln import passes, targets
+    from kiln.optimizer.build import select_passes
+    from kiln.optimizer.config import Options
 
-    import targets
-    from optimizer.config import Options
-    from optimizer.pipeline import pass_pipeline
-
-    everything = pass_pipeline(Options(precision="fp16"), targets.CUDA, static_sizes={})
+    everything = select_passes(Options(precision="fp16"), targets.CUDA, static_sizes={})
     everything.insert(-1, passes.FuseStandardOnnx())  # the CPU's and TensorRT's instead of ort-fusions
     listed = [{"name": p.name, "summary": p.summary} for p in everything]
     _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
@@ -274,7 +272,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_example(args) -> int:
-    from optimizer.examples import write_example
+    from kiln.optimizer.examples import write_example
 
     path = write_example(args.name, args.directory, args.force)
     _emit(args, {"example": args.name, "model": str(path)}, f"wrote {path}\nnext: kiln optimize {path} -o out/")

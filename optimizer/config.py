@@ -6,7 +6,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from optimizer.errors import InputError
+from kiln.optimizer.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 IO_DTYPES = ("float32", "float16")

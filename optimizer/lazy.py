@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from optimizer.errors import InputError
+from kiln.optimizer.errors import InputError
 
 
 def check_installed(modules: list[str], extra: str, why: str) -> None:

@@ -10,8 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from optimizer.errors import InputError
+from kiln.optimizer.errors import InputError
 
+# What `kiln optimize` writes into OUTDIR: model.onnx, ENGINE_DIR/ (the target's engine and its
+# manifest), report.json and report.md.
+ENGINE_DIR = "engine"
 REPORT_FILE = "report.json"
 REPORT_SCHEMA = "kiln-report"
 

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import platform
 from pathlib import Path
 
-from optimizer.outdir import REPORT_FILE, REPORT_SCHEMA
+from kiln.optimizer.outdir import REPORT_FILE, REPORT_SCHEMA
+from kiln.targets.versions import library_versions, runtime_versions
 
-SCHEMA_VERSION = 1
-_LIBRARIES = ("kiln-ml", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "protobuf", "ml_dtypes")
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
+SCHEMA_VERSION = 2  # 2: versions from the imported modules, the runtime's distribution and providers, build_config
 
 
 def new_report(command: str) -> dict:
-    return {"schema": REPORT_SCHEMA, "schema_version": SCHEMA_VERSION, "command": command, "versions": versions()}
+    return {"schema": REPORT_SCHEMA, "schema_version": SCHEMA_VERSION, "command": command,
+            "versions": library_versions(), "runtime": runtime_versions()}  # fmt: skip
 
 
 def write_reports(directory: Path, report: dict) -> None:
@@ -80,6 +69,8 @@ def markdown(report: dict) -> str:
         out += [f"- warning ({p['name']}): {w}" for w in p["warnings"]]
         for node, reason in p["details"].get("kept_fp32", {}).items():
             out.append(f"- kept in fp32 ({p['name']}): `{node}`: {reason}")
+        for tensor, reason in p["details"].get("out_of_range", {}).items():
+            out.append(f"- out of range ({p['name']}): `{tensor}`: {reason}")
         for op, note in p["details"].get("fp32_inside", {}).items():
             out.append(f"- {op} ({p['name']}): {note}")
         for rule, reasons in p["details"].get("refused", {}).items():
@@ -100,5 +91,9 @@ def markdown(report: dict) -> str:
         out += ["## Latency", ""]
         rows = [[b["corner"], _shapes(b["shapes"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", b["runs"]] for b in report["latency"]]
         out += _table(["corner", "shapes", "median ms", "p90 ms", "runs"], rows)
-    out += ["## Versions", ""] + _table(["library", "version"], [[k, v] for k, v in report["versions"].items()])
+    runtime = report["runtime"]
+    rows = [[k, v] for k, v in report["versions"].items()]
+    rows.append(["ONNX Runtime that ran", f"{runtime['onnxruntime']} ({runtime['distribution']}, {runtime['path']}); "
+                 f"providers: {', '.join(runtime['providers'].split(','))}"])  # fmt: skip
+    out += ["## Versions", ""] + _table(["library", "version"], rows)
     return "\n".join(out)

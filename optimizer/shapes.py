@@ -8,8 +8,9 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from optimizer.errors import InputError
-from targets import DimRange, Profile, TensorSpec
+from kiln.optimizer.errors import InputError
+from kiln.passes.base import dim_name
+from kiln.targets import DimRange, Profile, TensorSpec
 
 # Models may carry their own ranges, as "batch=1..2..8,seq=1..128" (set by kiln's importers and examples).
 SHAPES_METADATA_KEY = "kiln.shapes"
@@ -25,13 +26,8 @@ def _spec(value: ir.Value, graph_name: str) -> TensorSpec:
             f"{graph_name} {value.name!r} has no {'shape' if value.dtype else 'type'} in the model",
             hint="re-export the model with typed, ranked inputs and outputs",
         )
-    dims: list[int | str] = []
-    for axis, dim in enumerate(value.shape):
-        if isinstance(dim, int):
-            dims.append(dim)
-        else:
-            dims.append(dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else f"{value.name}:{axis}")
-    return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, tuple(dims))
+    dims = tuple(dim if isinstance(dim, int) else dim_name(value, axis) for axis, dim in enumerate(value.shape))
+    return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, dims)
 
 
 def int_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:

@@ -13,10 +13,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from optimizer.models import save_model
-from optimizer.align import Alignment
-from targets import CORNERS, Engine, Profile
-from targets.base import as_input_types
+from kiln.optimizer.onnx_files import save_model
+from kiln.targets.align import Alignment
+from kiln.targets import CORNERS, Engine, Profile
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -128,7 +127,7 @@ def verify_engine(engine: Engine, expected: list[Expected], tolerance: Mapping[s
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, case.error))
             continue
         try:
-            got = engine.run(as_input_types(engine, case.feeds))
+            got = engine.run(engine.as_input_types(case.feeds))
         except Exception as exc:  # a failing run is a failed check, named with its shape
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, f"{type(exc).__name__}: {exc}"))
             continue

@@ -1,7 +1,7 @@
 """Graph passes over onnx-ir models. Passes never print; the PassManager records what they did."""
 
-from passes.base import KilnPass, count_nodes, op_counts
-from passes.cleanup import (
+from kiln.passes.base import KilnPass, count_nodes, op_counts
+from kiln.passes.cleanup import (
     DeduplicateInitializers,
     EliminateCommonSubexpressions,
     FoldConstants,
@@ -12,12 +12,13 @@ from passes.cleanup import (
     SortTopologically,
     cleanup_passes,
 )
-from passes.fuse_adaln import FuseAdaLnModulation
-from passes.fuse_ort import FuseForOnnxRuntime, FuseStandardOnnx
-from passes.fuse_warp import WarpToGridSample
-from passes.manager import PassFailed, PassManager, PassRecord
-from passes.precision import ConvertPrecision, ConvertToFloat16
-from passes.static_shapes import FreezeShapes
+from kiln.passes.fuse_adaln import FuseAdaLnModulation
+from kiln.passes.fuse_ort import FuseForOnnxRuntime
+from kiln.passes.fuse_warp import WarpToGridSample
+from kiln.passes.fusion import FuseStandardOnnx
+from kiln.passes.manager import PassFailed, PassManager, PassRecord
+from kiln.passes.precision import ConvertPrecision, ConvertToFloat16
+from kiln.passes.static_shapes import ForgetSymbolicShapes, FreezeShapes
 
 __all__ = [
     "ConvertPrecision",
@@ -25,6 +26,7 @@ __all__ = [
     "DeduplicateInitializers",
     "EliminateCommonSubexpressions",
     "FoldConstants",
+    "ForgetSymbolicShapes",
     "FreezeShapes",
     "FuseAdaLnModulation",
     "FuseForOnnxRuntime",

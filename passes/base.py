@@ -32,6 +32,12 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
+def dim_name(value: ir.Value, axis: int) -> str:
+    """A dynamic dim's name, or INPUT:AXIS for one without a name (as kiln's profiles call it)."""
+    dim = value.shape[axis]
+    return dim.value if isinstance(dim, ir.SymbolicDim) and dim.value else f"{value.name}:{axis}"
+
+
 def count_nodes(model: ir.Model) -> int:
     """Nodes in the main graph and all subgraphs."""
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))

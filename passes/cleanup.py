@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
-from passes.base import KilnPass, check_topological_order, op_counts
+from kiln.passes.base import KilnPass, check_topological_order, op_counts
 
 # Ops with effects beyond their outputs, never removed as dead.
 _SIDE_EFFECT_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"})
@@ -94,33 +94,61 @@ class LiftConstants(KilnPass):
 
 def _identity_must_stay(node: ir.Node) -> bool:
     """y = Identity(x) where y is a graph output and x a graph input, an initializer or another graph
-    output: removing it would rename or drop one of the graph's inputs or outputs."""
+    output: removing it would rename or drop one of the graph's inputs or outputs. Also where x comes
+    from outside y's graph (a subgraph returning an outer value): x's name belongs to the outer graph."""
     source, out = node.inputs[0], node.outputs[0]
-    return (
-        source is not None
-        and out.is_graph_output()
-        and (source.is_graph_input() or source.is_initializer() or source.is_graph_output())
-    )
+    if source is None or not out.is_graph_output():
+        return False
+    if source.is_graph_input() or source.is_initializer() or source.is_graph_output():
+        return True
+    producer = source.producer()
+    return producer is None or producer.graph is not node.graph
 
 
-class _IdentityElimination(common.IdentityEliminationPass):
-    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
-        # onnx-ir would rename x to y when both are graph outputs, leaving the outputs (y, y).
-        is_identity = node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1
-        if is_identity and _identity_must_stay(node):
-            return False
-        return super()._try_eliminate_identity_node(node)
+def _is_identity(node: ir.Node) -> bool:
+    return node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and len(node.outputs) == 1
+
+
+def _merged_shape(kept: ir.Shape | None, other: ir.Shape | None) -> ir.Shape | None:
+    """kept, with the dims only other knows: the Identity's output may carry a declared output shape."""
+    if kept is None or other is None or len(kept) != len(other):
+        return kept if kept is not None else other
+    return ir.Shape([b if isinstance(b, int) and not isinstance(a, int) else a for a, b in zip(kept, other)])
+
+
+def _remove_identity(node: ir.Node) -> bool:
+    """Rewire y = Identity(x)'s consumers to x and remove it; when y is a graph output, x takes y's
+    place and name there, so the graph's output names stay."""
+    if node.inputs[0] is None or _identity_must_stay(node):
+        return False
+    graph, source, out = node.graph, node.inputs[0], node.outputs[0]
+    source.shape = _merged_shape(source.shape, out.shape)
+    if source.type is None:
+        source.type = out.type
+    name = out.name
+    positions = [i for i, value in enumerate(graph.outputs) if value is out]
+    for i in positions:  # first: onnx-ir refuses to rewire a value that is still a graph output
+        graph.outputs[i] = source
+    out.replace_all_uses_with(source)
+    graph.remove(node, safe=True)
+    if positions:
+        source.name = name
+    return True
 
 
 class RemoveIdentity(KilnPass):
+    """Walks subgraphs and functions too; graph input and output names never change."""
+
     name = "remove-identity"
     summary = "remove Identity nodes, rewiring their consumers"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = op_counts(model).get("Identity", 0)
-        result = _IdentityElimination()(model)
-        self.stats["identities_removed"] = before - op_counts(model).get("Identity", 0)
-        return ir.passes.PassResult(model, result.modified)
+        graphs = [model.graph, *model.functions.values()]
+        # Listed first: removing nodes while a graph is iterated would skip some.
+        nodes = [n for g in graphs for n in ir.traversal.RecursiveGraphIterator(g) if _is_identity(n)]
+        removed = sum(_remove_identity(n) for n in nodes)
+        self.stats["identities_removed"] = removed
+        return ir.passes.PassResult(model, removed > 0)
 
     def ensures(self, model: ir.Model) -> None:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -14,7 +14,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import KilnPass, constant_array
+from kiln.passes.base import KilnPass, constant_array
 
 
 def _unsqueeze_axes(node: ir.Node) -> list[int] | None:

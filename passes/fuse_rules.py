@@ -14,7 +14,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, matmul_add_to_gemm_rule
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
 
-from passes.base import constant_array
+from kiln.passes.base import constant_array
 
 MS = "com.microsoft"
 

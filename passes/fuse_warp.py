@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes.base import KilnPass
+from kiln.passes.base import KilnPass
 
 _ANCESTOR_DEPTH = 16  # index arithmetic between the query points and a Gather is ~10 nodes deep
 

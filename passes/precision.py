@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from passes.base import KilnPass
+from kiln.passes.base import KilnPass
 
 F32 = ir.DataType.FLOAT
 LOW = {"fp16": (ir.DataType.FLOAT16, np.float16), "bf16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
@@ -70,6 +70,30 @@ def _output_types(op_type: str, opset: int) -> frozenset[str]:
 
 
 _TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+_CONSTANT_OPS = ("Constant", "ConstantOfShape")
+
+
+def _constant_data(node: ir.Node) -> np.ndarray | None:
+    """The float32 data a Constant or ConstantOfShape node makes, else None."""
+    if node.op_type not in _CONSTANT_OPS or node.domain != "" or not _is_f32(node.outputs[0]):
+        return None
+    for name, attr in node.attributes.items():
+        if name in ("value_float", "value_floats"):
+            return np.asarray(attr.value, dtype=np.float32)
+        if name == "value" and attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == F32:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
+
+
+def _attribute_key(node: ir.Node, name: str) -> str:
+    """How details name an attribute's tensor: a constant's by its output, any other by node and attribute."""
+    if node.op_type in _CONSTANT_OPS and node.domain == "":
+        return node.outputs[0].name
+    return f"{node.name or node.op_type}.{name}"
 
 
 def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
@@ -106,7 +130,14 @@ def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: i
 
 class ConvertPrecision(KilnPass):
     """Every float32 tensor becomes float16 (or bfloat16), except the nodes `fp32_nodes` keeps and,
-    unless io_float32 is off, the graph's inputs and outputs; Casts join the two."""
+    unless io_float32 is off, the graph's inputs and outputs; Casts join the two.
+
+    A constant with finite values beyond the low type's range (float16's ±65504) would become inf.
+    An initializer or a main-graph Constant/ConstantOfShape holding one stays float32, and so do the
+    nodes reading it: a Cast to float16 in front of them would make the same inf at run time. Where
+    that is not possible (other tensor attributes, constants in or read from subgraphs) the values
+    are clamped to the finite range. Each such tensor is in details["out_of_range"] with the reason.
+    """
 
     summary = "convert float32 weights and activations to float16 or bfloat16, keeping float32 IO and sensitive ops"
 
@@ -115,7 +146,9 @@ class ConvertPrecision(KilnPass):
         self.name = precision
         self.low, self.np_low = LOW[precision]
         self.io_float32 = io_float32
+        self.finite_max = float(ml_dtypes.finfo(self.np_low).max)
         self._kept: dict[ir.Node, str] = {}
+        self._out_of_range: dict[str, str] = {}
 
     def requires(self, model: ir.Model) -> None:
         untyped = [v.name for v in model.graph.outputs if v.dtype is None]
@@ -124,7 +157,7 @@ class ConvertPrecision(KilnPass):
 
     def _is_fp32_slot(self, node: ir.Node, index: int) -> bool:
         """Whether input `index` of node must be float32: any input of a kept node, or a FLOAT32_INPUTS position."""
-        return (node.domain == "" and node in self._kept) or index in FLOAT32_INPUTS.get((node.domain, node.op_type), ())
+        return node in self._kept or index in FLOAT32_INPUTS.get((node.domain, node.op_type), ())
 
     def _only_feeds_fp32(self, value: ir.Value) -> bool:
         uses = list(value.uses())
@@ -133,11 +166,13 @@ class ConvertPrecision(KilnPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._kept = fp32_nodes(graph, self.low, model.opset_imports.get("", 18))
+        self._out_of_range = {}
+        self._keep_out_of_range(graph)
         converted = 0
         for init in graph.initializers.values():
             # One that only feeds float32 slots (Range bounds, Resize scales, phase tables) keeps its exact value.
             if _is_f32(init) and init.const_value is not None and not self._only_feeds_fp32(init):
-                init.const_value = self._low_tensor(init.const_value)
+                init.const_value = self._low_tensor(init.const_value, init.name)
                 init.dtype = self.low
                 converted += 1
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
@@ -162,6 +197,9 @@ class ConvertPrecision(KilnPass):
         inside = sorted({n.op_type for n in graph if n.op_type in FP32_INSIDE})
         if inside:
             self.details["fp32_inside"] = {op: "runs in low precision; its statistics accumulate in float32" for op in inside}
+        if self._out_of_range:
+            self.details["out_of_range"] = dict(self._out_of_range)
+            self.stats["tensors_out_of_range"] = len(self._out_of_range)
         return ir.passes.PassResult(model, converted > 0)
 
     def ensures(self, model: ir.Model) -> None:
@@ -183,8 +221,51 @@ class ConvertPrecision(KilnPass):
             return False
         return all(self._is_fp32_slot(use.node, use.idx) for use in uses)
 
-    def _low_tensor(self, tensor: ir.TensorProtocol) -> ir.Tensor:
-        return ir.tensor(tensor.numpy().astype(self.np_low), name=tensor.name)
+    def _beyond_range(self, data: np.ndarray) -> float | None:
+        """The largest finite |value| in data when it exceeds the low type's range, else None."""
+        peak = float(np.max(np.abs(data), initial=0.0))
+        if peak <= self.finite_max:
+            return None
+        if not np.isfinite(peak):  # an inf or nan already there is not this pass's doing
+            finite = np.abs(data[np.isfinite(data)])
+            peak = float(finite.max(initial=0.0))
+        return peak if peak > self.finite_max else None
+
+    def _note_out_of_range(self, key: str, peak: float, action: str) -> None:
+        self._out_of_range[key] = f"max |value| {peak:g} is beyond {_TYPE_NAMES[self.low]}'s ±{self.finite_max:g}; {action}"
+
+    def _keep_out_of_range(self, graph: ir.Graph) -> None:
+        """Keep float32 the constants beyond the low type's range and the nodes that read them, where
+        every reader is a main-graph node without subgraphs (Casts join only the main graph)."""
+        constants = [(init, None, None) for init in graph.initializers.values() if _is_f32(init) and init.const_value is not None]
+        for node in graph:
+            data = _constant_data(node)
+            if data is not None and node not in self._kept:
+                constants.append((node.outputs[0], node, data))
+        for value, producer, data in constants:
+            uses = list(value.uses())
+            if not uses or (producer is None and self._only_feeds_fp32(value)):
+                continue  # a dead one is clamped, one that feeds float32 slots only stays exact anyway
+            peak = self._beyond_range(value.const_value.numpy() if data is None else data)
+            if peak is None or any(use.node.graph is not graph or _has_subgraph(use.node) for use in uses):
+                continue
+            reason = f"reads {value.name}, whose values are beyond {_TYPE_NAMES[self.low]}'s range"
+            if producer is not None:
+                self._kept[producer] = f"its value is beyond {_TYPE_NAMES[self.low]}'s range"
+            for use in uses:
+                self._kept.setdefault(use.node, reason)
+            self._note_out_of_range(value.name, peak, "kept in float32")
+
+    def _low_data(self, data: np.ndarray, key: str) -> np.ndarray:
+        """data in the low type, its finite values clamped to the low type's range (noted when they were beyond)."""
+        peak = self._beyond_range(data)
+        if peak is not None:
+            data = np.where(np.isfinite(data), np.clip(data, -self.finite_max, self.finite_max), data)
+            self._note_out_of_range(key, peak, f"clamped to ±{self.finite_max:g}")
+        return data.astype(self.np_low)
+
+    def _low_tensor(self, tensor: ir.TensorProtocol, key: str) -> ir.Tensor:
+        return ir.tensor(self._low_data(tensor.numpy(), key), name=tensor.name)
 
     def _convert_attributes(self, node: ir.Node) -> None:
         if node.op_type == "Constant" and node.domain == "":
@@ -192,14 +273,14 @@ class ConvertPrecision(KilnPass):
             for name in ("value_float", "value_floats"):
                 attr = node.attributes.pop(name, None)
                 if attr is not None:
-                    data = np.asarray(attr.value, dtype=np.float32).astype(self.np_low)
+                    data = self._low_data(np.asarray(attr.value, dtype=np.float32), _attribute_key(node, name))
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(data))
         to = node.attributes.get("to")
         if node.op_type == "Cast" and to is not None and to.as_int() == F32:
             node.attributes["to"] = ir.AttrInt64("to", self.low)
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == F32:
-                node.attributes[name] = ir.AttrTensor(name, self._low_tensor(attr.as_tensor()))
+                node.attributes[name] = ir.AttrTensor(name, self._low_tensor(attr.as_tensor(), _attribute_key(node, name)))
 
     def _join(self, graph: ir.Graph) -> None:
         """Casts where a low-precision value meets a float32 slot, and where a kept node's float32

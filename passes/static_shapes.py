@@ -11,14 +11,52 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from passes.base import KilnPass
-from passes.cleanup import FoldConstants, InferShapes, RemoveDeadNodes
-
+from kiln.passes.base import KilnPass, count_nodes, dim_name
+from kiln.passes.cleanup import FoldConstants, InferShapes, RemoveDeadNodes
+from kiln.passes.manager import PassManager
 
 MAX_ROUNDS = 4
 
 
+class ForgetSymbolicShapes(KilnPass):
+    name = "forget-symbolic-shapes"
+    summary = "drop the node outputs' shapes that are not static, so that inference writes them anew"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        forgotten = 0
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            for out in node.outputs:
+                if out.shape is not None and not out.shape.is_static():
+                    out.shape = None
+                    forgotten += 1
+        self.stats["shapes_forgotten"] = forgotten
+        return ir.passes.PassResult(model, forgotten > 0)
+
+
+def shape_state(model: ir.Model) -> tuple:
+    """The node count and every node output's type and shape: what a round of freeze-shapes can change."""
+    values = tuple(
+        (out.name, out.dtype, None if out.shape is None else tuple(str(d) for d in out.shape))
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for out in node.outputs
+    )
+    return count_nodes(model), values
+
+
+def freeze_rounds() -> PassManager:
+    """Rounds of forget, infer, fold and prune, until a round leaves the shapes and nodes as they were.
+
+    A Reshape whose target is computed from shapes gets a static output only once that computation is
+    folded, which the next round's inference sees. Forgetting and re-inferring always reports modified,
+    so a round counts as a change only when shape_state differs after it.
+    """
+    passes = [ForgetSymbolicShapes(), InferShapes(), FoldConstants(), RemoveDeadNodes()]
+    return PassManager(passes, steps=MAX_ROUNDS, fingerprint=shape_state, name="freeze-rounds")
+
+
 class FreezeShapes(KilnPass):
+    """details: "rounds" run and "passes", the inner records (PassRecord.to_json), as a nested manager's."""
+
     name = "freeze-shapes"
     summary = "fix dynamic input dims to the profile's one size and fold the shape arithmetic away"
 
@@ -27,8 +65,8 @@ class FreezeShapes(KilnPass):
         self.sizes = dict(sizes or {})  # dim name -> size
 
     def requires(self, model: ir.Model) -> None:
-        used = {d.value for v in model.graph.inputs if v.shape for d in v.shape if isinstance(d, ir.SymbolicDim)}
-        unset = sorted(str(d) for d in used - set(self.sizes))
+        used = {dim_name(v, axis) for v in model.graph.inputs if v.shape for axis, d in enumerate(v.shape) if not isinstance(d, int)}
+        unset = sorted(used - set(self.sizes))
         if unset:
             raise ir.passes.PreconditionError(f"no size for dynamic dim(s) {', '.join(unset)}")
 
@@ -38,27 +76,17 @@ class FreezeShapes(KilnPass):
         for value in graph.inputs:
             if value.shape is None or value.shape.is_static():
                 continue
-            value.shape = ir.Shape([self.sizes[d.value] if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
+            value.shape = ir.Shape([d if isinstance(d, int) else self.sizes[dim_name(value, axis)] for axis, d in enumerate(value.shape)])
             frozen += 1
+        self.stats = {"inputs_frozen": frozen, "nodes_removed": 0}
         if not frozen:
             return ir.passes.PassResult(model, False)
         nodes_before = sum(1 for _ in graph)
-        # A Reshape whose target is computed from shapes gets a static output only once that computation
-        # is folded; so infer and fold in rounds until nothing more folds.
-        for _ in range(MAX_ROUNDS):
-            count = sum(1 for _ in graph)
-            # Forget the symbolic shapes inferred from the dynamic inputs, so inference writes static ones.
-            for node in ir.traversal.RecursiveGraphIterator(graph):
-                for out in node.outputs:
-                    if out.shape is not None and not out.shape.is_static():
-                        out.shape = None
-            for inner in (InferShapes(), FoldConstants(), RemoveDeadNodes()):
-                inner(model)
-                self.warnings += inner.warnings
-            if sum(1 for _ in graph) == count:
-                break
-        self.warnings = list(dict.fromkeys(self.warnings))
-        self.stats = {"inputs_frozen": frozen, "nodes_removed": nodes_before - sum(1 for _ in graph)}
+        rounds = freeze_rounds()
+        rounds(model)
+        self.warnings = list(rounds.warnings)
+        self.stats["nodes_removed"] = nodes_before - sum(1 for _ in graph)
+        self.details = {"rounds": rounds.stats["rounds"], "passes": rounds.details["passes"]}
         return ir.passes.PassResult(model, True)
 
     def ensures(self, model: ir.Model) -> None:

@@ -1,9 +1,14 @@
-"""Targets: one module per GPU family (and the CPU), each building and loading engines."""
+"""Targets: one module per GPU family (and the CPU), each building engines, and the engine runtime
+that loads and runs them from their manifest."""
 
-from targets.base import Engine, EngineError, Target, read_manifest
-from targets.cpu import CPU
-from targets.cuda import CUDA, H100
-from targets.profile import CORNERS, DimRange, Profile, TensorSpec
+from kiln.targets.align import Alignment, CropBox
+from kiln.targets.base import Target
+from kiln.targets.buffers import HostBuffers, OrtDeviceBuffers, TorchCudaBuffers
+from kiln.targets.cpu import CPU
+from kiln.targets.cuda import CUDA, H100
+from kiln.targets.engine import Binding, Engine, load_engine
+from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
+from kiln.targets.profile import CORNERS, DimRange, Profile, TensorSpec
 
 TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, H100)}
 
@@ -22,12 +27,20 @@ __all__ = [
     "CUDA",
     "H100",
     "TARGETS",
+    "Alignment",
+    "Binding",
+    "BuildConfig",
+    "CropBox",
     "DimRange",
     "Engine",
     "EngineError",
+    "HostBuffers",
+    "OrtDeviceBuffers",
     "Profile",
     "Target",
     "TensorSpec",
+    "TorchCudaBuffers",
     "get_target",
+    "load_engine",
     "read_manifest",
 ]

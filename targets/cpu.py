@@ -1,6 +1,6 @@
 """The CPU target: ONNX Runtime's CPU execution provider. Runs everywhere, and is what CI tests."""
 
-from targets.ort import OrtTarget
+from kiln.targets.ort import OrtTarget
 
 CPU = OrtTarget(
     name="cpu",

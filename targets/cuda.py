@@ -7,7 +7,7 @@ the whole run as one CUDA graph, and `kiln bench` times it on device-resident in
 
 import dataclasses
 
-from targets.ort import OrtTarget
+from kiln.targets.ort import OrtTarget
 
 CUDA = OrtTarget(
     name="cuda",

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from targets.base import Engine, EngineError, Target, read_manifest, write_manifest
-from targets.profile import Profile, TensorSpec
+from kiln.targets.align import Alignment
+from kiln.targets.base import Target
+from kiln.targets.engine import session_options, session_specs
+from kiln.targets.manifest import BuildConfig, write_manifest
+from kiln.targets.profile import Profile
+from kiln.targets.versions import runtime_versions
 
 ENGINE_MODEL = "model.ort.onnx"
-ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
 # Above this size the optimized model must keep its weights in a side file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
-
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(bfloat16)": "bfloat16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(int16)": "int16",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(bool)": "bool",
-}
-
-
-def _spec(arg) -> TensorSpec:
-    shape = tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
-    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
 
 
 def _model_bytes(model_path: Path) -> int:
@@ -59,129 +42,44 @@ class OrtTarget(Target):
             return f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}"
         return None
 
-    def session_providers(self, profile: Profile | None = None, cuda_stream: int | None = None, precision: str | None = None) -> list:
-        first, *rest = self.providers
+    def config(self, profile: Profile, precision: str = "fp32", alignment: Alignment | None = None) -> BuildConfig:
+        """The build config for an engine of this target; inputs and outputs are filled in by build()."""
+        cuda_graph = self.cuda_graphs and profile.is_static()
+        # fp32 is verified to fp32's tolerance, which TF32 misses (3e-4 on the tiny VAE decoder). Only for
+        # fp32: use_tf32=0 also takes cuDNN's fp16 convolutions off the tensor cores (FILM fp16 at 1080p
+        # went from 84 to 1009 ms on an H200).
+        tf32 = self.device == "cuda" and precision != "fp32"
         options = dict(self.provider_options)
-        if self.uses_cuda_graph(profile):
+        if cuda_graph:
             options["enable_cuda_graph"] = "1"
-        if self.device == "cuda":
-            if cuda_stream is not None:
-                options["user_compute_stream"] = str(cuda_stream)
-            if precision == "fp32":
-                # fp32 is verified to fp32's tolerance, which TF32 misses (3e-4 on the tiny VAE decoder).
-                # Only for fp32: use_tf32=0 also takes cuDNN's fp16 convolutions off the tensor cores
-                # (FILM fp16 at 1080p went from 84 to 1009 ms on an H200).
-                options["use_tf32"] = "0"
-        return [(first, options), *rest]
+        if self.device == "cuda" and not tf32:
+            options["use_tf32"] = "0"
+        return BuildConfig(
+            target=self.name, model=ENGINE_MODEL, device=self.device, providers=self.providers,
+            provider_options=options, precision=precision, tf32=tf32, cuda_graph=cuda_graph, profile=profile,
+            inputs=(), outputs=(), alignment=alignment,
+        )  # fmt: skip
 
-    def uses_cuda_graph(self, profile: Profile | None) -> bool:
-        return self.cuda_graphs and profile is not None and profile.is_static()
-
-    def session_options(self, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.log_severity_level = 3
-        return options
-
-    def build(self, model_path: Path, engine_dir: Path, profile: Profile, extras: dict | None = None) -> dict:
+    def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
+              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        config = self.config(profile, precision, alignment)
         # Extended, not "all": layout rewrites are specific to the build machine's CPU, so they are
-        # applied again when the engine loads, and the saved model stays portable.
-        options = self.session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        # applied again when the engine loads, and the saved model stays portable. No CUDA graph here:
+        # this session only writes the optimized model.
+        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         options.optimized_model_filepath = os.fspath(engine_dir / ENGINE_MODEL)
         if _model_bytes(model_path) > EXTERNAL_DATA_BYTES:
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", ENGINE_MODEL + ".data"
             )
-        ort.InferenceSession(os.fspath(model_path), options, providers=self.session_providers())
-        manifest = {
-            "target": self.name,
-            "providers": list(self.providers),
-            "provider_options": dict(self.provider_options),
-            "device": self.device,
-            "cuda_graph": self.uses_cuda_graph(profile),
-            "model": ENGINE_MODEL,
-            "profile": profile.to_json(),
-            **(extras or {}),
-        }
-        write_manifest(engine_dir, manifest)
-        return manifest
-
-    def load(self, engine_dir: Path, cuda_stream: int | None = None) -> Engine:
-        manifest = read_manifest(engine_dir)
-        model = engine_dir / manifest.get("model", ENGINE_MODEL)
-        if not model.is_file():
-            raise EngineError(f"engine model {model} is missing; rebuild the engine with `kiln optimize`")
-        profile = Profile.from_json(manifest["profile"])
-        options = self.session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        providers = self.session_providers(profile, cuda_stream, manifest.get("precision"))
-        session = ort.InferenceSession(os.fspath(model), options, providers=providers)
-        if self.device == "cpu":
-            return OrtEngine(session, profile)
-        return BoundEngine(session, profile, self.device, static=self.uses_cuda_graph(profile))
-
-
-class OrtEngine:
-    """An ONNX Runtime session behind the Engine protocol."""
-
-    def __init__(self, session: ort.InferenceSession, profile: Profile):
-        self.session = session
-        self.profile = profile
-        self.inputs = tuple(_spec(a) for a in session.get_inputs())
-        self.outputs = tuple(_spec(a) for a in session.get_outputs())
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(None, dict(feeds))
-        return {spec.name: value for spec, value in zip(self.outputs, values, strict=True)}
-
-
-class BoundEngine(OrtEngine):
-    """An engine whose inputs and outputs live in device buffers (ONNX Runtime IO binding).
-
-    The buffers are allocated once per shape and refilled in place, so the addresses stay fixed, as
-    CUDA graph replay requires; `device_runner` times the engine on device-resident data alone."""
-
-    def __init__(self, session: ort.InferenceSession, profile: Profile, device: str, static: bool = False):
-        super().__init__(session, profile)
-        self.device = device
-        self.static = static  # one shape only, outputs preallocated (a captured CUDA graph)
-        self._binding = session.io_binding()
-        self._buffers: dict[str, ort.OrtValue] = {}
-        self._shapes: dict[str, tuple[int, ...]] | None = None
-
-    def _bind(self, feeds: Mapping[str, np.ndarray]) -> None:
-        shapes = {name: tuple(array.shape) for name, array in feeds.items()}
-        if shapes == self._shapes:
-            for name, array in feeds.items():
-                self._buffers[name].update_inplace(np.ascontiguousarray(array))
-            return
-        if self.static and self._shapes is not None:
-            raise EngineError(f"this engine runs one shape, {self._shapes}, captured as a CUDA graph; got {shapes}")
-        self._binding.clear_binding_inputs()
-        self._binding.clear_binding_outputs()
-        self._buffers = {}
-        for name, array in feeds.items():
-            self._buffers[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
-            self._binding.bind_ortvalue_input(name, self._buffers[name])
-        for spec in self.outputs:
-            if self.static and all(isinstance(d, int) for d in spec.shape):  # a graph replays into the same buffers
-                out = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), np.dtype(spec.dtype), self.device, 0)
-                self._binding.bind_ortvalue_output(spec.name, out)
-            else:
-                self._binding.bind_output(spec.name, self.device)
-        self._shapes = shapes
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._bind(feeds)
-        self.session.run_with_iobinding(self._binding)
-        values = self._binding.copy_outputs_to_cpu()
-        return {spec.name: value for spec, value in zip(self.outputs, values, strict=True)}
-
-    def device_runner(self, feeds: Mapping[str, np.ndarray]):
-        """A function that runs the engine on feeds already on the device, and waits for it."""
-        self._bind(feeds)
-
-        def run() -> None:
-            self.session.run_with_iobinding(self._binding)
-            self._binding.synchronize_outputs()
-
-        return run
+        first, *rest = config.session_providers()
+        first = (first[0], {k: v for k, v in first[1].items() if k != "enable_cuda_graph"})
+        session = ort.InferenceSession(os.fspath(model_path), options, providers=[first, *rest])
+        config = dataclasses.replace(
+            config,
+            inputs=session_specs(session.get_inputs()),
+            outputs=session_specs(session.get_outputs()),
+            built_with={**runtime_versions(), "session_providers": ",".join(session.get_providers())},
+        )
+        write_manifest(engine_dir, config)
+        return config

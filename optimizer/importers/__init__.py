@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimizer.importers.diffusers import import_diffusers, is_diffusers_dir
-from optimizer.importers.savedmodel import import_saved_model, is_saved_model
-from optimizer.models import find_model
+from kiln.optimizer.importers.diffusers import import_diffusers, is_diffusers_dir
+from kiln.optimizer.importers.savedmodel import import_saved_model, is_saved_model
+from kiln.optimizer.onnx_files import find_model
 
 
 def import_model(path: Path, workdir: Path, options) -> tuple[Path, dict | None, list[str]]:

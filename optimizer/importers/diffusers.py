@@ -28,8 +28,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from optimizer.errors import InputError
-from optimizer.importers.diffusion_adapters import (
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.importers.diffusion_adapters import (
     FAMILIES,
     Adapter,
     adapter_for,
@@ -42,9 +42,9 @@ from optimizer.importers.diffusion_adapters import (
     resolve_ranges,
     shapes_spec,
 )
-from optimizer.lazy import check_installed, require
-from optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
-from targets import DimRange
+from kiln.optimizer.lazy import check_installed, require
+from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
+from kiln.targets import DimRange
 
 CONFIG = "config.json"
 PIPELINE_INDEX = "model_index.json"
@@ -502,7 +502,7 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
 
     Reads options.shapes (a list of (source, 'NAME=MIN..OPT..MAX')), options.seed and options.trust_pickle.
     """
-    from optimizer.importers.savedmodel import hash_directory
+    from kiln.optimizer.importers.savedmodel import hash_directory
 
     directory = Path(directory)
     model = load(directory, trust_pickle=bool(getattr(options, "trust_pickle", False)))

@@ -16,9 +16,9 @@ import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from optimizer.errors import InputError
-from optimizer.shapes import parse_shape_spec
-from targets import DimRange
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.shapes import parse_shape_spec
+from kiln.targets import DimRange
 
 BATCH_DEFAULT = DimRange(1, 2, 4)
 TEXT_DEFAULT = DimRange(4, 8, 16)

@@ -14,12 +14,12 @@ from pathlib import Path
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from optimizer.align import METADATA_KEY as ALIGN_KEY
-from optimizer.align import Alignment
-from optimizer.errors import InputError
-from optimizer.lazy import check_installed
-from optimizer.models import load_model, save_model
-from optimizer.shapes import SHAPES_METADATA_KEY
+from kiln.targets.align import METADATA_KEY as ALIGN_KEY
+from kiln.targets.align import Alignment
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.lazy import check_installed
+from kiln.optimizer.onnx_files import load_model, save_model
+from kiln.optimizer.shapes import SHAPES_METADATA_KEY
 
 # FILM's signature; the authors' tools pad H and W to multiples of 64 (2^(7-1) for the released 7 levels).
 FILM_INPUTS = {"x0", "x1", "time"}

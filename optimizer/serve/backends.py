@@ -14,8 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from optimizer.serve.frames import to_uint8
-from targets.base import as_input_types
+from kiln.optimizer.serve.frames import to_uint8
 
 
 class Backend(Protocol):
@@ -71,7 +70,7 @@ class HostBackend:
         return array
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.engine.run(as_input_types(self.engine, feeds))
+        return self.engine.run(self.engine.as_input_types(feeds))
 
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> np.ndarray:
         image = np.asarray(image, np.float32)

@@ -7,6 +7,9 @@ host tensors that numpy can view without a copy, and the small device-side conve
 scale to uint8) as one-line ops. cuda-python would give the streams and events but leave us to write
 an allocator and those kernels.
 
+The engine runs through its one binding (kiln.targets.engine) over torch CUDA tensors: buffers
+allocated once per shape, padding and cropping on the device, the CUDA graph captured there.
+
 Stream layout. The engine's session is created on the compute stream (ONNX Runtime's
 `user_compute_stream`), so uploads, the engine run and the conversion to uint8 are ordered on one
 stream with no host synchronisation; the session is told not to synchronise at the end of a run. Each
@@ -24,10 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.errors import InputError
-from optimizer.lazy import require
-
-WARMUP_RUNS = 3  # ONNX Runtime captures its CUDA graph on the third run; do it before any other thread copies
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.lazy import require
 
 
 @dataclasses.dataclass
@@ -46,75 +47,6 @@ class DeviceFrame:
         return np.dtype(str(self.tensor.dtype).removeprefix("torch."))
 
 
-class DeviceSession:
-    """The engine's ONNX Runtime session run on torch tensors: inputs and outputs are bound by address
-    to buffers allocated once per shape (fixed addresses, as a CUDA graph needs), padded to the
-    engine's alignment on the device and cropped back."""
-
-    def __init__(self, engine, torch):
-        import onnxruntime as ort
-
-        self.torch = torch
-        self.alignment = getattr(engine, "alignment", None)  # an AlignedEngine wraps the session's engine
-        inner = getattr(engine, "engine", engine)
-        self.session, self.inputs, self.outputs = inner.session, inner.inputs, inner.outputs
-        self.static = inner.static
-        self.binding = self.session.io_binding()
-        self.buffers: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, ...]] | None = None
-        self.options = ort.RunOptions()
-        self.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.runs: list[tuple[Any, Any]] = []  # (start, end) events of each engine run
-
-    def _buffer(self, spec, shape) -> Any:
-        return self.torch.empty(shape, dtype=getattr(self.torch, spec.dtype), device="cuda")
-
-    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        if self.static and self.shapes is not None:
-            raise InputError(f"this engine runs one shape, {self.shapes}, captured as a CUDA graph; got {shapes}",
-                             hint="build the engine with a dynamic profile to run other sizes")  # fmt: skip
-        self.binding.clear_binding_inputs()
-        self.binding.clear_binding_outputs()
-        self.buffers = {}
-        for spec in self.inputs:
-            self.buffers[spec.name] = buffer = self._buffer(spec, shapes[spec.name])
-            self.binding.bind_input(spec.name, "cuda", 0, np.dtype(spec.dtype), list(buffer.shape), buffer.data_ptr())
-        if all(isinstance(d, int) for spec in self.outputs for d in spec.shape):
-            out_shapes = {spec.name: tuple(spec.shape) for spec in self.outputs}
-        else:  # learn the output shapes from one run into buffers ONNX Runtime allocates
-            for spec in self.outputs:
-                self.binding.bind_output(spec.name, "cuda", 0)
-            self.session.run_with_iobinding(self.binding)
-            out_shapes = {spec.name: tuple(v.shape()) for spec, v in zip(self.outputs, self.binding.get_outputs(), strict=True)}
-            self.binding.clear_binding_outputs()
-        for spec in self.outputs:
-            self.buffers[spec.name] = buffer = self._buffer(spec, out_shapes[spec.name])
-            self.binding.bind_output(spec.name, "cuda", 0, np.dtype(spec.dtype), list(buffer.shape), buffer.data_ptr())
-        self.shapes = shapes
-
-    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        padded, box = self.alignment.pad(feeds) if self.alignment else (feeds, None)
-        shapes = {name: tuple(value.shape) for name, value in padded.items()}
-        new_shape = shapes != self.shapes
-        if new_shape:
-            self._bind(shapes)
-        for name, value in padded.items():
-            self.buffers[name].copy_(value)  # casts to the engine's input type
-        start = self.torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(WARMUP_RUNS if new_shape else 1):
-            self.session.run_with_iobinding(self.binding, self.options)
-        end = self.torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.runs.append((start, end))
-        outputs = {spec.name: self.buffers[spec.name] for spec in self.outputs}
-        if box is not None:
-            name, (h_axis, w_axis) = next(iter(self.alignment.inputs.items()))
-            outputs = self.alignment.crop(outputs, box, (shapes[name][h_axis], shapes[name][w_axis]))
-        # The next run overwrites the output buffers: hand out copies (device to device, microseconds).
-        return {name: value.clone() for name, value in outputs.items()}
-
-
 class CudaBackend:
     """Frames computed on the GPU, copied to a pinned host ring on a second stream (see the module doc)."""
 
@@ -125,16 +57,19 @@ class CudaBackend:
                              hint="run it on a machine with an NVIDIA GPU and a CUDA build of torch")  # fmt: skip
         import onnxruntime as ort
 
-        from optimizer.runner import load_engine
+        from kiln.optimizer.run import open_engine
+        from kiln.targets import TorchCudaBuffers
 
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's packages ship
         self.torch = torch
         self.compute_stream = torch.cuda.Stream()
         self.copy_stream = torch.cuda.Stream()
-        self.engine = load_engine(engine_dir, cuda_stream=self.compute_stream.cuda_stream)
-        self.session = DeviceSession(self.engine, torch)
+        self.engine = open_engine(engine_dir, cuda_stream=self.compute_stream.cuda_stream)
+        # The engine runs on the compute stream; the session must not wait for the device after a run.
+        options = ort.RunOptions()
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.binding = self.engine.bind(TorchCudaBuffers(torch), options)
         self._items: list[tuple[Any, Any]] = []  # (start, end) events of each work item on the compute stream
+        self._runs: list[tuple[Any, Any]] = []  # (start, end) events of each engine run
         self._copies: list[tuple[Any, Any, int]] = []  # (start, end, bytes) of each device-to-host copy
 
     def _event(self, stream) -> Any:
@@ -175,8 +110,8 @@ class CudaBackend:
         An event pair times all the stream did between the two, so a gap inside one (the host late to
         launch the next op) counts as busy; with a CUDA graph an engine run is one launch."""
         self.torch.cuda.synchronize()
-        items, runs, copies = self._items, self.session.runs, self._copies
-        self._items, self.session.runs, self._copies = [], [], []
+        items, runs, copies = self._items, self._runs, self._copies
+        self._items, self._runs, self._copies = [], [], []
         if not items:
             return {}
         busy_ms = sum(start.elapsed_time(end) for start, end in items)
@@ -206,8 +141,15 @@ class CudaBackend:
             return unit_float(self.upload_array(frame))
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """The engine on device tensors (padded to its alignment, cast to its types, cropped back), timed
+        by events on the compute stream."""
         with self._on_compute_stream():
-            return self.session.run(feeds)
+            box = self.binding.stage(feeds)
+            start = self._event(self.compute_stream)
+            self.binding.execute()
+            end = self._event(self.compute_stream)
+            self._runs.append((start, end))
+            return self.binding.results(box)
 
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> Any:
         with self._on_compute_stream():

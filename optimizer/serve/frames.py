@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.errors import InputError
-from optimizer.lazy import require
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.lazy import require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.errors import InputError
-from optimizer.progress import FrameCounter
-from optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames
-from optimizer.serve.backends import HostBackend
-from optimizer.serve.pipeline import FramePipeline
-from optimizer.serve.video import VideoSink, is_video, read_video, video_info
-from optimizer.runner import check_feeds
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.progress import FrameCounter
+from kiln.optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames
+from kiln.optimizer.serve.backends import HostBackend
+from kiln.optimizer.serve.pipeline import FramePipeline
+from kiln.optimizer.serve.video import VideoSink, is_video, read_video, video_info
+from kiln.targets import read_manifest
+from kiln.optimizer.run import engine_dir, engine_errors, open_engine
 
 FILM_INPUTS = {"x0", "x1", "time"}
 # Encoders side by side, sharing memory bandwidth and the GIL with the other stages, run slower than one alone.
@@ -65,14 +66,14 @@ def source_frames(source: Path) -> tuple[Iterator[tuple[int, np.ndarray]], int |
 def open_backend(path: Path):
     """The engine in a kiln OUTDIR, behind the backend for where it runs: CUDA engines on the GPU
     backend (torch streams and pinned memory), every other engine on the host."""
-    from optimizer.runner import engine_manifest, load_engine
+    directory = engine_dir(path)
+    with engine_errors():
+        config = read_manifest(directory)
+    if config.device == "cuda":
+        from kiln.optimizer.serve.cuda import CudaBackend
 
-    engine_dir, manifest = engine_manifest(path)
-    if manifest.get("device") == "cuda":
-        from optimizer.serve.cuda import CudaBackend
-
-        return CudaBackend(engine_dir)
-    return HostBackend(load_engine(path))
+        return CudaBackend(directory)
+    return HostBackend(open_engine(directory))
 
 
 class FilmInterpolator:
@@ -216,7 +217,8 @@ def interpolate(backend, source: Path, output: Path, factor: int, workers: int |
     # Only shapes and types are checked: empty arrays of the engine's types, no copy of the frames.
     dtypes = {spec.name: spec.dtype for spec in backend.engine.inputs}
     shapes = {"x0": (1, *head[0][1].shape), "x1": (1, *head[1][1].shape), "time": (1, 1)}
-    warnings = check_feeds(backend.engine, {k: np.empty(v, dtypes[k]) for k, v in shapes.items()}, f"frames of {source}")
+    with engine_errors():
+        warnings = backend.engine.check_feeds({k: np.empty(v, dtypes[k]) for k, v in shapes.items()}, f"frames of {source}")
     # A pair's in-betweens give factor - 1 of every factor output frames.
     per_frame_s, sample = timed_warm_up(backend, film, ("between", 0, head[0][1], head[1][1]))
     per_frame_s *= (factor - 1) / factor

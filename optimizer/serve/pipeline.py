@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from optimizer.errors import KilnError
-from optimizer.serve.backends import Backend, HostBackend
+from kiln.optimizer.errors import KilnError
+from kiln.optimizer.serve.backends import Backend, HostBackend
 
 POLL_S = 0.05  # how often a blocked stage looks for a stop
 READ_AHEAD = 4  # work items read and decoded ahead of compute

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.errors import InputError
-from optimizer.serve.frames import opencv, to_uint8
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.serve.frames import opencv, to_uint8
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
 

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from calibration.arrays import DataError, check_finite, read_npz
+from kiln.calibration.arrays import DataError, check_finite, read_npz
 
 
 def arrays(seed: int = 0) -> dict[str, np.ndarray]:

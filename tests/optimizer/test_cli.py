@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from optimizer.cli import main
-from optimizer.examples import transformer_block
+from kiln.optimizer.cli import main
+from kiln.optimizer.examples import transformer_block
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_optimize_writes_engine_and_reports(built):
     assert sorted(p.name for p in built.iterdir()) == ["engine", "model.onnx", "report.json", "report.md"]
     assert sorted(p.name for p in (built / "engine").iterdir()) == ["engine.json", "model.ort.onnx"]
     report = json.loads((built / "report.json").read_text())
-    assert report["schema"] == "kiln-report" and report["schema_version"] == 1
+    assert report["schema"] == "kiln-report" and report["schema_version"] == 2
     assert report["status"] == "ok"
     assert report["source"]["nodes"] == 35 and report["model"]["nodes"] == 30
     assert [p["name"] for p in report["passes"]] == [
@@ -127,7 +127,10 @@ def test_float16_io_engine(capsys, example, tmp_path):
     code, out, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--precision", "fp16", "--io-dtype", "float16", "--json", "--bench-runs", "1")
     assert code == 0, err
     report = json.loads(out)
-    assert report["inputs"][0]["dtype"] == "float32"  # the original's
+    # The report states the engine's own types, as does its manifest.
+    assert report["inputs"][0]["dtype"] == report["outputs"][0]["dtype"] == "float16"
+    manifest = json.loads((tmp_path / "o" / "engine" / "engine.json").read_text())
+    assert manifest["inputs"][0]["dtype"] == "float16" and manifest["precision"] == "fp16"
     assert report["model"]["op_counts"].get("Cast", 0) == 0
     assert all(c["passed"] for c in report["verification"]["shapes"])
     assert_bad_input(capsys, "io_dtype float16 needs precision fp16, not fp32", "optimize", example, "-o", tmp_path / "x", "--io-dtype", "float16")
@@ -329,7 +332,7 @@ def test_console_script_and_bare_imports():
     result = subprocess.run([kiln, "--help"], capture_output=True, text=True, check=True)
     assert "kiln optimize ex/model.onnx -o out/" in result.stdout
     code = (
-        "import sys, optimizer.cli, optimizer.pipeline, optimizer.runner, passes, targets, calibration\n"
+        "import sys, kiln.optimizer.cli, kiln.optimizer.optimize, kiln.optimizer.run, kiln.passes, kiln.targets, kiln.calibration\n"
         "heavy = {'torch', 'tensorflow', 'tf2onnx', 'diffusers', 'tensorrt', 'modelopt'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from optimizer.config import TOLERANCES, Options, load_recipe, validate
-from optimizer.errors import InputError
+from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
+from kiln.optimizer.errors import InputError
 
 KNOWN_TOP = "bench, import, io_dtype, passes, precision, shapes, target, verify"
 

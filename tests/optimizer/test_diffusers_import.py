@@ -15,12 +15,12 @@ pytest.importorskip("safetensors")
 
 import onnx  # noqa: E402
 
-from optimizer.diffusion_examples import TINY, tiny_model, write_dit, write_model, write_vae  # noqa: E402
-from optimizer.errors import InputError  # noqa: E402
-from optimizer.importers import diffusers as D  # noqa: E402
-from optimizer.importers import diffusion_adapters as A  # noqa: E402
-from optimizer.shapes import SHAPES_METADATA_KEY  # noqa: E402
-from targets import DimRange  # noqa: E402
+from kiln.optimizer.examples.tiny_diffusers import TINY, tiny_model, write_dit, write_model, write_vae  # noqa: E402
+from kiln.optimizer.errors import InputError  # noqa: E402
+from kiln.optimizer.importers import diffusers as D  # noqa: E402
+from kiln.optimizer.importers import diffusion_adapters as A  # noqa: E402
+from kiln.optimizer.shapes import SHAPES_METADATA_KEY  # noqa: E402
+from kiln.targets import DimRange  # noqa: E402
 
 # class -> (ONNX input names, ONNX dims of each input, the output's dims)
 EXPECTED = {

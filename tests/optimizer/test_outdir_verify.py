@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 
-from optimizer.errors import InputError
-from optimizer.outdir import atomic_file, check_outdir, staged_dir
-from optimizer.progress import Progress
-from optimizer.verify import check_outputs, compare
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.outdir import atomic_file, check_outdir, staged_dir
+from kiln.optimizer.progress import Progress
+from kiln.optimizer.verify import check_outputs, compare
 
 
 def test_atomic_file_keeps_the_old_file_on_failure(tmp_path):

@@ -1,6 +1,6 @@
 """TensorFlow SavedModel import through the CLI: `kiln example film`, `kiln optimize` on the SavedModel (tf2onnx in a
-subprocess, output pruning, layout, alignment), `kiln run` against TensorFlow run the FILM authors' way, every bad
-input's message, and the padding helpers of optimizer.align.
+subprocess, output pruning, layout, alignment), `kiln run` against TensorFlow run the FILM authors' way, and every bad
+input's message.
 
 tf2onnx takes ~20 s on the small FILM, so it runs for real once per module (in `built`) and once more for each
 case that must fail inside it; the other optimize runs replay that conversion's output (same SavedModel, signature
@@ -21,11 +21,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")
 
-import optimizer.lazy  # noqa: E402
-from optimizer import film_net as F  # noqa: E402
-from optimizer.align import Alignment  # noqa: E402
-from optimizer.cli import main  # noqa: E402
-from optimizer.importers import savedmodel  # noqa: E402
+import kiln.optimizer.lazy  # noqa: E402
+from kiln.optimizer.examples import film_net as F  # noqa: E402
+from kiln.optimizer.cli import main  # noqa: E402
+from kiln.optimizer.importers import savedmodel  # noqa: E402
 
 ALIGN = 64  # what kiln pads FILM to, as the FILM authors' tools do
 SHAPES = ["--shapes", "height=64..128", "--shapes", "width=64..192"]
@@ -287,12 +286,12 @@ def test_import_timeout(capsys, film_dir, tmp_path):
 
 @pytest.mark.parametrize("missing", ["tensorflow", "tf2onnx"])
 def test_missing_framework_names_the_extra(capsys, monkeypatch, film_dir, tmp_path, missing):
-    real = optimizer.lazy.importlib.util.find_spec
+    real = kiln.optimizer.lazy.importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
         return None if name == missing else real(name, *args, **kwargs)
 
-    monkeypatch.setattr(optimizer.lazy.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(kiln.optimizer.lazy.importlib.util, "find_spec", find_spec)
     err = assert_bad_input(capsys, f"importing the SavedModel {film_dir} needs {missing}, which is not installed",
                            "optimize", film_dir, "-o", tmp_path / "o")  # fmt: skip
     assert "hint: pip install 'kiln-ml[tf]'" in err
@@ -313,72 +312,3 @@ def test_example_film_refuses_to_overwrite(capsys, film_dir):
     err = assert_bad_input(capsys, "already exists", "example", "film", film_dir)
     assert "--force" in err
     assert sorted(p.relative_to(film_dir) for p in film_dir.rglob("*")) == before
-
-
-# --------------------------------------------------------------------------------------------- align.py
-
-
-FILM_LIKE = Alignment(ALIGN, {"x0": (1, 2), "x1": (1, 2)}, {"image": (1, 2), "half": (1, 2), "quarter": (1, 2)})
-
-
-def _pool(array: np.ndarray, k: int) -> np.ndarray:
-    b, h, w, c = array.shape
-    return array.reshape(b, h // k, k, w // k, k, c).mean(axis=(2, 4))
-
-
-@pytest.mark.parametrize("height, width", [(51, 33), (77, 130), (64, 101), (1, 64), (127, 63)])
-def test_pad_matches_the_film_authors_and_crops_back(height, width):
-    rng = np.random.default_rng(height * 1000 + width)
-    feeds = {k: rng.standard_normal((2, height, width, 3)).astype(np.float32) for k in ("x0", "x1")}
-    feeds["time"] = np.full((2, 1), 0.5, np.float32)
-    padded, box = FILM_LIKE.pad(feeds)
-    authors = authors_padding(height, width)
-    assert box == (authors["offset_height"], authors["offset_width"], height, width)
-    assert box[0] == (ALIGN - height % ALIGN) % ALIGN // 2
-    for name in ("x0", "x1"):
-        want = tf.image.pad_to_bounding_box(tf.constant(feeds[name]), **authors).numpy()
-        np.testing.assert_array_equal(padded[name], want)
-    assert padded["time"] is feeds["time"]
-
-    def identity_model(p):  # an output at full, 1/2 and 1/4 resolution, like FILM's pyramids
-        return {"image": p["x0"], "half": _pool(p["x0"], 2), "quarter": _pool(p["x0"], 4), "time": p["time"]}
-
-    out = FILM_LIKE.run_padded(identity_model, feeds)
-    np.testing.assert_array_equal(out["image"], feeds["x0"])  # the round trip is exact
-    assert out["time"] is feeds["time"]
-    ph, pw = padded["x0"].shape[1:3]
-    top, left = box[:2]
-    for name, k in (("half", 2), ("quarter", 4)):
-        level = identity_model(padded)[name]
-        rows = slice(top // k, -(-(top + height) // k))
-        cols = slice(left // k, -(-(left + width) // k))
-        np.testing.assert_array_equal(out[name], level[:, rows, cols])
-        # The crop is exactly the low-resolution pixels whose k×k block overlaps the original image.
-        kept_rows = range(ph // k)[rows]
-        assert all(r * k < top + height and (r + 1) * k > top for r in kept_rows)
-        assert all(not (r * k < top + height and (r + 1) * k > top) for r in range(ph // k) if r not in kept_rows)
-        kept_cols = range(pw // k)[cols]
-        assert all(c * k < left + width and (c + 1) * k > left for c in kept_cols)
-        assert all(not (c * k < left + width and (c + 1) * k > left) for c in range(pw // k) if c not in kept_cols)
-        assert out[name].shape[1] >= -(-height // k) and out[name].shape[2] >= -(-width // k)
-
-
-def test_aligned_sizes_are_not_padded_and_nchw_axes_work():
-    feeds = {"x0": np.ones((1, 64, 128, 3), np.float32), "x1": np.ones((1, 64, 128, 3), np.float32)}
-    padded, box = FILM_LIKE.pad(feeds)
-    assert box is None and all(padded[k] is feeds[k] for k in feeds)
-    assert FILM_LIKE.crop({"image": feeds["x0"]}, None, (64, 128))["image"] is feeds["x0"]
-
-    nchw = Alignment(ALIGN, {"x0": (2, 3)}, {"image": (2, 3)})
-    x0 = np.arange(2 * 3 * 50 * 70, dtype=np.float32).reshape(2, 3, 50, 70)
-    padded, box = nchw.pad({"x0": x0})
-    assert padded["x0"].shape == (2, 3, 64, 128) and box == (7, 29, 50, 70)
-    nhwc = tf.image.pad_to_bounding_box(tf.constant(x0.transpose(0, 2, 3, 1)), 7, 29, 64, 128).numpy()
-    np.testing.assert_array_equal(padded["x0"], nhwc.transpose(0, 3, 1, 2))
-    np.testing.assert_array_equal(nchw.run_padded(lambda p: {"image": p["x0"]}, {"x0": x0})["image"], x0)
-
-
-def test_inputs_of_different_sizes_are_refused():
-    feeds = {"x0": np.zeros((1, 50, 70, 3), np.float32), "x1": np.zeros((1, 50, 72, 3), np.float32)}
-    with pytest.raises(ValueError, match=r"must share one height and width, got \[\(50, 70\), \(50, 72\)\]"):
-        FILM_LIKE.pad(feeds)

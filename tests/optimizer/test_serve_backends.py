@@ -1,32 +1,16 @@
-"""What the GPU backend does to frames, run with torch on the CPU: padding to the engine's alignment
-and the conversions to and from uint8 give the host backend's results exactly, so a frame does not
-depend on where it was computed. (The streams themselves are in test_serve_cuda.py, on a GPU.)"""
+"""What the GPU backend does to frames, run with torch on the CPU: the conversions to and from uint8
+give the host backend's results exactly, so a frame does not depend on where it was computed. (The streams themselves are in test_serve_cuda.py, on a GPU.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from optimizer.align import Alignment
-from optimizer.serve.backends import HostBackend
+from kiln.optimizer.serve.backends import HostBackend
 
 torch = pytest.importorskip("torch")
 
-from optimizer.serve.cuda import uint8_frame, unit_float  # noqa: E402
-
-
-def test_padding_and_cropping_torch_tensors_match_numpy():
-    film = Alignment(64, {"x0": (1, 2), "x1": (1, 2)}, {"image": (1, 2)})
-    rng = np.random.default_rng(0)
-    feeds = {k: rng.uniform(0, 1, (1, 50, 130, 3)).astype(np.float32) for k in ("x0", "x1")}
-    feeds["time"] = np.full((1, 1), 0.5, np.float32)
-    padded, box = film.pad(feeds)
-    padded_t, box_t = film.pad({k: torch.from_numpy(v) for k, v in feeds.items()})
-    assert box_t == box == (7, 31, 50, 130)
-    for name in feeds:
-        np.testing.assert_array_equal(padded_t[name].numpy(), padded[name])
-    cropped = film.crop({"image": padded_t["x0"]}, box, (64, 192))["image"]
-    np.testing.assert_array_equal(cropped.numpy(), feeds["x0"])
+from kiln.optimizer.serve.cuda import uint8_frame, unit_float  # noqa: E402
 
 
 @pytest.mark.parametrize("channels_first, low", [(False, 0.0), (True, -1.0)])

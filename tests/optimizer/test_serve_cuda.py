@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from optimizer.cli import main
+from kiln.optimizer.cli import main
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -80,9 +80,9 @@ def test_a_static_engine_refuses_another_chunk(engines, tmp_path):
 
 
 def test_gpu_pipeline_stops_cleanly_when_an_encoder_dies(engines, tmp_path):
-    from optimizer.serve.frames import FrameFolderSink
-    from optimizer.serve.jobs import open_backend
-    from optimizer.serve.pipeline import FramePipeline, PipelineError
+    from kiln.optimizer.serve.frames import FrameFolderSink
+    from kiln.optimizer.serve.jobs import open_backend
+    from kiln.optimizer.serve.pipeline import FramePipeline, PipelineError
 
     backend = open_backend(engines[0]["static"])
     latents = np.load(engines[1])

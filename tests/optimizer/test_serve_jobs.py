@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.cli import main
+from kiln.optimizer.cli import main
 
 cv2 = pytest.importorskip("cv2")
 
@@ -68,9 +68,9 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def test_interpolate_a_folder_by_4(capsys, film_engine, tmp_path):
-    from optimizer.runner import load_engine
-    from optimizer.serve.backends import HostBackend
-    from optimizer.serve.jobs import FilmInterpolator
+    from kiln.optimizer.run import open_engine as load_engine
+    from kiln.optimizer.serve.backends import HostBackend
+    from kiln.optimizer.serve.jobs import FilmInterpolator
 
     frames = write_frames(tmp_path / "in", 3)
     code, out, err = run_cli(capsys, "interpolate", film_engine, tmp_path / "in", "-o", tmp_path / "out", "--factor", "4", "--json", "--report", tmp_path / "r.json")
@@ -144,7 +144,7 @@ def test_interpolate_bad_input(capsys, film_engine, vae_engine, tmp_path):
 
 
 def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
-    from optimizer.runner import load_engine
+    from kiln.optimizer.run import open_engine as load_engine
 
     latents = np.random.default_rng(0).standard_normal((5, 4, 8, 8)).astype(np.float32)
     np.save(tmp_path / "z.npy", latents)
@@ -168,7 +168,7 @@ def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
 
 def test_decode_with_a_static_batch_fills_the_last_chunk(capsys, tmp_path):
     """An engine built for batch 2 decodes 5 latents as 2 + 2 + (1 and a copy), and writes exactly 5."""
-    from optimizer.runner import load_engine
+    from kiln.optimizer.run import open_engine as load_engine
 
     pytest.importorskip("diffusers")
     assert quiet("example", "vae", tmp_path / "vae") == 0
@@ -208,7 +208,7 @@ def test_a_cuda_engine_without_a_gpu_is_one_clear_error(capsys, vae_engine, tmp_
 
 
 def test_auto_workers_keep_up_with_compute():
-    from optimizer.serve.jobs import ENCODE_MARGIN, auto_workers
+    from kiln.optimizer.serve.jobs import ENCODE_MARGIN, auto_workers
 
     cores = os.cpu_count()
     assert auto_workers(None, 0.04) == 2  # a video: one encoder, one converter

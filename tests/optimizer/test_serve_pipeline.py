@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
+from kiln.optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 cv2 = pytest.importorskip("cv2")
 
-from optimizer.serve.frames import FrameFolderSink, read_frame, read_frames  # noqa: E402
-from optimizer.serve.pipeline import COPY_AHEAD, FramePipeline, PipelineError  # noqa: E402
+from kiln.optimizer.serve.frames import FrameFolderSink, read_frame, read_frames  # noqa: E402
+from kiln.optimizer.serve.pipeline import COPY_AHEAD, FramePipeline, PipelineError  # noqa: E402
 
 H, W = 24, 32
 
@@ -100,7 +100,7 @@ def test_a_slow_encoder_applies_backpressure():
 
 
 def test_reading_runs_ahead_of_compute_by_a_bounded_amount():
-    from optimizer.serve.pipeline import READ_AHEAD
+    from kiln.optimizer.serve.pipeline import READ_AHEAD
 
     read, ahead = [], []
 

@@ -6,9 +6,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from optimizer.errors import InputError
-from optimizer.shapes import build_profile, input_specs, output_specs, parse_shape_spec
-from targets import DimRange, Profile, TensorSpec
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.shapes import build_profile, input_specs, output_specs, parse_shape_spec
+from kiln.targets import DimRange, Profile, TensorSpec
 
 # x: [batch, seq, 16] float; mask: [batch, <unnamed>] int64 (its axis 1 is called 'mask:1').
 X = TensorSpec("x", "float32", ("batch", "seq", 16))

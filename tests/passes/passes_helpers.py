@@ -7,8 +7,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from passes import op_counts
-from passes.base import KilnPass
+from kiln.passes import op_counts
+from kiln.passes.base import KilnPass
 
 HEADER = '<ir_version: 9, opset_import: ["" : 17]>\n'
 
@@ -86,3 +86,41 @@ def node_names(model: ir.Model) -> list[str]:
 def node(model: ir.Model, name: str) -> ir.Node:
     (found,) = [n for n in model.graph if n.name == name]
     return found
+
+
+OPSET_18 = '<ir_version: 9, opset_import: ["" : 18]>\n'  # Split's num_outputs
+
+
+def load(path) -> ir.Model:
+    """An exported model with its external weights read into memory."""
+    return ir.external_data.load_to_model(ir.load(path))
+
+
+def with_weights(text: str, names: tuple[str, ...], seed: int = 0, header: str = OPSET_18) -> ir.Model:
+    """Parse a graph whose listed inputs are weights, and make them seeded initializers ('var' positive)."""
+    model = parse(text, header)
+    rng = np.random.default_rng(seed)
+    for value in [v for v in model.graph.inputs if v.name in names]:
+        shape = value.shape.numpy()
+        data = rng.uniform(0.5, 1.5, shape) if value.name == "var" else rng.standard_normal(shape)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(data.astype(np.float32), name=value.name)
+        model.graph.register_initializer(value)
+    return model
+
+
+def dit_feeds(batch: int = 2, side: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for the tiny DiT export (latents, timesteps, class labels)."""
+    rng = np.random.default_rng(seed)
+    return {"hidden_states": rng.standard_normal((batch, 4, side, side)).astype(np.float32),
+            "timestep": rng.integers(0, 1000, (batch,)), "class_labels": rng.integers(0, 10, (batch,))}  # fmt: skip
+
+
+def fuse_and_check(model: ir.Model, pass_type: type[KilnPass], feeds, rtol: float = 1e-5, atol: float = 1e-5) -> KilnPass:
+    """Run pass_type on model: it must modify it, keep ORT CPU parity, and be idempotent."""
+    want = run_ort(model, feeds)
+    pass_ = pass_type()
+    assert pass_(model).modified
+    assert_outputs_close(want, run_ort(model, feeds), rtol=rtol, atol=atol)
+    assert_idempotent(pass_type, model)
+    return pass_

@@ -20,7 +20,7 @@ from passes_helpers import (
     serialize,
 )
 
-from passes import (
+from kiln.passes import (
     DeduplicateInitializers,
     EliminateCommonSubexpressions,
     FoldConstants,
@@ -34,7 +34,7 @@ from passes import (
     count_nodes,
     op_counts,
 )
-from passes.base import check_topological_order
+from kiln.passes.base import check_topological_order
 
 
 def _apply(pass_type, model, feeds=None, rtol=1e-6, atol=1e-6):
@@ -290,6 +290,120 @@ def test_remove_identity_keeps_the_ones_that_carry_the_graph_signature():
     assert [v.name for v in model.graph.outputs] == ["passthrough", "weight", "a", "b"]
     assert [v.name for v in model.graph.inputs] == ["x"]
     check(model)
+
+
+def test_remove_identity_renames_the_producer_to_the_graph_output():
+    model = parse(
+        """
+        g (float[2,3] x) => (float[2,3] y, float[2,3] z)
+        {
+          [relu] r = Relu(x)
+          [id_out] y = Identity(r)
+          [neg] z = Neg(r)
+        }
+        """
+    )
+    pass_, result = _apply(RemoveIdentity, model)
+    assert result.modified is True and pass_.stats == {"identities_removed": 1}
+    relu = node(model, "relu")
+    # The Relu's output took the Identity's place and name; its other reader follows it.
+    assert relu.outputs[0].name == "y" and model.graph.outputs[0] is relu.outputs[0]
+    assert node(model, "neg").inputs[0] is relu.outputs[0]
+    assert relu.outputs[0].shape == ir.Shape([2, 3])  # the declared output shape carried over
+    assert [v.name for v in model.graph.outputs] == ["y", "z"]
+    assert [o.name for o in ir.to_proto(model).graph.output] == ["y", "z"]
+    check(model)
+    assert_idempotent(RemoveIdentity, model)
+
+
+IF_MODEL = """
+g (bool c, float[3] x) => (float[3] y)
+{
+  [id_in] x_in = Identity(x)
+  [branch] y = If (c) <
+    then_branch = then_g () => (float[3] t) {
+      [t_relu] r = Relu(x_in)
+      [t_id] t = Identity(r)
+    },
+    else_branch = else_g () => (float[3] e) {
+      [e_id] e = Identity(x_in)
+    }
+  >
+}
+"""
+
+
+def _branches(model: ir.Model) -> tuple[ir.Graph, ir.Graph]:
+    attributes = node(model, "branch").attributes
+    return attributes["then_branch"].as_graph(), attributes["else_branch"].as_graph()
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_remove_identity_walks_if_branches(flag):
+    model = parse(IF_MODEL)
+    feeds = {"c": np.array(flag), "x": np.random.default_rng(2).standard_normal(3).astype(np.float32)}
+    pass_, result = _apply(RemoveIdentity, model, feeds)
+    assert result.modified is True and pass_.stats == {"identities_removed": 2}
+    then_g, else_g = _branches(model)
+    x = model.graph.inputs[1]
+    (relu,) = list(then_g)
+    # The branch reads x itself now, and its Relu output carries the branch output's name.
+    assert relu.inputs[0] is x and relu.outputs[0].name == "t" and then_g.outputs[0] is relu.outputs[0]
+    # e = Identity(x) returns an outer value from the branch: x's name is the outer graph's, so it stays.
+    (identity,) = list(else_g)
+    assert identity.op_type == "Identity" and identity.inputs[0] is x
+    assert op_counts(model) == {"Identity": 1, "If": 1, "Relu": 1}
+    check(model)
+    assert_idempotent(RemoveIdentity, model)
+
+
+LOOP_MODEL = """
+g (float[3] x) => (float[3] y)
+<int64 trip = {3}, bool go = {1}, float two = {2.0}>
+{
+  [loop] y = Loop (trip, go, x) <
+    body = body_g (int64 i, bool cond, float[3] acc) => (bool cond_out, float[3] acc_out) {
+      [keep_cond] cond_out = Identity(cond)
+      [double] s = Mul(acc, two)
+      [mid] m = Identity(s)
+      [tanh] th = Tanh(m)
+      [out] acc_out = Identity(th)
+    }
+  >
+}
+"""
+
+
+def test_remove_identity_walks_a_loop_body():
+    model = parse(LOOP_MODEL)
+    pass_, result = _apply(RemoveIdentity, model)
+    assert result.modified is True and pass_.stats == {"identities_removed": 2}
+    body = node(model, "loop").attributes["body"].as_graph()
+    assert [n.name for n in body] == ["keep_cond", "double", "tanh"]  # cond_out = Identity(cond) stays
+    tanh = body.node(2)
+    assert tanh.inputs[0] is body.node(1).outputs[0]
+    assert [v.name for v in body.outputs] == ["cond_out", "acc_out"] and body.outputs[1] is tanh.outputs[0]
+    check(model)
+    assert_idempotent(RemoveIdentity, model)
+
+
+def test_remove_identity_walks_functions():
+    model = parse(
+        """
+        <ir_version: 9, opset_import: ["" : 17, "local" : 1]>
+        g (float[3] x) => (float[3] y) { [call] y = local.twice(x) }
+        <domain: "local", opset_import: ["" : 17]>
+        twice (a) => (b) { t = Add(a, a)  u = Identity(t)  b = Identity(u) }
+        """,
+        header="",
+    )
+    pass_, result = _apply(RemoveIdentity, model)
+    assert result.modified is True and pass_.stats == {"identities_removed": 2}
+    (function,) = model.functions.values()
+    (add,) = list(function)
+    assert add.op_type == "Add" and add.outputs[0].name == "b" and function.outputs[0] is add.outputs[0]
+    check(model)
+    assert_idempotent(RemoveIdentity, model)
 
 
 # --- cse --------------------------------------------------------------------------------------------

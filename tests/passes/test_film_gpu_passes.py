@@ -10,8 +10,8 @@ import onnx_ir as ir
 import pytest
 from passes_helpers import assert_idempotent, assert_outputs_close, run_ort
 
-from optimizer.config import TOLERANCES
-from passes import ConvertPrecision, FuseForOnnxRuntime, PassManager, WarpToGridSample, cleanup_passes, op_counts
+from kiln.optimizer.config import TOLERANCES
+from kiln.passes import ConvertPrecision, FuseForOnnxRuntime, PassManager, WarpToGridSample, cleanup_passes, op_counts
 
 F32 = ir.DataType.FLOAT
 

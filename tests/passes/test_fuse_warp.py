@@ -15,9 +15,9 @@ pytest.importorskip("tf2onnx")
 
 from passes_helpers import assert_idempotent, serialize  # noqa: E402
 
-from optimizer import film_net as F  # noqa: E402
-from passes import op_counts  # noqa: E402
-from passes.fuse_warp import WarpToGridSample  # noqa: E402
+from kiln.optimizer.examples import film_net as F  # noqa: E402
+from kiln.passes import op_counts  # noqa: E402
+from kiln.passes.fuse_warp import WarpToGridSample  # noqa: E402
 
 SMALL = F.FilmConfig.small()
 TOL = 1e-4

@@ -1,14 +1,18 @@
-"""ConvertToFloat16: float16 inside, float32 at the graph's edge and where ops need it."""
+"""ConvertPrecision / ConvertToFloat16: low precision inside, float32 at the graph's edge, where ops need
+it and where a constant is beyond float16's range; on small graphs and on the tiny DiT export."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnx.reference import ReferenceEvaluator
 from passes_helpers import (
     assert_idempotent,
     assert_outputs_close,
     check,
+    dit_feeds,
+    load,
     node,
     parse,
     random_feeds,
@@ -16,7 +20,16 @@ from passes_helpers import (
     serialize,
 )
 
-from passes import ConvertToFloat16, InferShapes, PassFailed, PassManager, cleanup_passes, op_counts
+from kiln.optimizer.config import TOLERANCES
+from kiln.passes import (
+    ConvertPrecision,
+    ConvertToFloat16,
+    InferShapes,
+    PassFailed,
+    PassManager,
+    cleanup_passes,
+    op_counts,
+)
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 TOL = {"rtol": 2e-2, "atol": 2e-2}
@@ -246,3 +259,167 @@ def test_fp16_ensures_no_float32_initializer_is_left():
     model = parse("g (float[3] x) => (float[3] y) <float[3] w = {1.0, 2.0, 3.0}> { [mul] y = Mul(x, w) }")
     with pytest.raises(ir.passes.PostconditionError, match="initializer 'w' is still float32"):
         ConvertToFloat16().ensures(model)
+
+
+# --- constants beyond float16's range ---------------------------------------------------------------
+
+# y = (x * 1e6) / 1e6: in float16 both 1e6 would be inf, and y inf or nan.
+SCALED = """
+g (float[2,3] x) => (float[2,3] y)
+<float up = {1000000.0}, float down = {1000000.0}, float[3] w = {0.5, -1.0, 2.0}>
+{
+  [scale_up] big = Mul(x, up)
+  [scale_down] back = Div(big, down)
+  [weigh] y = Mul(back, w)
+}
+"""
+KEPT_1E6 = "max |value| 1e+06 is beyond float16's ±65504; kept in float32"
+
+
+def _assert_no_inf_initializer(model: ir.Model) -> None:
+    for name, value in model.graph.initializers.items():
+        assert np.isfinite(value.const_value.numpy().astype(np.float32)).all(), name
+
+
+def test_fp16_keeps_initializers_beyond_its_range_in_float32():
+    model = parse(SCALED)
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=4))
+
+    assert pass_.details["out_of_range"] == {"up": KEPT_1E6, "down": KEPT_1E6}
+    assert pass_.stats["tensors_out_of_range"] == 2
+    # Their readers run in float32: a Cast of 1e6 to float16 would be inf at run time too.
+    assert pass_.details["kept_fp32"] == {
+        "scale_up": "reads up, whose values are beyond float16's range",
+        "scale_down": "reads down, whose values are beyond float16's range",
+    }
+    assert _float_initializers(model, F32) == ["up", "down"]
+    assert _float_initializers(model, F16) == ["w"]
+    assert node(model, "scale_up").inputs[0] is model.graph.inputs[0]  # x read as float32, no Cast
+    assert node(model, "weigh").outputs[0].dtype == F16
+    assert sorted(_casts(model)) == [("back_fp16_cast", F16), ("y_cast", F32)]
+    _assert_no_inf_initializer(model)
+    assert np.isfinite(actual["y"]).all()
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+
+    second = assert_idempotent(ConvertToFloat16, model)
+    assert second.details["out_of_range"] == {"up": KEPT_1E6, "down": KEPT_1E6}
+
+
+def test_fp16_keeps_an_add_and_sub_of_1e5_in_float32():
+    model = parse("""
+        g (float[2,3] x) => (float[2,3] y) <float big = {100000.0}> {
+          [add] s = Add(x, big)
+          [sub] d = Sub(s, big)
+          [relu] y = Relu(d)
+        }""")
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=5))
+    assert pass_.details["out_of_range"] == {"big": "max |value| 100000 is beyond float16's ±65504; kept in float32"}
+    assert set(pass_.details["kept_fp32"]) == {"add", "sub"}
+    assert node(model, "relu").outputs[0].dtype == F16
+    _assert_no_inf_initializer(model)
+    assert np.isfinite(actual["y"]).all()
+    assert_outputs_close(expected, actual, **TOL)
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_fp16_keeps_a_constant_node_beyond_its_range_and_its_readers_in_float32():
+    model = parse("""
+        g (float[2,3] x) => (float[2,3] y) {
+          [c_big] big = Constant <value = float[3] {1000000.0, -2000000.0, 3.0}> ()
+          [c_small] small = Constant <value_float = 0.25> ()
+          [scale_up] s = Mul(x, big)
+          [scale_down] d = Div(s, big)
+          [quarter] y = Mul(d, small)
+        }""")
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=6))
+    assert pass_.details["out_of_range"] == {"big": "max |value| 2e+06 is beyond float16's ±65504; kept in float32"}
+    assert pass_.details["kept_fp32"] == {
+        "c_big": "its value is beyond float16's range",
+        "scale_up": "reads big, whose values are beyond float16's range",
+        "scale_down": "reads big, whose values are beyond float16's range",
+    }
+    assert node(model, "c_big").attributes["value"].as_tensor().dtype == F32
+    assert node(model, "c_small").attributes["value"].as_tensor().dtype == F16
+    assert np.isfinite(actual["y"]).all()
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_fp16_clamps_a_constant_in_a_subgraph_to_its_range():
+    """A branch's Constant cannot keep float32 readers (Casts join the main graph only): clamped."""
+    model = parse("""
+        g (bool c, float[3] x) => (float[3] y) {
+          [branch] y = If (c) <
+            then_branch = then_g () => (float[3] t) {
+              [cap] ceiling = Constant <value_float = 100000.0> ()
+              [min] t = Min(x, ceiling)
+            },
+            else_branch = else_g () => (float[3] e) { [neg] e = Neg(x) }
+          >
+        }""")
+    feeds = {"c": np.array(True), "x": np.random.default_rng(7).standard_normal(3).astype(np.float32) * 100}
+    pass_, expected, actual = _convert(model, feeds)
+    assert pass_.details["out_of_range"] == {"ceiling": "max |value| 100000 is beyond float16's ±65504; clamped to ±65504"}
+    assert pass_.stats["tensors_out_of_range"] == 1
+    cap = node(model, "branch").attributes["then_branch"].as_graph().node(0)
+    tensor = cap.attributes["value"].as_tensor()
+    assert tensor.dtype == F16 and tensor.numpy() == np.float16(65504)
+    assert_outputs_close(expected, actual, **TOL)  # min(x, 65504) == min(x, 1e5) for these x
+    check(model)
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_bf16_has_float32s_range():
+    model = parse(SCALED)
+    InferShapes()(model)
+    pass_ = ConvertPrecision("bf16")
+    pass_(model)
+    assert "out_of_range" not in pass_.details and "tensors_out_of_range" not in pass_.stats
+    assert _float_initializers(model, ir.DataType.BFLOAT16) == ["up", "down", "w"]
+
+
+# --- on the tiny DiT export -------------------------------------------------------------------------
+
+
+def test_fp16_keeps_dit_timestep_phases_in_float32(dit_export):
+    path, _ = dit_export
+    model = load(path)
+    want = run_ort(model, dit_feeds())
+    model, records = PassManager([*cleanup_passes(), ConvertPrecision("fp16")]).run(model)
+    kept = records[-1].details["kept_fp32"]
+    phases = {n.name for n in model.graph if n.op_type in ("Sin", "Cos")}
+    assert phases and phases <= set(kept)
+    # The timestep's scaling into a phase stays float32 too, back to the Cast from int64.
+    chain = [name for name, reason in kept.items() if reason.startswith("feeds Sin") or reason.startswith("feeds Cos")]
+    assert chain and all(n.outputs[0].dtype in (F32, ir.DataType.DOUBLE) for n in model.graph if n.name in chain)
+    assert "out_of_range" not in records[-1].details
+    assert_outputs_close(want, run_ort(model, dit_feeds()), **TOLERANCES["fp16"])
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_bf16_keeps_dit_ops_without_a_bfloat16_form(dit_export):
+    path, _ = dit_export
+    model = load(path)
+    want = run_ort(model, dit_feeds())
+    model, records = PassManager([*cleanup_passes(), ConvertPrecision("bf16")]).run(model)
+    kept = records[-1].details["kept_fp32"]
+    opset = model.opset_imports[""]
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert kept[conv.name] == f"ONNX Conv (opset {opset}) has no bfloat16 form"
+    assert any(n.op_type == "MatMul" and n.outputs[0].dtype == ir.DataType.BFLOAT16 for n in model.graph)
+    # ONNX Runtime's CPU provider has few bfloat16 kernels; ONNX's reference evaluator runs them all.
+    got = ReferenceEvaluator(ir.to_proto(model)).run(None, dit_feeds())[0]
+    assert_outputs_close(want, {"sample": got}, **TOLERANCES["bf16"])
+
+
+def test_fp16_io_makes_dit_inputs_and_outputs_float16(dit_export):
+    path, _ = dit_export
+    model, _ = PassManager([*cleanup_passes(), ConvertPrecision("fp16", io_float32=False)]).run(load(path))
+    assert [v.dtype for v in model.graph.inputs] == [ir.DataType.FLOAT16, ir.DataType.INT64, ir.DataType.INT64]
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    feeds = dit_feeds()
+    got = run_ort(serialize(model), {**feeds, "hidden_states": feeds["hidden_states"].astype(np.float16)})
+    assert got["sample"].dtype == np.float16
+    assert np.isfinite(got["sample"]).all()

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from optimizer.errors import InputError
+from kiln.optimizer.errors import InputError
 
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 13

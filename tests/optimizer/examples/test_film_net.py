@@ -1,4 +1,4 @@
-"""optimizer.film_net: the reference FILM (film_net) architecture in TensorFlow, its warp and its SavedModel."""
+"""kiln.optimizer.examples.film_net: the reference FILM (film_net) architecture in TensorFlow, its warp and its SavedModel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from optimizer import film_net as F  # noqa: E402
+from kiln.optimizer.examples import film_net as F  # noqa: E402
 
 GATHER_TYPES = ("GatherV2", "ResourceGather", "Gather")
 SMALL = F.FilmConfig.small()

@@ -1,4 +1,4 @@
-"""optimizer.models: finding, loading (with its checks), hashing and saving ONNX models."""
+"""kiln.optimizer.onnx_files: finding, loading (with its checks), hashing and saving ONNX models."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import models
-from optimizer.errors import EXIT_BAD_INPUT, InputError
+from kiln.optimizer import onnx_files as models
+from kiln.optimizer.errors import EXIT_BAD_INPUT, InputError
 
 # A version ONNX Runtime runs, inside kiln's supported range.
 OPSET = 17

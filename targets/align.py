@@ -8,9 +8,18 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from targets import Engine
-
 METADATA_KEY = "kiln.align"
+
+
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+    """Where the original H×W sits in a padded input."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    padded_height: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +59,9 @@ class Alignment:
             padded[name] = tuple(shape)
         return padded
 
-    def pad(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tuple[int, int, int, int] | None]:
-        """Feeds padded to the alignment, and the crop box (top, left, height, width); None when none was needed."""
+    def pad(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], CropBox | None]:
+        """Feeds (numpy arrays or torch tensors) padded to the alignment, and the box to crop the outputs
+        to; None when no padding was needed."""
         sizes = {(feeds[n].shape[h], feeds[n].shape[w]) for n, (h, w) in self.inputs.items() if n in feeds}
         if len(sizes) != 1:
             raise ValueError(f"the inputs {', '.join(self.inputs)} must share one height and width, got {sorted(sizes)}")
@@ -69,44 +79,24 @@ class Alignment:
             # numpy arrays and torch tensors alike (the GPU pipeline pads on the device)
             padded[name] = value.new_zeros(shape) if hasattr(value, "new_zeros") else np.zeros(shape, value.dtype)
             padded[name][tuple(inside)] = value
-        return padded, (top, left, height, width)
+        return padded, CropBox(top, left, height, width, height + pad_h)
 
-    def crop(self, outputs: Mapping[str, np.ndarray], box, padded_hw: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Crop spatial outputs back; an output at 1/k resolution (a pyramid level) gets the box scaled by k."""
+    def crop(self, outputs: Mapping[str, np.ndarray], box: CropBox | None) -> dict[str, np.ndarray]:
+        """Crop spatial outputs back (views); an output at 1/k resolution (a pyramid level) gets the box scaled by k."""
         if box is None:
             return dict(outputs)
-        top, left, height, width = box
+        top, left, height, width = box.top, box.left, box.height, box.width
         cropped = dict(outputs)
         for name, (h_axis, w_axis) in self.outputs.items():
             array = outputs[name]
-            scale = padded_hw[0] // array.shape[h_axis]
+            scale = box.padded_height // array.shape[h_axis]
             index = [slice(None)] * array.ndim
             index[h_axis] = slice(top // scale, (top + height + scale - 1) // scale)
             index[w_axis] = slice(left // scale, (left + width + scale - 1) // scale)
             cropped[name] = array[tuple(index)]
         return cropped
 
-
     def run_padded(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], feeds) -> dict[str, np.ndarray]:
         """run(feeds padded to the alignment), with its spatial outputs cropped back."""
         padded, box = self.pad(feeds)
-        name, (h_axis, w_axis) = next(iter(self.inputs.items()))
-        return self.crop(run(padded), box, (padded[name].shape[h_axis], padded[name].shape[w_axis]))
-
-
-class AlignedEngine:
-    """An engine that takes any H×W: it pads to the alignment, runs, and crops back."""
-
-    def __init__(self, engine: Engine, alignment: Alignment):
-        self.engine = engine
-        self.alignment = alignment
-        self.inputs, self.outputs, self.profile = engine.inputs, engine.outputs, engine.profile
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.alignment.run_padded(self.engine.run, feeds)
-
-    def __getattr__(self, name: str):
-        # device_runner exists exactly when the wrapped engine has one (bench looks for it).
-        if name == "device_runner" and hasattr(self.engine, "device_runner"):
-            return lambda feeds: self.engine.device_runner(self.alignment.pad(feeds)[0])
-        raise AttributeError(name)
+        return self.crop(run(padded), box)

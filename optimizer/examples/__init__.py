@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.diffusion_examples import write_dit, write_vae
-from optimizer.errors import InputError
-from optimizer.outdir import atomic_file
+from kiln.optimizer.examples.tiny_diffusers import write_dit, write_vae
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.outdir import atomic_file
 
 HIDDEN, HEADS, MLP = 64, 4, 256
 BLOCK_SHAPES = "batch=1..2..4,seq=1..16..64"
@@ -113,11 +113,11 @@ def write_block(directory: Path, seed: int = 0) -> Path:
 
 
 def write_film(directory: Path, seed: int = 0) -> Path:
-    from optimizer.lazy import check_installed
+    from kiln.optimizer.lazy import check_installed
 
     check_installed(["tensorflow"], "tf", "the film example")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-    from optimizer.film_net import FilmConfig, export_saved_model
+    from kiln.optimizer.examples.film_net import FilmConfig, export_saved_model
 
     return export_saved_model(directory, FilmConfig.small(), seed)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from optimizer.outdir import staged_dir
+from kiln.optimizer.outdir import staged_dir
 
 LEAKY_ALPHA = 0.2
 # Gain that keeps activations O(1) through a leaky ReLU with LEAKY_ALPHA (He et al., 2015).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from optimizer.lazy import check_installed, require
+from kiln.optimizer.lazy import check_installed, require
 
 # One or two layers and a hidden width of 16: each exports in seconds on a laptop CPU.
 TINY = {

@@ -1,4 +1,5 @@
-"""`kiln optimize`: load -> passes -> target build -> verification -> reports, staged and renamed into OUTDIR."""
+"""The `kiln optimize` driver: import -> load -> passes and target build -> verification -> reports,
+staged in a temporary directory and renamed into OUTDIR."""
 
 from __future__ import annotations
 
@@ -10,46 +11,21 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-import passes
-import targets
-from targets import DimRange, Profile
-from optimizer import __version__
-from optimizer.align import METADATA_KEY as ALIGN_KEY
-from optimizer.align import AlignedEngine, Alignment
-from optimizer.bench import bench_profile
-from optimizer.config import TOLERANCES, Options
-from optimizer.errors import InputError, KilnError, VerificationFailed
-from optimizer.importers import import_model
-from optimizer.models import content_hash, find_model, load_model, save_model
-from optimizer.outdir import check_outdir, staged_dir
-from optimizer.progress import Progress
-from optimizer.report import new_report, write_reports
-from optimizer.shapes import SHAPES_METADATA_KEY, build_profile, input_specs, int_ranges, output_specs
-from optimizer.verify import REFERENCE, StepVerifier, expected_outputs, reference_session, verify_engine
-
-ENGINE_DIR = "engine"
-
-
-def pass_pipeline(
-    options: Options, target: targets.Target | None = None, static_sizes: dict[str, int] | None = None
-) -> list[passes.KilnPass]:
-    """The passes for these options and target, in order, minus the disabled ones. static_sizes (the
-    profile's dims when each has one size) freezes the input shapes first."""
-    # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
-    chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
-    if static_sizes is not None:
-        chosen.insert(0, passes.FreezeShapes(static_sizes))
-    if target is not None and "ort-fusions" in target.capabilities:
-        chosen.append(passes.FuseForOnnxRuntime())
-    else:
-        chosen.append(passes.FuseStandardOnnx())
-    if options.precision != "fp32":
-        chosen.append(passes.ConvertPrecision(options.precision, io_float32=options.io_dtype == "float32"))
-    known = {p.name for p in chosen} | {passes.FreezeShapes.name}
-    unknown = sorted(set(options.disable_passes) - known)
-    if unknown:
-        raise InputError(f"cannot disable unknown pass(es) {', '.join(unknown)}", hint=f"passes: {', '.join(sorted(known))}")
-    return [p for p in chosen if p.name not in options.disable_passes]
+from kiln import passes, targets
+from kiln.optimizer import __version__
+from kiln.optimizer.bench import bench_profile
+from kiln.optimizer.build import build_engine, select_passes
+from kiln.optimizer.config import Options
+from kiln.optimizer.errors import InputError, VerificationFailed
+from kiln.optimizer.importers import import_model
+from kiln.optimizer.onnx_files import content_hash, find_model, load_model
+from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
+from kiln.optimizer.progress import Progress
+from kiln.optimizer.report import new_report, write_reports
+from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, input_specs, int_ranges
+from kiln.optimizer.verify import REFERENCE, StepVerifier, expected_outputs, reference_session, verify_engine
+from kiln.targets import Alignment, DimRange, Profile
+from kiln.targets.align import METADATA_KEY as ALIGN_KEY
 
 
 def choose_target(options: Options) -> targets.Target:
@@ -74,15 +50,15 @@ def choose_target(options: Options) -> targets.Target:
 def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progress: Progress) -> dict:
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
     target = choose_target(options)
-    chosen_passes = pass_pipeline(options, target)
+    select_passes(options, target)  # refuses unknown --disable-pass names before any work
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
-        return _optimize(model_arg, outdir, Path(work), target, chosen_passes, options, progress)
+        return _optimize(model_arg, outdir, Path(work), target, options, progress)
 
 
-def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, progress: Progress) -> dict:
+def _optimize(model_arg, outdir, work, target, options: Options, progress: Progress) -> dict:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     report = new_report("optimize")
@@ -119,24 +95,11 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
             del reference  # its outputs are all that is needed: hold the weights once
     timings["reference_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    if profile.is_static() and profile.dims:  # freeze the shapes first (pass_pipeline drops it if disabled)
-        chosen_passes = pass_pipeline(options, target, profile.sizes("opt"))
-    model, records = _run_passes(model, chosen_passes, options, verifier, progress)
-    timings["passes_s"] = time.perf_counter() - t
-
     with staged_dir(outdir) as stage:
-        t = time.perf_counter()
-        with progress.stage(f"build {target.name} engine"):
-            model_files = save_model(model, stage / "model.onnx")
-            engine_dir = stage / ENGINE_DIR
-            engine_dir.mkdir()
-            extras = {"precision": options.precision, **({"alignment": alignment.to_json()} if alignment else {})}
-            target.build(stage / "model.onnx", engine_dir, profile, extras)
-            engine = target.load(engine_dir)
-            if alignment:
-                engine = AlignedEngine(engine, alignment)
-        timings["build_s"] = time.perf_counter() - t
+        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress)
+        model, engine, records = built.model, built.engine, built.records
+        engine_dir = stage / ENGINE_DIR
+        timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
 
         t = time.perf_counter()
         checks = []
@@ -158,12 +121,14 @@ def _optimize(model_arg, outdir, work, target, chosen_passes, options: Options, 
             kiln_version=__version__,
             status="ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
             source=source,
-            model={"file": "model.onnx", "files": model_files, "hash": content_hash(model),
+            model={"file": "model.onnx", "files": built.model_files, "hash": content_hash(model),
                    "nodes": passes.count_nodes(model), "op_counts": passes.op_counts(model)},  # fmt: skip
-            target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())]},
+            target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())],
+                    "build_config": built.config.to_json()},  # fmt: skip
             precision=options.precision,
-            inputs=[s.to_json() for s in inputs],
-            outputs=[s.to_json() for s in output_specs(model)],
+            # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
+            inputs=[s.to_json() for s in engine.inputs],
+            outputs=[s.to_json() for s in engine.outputs],
             profile=profile.to_json(),
             alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
             notes=notes,
@@ -213,26 +178,3 @@ def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profi
 
 def _fmt_shapes(shapes: dict) -> str:
     return ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-
-
-def _run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier | None, progress: Progress):
-    low_precision_started = False
-
-    def before(pass_: passes.KilnPass) -> None:
-        progress.line(f"kiln: pass {pass_.name}")
-
-    def after(record: passes.PassRecord, current: ir.Model) -> None:
-        nonlocal low_precision_started
-        low_precision_started |= record.name == options.precision
-        if verifier is None:
-            return
-        tolerance = options.tolerance() if low_precision_started else TOLERANCES["fp32"]
-        problem = verifier.check(current, tolerance)
-        if problem:
-            raise KilnError(f"--verify-each: after pass {record.name!r}, {problem}")
-
-    manager = passes.PassManager(chosen, before_each=before, after_each=after)
-    try:
-        return manager.run(model)
-    except passes.PassFailed as exc:
-        raise KilnError(str(exc), hint="rerun with --debug for the traceback, or disable the pass") from exc

@@ -1,0 +1,107 @@
+"""An ONNX model to a loaded engine: the passes for the target and precision, then the target's build.
+
+`kiln optimize` builds through `build_engine`, and so do the benchmarks, so an engine a benchmark
+measures is the engine `kiln optimize` would write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from kiln import passes, targets
+from kiln.optimizer.config import TOLERANCES, Options
+from kiln.optimizer.errors import InputError, KilnError
+from kiln.optimizer.onnx_files import MODEL_FILE, save_model
+from kiln.optimizer.outdir import ENGINE_DIR
+from kiln.optimizer.progress import Progress
+from kiln.optimizer.verify import StepVerifier
+
+
+def select_passes(
+    options: Options, target: targets.Target | None = None, static_sizes: dict[str, int] | None = None
+) -> list[passes.KilnPass]:
+    """The passes for these options and target, in order, minus the disabled ones. static_sizes (the
+    profile's dims when each has one size) freezes the input shapes first."""
+    # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
+    chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
+    if static_sizes is not None:
+        chosen.insert(0, passes.FreezeShapes(static_sizes))
+    if target is not None and "ort-fusions" in target.capabilities:
+        chosen.append(passes.FuseForOnnxRuntime())
+    else:
+        chosen.append(passes.FuseStandardOnnx())
+    if options.precision != "fp32":
+        chosen.append(passes.ConvertPrecision(options.precision, io_float32=options.io_dtype == "float32"))
+    # Any pass kiln has may be disabled, so one recipe serves every target and precision.
+    known = {p.name for p in (*passes.cleanup_passes(), passes.WarpToGridSample(), passes.FuseStandardOnnx(), passes.FuseForOnnxRuntime())}
+    known |= {passes.FreezeShapes.name, "fp16", "bf16"}
+    unknown = sorted(set(options.disable_passes) - known)
+    if unknown:
+        raise InputError(f"cannot disable unknown pass(es) {', '.join(unknown)}", hint=f"passes: {', '.join(sorted(known))}")
+    return [p for p in chosen if p.name not in options.disable_passes]
+
+
+@dataclasses.dataclass
+class Built:
+    engine: targets.Engine
+    config: targets.BuildConfig
+    model: ir.Model  # the optimized model, as saved to model.onnx
+    model_files: list[str]
+    records: list[passes.PassRecord]
+    passes_s: float
+    build_s: float
+
+
+def build_engine(
+    model: ir.Model,
+    directory: Path,
+    target: targets.Target,
+    options: Options,
+    profile: targets.Profile,
+    alignment: targets.Alignment | None = None,
+    verifier: StepVerifier | None = None,
+    progress: Progress | None = None,
+) -> Built:
+    """Run the passes on model (in place), save it as directory/model.onnx, build the target's engine
+    into directory/engine/ and load it. A static profile (one size per dim) freezes the shapes first,
+    and a GPU engine then runs as one CUDA graph. verifier checks the model after every pass."""
+    progress = progress or Progress(enabled=False)
+    static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
+    start = time.perf_counter()
+    model, records = run_passes(model, select_passes(options, target, static_sizes), options, verifier, progress)
+    passes_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with progress.stage(f"build {target.name} engine"):
+        model_files = save_model(model, directory / MODEL_FILE)
+        engine_dir = directory / ENGINE_DIR
+        engine_dir.mkdir()
+        config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
+        engine = targets.load_engine(engine_dir)
+    return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start)
+
+
+def run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier | None, progress: Progress):
+    low_precision_started = False
+
+    def before(pass_: passes.KilnPass) -> None:
+        progress.line(f"kiln: pass {pass_.name}")
+
+    def after(record: passes.PassRecord, current: ir.Model) -> None:
+        nonlocal low_precision_started
+        low_precision_started |= record.name == options.precision
+        if verifier is None:
+            return
+        tolerance = options.tolerance() if low_precision_started else TOLERANCES["fp32"]
+        problem = verifier.check(current, tolerance)
+        if problem:
+            raise KilnError(f"--verify-each: after pass {record.name!r}, {problem}")
+
+    manager = passes.PassManager(chosen, before_each=before, after_each=after)
+    try:
+        return manager.run(model)
+    except passes.PassFailed as exc:
+        raise KilnError(str(exc), hint="rerun with --debug for the traceback, or disable the pass") from exc

@@ -1,0 +1,50 @@
+"""`kiln run`: open the engine of a kiln OUTDIR and run it on named arrays."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from kiln import targets
+from kiln.calibration import DataError, read_npz
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.outdir import ENGINE_DIR, atomic_file
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """An engine that cannot load or cannot take its inputs is the user's input problem (exit 2)."""
+    try:
+        yield
+    except targets.EngineError as exc:
+        raise InputError(exc.message, hint=exc.hint) from None
+
+
+def engine_dir(path: Path) -> Path:
+    """The engine directory of a kiln OUTDIR, or path itself when it is one."""
+    if not path.exists():
+        raise InputError(f"{path}: no such directory", hint="pass the OUTDIR that `kiln optimize -o` wrote")
+    return path / ENGINE_DIR if (path / ENGINE_DIR).is_dir() else path
+
+
+def open_engine(path: Path, cuda_stream: int | None = None) -> targets.Engine:
+    """The engine in a kiln OUTDIR (or in its engine/ directory), on cuda_stream if it runs on a GPU."""
+    with engine_errors():
+        return targets.load_engine(engine_dir(path), cuda_stream)
+
+
+def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    engine = open_engine(outdir)
+    try:
+        feeds = read_npz(inputs)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
+    with engine_errors():
+        warnings = engine.check_feeds(feeds, str(inputs))
+    results = engine.run(feeds)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **results)
+    return results, warnings

@@ -1,0 +1,234 @@
+"""The engine runtime: an engine loaded from its manifest, and the one binding that runs it.
+
+`load_engine(dir)` builds the ONNX Runtime session from the manifest's build config alone. An
+`Engine` runs on host arrays (`run`), or hands out a `Binding` over buffers from an allocator
+(targets/buffers.py): host numpy arrays, ONNX Runtime device buffers, or torch CUDA tensors.
+
+The binding is the one place that knows about fixed buffers and CUDA graphs. It binds every input
+and output by address to a buffer allocated once per shape and refills the inputs in place, so
+addresses stay fixed as CUDA graph replay requires; it pads inputs to the engine's alignment and
+crops outputs back; and for a new shape of a CUDA-graph engine it runs the capture runs at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from kiln.targets.align import CropBox
+from kiln.targets.buffers import Buffers, HostBuffers, OrtDeviceBuffers, numpy_type
+from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
+from kiln.targets.profile import DimRange, Profile, TensorSpec
+
+ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
+CUDA_GRAPH_RUNS = 3  # ONNX Runtime captures its CUDA graph on the third run of a shape
+ANY_SIZE = 2**31 - 1
+
+
+def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    return options
+
+
+def session_specs(args) -> tuple[TensorSpec, ...]:
+    """TensorSpecs of an ONNX Runtime session's inputs or outputs."""
+    return tuple(
+        TensorSpec(a.name, numpy_type(a.type), tuple(d if isinstance(d, int) else str(d) for d in a.shape)) for a in args
+    )
+
+
+def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
+    """The engine that a target's build wrote into engine_dir, with the session settings its manifest
+    records; a CUDA engine runs on cuda_stream (a cudaStream_t) if given."""
+    config = read_manifest(engine_dir)
+    model = engine_dir / config.model
+    if not model.is_file():
+        raise EngineError(f"engine model {model} is missing", hint="rebuild the engine with `kiln optimize`")
+    missing = [p for p in config.providers if p not in ort.get_available_providers()]
+    if missing:
+        raise EngineError(
+            f"the engine in {engine_dir} was built for target {config.target!r}, which needs {', '.join(missing)}; "
+            f"onnxruntime {ort.__version__} here lacks it",
+            hint="run it where that target is available (`kiln targets`), or build it for this machine's target",
+        )
+    if config.device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's packages ship
+    options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    try:
+        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream))
+    except Exception as exc:  # a damaged model file: ONNX Runtime says InvalidProtobuf or the like
+        raise EngineError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}",
+                          hint="the engine is damaged; rebuild it with `kiln optimize`") from None  # fmt: skip
+    return Engine(session, config)
+
+
+class Engine:
+    """A loaded engine: its session, and the build config it was loaded from."""
+
+    def __init__(self, session: ort.InferenceSession, config: BuildConfig):
+        self.session, self.config = session, config
+        self.inputs, self.outputs = config.inputs, config.outputs
+        self.profile: Profile = config.profile
+        self.alignment = config.alignment
+        self._host: Binding | None = None
+        self._bindings = 0
+
+    @classmethod
+    def from_session(cls, session: ort.InferenceSession, device: str = "cpu") -> Engine:
+        """An engine over a session kiln did not build (a benchmark's baseline): its own inputs and
+        outputs, any size of its dynamic dims, no alignment."""
+        inputs, outputs = session_specs(session.get_inputs()), session_specs(session.get_outputs())
+        dims = {d: DimRange(1, 1, ANY_SIZE) for spec in inputs for d in spec.dynamic_dims}
+        config = BuildConfig(
+            target="onnxruntime", model="", device=device, providers=tuple(session.get_providers()),
+            provider_options={}, precision="as built", tf32=False, cuda_graph=False,
+            profile=Profile(inputs, dims), inputs=inputs, outputs=outputs,
+        )  # fmt: skip
+        return cls(session, config)
+
+    @property
+    def device_resident(self) -> bool:
+        """Whether the engine's buffers live on a device (so `kiln bench` times it without the copies)."""
+        return self.config.device != "cpu"
+
+    def bind(self, buffers: Buffers, run_options: ort.RunOptions | None = None) -> Binding:
+        if self.config.cuda_graph and self._bindings:
+            # The captured graph replays into the first binding's addresses.
+            raise EngineError("an engine captured as a CUDA graph runs through one binding; this one has one already")
+        self._bindings += 1
+        return Binding(self, buffers, run_options)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in (cast to the engine's types, any H×W its alignment allows), host arrays out."""
+        if self._host is None:
+            self._host = self.bind(OrtDeviceBuffers(self.config.device) if self.device_resident else HostBuffers())
+        return self._host.run(feeds)
+
+    def device_runner(self, feeds: Mapping[str, np.ndarray]):
+        """A function that runs the engine on feeds already in its buffers, and waits for it."""
+        if self._host is None:
+            self.run(feeds)  # binds the buffers
+        self._host.stage(feeds)
+        return self._host.execute_and_wait
+
+    def shapes_problem(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """None if inputs of these shapes run, at the engine's padded size, inside the profile it was
+        verified at; else why not."""
+        padded = self.alignment.padded_shapes(shapes) if self.alignment else dict(shapes)
+        return self.profile.contains(padded)
+
+    def check_feeds(self, feeds: Mapping[str, Any], source: str) -> list[str]:
+        """Raise EngineError for inputs the engine cannot take; return warnings for shapes it was not verified at."""
+        names = {spec.name for spec in self.inputs}
+        missing, extra = sorted(names - set(feeds)), sorted(set(feeds) - names)
+        expected = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in self.inputs)
+        if missing or extra:
+            what = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}"]))
+            raise EngineError(f"{source}: {what}", hint=f"the engine takes {expected}")
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        padded = self.alignment.padded_shapes(shapes) if self.alignment else shapes
+        for spec in self.inputs:
+            array, shape = feeds[spec.name], padded[spec.name]
+            if array.dtype.name != spec.dtype:
+                raise EngineError(f"{source}: input {spec.name!r} is {array.dtype.name}, the engine takes {spec.dtype}")
+            if len(shape) != len(spec.shape) or any(isinstance(want, int) and want != got for want, got in zip(spec.shape, shape)):
+                note = f" (padded to {list(shape)})" if shape != tuple(array.shape) else ""
+                raise EngineError(f"{source}: input {spec.name!r} has shape {list(array.shape)}{note}, the engine takes {list(spec.shape)}")
+        problem = self.profile.contains(padded)
+        return [f"{problem}; the engine was not verified at this shape"] if problem else []
+
+    def as_input_types(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """feeds cast to the engine's input dtypes (an fp16-IO engine takes the same data as its original)."""
+        dtypes = {spec.name: spec.dtype for spec in self.inputs}
+        return {k: v.astype(dtypes[k]) if dtypes.get(k, v.dtype.name) != v.dtype.name else v for k, v in feeds.items()}
+
+
+class Binding:
+    """An engine's inputs and outputs bound by address to buffers from one allocator, once per shape.
+
+    stage(feeds) pads and copies the feeds into the input buffers (binding them first for a new
+    shape), execute() runs the engine on them, results(box) hands out copies of the outputs, cropped
+    back; run(feeds) does all three."""
+
+    def __init__(self, engine: Engine, buffers: Buffers, run_options: ort.RunOptions | None = None):
+        self.engine, self.buffers, self.run_options = engine, buffers, run_options
+        self.session = engine.session
+        self.io = self.session.io_binding()
+        self.bound: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.outputs_bound = False  # outputs at fixed addresses here, or allocated by ONNX Runtime each run
+
+    def stage(self, feeds: Mapping[str, Any]) -> CropBox | None:
+        alignment = self.engine.alignment
+        padded, box = alignment.pad(feeds) if alignment else (dict(feeds), None)
+        shapes = {name: tuple(value.shape) for name, value in padded.items()}
+        new_shape = shapes != self.shapes
+        if new_shape:
+            self._bind(shapes)
+        for name, value in padded.items():
+            self.buffers.write(self.bound[name], value)
+        if new_shape and self.engine.config.cuda_graph:
+            # Capture now, on this thread, before any other thread works on the device.
+            for _ in range(CUDA_GRAPH_RUNS - 1):
+                self.execute()
+        return box
+
+    def execute(self) -> None:
+        self.session.run_with_iobinding(self.io, self.run_options)
+
+    def execute_and_wait(self) -> None:
+        self.execute()
+        self.io.synchronize_outputs()
+
+    def results(self, box: CropBox | None = None) -> dict[str, Any]:
+        specs = self.engine.outputs
+        if self.outputs_bound:  # copies: the next run overwrites the bound buffers
+            values = {spec.name: self.buffers.result(self.bound[spec.name]) for spec in specs}
+        else:
+            values = {spec.name: self.buffers.from_ort(v) for spec, v in zip(specs, self.io.get_outputs(), strict=True)}
+        return self.engine.alignment.crop(values, box) if self.engine.alignment else values
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        box = self.stage(feeds)
+        self.execute()
+        return self.results(box)
+
+    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        engine, buffers = self.engine, self.buffers
+        if engine.config.cuda_graph and self.shapes is not None:
+            raise EngineError(f"this engine runs one shape, {self.shapes}, captured as a CUDA graph; got {shapes}",
+                              hint="build the engine with a dynamic profile to run other sizes")  # fmt: skip
+        self.io.clear_binding_inputs()
+        self.io.clear_binding_outputs()
+        self.bound = {}
+        for spec in engine.inputs:
+            self._bind_buffer(spec, shapes[spec.name], self.io.bind_input)
+        out_shapes = None
+        if all(isinstance(d, int) for spec in engine.outputs for d in spec.shape):
+            out_shapes = {spec.name: tuple(spec.shape) for spec in engine.outputs}
+        elif not buffers.takes_ort_outputs:
+            # Learn the output shapes from one run into buffers ONNX Runtime allocates.
+            for spec in engine.outputs:
+                self.io.bind_output(spec.name, buffers.device, buffers.device_id)
+            self.session.run_with_iobinding(self.io, self.run_options)
+            out_shapes = {spec.name: tuple(v.shape()) for spec, v in zip(engine.outputs, self.io.get_outputs(), strict=True)}
+            self.io.clear_binding_outputs()
+        self.outputs_bound = out_shapes is not None
+        for spec in engine.outputs:
+            if self.outputs_bound:
+                self._bind_buffer(spec, out_shapes[spec.name], self.io.bind_output)
+            else:
+                self.io.bind_output(spec.name, buffers.device, buffers.device_id)
+        self.shapes = shapes
+
+    def _bind_buffer(self, spec: TensorSpec, shape: tuple[int, ...], bind) -> None:
+        buffers = self.buffers
+        self.bound[spec.name] = buffer = buffers.empty(shape, spec.dtype)
+        bind(spec.name, buffers.device, buffers.device_id, np.dtype(spec.dtype), list(shape), buffers.address(buffer))

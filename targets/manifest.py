@@ -1,0 +1,111 @@
+"""The engine manifest (engine.json): the typed build config an engine is loaded from, and nothing else.
+
+Every session setting a build chose is here (precision and TF32, providers and their options, CUDA
+graph, alignment, the engine's input and output types), with the versions it was built with. Loading
+reads only this, so an engine runs as it was built and verified, whoever built it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from kiln.targets.align import Alignment
+from kiln.targets.profile import Profile, TensorSpec
+
+ENGINE_MANIFEST = "engine.json"
+ENGINE_FORMAT = "kiln-engine"
+ENGINE_FORMAT_VERSION = 2  # 2: the typed build config
+
+
+class EngineError(ValueError):
+    """An engine that cannot be loaded or cannot take what it was given; the message says which and why."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    target: str
+    model: str  # the engine's model file, inside the engine directory
+    device: str  # where the engine's inputs and outputs live: "cpu", or "cuda" (IO binding on the GPU)
+    providers: tuple[str, ...]
+    # Options of the first provider, exactly as the session gets them (TF32 and CUDA graph included).
+    provider_options: Mapping[str, str]
+    precision: str
+    tf32: bool
+    cuda_graph: bool  # one shape only, captured as one CUDA graph
+    profile: Profile
+    inputs: tuple[TensorSpec, ...]  # the engine's own, with the types it takes (float16 IO included)
+    outputs: tuple[TensorSpec, ...]
+    alignment: Alignment | None = None
+    built_with: Mapping[str, str] = dataclasses.field(default_factory=dict)  # runtime version, providers
+
+    def session_providers(self, cuda_stream: int | None = None) -> list:
+        """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given."""
+        first, *rest = self.providers
+        options = dict(self.provider_options)
+        if self.device == "cuda" and cuda_stream is not None:
+            options["user_compute_stream"] = str(cuda_stream)
+        return [(first, options), *rest]
+
+    def to_json(self) -> dict:
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "providers": list(self.providers),
+            "provider_options": dict(self.provider_options),
+            "profile": self.profile.to_json(),
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "alignment": self.alignment.to_json() if self.alignment else None,
+            "built_with": dict(self.built_with),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> BuildConfig:
+        return cls(
+            target=data["target"],
+            model=data["model"],
+            device=data["device"],
+            providers=tuple(data["providers"]),
+            provider_options=dict(data["provider_options"]),
+            precision=data["precision"],
+            tf32=bool(data["tf32"]),
+            cuda_graph=bool(data["cuda_graph"]),
+            profile=Profile.from_json(data["profile"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
+            alignment=Alignment.from_json(data["alignment"]) if data.get("alignment") else None,
+            built_with=dict(data.get("built_with", {})),
+        )
+
+
+def write_manifest(engine_dir: Path, config: BuildConfig) -> None:
+    body = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION, **config.to_json()}
+    (engine_dir / ENGINE_MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(engine_dir: Path) -> BuildConfig:
+    path = engine_dir / ENGINE_MANIFEST
+    rebuild = "rebuild the engine with this kiln (`kiln optimize`)"
+    if not path.is_file():
+        raise EngineError(f"{engine_dir} holds no engine: {ENGINE_MANIFEST} is missing", hint="pass the OUTDIR that `kiln optimize -o` wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"{path} is not valid JSON ({exc})", hint=rebuild) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
+        raise EngineError(f"{path} is not a kiln engine manifest", hint="pass the OUTDIR that `kiln optimize -o` wrote")
+    if manifest.get("version") != ENGINE_FORMAT_VERSION:
+        raise EngineError(
+            f"{path} has engine format version {manifest.get('version')}, this kiln reads version {ENGINE_FORMAT_VERSION}",
+            hint=rebuild,
+        )
+    try:
+        return BuildConfig.from_json(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"{path} is incomplete or damaged ({type(exc).__name__}: {exc})", hint=rebuild) from None

@@ -1,0 +1,243 @@
+"""The diffusers adapters on their own, without exporting: which adapter a model gets, the inputs it makes
+(and that the PyTorch model runs on them), and the dim ranges it accepts. Models are the tiny seeded ones."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from kiln.optimizer.errors import InputError  # noqa: E402
+from kiln.optimizer.examples.tiny_diffusers import TINY, tiny_model  # noqa: E402
+from kiln.optimizer.importers import diffusion_adapters as A  # noqa: E402
+from kiln.targets import DimRange  # noqa: E402
+
+SUPPORTED = (
+    "kiln has adapters for AutoencoderKL, CogVideoXTransformer3DModel, DiTTransformer2DModel, "
+    "LatteTransformer3DModel, PixArtTransformer2DModel, SD3Transformer2DModel"
+)
+# Sizes unlike the defaults and unlike each other (height != width), so a swapped axis shows.
+SIZES = {"batch": 3, "height": 12, "width": 10, "text_len": 5, "frames": 2}
+# class -> (family, {input: (dtype, shape at SIZES)}, output shape). DiT's width follows its height, Latte's
+# frames are fixed at video_length 3, CogVideoX's text at max_text_seq_length 6; the VAE decoder upsamples 2x.
+EXPECTED = {
+    "DiTTransformer2DModel": ("dit", {
+        "hidden_states": (torch.float32, (3, 4, 12, 12)), "timestep": (torch.int64, (3,)),
+        "class_labels": (torch.int64, (3,))}, (3, 4, 12, 12)),
+    "PixArtTransformer2DModel": ("pixart", {
+        "hidden_states": (torch.float32, (3, 4, 12, 10)), "encoder_hidden_states": (torch.float32, (3, 5, 12)),
+        "timestep": (torch.int64, (3,))}, (3, 8, 12, 10)),
+    "SD3Transformer2DModel": ("sd3", {
+        "hidden_states": (torch.float32, (3, 4, 12, 10)), "encoder_hidden_states": (torch.float32, (3, 5, 12)),
+        "pooled_projections": (torch.float32, (3, 10)), "timestep": (torch.float32, (3,))}, (3, 4, 12, 10)),
+    "CogVideoXTransformer3DModel": ("cogvideox", {
+        "hidden_states": (torch.float32, (3, 2, 4, 12, 10)), "encoder_hidden_states": (torch.float32, (3, 6, 12)),
+        "timestep": (torch.int64, (3,))}, (3, 2, 4, 12, 10)),
+    "LatteTransformer3DModel": ("latte", {
+        "hidden_states": (torch.float32, (3, 4, 3, 12, 10)), "encoder_hidden_states": (torch.float32, (3, 5, 12)),
+        "timestep": (torch.int64, (3,))}, (3, 8, 3, 12, 10)),
+    "AutoencoderKL": ("vae-decoder", {"latent_sample": (torch.float32, (3, 4, 12, 10))}, (3, 3, 24, 20)),
+}  # fmt: skip
+
+
+@functools.cache
+def model(class_name: str):
+    """One tiny seeded model per class for the whole module (building takes a fraction of a second each)."""
+    return tiny_model(class_name, seed=0)
+
+
+def fake(class_name: str, forward, **config):
+    """A stand-in model: adapter_for reads only type(model).__name__, model.config and forward's signature."""
+    return type(class_name, (), {"config": config, "forward": forward})()
+
+
+def sizes_for(adapter: A.Adapter) -> dict[str, int]:
+    return {r.name: SIZES[r.name] for r in adapter.dynamic_dims}
+
+
+def refusal(call, *args) -> InputError:
+    with pytest.raises(InputError) as info:
+        call(*args)
+    return info.value
+
+
+# --- adapter_for -------------------------------------------------------------------------------------
+
+
+def test_every_tiny_class_has_its_family():
+    assert set(EXPECTED) == set(TINY)
+    for class_name, (family, _, _) in EXPECTED.items():
+        adapter = A.adapter_for(model(class_name))
+        assert (adapter.class_name, adapter.family) == (class_name, family)
+
+
+def test_rotary_cogvideox_is_refused():
+    error = refusal(A.adapter_for, tiny_model("CogVideoXTransformer3DModel", use_rotary_positional_embeddings=True))
+    assert error.message == (
+        "CogVideoXTransformer3DModel with use_rotary_positional_embeddings takes rotary embeddings (image_rotary_emb) "
+        "that the CogVideoX pipeline computes from the latent grid; kiln cannot make them from the config yet"
+    )
+    assert error.hint == "kiln exports CogVideoX models with sincos positional embeddings (such as CogVideoX-2b)"
+
+
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "AutoencoderKLCogVideoX", "ControlNetModel"])
+def test_non_transformers_are_refused(class_name):
+    error = refusal(A.adapter_for, fake(class_name, lambda self, sample, timestep: None, in_channels=4, patch_size=2))
+    assert error.message == (
+        f"kiln has no adapter for {class_name} yet: its inputs and outputs are not a latent transformer's"
+    )
+    assert error.hint == SUPPORTED
+
+
+def test_unknown_transformer_refused_when_its_inputs_cannot_be_made():
+    def rotary(self, hidden_states, image_rotary_emb):
+        pass
+
+    def text(self, hidden_states, encoder_hidden_states):
+        pass
+
+    error = refusal(A.adapter_for, fake("FancyTransformer2DModel", rotary, in_channels=4, patch_size=2))
+    assert error.message == ("kiln has no adapter for FancyTransformer2DModel: its forward needs image_rotary_emb, "
+                             "which kiln cannot make from the config")  # fmt: skip
+    assert error.hint == SUPPORTED
+    error = refusal(A.adapter_for, fake("FancyTransformer2DModel", text, in_channels=4))  # no patch_size
+    assert error.message == ("kiln has no adapter for FancyTransformer2DModel: it takes no hidden_states, or its "
+                             "config gives no in_channels and patch_size to make latents from")  # fmt: skip
+    error = refusal(A.adapter_for, fake("FancyTransformer2DModel", text, in_channels=4, patch_size=2))  # no text width
+    assert error.message == ("kiln has no adapter for FancyTransformer2DModel: its forward needs encoder_hidden_states, "
+                             "and its config does not give their sizes")  # fmt: skip
+
+
+def test_unknown_transformer_inputs_guessed_from_forward_and_config():
+    def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None, return_dict=True):
+        pass
+
+    adapter = A.adapter_for(fake("FancyTransformer2DModel", forward, in_channels=4, patch_size=2,
+                                 joint_attention_dim=12, guidance_embeds=True))  # fmt: skip
+    assert adapter.family == "generic"
+    assert adapter.input_names == ["hidden_states", "encoder_hidden_states", "timestep", "guidance"]
+    assert A.input_shapes(adapter, sizes_for(adapter)) == {
+        "hidden_states": (3, 4, 12, 10), "encoder_hidden_states": (3, 5, 12), "timestep": (3,), "guidance": (3,),
+    }  # fmt: skip
+    assert adapter.notes == ("kiln has no adapter written for FancyTransformer2DModel: its inputs were guessed from "
+                             "forward's parameters and the config",)  # fmt: skip
+
+
+# --- the inputs each adapter makes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_name", sorted(EXPECTED))
+def test_inputs_are_what_the_model_takes(class_name):
+    m = model(class_name)
+    adapter = A.adapter_for(m)
+    _, inputs, output_shape = EXPECTED[class_name]
+    assert adapter.input_names == list(inputs)
+    if class_name != "AutoencoderKL":  # the VAE's call is decode(latents), not forward
+        assert set(adapter.input_names) <= set(inspect.signature(m.forward).parameters)
+    tensors = A.make_inputs(adapter, sizes_for(adapter), seed=0)
+    assert {n: (t.dtype, tuple(t.shape)) for n, t in zip(adapter.input_names, tensors, strict=True)} == inputs
+    with torch.no_grad():
+        out = adapter.call(m, *tensors)
+    assert tuple(out.shape) == output_shape and torch.isfinite(out).all()
+
+
+def test_input_values_are_seeded_and_in_range():
+    dit = A.adapter_for(model("DiTTransformer2DModel"))  # 10 classes; integer timesteps below 1000
+    sizes = {"batch": 64, "height": 8}
+    first, again, other = (A.make_inputs(dit, sizes, seed) for seed in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    _, timestep, labels = first
+    assert 0 <= int(labels.min()) and int(labels.max()) < 10 and int(timestep.max()) < 1000
+    assert dit.int_ranges() == {"timestep": [0, 1000], "class_labels": [0, 10]}
+    sd3 = A.adapter_for(model("SD3Transformer2DModel"))  # float timesteps, uniform in [0, 1000)
+    timestep = A.make_inputs(sd3, {"batch": 64, "height": 8, "width": 8, "text_len": 4}, seed=0)[-1]
+    assert 0.0 <= float(timestep.min()) and float(timestep.max()) < 1000.0 and float(timestep.max()) > 100.0
+
+
+# --- resolve_ranges ----------------------------------------------------------------------------------
+
+
+def test_default_ranges_and_their_notes():
+    ranges, notes = A.resolve_ranges(A.adapter_for(model("DiTTransformer2DModel")), [])
+    assert ranges == {"batch": DimRange(1, 2, 4), "height": DimRange(8, 16, 32)}  # width follows height
+    assert notes == [
+        "batch=1..2..4 (the default for DiTTransformer2DModel; set it with --shapes batch=MIN..OPT..MAX)",
+        "height=8..16..32 (the default for DiTTransformer2DModel; set it with --shapes height=MIN..OPT..MAX)",
+    ]
+    # Fixed dims take no range: CogVideoX's text length, Latte's frames.
+    cog, _ = A.resolve_ranges(A.adapter_for(model("CogVideoXTransformer3DModel")), [])
+    assert cog == {"batch": DimRange(1, 2, 4), "frames": DimRange(1, 2, 4), "height": DimRange(8, 16, 32),
+                   "width": DimRange(8, 16, 32)}  # fmt: skip
+    latte, _ = A.resolve_ranges(A.adapter_for(model("LatteTransformer3DModel")), [])
+    assert set(latte) == {"batch", "height", "width", "text_len"}
+
+
+def test_default_ranges_stay_within_the_positional_table():
+    """An SD3 whose table covers 6 patches a side takes latents up to 12: the default stops there, and the
+    model itself refuses one patch more."""
+    m = tiny_model("SD3Transformer2DModel", pos_embed_max_size=6)
+    adapter = A.adapter_for(m)
+    ranges, _ = A.resolve_ranges(adapter, [])
+    assert ranges["height"] == ranges["width"] == DimRange(8, 12, 12)
+    with pytest.raises(ValueError, match="cannot be greater than `pos_embed_max_size`"), torch.no_grad():
+        adapter.call(m, *A.make_inputs(adapter, {"batch": 1, "height": 14, "width": 12, "text_len": 4}, seed=0))
+    error = refusal(A.resolve_ranges, adapter, [("--shapes", "height=8..12..14")])
+    assert error.message == (
+        "--shapes 'height=8..12..14': SD3Transformer2DModel takes height up to 12 (its patch_size is 2, and its "
+        "positional table covers 6 patches a side (pos_embed_max_size)); 14 is more"
+    )
+    assert error.hint == "keep height at most 12"
+
+
+def test_ranges_given_win_over_defaults_and_earlier_specs():
+    pixart = A.adapter_for(model("PixArtTransformer2DModel"))
+    specs = [("--shapes", "text_len=2..4"), ("recipe r.toml", "encoder_hidden_states:1=3..6..9"), ("--shapes", "width=8")]
+    ranges, notes = A.resolve_ranges(pixart, specs)
+    assert ranges["text_len"] == DimRange(3, 6, 9) and ranges["width"] == DimRange(8, 8, 8)
+    assert [n.split(" ")[0] for n in notes] == ["batch=1..2..4", "height=8..16..32"]  # defaults only
+
+
+def test_range_off_the_patch_size_is_refused_with_an_aligned_hint():
+    pixart = A.adapter_for(model("PixArtTransformer2DModel"))
+    error = refusal(A.resolve_ranges, pixart, [("--shapes", "width=8..15..31")])
+    assert error.message == (
+        "--shapes 'width=8..15..31': PixArtTransformer2DModel takes width in multiples of 2 (its patch_size is 2); "
+        "15 is not"
+    )
+    assert error.hint == "e.g. --shapes width=8..16..30"
+    # Named by input and axis (hidden_states is [batch, 4, height, width]); opt defaults to the middle, 12.
+    sd3 = A.adapter_for(model("SD3Transformer2DModel"))
+    error = refusal(A.resolve_ranges, sd3, [("recipe r.toml", "hidden_states:-1=9..16")])
+    assert error.message == (
+        "recipe r.toml 'hidden_states:-1=9..16': SD3Transformer2DModel takes width in multiples of 2 (its patch_size "
+        "is 2, and its positional table covers 16 patches a side (pos_embed_max_size)); 9 is not"
+    )
+    assert error.hint == "e.g. --shapes width=10..12..16"
+
+
+def test_range_beyond_the_positional_table_is_refused():
+    sd3 = A.adapter_for(model("SD3Transformer2DModel"))  # pos_embed_max_size 16, patch 2: up to 32
+    # (opt given: with MIN..MAX alone, opt is the middle, 21, and the multiple is checked first)
+    error = refusal(A.resolve_ranges, sd3, [("recipe r.toml", "width=8..16..34")])
+    assert error.message == (
+        "recipe r.toml 'width=8..16..34': SD3Transformer2DModel takes width up to 32 (its patch_size is 2, and its "
+        "positional table covers 16 patches a side (pos_embed_max_size)); 34 is more"
+    )
+    assert error.hint == "keep width at most 32"
+
+
+def test_static_and_fixed_dims_take_no_range():
+    dit = A.adapter_for(model("DiTTransformer2DModel"))
+    error = refusal(A.resolve_ranges, dit, [("--shapes", "hidden_states:1=4")])  # the channel axis is static
+    assert error.message == "--shapes 'hidden_states:1=4': axis 1 of hidden_states is not a dynamic dim of DiTTransformer2DModel"  # fmt: skip
+    assert error.hint == "its dims: batch, height"
+    latte = A.adapter_for(model("LatteTransformer3DModel"))
+    error = refusal(A.resolve_ranges, latte, [("--shapes", "frames=3")])
+    assert error.message == ("--shapes 'frames=3': LatteTransformer3DModel takes frames 3 only (its temporal "
+                             "positional embedding covers video_length = 3 frames), so it is not a dynamic dim")  # fmt: skip
+    assert error.hint == "leave frames out of --shapes"

@@ -1,0 +1,63 @@
+"""kiln.optimizer.run: an OUTDIR's engine opened for `kiln run`, `kiln bench` and the serving commands,
+with every engine problem turned into a bad-input error (exit 2) that keeps its hint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kiln.optimizer.cli import main
+from kiln.optimizer.errors import EXIT_BAD_INPUT, InputError
+from kiln.optimizer.run import engine_dir, open_engine, run_engine
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert main(["example", "block", str(root / "ex")]) == 0
+    assert main(["optimize", str(root / "ex" / "model.onnx"), "-o", str(root / "out"), "--bench-runs", "0"]) == 0
+    return root / "out"
+
+
+def test_an_outdir_or_its_engine_dir_opens_the_same_engine(outdir):
+    assert engine_dir(outdir) == engine_dir(outdir / "engine") == outdir / "engine"
+    first, second = open_engine(outdir), open_engine(outdir / "engine")
+    assert first.config == second.config and first.config.target == "cpu"
+
+
+def test_run_engine_writes_the_outputs_and_warns_off_the_profile(outdir, tmp_path):
+    x = np.random.default_rng(0).standard_normal((5, 8, 64)).astype(np.float32)  # batch 5: the profile stops at 4
+    np.savez(tmp_path / "in.npz", x=x)
+    results, warnings = run_engine(outdir, tmp_path / "in.npz", tmp_path / "sub" / "out.npz")
+    assert warnings == ["x axis 0 (batch) is 5, outside the profile 1..4; the engine was not verified at this shape"]
+    with np.load(tmp_path / "sub" / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], results["y"])
+    assert results["y"].shape == (5, 8, 64)
+
+
+def test_engine_problems_are_bad_input(outdir, tmp_path):
+    with pytest.raises(InputError, match="no such directory") as info:
+        open_engine(tmp_path / "missing")
+    assert info.value.exit_code == EXIT_BAD_INPUT
+    with pytest.raises(InputError, match="engine.json is missing") as info:
+        open_engine(tmp_path)
+    assert info.value.hint == "pass the OUTDIR that `kiln optimize -o` wrote"
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 8, 65), np.float32))
+    with pytest.raises(InputError, match=r"input 'x' has shape \[1, 8, 65\], the engine takes \['batch', 'seq', 64\]"):
+        run_engine(outdir, tmp_path / "in.npz", tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_an_engine_of_an_older_format_says_rebuild(outdir, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(outdir, old)
+    manifest = old / "engine" / "engine.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 1}))
+    assert main(["bench", str(old), "--runs", "1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "has engine format version 1, this kiln reads version 2" in err
+    assert "hint: rebuild the engine with this kiln (`kiln optimize`)" in err
