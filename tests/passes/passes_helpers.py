@@ -124,3 +124,15 @@ def fuse_and_check(model: ir.Model, pass_type: type[KilnPass], feeds, rtol: floa
     assert_outputs_close(want, run_ort(model, feeds), rtol=rtol, atol=atol)
     assert_idempotent(pass_type, model)
     return pass_
+
+
+def chunk_is_output_model() -> ir.Model:
+    """An adaLN-like Split whose chunks are graph outputs: the rewrite must refuse it."""
+    return with_weights("""
+        g (float[2, 3] h, float[3, 8] w, float[8] bias) => (float[2, 1, 4] shift, float[2, 1, 4] scale)
+          <int64[1] axes = {1}> {
+            m = Gemm(h, w, bias)
+            s0, s1 = Split <axis = 1, num_outputs = 2> (m)
+            shift = Unsqueeze(s0, axes)
+            scale = Unsqueeze(s1, axes)
+        }""", ("w", "bias"))

@@ -6,6 +6,7 @@ import numpy as np
 from passes_helpers import (
     OPSET_18,
     assert_idempotent,
+    chunk_is_output_model,
     assert_outputs_close,
     check,
     dit_feeds,
@@ -70,14 +71,7 @@ def test_adaln_leaves_a_split_it_cannot_rewrite():
 
 
 def test_adaln_refuses_a_chunk_that_is_a_graph_output_with_the_reason():
-    model = with_weights("""
-        g (float[2, 3] h, float[3, 8] w, float[8] bias) => (float[2, 1, 4] shift, float[2, 1, 4] scale)
-          <int64[1] axes = {1}> {
-            m = Gemm(h, w, bias)
-            s0, s1 = Split <axis = 1, num_outputs = 2> (m)
-            shift = Unsqueeze(s0, axes)
-            scale = Unsqueeze(s1, axes)
-        }""", ("w", "bias"))
+    model = chunk_is_output_model()
     InferShapes()(model)
     counts = op_counts(model)
     pass_ = FuseAdaLnModulation()

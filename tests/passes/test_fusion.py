@@ -4,7 +4,7 @@ rule, refusals from the rules and the adaLN rewrite gathered in details["refused
 from __future__ import annotations
 
 import numpy as np
-from passes_helpers import dit_feeds, fuse_and_check, load, with_weights
+from passes_helpers import chunk_is_output_model, dit_feeds, fuse_and_check, load, with_weights
 
 from kiln.passes import FuseStandardOnnx, InferShapes, PassManager, cleanup_passes, op_counts
 
@@ -35,14 +35,7 @@ def test_conv_batchnorm_folds_in_standard_onnx():
 
 
 def test_the_adaln_rewrites_refusals_reach_the_fusion_pass():
-    model = with_weights("""
-        g (float[2, 3] h, float[3, 8] w, float[8] bias) => (float[2, 1, 4] shift, float[2, 1, 4] scale)
-          <int64[1] axes = {1}> {
-            m = Gemm(h, w, bias)
-            s0, s1 = Split <axis = 1, num_outputs = 2> (m)
-            shift = Unsqueeze(s0, axes)
-            scale = Unsqueeze(s1, axes)
-        }""", ("w", "bias"))
+    model = chunk_is_output_model()
     InferShapes()(model)
     pass_ = FuseStandardOnnx()
     assert not pass_(model).modified
