@@ -100,7 +100,7 @@ def aligned_model(multiple: int) -> ir.Model:
     img = helper.make_tensor_value_info("img", TensorProto.FLOAT, ["batch", 3, "h", "w"])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3, "h", "w"])
     graph = helper.make_graph([helper.make_node("Relu", ["img"], ["out"])], "g", [img], [out])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     rule = {"multiple": multiple, "inputs": {"img": [2, 3]}, "outputs": {"out": [2, 3]}}
     helper.set_model_props(proto, {ALIGN_KEY: json.dumps(rule)})
     return ir.serde.deserialize_model(proto)
@@ -189,7 +189,7 @@ def test_static_profile_of_an_unnamed_dim(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
     profile = profile_of(model, **{"x:0": DimRange(2, 2, 2)})
     built = build_engine(model, tmp_path, targets.CPU, Options(), profile)
     assert [s.shape for s in built.engine.inputs] == [(2, 4)]
