@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln import targets
-from kiln.calibration import DataError, read_npz
+from kiln.calibration import DataError, check_finite, read_npz
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.outdir import ENGINE_DIR, atomic_file
 
@@ -36,15 +36,24 @@ def open_engine(path: Path, cuda_stream: int | None = None) -> targets.Engine:
 
 
 def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    if output.is_dir():
+        raise InputError(f"--output {output} is a directory", hint="give a file name, e.g. out.npz")
     engine = open_engine(outdir)
     try:
         feeds = read_npz(inputs)
     except DataError as exc:
         raise InputError(str(exc)) from None
+    try:
+        check_finite(feeds, str(inputs))
+    except DataError as exc:
+        raise InputError(str(exc), hint="check what wrote the inputs; an engine computes nothing useful from NaN or infinity") from None
     with engine_errors():
         warnings = engine.check_feeds(feeds, str(inputs))
     results = engine.run(feeds)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **results)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(output) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **results)
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror or exc}", hint="choose a writable --output path") from None
     return results, warnings

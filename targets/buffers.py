@@ -16,8 +16,9 @@ import numpy as np
 class Buffers(Protocol):
     device: str  # ONNX Runtime's device name: "cpu" or "cuda"
     device_id: int
-    # Whether outputs ONNX Runtime allocates itself can be handed out in this allocator's kind; if not,
-    # the binding learns each new shape's output shapes from one run and allocates the outputs here.
+    # Whether outputs ONNX Runtime allocates itself can be handed out in this allocator's kind (through
+    # from_ort); if not (torch tensors cannot wrap them), the binding learns each new shape's output
+    # shapes from one run and allocates the outputs here, and from_ort is never called.
     takes_ort_outputs: bool
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> Any: ...
@@ -31,7 +32,7 @@ class Buffers(Protocol):
         """A copy of (a view of) a bound output, in this allocator's kind."""
 
     def from_ort(self, value) -> Any:
-        """An output ONNX Runtime allocated (an OrtValue), in this allocator's kind."""
+        """An output ONNX Runtime allocated (an OrtValue), in this allocator's kind; only where takes_ort_outputs."""
 
 
 class HostBuffers:
@@ -84,7 +85,8 @@ class OrtDeviceBuffers:
 
 
 class TorchCudaBuffers:
-    """torch CUDA tensors: the serving pipeline's GPU backend keeps frames on the device as tensors."""
+    """torch CUDA tensors: the serving pipeline's GPU backend keeps frames on the device as tensors.
+    Outputs are always bound here (takes_ort_outputs is False), so it has no from_ort."""
 
     device, device_id, takes_ort_outputs = "cuda", 0, False
 
@@ -102,9 +104,6 @@ class TorchCudaBuffers:
 
     def result(self, buffer):
         return buffer.clone()  # device to device, microseconds
-
-    def from_ort(self, value):
-        raise NotImplementedError("torch tensors cannot wrap ONNX Runtime's buffers; outputs are bound here")
 
 
 # ONNX Runtime's type strings, as numpy dtype names.

@@ -118,12 +118,6 @@ class Engine:
         self._host.stage(feeds)
         return self._host.execute_and_wait
 
-    def shapes_problem(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-        """None if inputs of these shapes run, at the engine's padded size, inside the profile it was
-        verified at; else why not."""
-        padded = self.alignment.padded_shapes(shapes) if self.alignment else dict(shapes)
-        return self.profile.contains(padded)
-
     def check_feeds(self, feeds: Mapping[str, Any], source: str) -> list[str]:
         """Raise EngineError for inputs the engine cannot take; return warnings for shapes it was not verified at."""
         names = {spec.name for spec in self.inputs}

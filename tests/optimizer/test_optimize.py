@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from kiln import targets
 from kiln.optimizer.build import Built, build_engine, select_passes
 from kiln.optimizer.config import Options
-from kiln.optimizer.errors import InputError, KilnError
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.examples import transformer_block
 from kiln.optimizer.optimize import _aligned, choose_target
 from kiln.optimizer.shapes import input_specs

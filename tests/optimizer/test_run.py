@@ -61,3 +61,21 @@ def test_an_engine_of_an_older_format_says_rebuild(outdir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has engine format version 1, this kiln reads version 2" in err
     assert "hint: rebuild the engine with this kiln (`kiln optimize`)" in err
+
+
+def test_bad_inputs_and_outputs_for_kiln_run(outdir, tmp_path, capsys):
+    np.savez(tmp_path / "nan.npz", x=np.full((1, 8, 64), np.nan, np.float32))
+    np.savez(tmp_path / "ok.npz", x=np.zeros((1, 8, 64), np.float32))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    cases = [
+        (["--inputs", tmp_path / "nan.npz", "--output", tmp_path / "o.npz"], f"{tmp_path / 'nan.npz'}: array 'x' holds 512 NaN or infinite value(s)"),
+        (["--inputs", tmp_path / "ok.npz", "--output", tmp_path / "taken"], f"--output {tmp_path / 'taken'} is a directory"),
+        (["--inputs", tmp_path / "ok.npz", "--output", "/proc/kiln/o.npz"], "cannot write /proc/kiln/o.npz"),
+    ]
+    for args, message in cases:
+        assert main(["run", str(outdir), *map(str, args)]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith(f"kiln: error: {message}") and "Traceback" not in err, err
+    assert not (tmp_path / "o.npz").exists()
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]
