@@ -88,10 +88,11 @@ def run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier
     low_precision_started = False
 
     def before(pass_: passes.KilnPass) -> None:
-        progress.line(f"kiln: pass {pass_.name}")
+        progress.started(f"pass {pass_.name}")
 
     def after(record: passes.PassRecord, current: ir.Model) -> None:
         nonlocal low_precision_started
+        progress.finished(f"pass {record.name}", record.seconds, f", {record.nodes_before} -> {record.nodes_after} nodes")
         low_precision_started |= record.name == options.precision
         if verifier is None:
             return

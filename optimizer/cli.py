@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from kiln.optimizer import __version__
 from kiln.optimizer.config import IO_DTYPES, PRECISIONS
-from kiln.optimizer.errors import EXIT_INTERNAL, KilnError
+from kiln.optimizer.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, KilnError
 
 DESCRIPTION = """\
 kiln takes a trained model to a fast, verified inference engine for a target, and runs it.
@@ -28,14 +31,16 @@ kiln takes a trained model to a fast, verified inference engine for a target, an
 MODEL is an .onnx file, a TensorFlow SavedModel (kiln-ml[tf]; `kiln example film f/`) or a diffusers
 model directory (kiln-ml[torch]; `kiln example dit d/`, `kiln example vae v/`).
 
-Exit codes: 0 ok, 1 internal error, 2 bad input, 3 verification failed.
+Exit codes: 0 ok, 1 a bug in kiln or a failing pass, 2 bad input (nothing written), 3 verification
+failed (OUTDIR still written), 130 interrupted (Ctrl-C, SIGTERM), 141 stdout closed by its reader.
 """
 
 OPTIMIZE_EPILOG = """\
 shapes:
   Each dynamic dim of the model's inputs needs a range. Name it by its symbolic name or by
   INPUT:AXIS, e.g. --shapes batch=1..8 --shapes seq=16..128..512 (min..opt..max; opt defaults
-  to the middle). The engine is verified at the min, opt and max of every dim.
+  to the middle). The engine is verified at opt and at every corner: each dim at its min or max,
+  in every combination (a covering set of them above 4 dims).
 
 recipe (--config recipe.toml; command-line options win):
   target = "cpu"
@@ -57,14 +62,15 @@ directory and renamed into place, so a failed run leaves what was there before.
 
 
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print only machine-readable JSON on stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (warnings and errors still)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="kiln", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common()
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = ("Engine compute, the copy to host and encoding run overlapped. An engine built for cuda or h100 runs on "
              "the GPU (needs torch with CUDA): frames become uint8 there and are copied on a second CUDA stream into "
              "pinned host buffers; a cpu engine runs the same pipeline on the host.")
-    serve = argparse.ArgumentParser(add_help=False)
+    serve = _Parser(add_help=False)
     serve.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="a folder (frames written as frame_000000.png, ...) or a video file (.mp4, .avi, .mov, .mkv; encoded on the CPU)")
     serve.add_argument("--workers", type=int, help="post-processing workers (default: enough to keep up, from the measured encode cost)")
     serve.add_argument("--serial", action="store_true", help="run compute, copy and encoding one after another, with no overlap (for comparison)")
@@ -150,13 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"kiln: warning: {warning}", file=sys.stderr)
+
+
 def _emit(args, data, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
 
 
 def cmd_optimize(args) -> int:
     from kiln.optimizer.config import Options, load_recipe, validate
-    from kiln.optimizer.errors import InputError
     from kiln.optimizer.optimize import optimize
     from kiln.optimizer.progress import Progress
 
@@ -174,7 +184,7 @@ def cmd_optimize(args) -> int:
     validate(options)
     if options.bench_runs < 0:
         raise InputError("--bench-runs must be 0 or more")
-    report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.json and sys.stderr.isatty()))
+    report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.quiet))
     checks = report["verification"]["shapes"]
     text = (
         f"{report['status']}: {report['source']['nodes']} -> {report['model']['nodes']} nodes, "
@@ -189,8 +199,7 @@ def cmd_run(args) -> int:
     from kiln.optimizer.run import run_engine
 
     results, warnings = run_engine(args.engine, args.inputs, args.output)
-    for warning in warnings:
-        print(f"kiln: warning: {warning}", file=sys.stderr)
+    _warn(warnings)
     summary = {name: {"dtype": v.dtype.name, "shape": list(v.shape)} for name, v in results.items()}
     text = "\n".join(f"{n}: {s['dtype']} {s['shape']}" for n, s in summary.items()) + f"\nwrote {args.output}"
     _emit(args, {"outputs": summary, "file": str(args.output), "warnings": warnings}, text)
@@ -199,18 +208,19 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from kiln.optimizer.bench import bench_profile
-    from kiln.optimizer.errors import InputError
-    from kiln.optimizer.run import open_engine
+    from kiln.optimizer.run import build_warnings, open_engine
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup 0 or more")
     engine = open_engine(args.engine)
+    warnings = build_warnings(args.engine)
+    _warn(warnings)
     results = bench_profile(engine, engine.profile, args.runs, args.warmup, args.seed)
     lines = [f"{'corner':<8} {'median ms':>10} {'p90 ms':>10}  shapes"]
     for r in results:
         shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
         lines.append(f"{r['corner']:<8} {r['median_ms']:>10.3f} {r['p90_ms']:>10.3f}  {shapes}")
-    _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results}, "\n".join(lines))
+    _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results, "warnings": warnings}, "\n".join(lines))
     return 0
 
 
@@ -228,16 +238,19 @@ def cmd_targets(args) -> int:
 
 
 def _serve(args, job) -> int:
+    from kiln.optimizer.outdir import atomic_file
+    from kiln.optimizer.run import build_warnings
     from kiln.optimizer.serve.jobs import open_backend
 
-    result = job(open_backend(args.engine), progress=not args.json and sys.stderr.isatty())
+    backend = open_backend(args.engine)
+    warnings = build_warnings(args.engine)
+    _warn(warnings)
+    result = job(backend, progress=not args.quiet)
+    _warn(result.get("warnings", []))
+    result["warnings"] = warnings + result.get("warnings", [])
     if args.report:
-        from kiln.optimizer.outdir import atomic_file
-
         with atomic_file(args.report) as tmp:
             tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    for warning in result.get("warnings", []):
-        print(f"kiln: warning: {warning}", file=sys.stderr)
     busy = f"GPU busy {result['gpu_busy']:.1%}" if "gpu_busy" in result else f"compute busy {result['compute_busy']:.0%}"
     text = (f"ok: {result['frames']} frames to {result['output']} in {result['wall_s']:.2f}s ({result['fps']:.1f} fps; "
             f"{busy}, {result['workers']} post-processing worker(s))")  # fmt: skip
@@ -279,23 +292,65 @@ def cmd_example(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become InputError, so they get the same one message (and JSON) as any bad input."""
+
+    def error(self, message: str):
+        error = UsageError(f"{self.prog}: {message}", hint=f"`{self.prog} --help` shows the usage, with examples")
+        error.usage = self.format_usage().rstrip()
+        raise error
+
+
+class UsageError(InputError):
+    usage = ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the same cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _fail(json_out: bool, exc: BaseException, code: int, label: str, message: str, hint: str | None) -> int:
+    """One message on stderr and, with --json, the same as a JSON error object on stdout."""
+    print(f"kiln: {label}: {message}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
+    if json_out:
+        error = {"exit_code": code, "kind": type(exc).__name__, "message": message, "hint": hint}
+        print(json.dumps({"error": error}, indent=2, sort_keys=True))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    json_out, debug = "--json" in argv, "--debug" in argv
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except KilnError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"kiln: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
-        return 130
+        if isinstance(exc, UsageError):
+            print(exc.usage, file=sys.stderr)
+        return _fail(json_out, exc, exc.exit_code, "error", exc.message, exc.hint)
+    except KeyboardInterrupt as exc:
+        what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        return _fail(json_out, exc, EXIT_INTERRUPTED, "interrupted", f"{what}; nothing half-written was left", None)
+    except BrokenPipeError:
+        # The reader of stdout has gone (`kiln targets | head -1`): say nothing more, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # anything else is kiln's bug: say so, keep the traceback for --debug
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"kiln: internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug for the traceback", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _fail(json_out, exc, EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`kiln targets | head -1`): 128 + SIGPIPE
 
 
 class KilnError(Exception):

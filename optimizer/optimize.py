@@ -80,7 +80,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         alignment, profile = _aligned(model, profile)
         notes += shape_notes
         for note in notes:
-            progress.line(f"kiln: note: {note}")
+            progress.line(f"note: {note}")
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

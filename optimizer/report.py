@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kiln.optimizer.outdir import REPORT_FILE, REPORT_SCHEMA
+from kiln.optimizer.outdir import REPORT_FILE, REPORT_SCHEMA, atomic_file
 from kiln.targets.versions import library_versions, runtime_versions
 
 SCHEMA_VERSION = 2  # 2: versions from the imported modules, the runtime's distribution and providers, build_config
@@ -17,8 +17,10 @@ def new_report(command: str) -> dict:
 
 
 def write_reports(directory: Path, report: dict) -> None:
-    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (directory / "report.md").write_text(markdown(report))
+    """report.json and report.md, each whole or not at all."""
+    for name, text in ((REPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n"), ("report.md", markdown(report))):
+        with atomic_file(directory / name) as tmp:
+            tmp.write_text(text)
 
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from kiln import targets
 from kiln.calibration import DataError, check_finite, read_npz
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.outdir import ENGINE_DIR, atomic_file
+from kiln.optimizer.outdir import ENGINE_DIR, REPORT_FILE, atomic_file
 
 
 @contextlib.contextmanager
@@ -49,11 +50,28 @@ def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.n
         raise InputError(str(exc), hint="check what wrote the inputs; an engine computes nothing useful from NaN or infinity") from None
     with engine_errors():
         warnings = engine.check_feeds(feeds, str(inputs))
-    results = engine.run(feeds)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(output) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **results)
-    except OSError as exc:
-        raise InputError(f"cannot write {output}: {exc.strerror or exc}", hint="choose a writable --output path") from None
-    return results, warnings
+        results = engine.run(feeds)
+    except Exception as exc:
+        if not warnings:
+            raise  # at a shape the engine was verified at, a failure is kiln's
+        raise InputError(f"the engine failed on {inputs}, at a shape it was not built for: {str(exc).splitlines()[0]}",
+                         hint=f"{warnings[0]}; rebuild with --shapes covering it")  # fmt: skip
+    with atomic_file(output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **results)
+    return results, build_warnings(outdir) + warnings
+
+
+def build_warnings(path: Path) -> list[str]:
+    """What the OUTDIR's report says against trusting its engine (path: the OUTDIR or its engine
+    directory): a failed or skipped verification."""
+    root = path if (path / ENGINE_DIR).is_dir() else path.parent
+    try:
+        status = json.loads((root / REPORT_FILE).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if status == "verification-failed":
+        return [f"this engine failed verification when it was built, so its outputs may be wrong; see {root / 'report.md'}"]
+    if status == "unverified":
+        return ["this engine was built with --no-verify: nothing has checked its outputs against the model's"]
+    return []

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
-from kiln.targets import CORNERS, Engine, Profile
+from kiln.targets import Engine, Profile
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -73,8 +73,8 @@ def check_outputs(
 
 
 def corner_inputs(profile: Profile, seed: int):
-    """(corner, shapes, feeds) for each profile corner, each with its own seed."""
-    for i, (corner, shapes) in enumerate(profile.corners()):
+    """(corner, shapes, feeds) for opt and each combination of the dims' extremes, each with its own seed."""
+    for i, (corner, shapes) in enumerate(profile.check_points()):
         yield corner, shapes, profile.random_inputs(shapes, seed + i)
 
 
@@ -85,7 +85,7 @@ def padded_inputs(profile: Profile, alignment: Alignment, seed: int):
     for dim in spatial & set(sizes):
         sizes[dim] = max(1, sizes[dim] - alignment.multiple // 2 - 1)
     shapes = profile.shapes(sizes)
-    return "opt, padded", shapes, profile.random_inputs(shapes, seed + len(CORNERS))
+    return "opt, padded", shapes, profile.random_inputs(shapes, seed + len(profile.check_points()))
 
 
 @dataclasses.dataclass

@@ -127,7 +127,14 @@ class Engine:
             what = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}"]))
             raise EngineError(f"{source}: {what}", hint=f"the engine takes {expected}")
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-        padded = self.alignment.padded_shapes(shapes) if self.alignment else shapes
+        for name, shape in shapes.items():
+            if 0 in shape:
+                raise EngineError(f"{source}: input {name!r} has shape {list(shape)}, which holds no elements",
+                                  hint="give at least one element along every axis")  # fmt: skip
+        try:
+            padded = self.alignment.padded_shapes(shapes) if self.alignment else shapes
+        except ValueError as exc:
+            raise EngineError(f"{source}: {exc}", hint=f"the engine takes {expected}") from None
         for spec in self.inputs:
             array, shape = feeds[spec.name], padded[spec.name]
             if array.dtype.name != spec.dtype:

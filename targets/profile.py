@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 CORNERS = ("min", "opt", "max")
+
+
+# Up to this many dynamic dims, verification checks all 2^k combinations of their extremes.
+EXHAUSTIVE_DIMS = 4
+
+
+def _extreme_combinations(k: int) -> list[tuple[str, ...]]:
+    """Assignments of min or max to k dims: all 2^k up to EXHAUSTIVE_DIMS; above, a covering array of
+    strength 2. Its columns are distinct sets of ceil(n/2) of rows 1..n-1 (row 0 is all min): two such
+    sets each hold a row the other lacks, and share one, so every pair of dims sees every pair of extremes."""
+    if k <= EXHAUSTIVE_DIMS:
+        return list(itertools.product(("min", "max"), repeat=k))
+    n = 2
+    while math.comb(n - 1, math.ceil(n / 2)) < k:
+        n += 1
+    columns = list(itertools.islice(itertools.combinations(range(1, n), math.ceil(n / 2)), k))
+    return [tuple("max" if row in column else "min" for column in columns) for row in range(n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +103,27 @@ class Profile:
             if key not in seen:
                 seen.add(key)
                 result.append((corner, shapes))
+        return result
+
+    def check_points(self) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+        """(label, input shapes) for verification: opt and every combination of each dim at its min or
+        max, as exporters go wrong where one dim is at its max and another at its min. Above
+        EXHAUSTIVE_DIMS dims, a covering set instead, in which every pair of dims meets at all four
+        pairs of extremes."""
+        if not self.dims:
+            return [("static", self.shapes({}))]
+        names = sorted(self.dims)
+        points = [[corner] * len(names) for corner in ("min", "opt", "max")]
+        points += [list(p) for p in _extreme_combinations(len(names)) if len(set(p)) > 1]
+        seen, result = set(), []
+        for point in points:
+            sizes = {name: getattr(self.dims[name], corner) for name, corner in zip(names, point)}
+            shapes = self.shapes(sizes)
+            key = tuple(sorted(shapes.items()))
+            if key not in seen:
+                seen.add(key)
+                label = point[0] if len(set(point)) == 1 else ", ".join(f"{n} {c}" for n, c in zip(names, point) if self.dims[n].min != self.dims[n].max)
+                result.append((label, shapes))
         return result
 
     def contains(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:

@@ -484,9 +484,6 @@ def export_saved_model(directory, config: FilmConfig | None = None, seed: int = 
 
     model.serve = serve
     with staged_dir(directory) as stage:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it 0700; a SavedModel gets ordinary permissions
         tf.saved_model.save(model, os.fspath(stage), signatures={"serving_default": serve.get_concrete_function()})
     return directory
 

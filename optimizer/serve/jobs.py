@@ -18,17 +18,20 @@ import numpy as np
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.progress import FrameCounter
-from kiln.optimizer.serve.frames import FrameFolderSink, frame_paths, read_frames
+from kiln.optimizer.outdir import cannot_write, check_not_link
+from kiln.optimizer.serve.frames import IMAGE_SUFFIXES, FrameFolderSink, frame_paths, read_frames
 from kiln.optimizer.serve.backends import HostBackend
 from kiln.optimizer.serve.pipeline import FramePipeline
-from kiln.optimizer.serve.video import VideoSink, is_video, read_video, video_info
+from kiln.optimizer.serve.video import VIDEO_SUFFIXES, VideoSink, is_video, read_video, video_info
 from kiln.targets import read_manifest
 from kiln.optimizer.run import engine_dir, engine_errors, open_engine
 
 FILM_INPUTS = {"x0", "x1", "time"}
 # Encoders side by side, sharing memory bandwidth and the GIL with the other stages, run slower than one alone.
 ENCODE_MARGIN = 1.5
-DEFAULT_CHUNK = 8  # latent frames per run for an engine with a dynamic batch
+DEFAULT_CHUNK = 8  # latent frames per run for an engine with a dynamic batch, at most its batch max
+# Names that are files, not folders of frames: images, and videos kiln does not write.
+FILE_SUFFIXES = {*IMAGE_SUFFIXES, ".gif", ".webm", ".wmv", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".npy", ".npz"}
 
 
 def check_factor(factor: int) -> int:
@@ -41,17 +44,23 @@ def check_factor(factor: int) -> int:
 
 
 def check_output(output: Path, force: bool) -> None:
-    """Refuse to write over what the user has, unless --force."""
+    """Refuse to write over what the user has, unless --force, and a name that is neither a folder nor a
+    video kiln can write."""
+    check_not_link(output, "output")
+    if not is_video(output) and output.suffix.lower() in FILE_SUFFIXES:
+        raise InputError(f"{output}: kiln writes videos as {', '.join(VIDEO_SUFFIXES)} and frames into a folder, not {output.suffix} files",
+                         hint="give a folder for frames, or a video name ending in .mp4")  # fmt: skip
+    if output.exists() and not output.is_dir() and not is_video(output):
+        raise InputError(f"{output} is a file, not a folder for frames", hint="give a folder, or a video name ending in .mp4")
     if output.exists() and (output.is_file() or any(output.iterdir())) and not force:
         raise InputError(f"{output} exists and is not empty", hint="choose another -o, or pass --force to write over it")
 
 
 def make_sink(output: Path, fps: float, fmt: str):
-    if is_video(output):
-        return VideoSink(output, fps)
-    if output.exists() and output.is_file():
-        raise InputError(f"{output} is a file, not a folder for frames", hint="give a folder, or a video name ending in .mp4")
-    return FrameFolderSink(output, fmt)
+    try:
+        return VideoSink(output, fps) if is_video(output) else FrameFolderSink(output, fmt)
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
 
 
 def source_frames(source: Path) -> tuple[Iterator[tuple[int, np.ndarray]], int | None, float]:
@@ -118,12 +127,16 @@ class FilmInterpolator:
         previous = None
         for k, frame in frames:
             if previous is not None:
-                if frame.shape != previous.shape:
-                    raise InputError(f"frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame 0 is {previous.shape[1]}x{previous.shape[0]}",
-                                     hint="every frame must have the same size")  # fmt: skip
+                check_same_size(k, frame, previous)
                 yield "between", k - 1, previous, frame
             yield "frame", k, frame
             previous = frame
+
+
+def check_same_size(k: int, frame: np.ndarray, previous: np.ndarray) -> None:
+    if frame.shape != previous.shape:
+        raise InputError(f"frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame {k - 1} is {previous.shape[1]}x{previous.shape[0]}",
+                         hint="every frame must have the same size")  # fmt: skip
 
 
 def timed_warm_up(backend, compute, item) -> tuple[float, np.ndarray]:
@@ -214,6 +227,7 @@ def interpolate(backend, source: Path, output: Path, factor: int, workers: int |
     head = [next(frames, None), next(frames, None)]
     if head[1] is None:
         raise InputError(f"{source} has {'no frame' if head[0] is None else 'one frame'}; interpolation needs at least two")
+    check_same_size(1, head[1][1], head[0][1])
     # Only shapes and types are checked: empty arrays of the engine's types, no copy of the frames.
     dtypes = {spec.name: spec.dtype for spec in backend.engine.inputs}
     shapes = {"x0": (1, *head[0][1].shape), "x1": (1, *head[1][1].shape), "time": (1, 1)}
@@ -247,16 +261,16 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
     if isinstance(batch, int) and chunk not in (None, batch):
         raise InputError(f"this engine decodes exactly {batch} frame(s) per run (its profile is static), not --chunk {chunk}",
                          hint=f"pass --chunk {batch}, or rebuild the engine with a range for the batch")  # fmt: skip
-    chunk = batch if isinstance(batch, int) else chunk or DEFAULT_CHUNK
-    try:
-        latents = np.load(latents_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{latents_path}: not a readable .npy array ({exc})") from None
+    batch_max = engine.profile.dims[batch].max if isinstance(batch, str) else batch
+    chunk = batch if isinstance(batch, int) else chunk or min(DEFAULT_CHUNK, batch_max)
+    latents = read_latents(latents_path).astype(engine.inputs[0].dtype, copy=False)  # a sampler's float16 or float64 too
     channels = engine.inputs[0].shape[1]
     if latents.ndim != 4 or (isinstance(channels, int) and latents.shape[1] != channels):
         raise InputError(f"{latents_path} holds shape {list(latents.shape)}; the decoder takes [frames, {channels}, height, width]")
-    if not np.isfinite(latents).all():
-        raise InputError(f"{latents_path} holds NaN or infinite values", hint="check the sampler that wrote it")
+    # The shapes of a full chunk, checked without copying the latents: dtype, rank, the profile.
+    shape = (min(chunk, len(latents)) if isinstance(batch, str) else batch, *latents.shape[1:])
+    with engine_errors():
+        warnings = engine.check_feeds({"latent_sample": np.empty(shape, latents.dtype)}, f"{latents_path} in chunks of {chunk}")
 
     def compute(start: int) -> list[tuple[int, object]]:
         part = latents[start : start + chunk]
@@ -271,4 +285,26 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
     if force:
         _clear_frames(output)
     metrics = run_job(backend, compute, range(0, len(latents), chunk), output, fmt, fps, len(latents), workers, serial, progress, per_frame_s, [sample])
-    return {"job": "decode", "chunk": chunk, "input": str(latents_path), "output": str(output), **metrics}
+    return {"job": "decode", "chunk": chunk, "input": str(latents_path), "output": str(output), "warnings": warnings, **metrics}
+
+
+def read_latents(path: Path) -> np.ndarray:
+    """Float latents from an .npy file, without pickle; InputError naming the file for anything else."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file", hint="give the .npy file of latents [frames, channels, height, width]")
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy array ({exc})", hint="write it with numpy.save; pickled arrays are refused") from None
+    if isinstance(latents, np.lib.npyio.NpzFile):
+        names = ", ".join(latents.files)
+        latents.close()
+        raise InputError(f"{path} is an .npz archive (of {names}); decode takes one array in an .npy file",
+                         hint="numpy.save('latents.npy', archive['name'])")  # fmt: skip
+    if latents.dtype.kind != "f":
+        raise InputError(f"{path} holds {latents.dtype} values; latents are floating point")
+    if latents.size == 0:
+        raise InputError(f"{path} holds shape {list(latents.shape)}, no latents to decode")
+    if not np.isfinite(latents).all():
+        raise InputError(f"{path} holds NaN or infinite values", hint="check the sampler that wrote it")
+    return latents

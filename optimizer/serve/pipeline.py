@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kiln.optimizer.errors import KilnError
+from kiln.optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, KilnError
 from kiln.optimizer.serve.backends import Backend, HostBackend
 
 POLL_S = 0.05  # how often a blocked stage looks for a stop
@@ -168,6 +168,10 @@ class FramePipeline:
             error = PipelineError(self._describe(self._failure), hint=getattr(self._failure.error, "hint", None))
             if isinstance(self._failure.error, KilnError):  # bad input stays exit 2
                 error.exit_code = self._failure.error.exit_code
+            elif isinstance(self._failure.error, KeyboardInterrupt):
+                error.exit_code = EXIT_INTERRUPTED
+            elif isinstance(self._failure.error, OSError):  # a full disk, a folder made read-only: not kiln's bug
+                error.exit_code = EXIT_BAD_INPUT
             raise error
         return self.metrics
 

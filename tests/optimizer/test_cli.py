@@ -32,8 +32,8 @@ def built(example, tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args] + ["-q"])  # progress off: stderr holds only warnings and errors
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -68,13 +68,14 @@ def test_optimize_writes_engine_and_reports(built):
     ]  # fmt: skip
     assert report["profile"]["dims"] == {"batch": {"min": 1, "opt": 2, "max": 4}, "seq": {"min": 1, "opt": 16, "max": 64}}
     checks = report["verification"]["shapes"]
-    assert [c["corner"] for c in checks] == ["min", "opt", "max"]
-    assert checks[2]["shapes"] == {"x": [4, 64, 64]}
+    # min, opt, max and the corners off the diagonal: batch and seq each at the other's extreme.
+    assert [c["corner"] for c in checks] == ["min", "opt", "max", "batch min, seq max", "batch max, seq min"]
+    assert checks[2]["shapes"] == {"x": [4, 64, 64]} and checks[4]["shapes"] == {"x": [4, 1, 64]}
     assert all(c["passed"] and c["outputs"]["y"]["max_abs"] < 1e-4 for c in checks)
     assert [b["corner"] for b in report["latency"]] == ["min", "opt", "max"]
     assert {"onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "python"} <= set(report["versions"])
     md = (built / "report.md").read_text()
-    assert "**Status: ok**" in md and "| max | x 4×64×64 | y |" in md
+    assert "**Status: ok**" in md and "| max | x 4×64×64 | y |" in md and "| batch max, seq min | x 4×1×64 | y |" in md
 
 
 def test_optimize_is_deterministic_apart_from_timings(example, built, tmp_path):
@@ -157,7 +158,7 @@ def test_verification_failure_exits_3_and_writes_the_report(capsys, example, tmp
     out = tmp_path / "o"
     code, _, err = run_cli(capsys, "optimize", example, "-o", out, "--config", recipe, "--bench-runs", "0")
     assert code == 3
-    assert "verification failed at 3 of 3 shape(s); first at the min shape (x [1, 1, 64])" in err
+    assert "verification failed at 5 of 5 shape(s); first at the min shape (x [1, 1, 64])" in err
     assert json.loads((out / "report.json").read_text())["status"] == "verification-failed"
     assert run_cli(capsys, "optimize", example, "-o", tmp_path / "n", "--config", recipe, "--no-verify", "--bench-runs", "0")[0] == 0
 
@@ -295,6 +296,61 @@ def test_outdir_that_is_not_a_kiln_output(capsys, example, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     assert run_cli(capsys, "optimize", example, "-o", out, "--force", "--bench-runs", "0")[0] == 0
     assert (out / "report.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_a_kiln_outdir_holding_the_users_files_is_not_replaced(capsys, example, built, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(built, out)
+    (out / "notes.txt").write_text("mine")
+    shutil.copytree(built, out / "sub")  # a nested kiln output
+    before = tree(tmp_path)
+    err = assert_bad_input(capsys, f"output directory {out} is a kiln output but also holds notes.txt, sub/, which kiln did not write; "
+                           "replacing it would delete them", "optimize", example, "-o", out)  # fmt: skip
+    assert "pass --force to replace it with everything in it" in err
+    assert tree(tmp_path) == before
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "sub")
+    assert run_cli(capsys, "optimize", example, "-o", out, "--bench-runs", "0")[0] == 0  # kiln's own files alone: replaced
+
+
+def test_outputs_get_the_umask_permissions_and_links_are_refused(capsys, example, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--bench-runs", "0")[0] == 0
+        assert run_cli(capsys, "example", "block", tmp_path / "ex")[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (tmp_path / "o" / "report.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ex" / "model.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    (tmp_path / "link").symlink_to(tmp_path / "o")
+    assert_bad_input(capsys, f"output directory {tmp_path / 'link'} is a symbolic link (to {tmp_path / 'o'})",
+                     "optimize", example, "-o", tmp_path / "link", "--force")  # fmt: skip
+    assert (tmp_path / "link").is_symlink()
+
+
+def test_json_errors_and_usage_errors(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "optimize", tmp_path / "missing.onnx", "-o", tmp_path / "o", "--json")
+    assert code == 2 and err.startswith(f"kiln: error: {tmp_path / 'missing.onnx'}: no such file or directory")
+    assert json.loads(out) == {"error": {"exit_code": 2, "kind": "InputError", "hint": "check the path to the model",
+                                         "message": f"{tmp_path / 'missing.onnx'}: no such file or directory"}}  # fmt: skip
+    code, out, err = run_cli(capsys, "optimize", "--json")
+    assert code == 2 and err.startswith("usage: kiln optimize")
+    assert "kiln: error: kiln optimize: the following arguments are required: MODEL, -o/--output" in err
+    assert json.loads(out)["error"]["kind"] == "UsageError"
+
+
+def test_a_closed_stdout_pipe_is_not_an_error():
+    # `kiln targets | head -0`: the reader is gone before kiln writes.
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "kiln.optimizer.cli", "passes"], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in root.rglob("*")}
 
 
 def test_outdir_holding_the_model_is_refused_even_with_force(capsys, example, tmp_path):

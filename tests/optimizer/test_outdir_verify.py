@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.outdir import atomic_file, check_outdir, staged_dir
-from kiln.optimizer.progress import Progress
+from kiln.optimizer.progress import FrameCounter, Progress
 from kiln.optimizer.verify import check_outputs, compare
 
 
@@ -72,11 +73,27 @@ def test_compare_tolerances_and_nan():
 
 def test_progress_writes_stages_only_when_enabled():
     stream = io.StringIO()
-    with Progress(True, stream).stage("build"):
+    with Progress(True, stream, terminal=True).stage("build"):
         pass
     lines = stream.getvalue().splitlines()
     assert lines[0] == "kiln: build ..." and lines[1].startswith("kiln: build done (")
+    log = io.StringIO()  # not a terminal: one line per stage, stamped with the time since the start
+    with Progress(True, log).stage("build"):
+        pass
+    assert re.fullmatch(r"kiln: \[ +\d+\.\ds\] build done \(\d+\.\d\ds\)\n", log.getvalue())
     quiet = io.StringIO()
     with Progress(False, quiet).stage("build"):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_frame_progress_in_a_log_is_a_line_per_tenth():
+    log = io.StringIO()
+    counter = FrameCounter(total=25, enabled=True, stream=log)
+    for _ in range(25):
+        counter.advance()
+    counter.finish()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in log.getvalue()
+    assert re.fullmatch(r"kiln: \[ +\d+\.\ds\] 3/25 frames \(12%\), [\d.]+ fps", lines[0])
+    assert lines[-1].split("] ")[1].startswith("25/25 frames (100%)")

@@ -4,6 +4,7 @@ with every engine problem turned into a bad-input error (exit 2) that keeps its 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -72,10 +73,31 @@ def test_bad_inputs_and_outputs_for_kiln_run(outdir, tmp_path, capsys):
         (["--inputs", tmp_path / "nan.npz", "--output", tmp_path / "o.npz"], f"{tmp_path / 'nan.npz'}: array 'x' holds 512 NaN or infinite value(s)"),
         (["--inputs", tmp_path / "ok.npz", "--output", tmp_path / "taken"], f"--output {tmp_path / 'taken'} is a directory"),
         (["--inputs", tmp_path / "ok.npz", "--output", "/proc/kiln/o.npz"], "cannot write /proc/kiln/o.npz"),
+        (["--inputs", tmp_path / "ok.npz", "--output", "/proc/o.npz"], "cannot write /proc/o.npz"),
+        (["--inputs", tmp_path / "empty.npz", "--output", tmp_path / "o.npz"],
+         f"{tmp_path / 'empty.npz'}: input 'x' has shape [0, 8, 64], which holds no elements"),
+        (["--inputs", tmp_path / "ok.npz", "--output", tmp_path / "link.npz"], f"output {tmp_path / 'link.npz'} is a symbolic link"),
     ]
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 64), np.float32))
+    (tmp_path / "link.npz").symlink_to(tmp_path / "taken" / "mine.txt")
     for args, message in cases:
         assert main(["run", str(outdir), *map(str, args)]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert err.startswith(f"kiln: error: {message}") and "Traceback" not in err, err
     assert not (tmp_path / "o.npz").exists()
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def test_an_engine_that_failed_verification_says_so_when_run(outdir, tmp_path, capsys):
+    failed = tmp_path / "failed"
+    shutil.copytree(outdir, failed)
+    report = json.loads((failed / "report.json").read_text())
+    (failed / "report.json").write_text(json.dumps({**report, "status": "verification-failed"}))
+    np.savez(tmp_path / "ok.npz", x=np.zeros((1, 8, 64), np.float32))
+    for engine in (failed, failed / "engine"):
+        assert main(["run", str(engine), "--inputs", str(tmp_path / "ok.npz"), "--output", str(tmp_path / "o.npz"), "-q"]) == 0
+        assert capsys.readouterr().err == (f"kiln: warning: this engine failed verification when it was built, so its outputs "
+                                           f"may be wrong; see {failed / 'report.md'}\n")  # fmt: skip
+    assert main(["bench", str(failed), "--runs", "1", "-q"]) == 0
+    assert "failed verification when it was built" in capsys.readouterr().err

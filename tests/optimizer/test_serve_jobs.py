@@ -22,7 +22,7 @@ H, W = 40, 56  # not a multiple of FILM's alignment: the engine pads and crops
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    code = main([str(a) for a in args] + ["-q"])  # progress off: stderr holds only warnings and errors
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -130,8 +130,12 @@ def test_interpolate_bad_input(capsys, film_engine, vae_engine, tmp_path):
     (tmp_path / "one").mkdir()
     cv2.imwrite(str(tmp_path / "one" / "a.png"), np.zeros((H, W, 3), np.uint8))
     bad(f"{tmp_path / 'one'} has one frame; interpolation needs at least two", film_engine, tmp_path / "one", "-o", tmp_path / "o")
+    (tmp_path / "two").mkdir()
+    cv2.imwrite(str(tmp_path / "two" / "a.png"), np.zeros((H, W, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "two" / "b.png"), np.zeros((H + 8, W, 3), np.uint8))
+    bad(f"frame 1 is {W}x{H + 8}, frame 0 is {W}x{H}", film_engine, tmp_path / "two", "-o", tmp_path / "o")
     cv2.imwrite(str(tmp_path / "in" / "in_009.png"), np.zeros((H + 2, W, 3), np.uint8))
-    bad(f"frame 3 is {W}x{H + 2}, frame 0 is {W}x{H}", film_engine, tmp_path / "in", "-o", tmp_path / "sizes")
+    bad(f"frame 3 is {W}x{H + 2}, frame 2 is {W}x{H}", film_engine, tmp_path / "in", "-o", tmp_path / "sizes")
     (tmp_path / "in" / "in_009.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     err = bad(f"{tmp_path / 'in' / 'in_009.png'}: cannot be decoded as an image (corrupt or truncated?)", film_engine, tmp_path / "in", "-o", tmp_path / "o")
     assert "the read stage failed" in err
@@ -164,6 +168,39 @@ def test_decode_latents_in_chunks(capsys, vae_engine, tmp_path):
     assert code == 2 and "holds shape [2, 3, 8, 8]; the decoder takes [frames, 4, height, width]" in err
     code, _, err = run_cli(capsys, "decode", vae_engine, tmp_path / "z.npy", "-o", tmp_path / "c", "--chunk", "0")
     assert code == 2 and "--chunk must be at least 1, got 0" in err
+
+
+def test_decode_bad_input_is_one_message(capsys, vae_engine, tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4, 8, 8), np.float32))
+    np.savez(tmp_path / "z.npz", a=np.zeros((2, 4, 8, 8), np.float32))
+    np.save(tmp_path / "int.npy", np.zeros((2, 4, 8, 8), np.int64))
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 8, 8), np.float32))
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        ("empty.npy", "o", f"{tmp_path / 'empty.npy'} holds shape [0, 4, 8, 8], no latents to decode"),
+        ("z.npz", "o", f"{tmp_path / 'z.npz'} is an .npz archive (of a); decode takes one array in an .npy file"),
+        ("int.npy", "o", f"{tmp_path / 'int.npy'} holds int64 values; latents are floating point"),
+        ("pickled.npy", "o", f"{tmp_path / 'pickled.npy'}: not a readable .npy array"),
+        ("z.npy", "/proc/dd", "cannot write /proc/dd: No such file or directory"),
+        ("z.npy", "o.gif", f"{tmp_path / 'o.gif'}: kiln writes videos as .mp4, .avi, .mov, .mkv and frames into a folder, not .gif files"),
+    ]
+    for latents, output, message in cases:
+        code, out, err = run_cli(capsys, "decode", vae_engine, tmp_path / latents, "-o", tmp_path / output)
+        assert code == 2 and err.startswith(f"kiln: error: {message}") and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "int.npy", "pickled.npy", "z.npy", "z.npz"]
+
+
+def test_decode_stays_in_the_profile_or_says_it_does_not(capsys, vae_engine, tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((9, 4, 8, 8), np.float32))
+    code, out, err = run_cli(capsys, "decode", vae_engine, tmp_path / "z.npy", "-o", tmp_path / "a", "--json")
+    assert code == 0 and err == "" and json.loads(out)["chunk"] == 4  # the engine's batch max, not 8
+    code, out, err = run_cli(capsys, "decode", vae_engine, tmp_path / "z.npy", "-o", tmp_path / "b", "--chunk", "8", "--json")
+    assert code == 0 and err == ("kiln: warning: latent_sample axis 0 (batch) is 8, outside the profile 1..4; "
+                                 "the engine was not verified at this shape\n")  # fmt: skip
+    assert json.loads(out)["warnings"] == [err.removeprefix("kiln: warning: ").strip()]
+    np.save(tmp_path / "big.npy", np.zeros((2, 4, 16, 8), np.float32))
+    code, out, err = run_cli(capsys, "decode", vae_engine, tmp_path / "big.npy", "-o", tmp_path / "c")
+    assert code == 0 and "latent_sample axis 2 (height) is 16, outside the profile 8..8" in err
 
 
 def test_decode_with_a_static_batch_fills_the_last_chunk(capsys, tmp_path):

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from kiln.optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
+from kiln.optimizer.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED
 
 cv2 = pytest.importorskip("cv2")
 
@@ -153,8 +153,9 @@ def test_a_full_disk_stops_the_pipeline_and_keeps_whole_frames(tmp_path, monkeyp
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", filling_open)
-    with pytest.raises(PipelineError, match=r"the post-processing stage failed at frame \d+: OSError: \[Errno 28\] No space left on device"):
+    with pytest.raises(PipelineError, match=r"the post-processing stage failed at frame \d+: OSError: \[Errno 28\] No space left on device") as info:
         FramePipeline(two_frames, FrameFolderSink(tmp_path), workers=2).run(range(20))
+    assert info.value.exit_code == EXIT_BAD_INPUT  # a full disk is not a bug in kiln
     monkeypatch.undo()
     names = os.listdir(tmp_path)
     assert len(names) == 5 and not any(n.endswith(".tmp") for n in names)
@@ -189,5 +190,6 @@ def test_ctrl_c_stops_cleanly(tmp_path, serial):
         FramePipeline(compute, FrameFolderSink(tmp_path), workers=2, serial=serial).run(range(20))
     # The frames computed before Ctrl-C (items 0-4) are all written; nothing after.
     assert info.value.message == "interrupted; 10 frame(s) written, each complete"
+    assert info.value.exit_code == EXIT_INTERRUPTED == 130  # as from kiln optimize, not 1
     assert_frames_whole(tmp_path, 10)
     assert kiln_threads() == []

@@ -41,6 +41,37 @@ def test_profile_corners_contains_and_json_round_trip():
         DimRange(4, 2, 8)
 
 
+def test_verification_checks_every_combination_of_extremes():
+    profile = Profile(
+        (TensorSpec("a", "float32", ("b", "s", 8)), TensorSpec("m", "int64", ("b", 1))),
+        {"b": DimRange(1, 2, 4), "s": DimRange(16, 16, 64)},
+    )
+    assert profile.check_points() == [
+        ("min", {"a": (1, 16, 8), "m": (1, 1)}),
+        ("opt", {"a": (2, 16, 8), "m": (2, 1)}),
+        ("max", {"a": (4, 64, 8), "m": (4, 1)}),
+        # The corners off the diagonal, where exporters go wrong: batch at its max, sequence at its min.
+        ("b min, s max", {"a": (1, 64, 8), "m": (1, 1)}),
+        ("b max, s min", {"a": (4, 16, 8), "m": (4, 1)}),
+    ]
+    static = Profile((TensorSpec("a", "float32", (2, 3)),), {})
+    assert static.check_points() == [("static", {"a": (2, 3)})]
+
+
+@pytest.mark.parametrize("k", [3, 4, 5, 7, 12])
+def test_many_dims_get_a_covering_set_of_extremes(k):
+    names = [f"d{i}" for i in range(k)]
+    profile = Profile((TensorSpec("x", "float32", tuple(names)),), {n: DimRange(1, 2, 3) for n in names})
+    points = [shapes["x"] for _, shapes in profile.check_points()]
+    assert len(set(points)) == len(points)
+    extremes = [p for p in points if 2 not in p]  # opt is 2 everywhere
+    assert len(extremes) == (2**k if k <= 4 else len(extremes)) and (k <= 4 or len(extremes) <= 8)
+    for i in range(k):
+        for j in range(i + 1, k):  # every pair of dims meets at each of the four pairs of extremes
+            assert {(p[i], p[j]) for p in extremes} == {(1, 1), (1, 3), (3, 1), (3, 3)}
+    assert (1,) * k in extremes and (3,) * k in extremes
+
+
 def test_random_inputs_are_seeded_and_typed():
     specs = (TensorSpec("f", "float32", ("n",)), TensorSpec("i", "int64", ("n",)), TensorSpec("b", "bool", (2,)))
     profile = Profile(specs, {"n": DimRange(1, 2, 5)}, {"i": (10, 12)})
