@@ -47,10 +47,13 @@ recipe (--config recipe.toml; command-line options win):
   precision = "fp16"
   [shapes]
   batch = "1..8"
+  [int_ranges]
+  class_labels = "0..999"
   [passes]
   disable = ["cse"]
   [verify]
   seed = 0
+  inputs = ["sample.npz"]   # relative to the recipe
   atol = 1e-3        # rtol too; defaults depend on precision
   [bench]
   runs = 20
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
+    p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
+    p.add_argument("--verify-inputs", action="append", default=[], metavar="in.npz", help="also verify the engine on these sample inputs (one array per model input, by name); repeatable")
     p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
     p.add_argument("--verify-each", action="store_true", help="after every pass: checker, ORT load and parity (slow; finds the pass that breaks a model)")
     p.add_argument("--no-verify", action="store_true", help="skip the final parity check (a failed check exits 3 otherwise)")
@@ -177,6 +182,8 @@ def cmd_optimize(args) -> int:
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]
+    options.int_ranges += [("--int-range", s) for s in args.int_range]
+    options.verify_inputs += args.verify_inputs
     options.disable_passes += args.disable_pass
     options.verify_each |= args.verify_each
     options.trust_pickle |= args.trust_pickle
@@ -212,6 +219,8 @@ def cmd_bench(args) -> int:
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup 0 or more")
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed {args.seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
     engine = open_engine(args.engine)
     warnings = build_warnings(args.engine)
     _warn(warnings)

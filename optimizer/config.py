@@ -29,6 +29,10 @@ class Options:
     precision: str = "fp32"
     io_dtype: str = "float32"  # float16: the engine takes and returns fp16 (no boundary casts)
     shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
+    # Value ranges of integer inputs for test data, as (source, 'NAME=LO..HI'); default [1, 8).
+    int_ranges: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # .npz files of sample inputs the engine is also verified on.
+    verify_inputs: list[str] = dataclasses.field(default_factory=list)
     disable_passes: list[str] = dataclasses.field(default_factory=list)
     verify: bool = True
     verify_each: bool = False
@@ -64,6 +68,7 @@ _RECIPE = {
         "seed": ("seed", int),
         "atol": ("atol", (int, float)),
         "rtol": ("rtol", (int, float)),
+        "inputs": ("verify_inputs", list),
     },
     "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
     "import": {
@@ -86,7 +91,7 @@ def load_recipe(path: Path, options: Options) -> None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
-    known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes"))
+    known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes", "int_ranges"))
     for key, value in data.items():
         if key == "shapes":
             if not isinstance(value, dict):
@@ -95,6 +100,13 @@ def load_recipe(path: Path, options: Options) -> None:
                 if not isinstance(spec, (str, int)) or isinstance(spec, bool):
                     raise InputError(f"recipe {path}: shapes.{name} must be a string like \"1..8\" or a size")
                 options.shapes.append((f"recipe {path.name}", f"{name}={spec}"))
+        elif key == "int_ranges":
+            if not isinstance(value, dict):
+                raise InputError(f"recipe {path}: [int_ranges] must be a table of NAME = \"LO..HI\"")
+            for name, spec in value.items():
+                if not isinstance(spec, str):
+                    raise InputError(f"recipe {path}: int_ranges.{name} must be a string like \"0..999\"")
+                options.int_ranges.append((f"recipe {path.name}", f"{name}={spec}"))
         elif key in _RECIPE and key:
             if not isinstance(value, dict):
                 raise InputError(f"recipe {path}: {key} must be a table ([{key}])")
@@ -104,6 +116,8 @@ def load_recipe(path: Path, options: Options) -> None:
             _set(options, path, key, _RECIPE[""][key], value, known)
         else:
             raise InputError(f"recipe {path}: unknown key {key!r}", hint=f"known keys: {', '.join(known)}")
+    # A recipe's sample files are named relative to the recipe.
+    options.verify_inputs = [str(path.parent / p) for p in options.verify_inputs]
     validate(options)
 
 
@@ -127,6 +141,8 @@ def validate(options: Options) -> None:
         raise InputError(f"io_dtype float16 needs precision fp16, not {options.precision}", hint="add --precision fp16")
     if options.bench_runs < 0 or options.bench_warmup < 0:
         raise InputError("bench runs and warmup must be 0 or more")
+    if not 0 <= options.seed < 2**32:
+        raise InputError(f"seed {options.seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
     if options.layout not in LAYOUTS:
         raise InputError(f"unknown layout {options.layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
     if not 16 <= options.opset <= MAX_IMPORT_OPSET:

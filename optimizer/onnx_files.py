@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
@@ -15,6 +17,8 @@ from kiln.optimizer.errors import InputError
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 13
 MIN_IR_VERSION = 7
+# Older models are upgraded to this opset: one every ONNX Runtime kiln supports runs, with LayerNormalization.
+UPGRADE_OPSET = 17
 # ONNX protobuf files cannot exceed 2 GB; above this, weights go to a side file.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
@@ -39,8 +43,9 @@ def find_model(path: Path) -> Path:
     return path
 
 
-def load_model(path: Path) -> ir.Model:
-    """Load and check an ONNX model; external data stays on disk until it is read."""
+def load_model(path: Path, notes: list[str] | None = None) -> ir.Model:
+    """Load and check an ONNX model; external data stays on disk until it is read. A model older than
+    kiln supports is upgraded (see `upgrade`), and notes gets a line saying so."""
     path = find_model(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty (0 bytes)", hint="re-export or re-download the model")
@@ -57,7 +62,15 @@ def load_model(path: Path) -> ir.Model:
             hint="re-export or re-download the model, and check the file is complete",
         )
     check_versions(proto, path)
-    model = ir.serde.deserialize_model(proto)
+    proto = upgrade(proto, path, notes)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except (ir.serde.SerdeError, ValueError, TypeError, KeyError) as exc:  # e.g. two nodes writing one value
+        cause = exc.__cause__ or exc
+        raise InputError(
+            f"{path} is not a valid ONNX graph: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}",
+            hint="re-export the model; onnx.checker.check_model names what is wrong",
+        ) from None
     del proto
     base_dir = path.parent
     ir.external_data.set_base_dir(model.graph, base_dir)
@@ -65,20 +78,124 @@ def load_model(path: Path) -> ir.Model:
     return model
 
 
+def _default_opset(proto: onnx.ModelProto) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def check_versions(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse versions newer than this onnx knows; older ones are upgraded by `upgrade`."""
     max_ir = onnx.IR_VERSION
-    if not MIN_IR_VERSION <= proto.ir_version <= max_ir:
+    if proto.ir_version > max_ir:
         raise InputError(
             f"{path} has IR version {proto.ir_version}; kiln supports {MIN_IR_VERSION}..{max_ir}",
-            hint="re-export the model with a current exporter",
+            hint="re-export the model with an exporter that writes a supported IR version, or update kiln's onnx",
         )
     max_opset = onnx.defs.onnx_opset_version()
-    for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and not MIN_OPSET <= opset.version <= max_opset:
+    opset = _default_opset(proto)
+    if opset is not None and opset > max_opset:
+        raise InputError(
+            f"{path} uses ONNX opset {opset}; kiln supports opsets {MIN_OPSET}..{max_opset}",
+            hint="re-export the model at a supported opset, or update kiln's onnx",
+        )
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph holds: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _converter_reason(exc: Exception, proto: onnx.ModelProto) -> str:
+    """Why onnx's version converter failed, naming the op where its message (a C++ assertion) does."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    adapter = re.search(r"No Adapter (?:From|For) Version \$?(\d+) for (\w+)", text)
+    if adapter:
+        return f"it has no adapter for {adapter.group(2)} from opset {adapter.group(1)}"
+    unknown = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)})
+    if unknown:
+        return f"{', '.join(unknown)} {'is no' if len(unknown) == 1 else 'are no'} ONNX op (an experimental op since removed)"
+    return re.sub(r"^.*?Assertion .*? failed: ", "", text)
+
+
+def _interface(proto: onnx.ModelProto) -> dict[str, str]:
+    """'input x' / 'output y' -> its type and shape as ONNX prints it, initializers aside."""
+    initializers = {init.name for init in proto.graph.initializer}
+    values = [("input", v) for v in proto.graph.input if v.name not in initializers] + [("output", v) for v in proto.graph.output]
+    return {f"{kind} {v.name!r}": _describe(v.type) for kind, v in values}
+
+
+def _describe(type_proto: onnx.TypeProto) -> str:
+    if type_proto.WhichOneof("value") != "tensor_type":
+        return type_proto.WhichOneof("value") or "untyped"
+    tensor = type_proto.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor.shape.dim]
+    return onnx.TensorProto.DataType.Name(tensor.elem_type).lower() + (str(dims) if tensor.HasField("shape") else "")
+
+
+def _changed_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> str | None:
+    """How the converter changed the model's inputs or outputs (Scan 8 to 9 drops a batch axis), if it did."""
+    old, new = _interface(before), _interface(after)
+    for key in old.keys() | new.keys():
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key, 'none')} becomes {new.get(key, 'none')}"
+    return None
+
+
+def upgrade(proto: onnx.ModelProto, path: Path, notes: list[str] | None = None) -> onnx.ModelProto:
+    """proto itself if its IR version and opset are ones kiln supports; else the model upgraded to
+    opset UPGRADE_OPSET (and its IR version) by onnx's version converter, with a note in notes.
+
+    Refuses (InputError) what the converter cannot convert, and models with external data, whose
+    tensors the converter does not carry over."""
+    opset = _default_opset(proto)
+    old_opset = opset is not None and opset < MIN_OPSET
+    if not old_opset and proto.ir_version >= MIN_IR_VERSION:
+        return proto
+    was = f"IR version {proto.ir_version}" + (f", ONNX opset {opset}" if opset is not None else "")
+    convert_hint = "convert it with onnx.version_converter.convert_version, or re-export at opset 13 or newer"
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto.graph)):
+        raise InputError(
+            f"{path} ({was}) is older than kiln supports (IR {MIN_IR_VERSION}, opset {MIN_OPSET}) and keeps its weights "
+            "in external data, which kiln does not upgrade",
+            hint=convert_hint,
+        )
+    if old_opset:
+        try:
+            converted = onnx.version_converter.convert_version(proto, UPGRADE_OPSET)
+        except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+            reason = _converter_reason(exc, proto)
             raise InputError(
-                f"{path} uses ONNX opset {opset.version}; kiln supports opsets {MIN_OPSET}..{max_opset}",
-                hint="convert it with onnx.version_converter.convert_version, or re-export at a supported opset",
+                f"{path} uses ONNX opset {opset}, below kiln's {MIN_OPSET}, and onnx's version converter cannot "
+                f"upgrade it to opset {UPGRADE_OPSET}: {reason}",
+                hint=convert_hint,
+            ) from None
+        changed = _changed_interface(proto, converted)
+        if changed:
+            raise InputError(
+                f"{path} uses ONNX opset {opset}, below kiln's {MIN_OPSET}, and onnx's version converter changes its "
+                f"interface when upgrading it to opset {UPGRADE_OPSET} ({changed})",
+                hint=convert_hint,
             )
+    else:
+        converted = onnx.ModelProto()
+        converted.CopyFrom(proto)
+    if converted.ir_version < 4:
+        # Before IR 4 every initializer had to be listed as an input; they are weights, not inputs.
+        initializers = {init.name for init in converted.graph.initializer}
+        kept = [i for i in converted.graph.input if i.name not in initializers]
+        del converted.graph.input[:]
+        converted.graph.input.extend(kept)
+    converted.ir_version = max(converted.ir_version, MIN_IR_VERSION, onnx.helper.find_min_ir_version_for(list(converted.opset_import)))
+    now = f"IR version {converted.ir_version}" + (f", ONNX opset {_default_opset(converted)}" if opset is not None else "")
+    if notes is not None:
+        notes.append(f"the model ({was}) was upgraded to {now} with onnx's version converter; verification compares "
+                     "the engine with the original model")  # fmt: skip
+    return converted
 
 
 def _external_tensors(model: ir.Model):
@@ -98,6 +215,11 @@ def check_external_data(model: ir.Model, base_dir: Path, model_path: Path) -> No
     for name, tensor in _external_tensors(model):
         location = os.fspath(tensor.location)
         where = f"{model_path}: tensor {name!r} has external data location {location!r}"
+        if "://" in location or re.match(r"^[a-zA-Z][\w+.-]*:", location):
+            raise InputError(f"{where}, a URL or drive; kiln reads only files beside the model", hint=hint)
+        if "\\" in location:
+            # A Windows separator: on POSIX a file name, elsewhere a path that may leave the directory.
+            raise InputError(f"{where}, which holds a backslash", hint=hint + ", with '/' between folders")
         if os.path.isabs(location) or Path(location).drive:
             raise InputError(f"{where}, an absolute path", hint=hint)
         if ".." in Path(location).parts:
@@ -107,7 +229,11 @@ def check_external_data(model: ir.Model, base_dir: Path, model_path: Path) -> No
             raise InputError(f"{where}, which resolves outside the model's directory (to {resolved})", hint=hint)
         if not resolved.is_file():
             raise InputError(f"{where}, which does not exist", hint="copy the data file next to the model")
-        size = resolved.stat().st_size
+        stat = resolved.stat()
+        if stat.st_nlink > 1:
+            # A hard link may be one to a file outside the directory that no path check can see.
+            raise InputError(f"{where}, a file with {stat.st_nlink} hard links", hint="copy the data file instead of linking it")
+        size = stat.st_size
         offset = tensor.offset or 0
         length = tensor.length if tensor.length is not None else tensor.nbytes
         if offset + length > size:

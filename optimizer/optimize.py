@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import onnx_ir as ir
+import onnxruntime as ort
 
 from kiln import passes, targets
 from kiln.optimizer import __version__
@@ -22,8 +23,10 @@ from kiln.optimizer.onnx_files import content_hash, find_model, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.report import new_report, write_reports
-from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, input_specs, int_ranges
-from kiln.optimizer.verify import REFERENCE, StepVerifier, expected_outputs, reference_session, verify_engine
+from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, check_io, input_specs, int_ranges
+from kiln.optimizer.verify import (
+    REFERENCE, Expected, StepVerifier, expected_outputs, reference_session, sample_inputs, verify_engine,
+)  # fmt: skip
 from kiln.targets import Alignment, DimRange, Profile
 from kiln.targets.align import METADATA_KEY as ALIGN_KEY
 
@@ -70,14 +73,16 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
 
     t = time.perf_counter()
     with progress.stage(f"load {model_path.name}"):
-        model = load_model(model_path)
+        model = load_model(model_path, notes)
+        check_io(model)
         source = imported_from or {"path": str(model_path), "format": "onnx", "hash": content_hash(model)}
         source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
         profile, shape_notes = build_profile(
-            inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model)
+            inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model), options.int_ranges
         )
         alignment, profile = _aligned(model, profile)
+        samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
         notes += shape_notes
         for note in notes:
             progress.line(f"note: {note}")
@@ -87,9 +92,10 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
     expected, verifier = [], None
     if options.verify or options.verify_each:
         with progress.stage("run the original model for reference"):
-            reference = reference_session(model_path)
+            reference = _reference(model_path)
             if options.verify:
-                expected = expected_outputs(reference, profile, options.seed, alignment)
+                expected = expected_outputs(reference, profile, options.seed, alignment, samples)
+                expected = _without_unrunnable(expected, notes)
             if options.verify_each:
                 verifier = StepVerifier(reference, profile, options.seed)
             del reference  # its outputs are all that is needed: hold the weights once
@@ -110,13 +116,15 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
 
         t = time.perf_counter()
         latency = []
-        if options.bench_runs:
+        passed = all(c.passed for c in checks)
+        if options.bench_runs and not passed:
+            notes.append("the benchmark was not run: verification failed")
+        elif options.bench_runs:
             with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
-                latency = bench_profile(engine, profile, options.bench_runs, options.bench_warmup, options.seed)
+                latency = _bench(engine, profile, options, notes)
         timings["bench_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
 
-        passed = all(c.passed for c in checks)
         report.update(
             kiln_version=__version__,
             status="ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
@@ -147,9 +155,50 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         raise VerificationFailed(
             f"verification failed at {len(failed)} of {len(checks)} shape(s); first at the {worst.corner} shape "
             f"({_fmt_shapes(worst.shapes)}): {detail}",
-            hint=f"see {outdir / 'report.md'}; rerun with --verify-each to find the pass that breaks parity",
+            hint=f"see {outdir / 'report.md'}; " + (
+                "give the model inputs it takes with --verify-inputs SAMPLE.npz, or integer ranges with --int-range"
+                if (worst.error or "").startswith("the original model")
+                else "rerun with --verify-each to find the pass that breaks parity"
+            ),
         )
     return report
+
+
+def _reference(model_path: Path) -> ort.InferenceSession:
+    """The reference session; a model ONNX Runtime cannot load on its CPU (an op or type it has no
+    kernel for, a training or preview domain) is one kiln cannot build or verify an engine of."""
+    try:
+        return reference_session(model_path)
+    except Exception as exc:  # onnxruntime's Fail, NotImplemented, InvalidGraph, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"ONNX Runtime {ort.__version__} cannot load the model on its CPU provider: {first}",
+            hint="kiln builds ONNX Runtime engines; replace the op or type it names, or convert the model to ops it runs",
+        ) from None
+
+
+def _without_unrunnable(expected: list[Expected], notes: list[str]) -> list[Expected]:
+    """With --verify-inputs, a random-data check the original model itself cannot run (indices out of
+    range, a zero scale) says nothing about the engine: it is dropped, with a note, and the samples
+    verify instead. Without samples it stays a failed check."""
+    if not any(e.sample for e in expected):
+        return expected
+    for e in expected:
+        if e.want is None and not e.sample:
+            notes.append(f"the original model cannot run on random inputs at the {e.corner} shape, so the engine was "
+                         f"verified on the --verify-inputs samples only there: {e.error.splitlines()[0]}")  # fmt: skip
+    return [e for e in expected if e.sample or e.want is not None]
+
+
+def _bench(engine, profile: Profile, options: Options, notes: list[str]) -> list[dict]:
+    """Latency rows, or none and a note when the engine cannot run on random inputs (the model may need
+    valid indices or scales; see --int-range)."""
+    try:
+        return bench_profile(engine, profile, options.bench_runs, options.bench_warmup, options.seed)
+    except Exception as exc:  # onnxruntime's errors on data the model cannot take
+        notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: "
+                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")  # fmt: skip
+        return []
 
 
 def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profile]:

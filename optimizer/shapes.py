@@ -18,6 +18,35 @@ SHAPES_METADATA_KEY = "kiln.shapes"
 INT_RANGES_METADATA_KEY = "kiln.int_ranges"
 DEFAULT_MIN, DEFAULT_MAX = 1, 8
 _SPEC = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)(?:\.\.(\d+))?(?:\.\.(\d+))?\s*$")
+_INT_RANGE = re.compile(r"^\s*([^=\s]+)\s*=\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+
+
+# The element types an engine's inputs and outputs may have: what numpy and ONNX Runtime's Python API
+# both hold, so kiln can make test data, run the engine and compare (no strings, bfloat16, float8, int4).
+IO_DTYPES = frozenset({
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+})  # fmt: skip
+_KINDS = {ir.SequenceType: "a sequence", ir.OptionalType: "an optional", ir.SparseTensorType: "a sparse tensor"}
+
+
+def check_io(model: ir.Model) -> None:
+    """Refuse graph inputs and outputs kiln cannot feed or compare: non-tensors and other element types."""
+    hint = "make the model take and return plain tensors of these types; sequences, optionals and other types can stay inside it"
+    initializers = model.graph.initializers
+    values = [("input", v) for v in model.graph.inputs if v.name not in initializers] + [("output", v) for v in model.graph.outputs]
+    for where, value in values:
+        kind = _KINDS.get(type(value.type))
+        if kind:
+            raise InputError(f"{where} {value.name!r} is {kind}, not a tensor; kiln's engines take and return tensors", hint=hint)
+        if value.dtype is None:
+            continue  # an untyped output; an untyped input is refused by input_specs
+        numpy_name = np.dtype(value.dtype.numpy()).name if value.dtype != ir.DataType.STRING else "str"
+        if numpy_name not in IO_DTYPES:
+            raise InputError(
+                f"{where} {value.name!r} is {value.dtype.name.lower()}; kiln's engines take and return "
+                f"{', '.join(sorted(IO_DTYPES))}",
+                hint=hint + " (Cast at the boundary)",
+            )
 
 
 def _spec(value: ir.Value, graph_name: str) -> TensorSpec:
@@ -76,6 +105,30 @@ def parse_shape_spec(text: str, source: str = "--shapes") -> tuple[str, DimRange
     return name, DimRange(lo, opt, hi)
 
 
+def parse_int_range(text: str, source: str = "--int-range") -> tuple[str, tuple[int, int]]:
+    """'NAME=LO..HI' (both included) -> (NAME, (LO, HI + 1)), the half-open range random data is drawn from."""
+    match = _INT_RANGE.match(text)
+    if not match:
+        raise InputError(f"{source} {text!r} is not NAME=LO..HI", hint="write e.g. frame_length=16..64 (both ends included)")
+    name, lo, hi = match.group(1), int(match.group(2)), int(match.group(3))
+    if lo > hi:
+        raise InputError(f"{source} {text!r}: {lo} is greater than {hi}", hint="write LO..HI with LO <= HI")
+    return name, (lo, hi + 1)
+
+
+def _int_ranges(inputs: tuple[TensorSpec, ...], specs: list[tuple[str, str]]) -> dict[str, tuple[int, int]]:
+    ints = [spec.name for spec in inputs if np.dtype(spec.dtype).kind in "iu"]
+    ranges = {}
+    for source, text in specs:
+        name, values = parse_int_range(text, source)
+        if name not in ints:
+            what = "is not an integer input" if any(spec.name == name for spec in inputs) else "is not an input"
+            raise InputError(f"{source} {text!r}: {name!r} {what} of the model",
+                             hint=f"integer inputs: {', '.join(ints)}" if ints else "the model has no integer inputs")  # fmt: skip
+        ranges[name] = values
+    return ranges
+
+
 def _describe_dims(inputs: tuple[TensorSpec, ...]) -> str:
     where: dict[str, list[str]] = {}
     for spec in inputs:
@@ -120,10 +173,12 @@ def build_profile(
     specs: list[tuple[str, str]],
     metadata_spec: str | None = None,
     int_ranges: dict[str, tuple[int, int]] | None = None,
+    int_specs: list[tuple[str, str]] | None = None,
 ) -> tuple[Profile, list[str]]:
     """The profile for inputs from (source, spec) pairs, later ones winning; also notes on defaults used.
 
-    Ranges come from the model's metadata first, then the recipe and the command line.
+    Ranges come from the model's metadata first, then the recipe and the command line; so do the value
+    ranges of integer inputs (int_ranges from metadata, then int_specs: (source, 'NAME=LO..HI') pairs).
     """
     dims = list(dict.fromkeys(d for spec in inputs for d in spec.dynamic_dims))
     all_specs = [("model metadata", s) for s in (metadata_spec or "").split(",") if s.strip()] + specs
@@ -138,4 +193,4 @@ def build_profile(
             notes.append(
                 f"dynamic dim {dim!r} has no range; using {ranges[dim]} (set it with --shapes {dim}=MIN..MAX)"
             )
-    return Profile(inputs, ranges, int_ranges or {}), notes
+    return Profile(inputs, ranges, {**(int_ranges or {}), **_int_ranges(inputs, int_specs or [])}), notes

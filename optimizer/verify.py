@@ -13,6 +13,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from kiln.calibration import DataError, read_npz
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
 from kiln.targets import Engine, Profile
@@ -49,14 +51,19 @@ def compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> tupl
     if got.shape != want.shape:
         return False, {"max_abs": float("inf"), "max_rel": float("inf")}
     got64, want64 = got.astype(np.float64), want.astype(np.float64)
-    both_nan = np.isnan(got64) & np.isnan(want64)
-    diff = np.where(both_nan, 0.0, np.abs(got64 - want64))
+    # NaN where NaN is expected, and the same infinity, are no difference (inf - inf would be NaN).
+    same = (np.isnan(got64) & np.isnan(want64)) | (got64 == want64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(got64 - want64))
     max_abs = float(diff.max()) if diff.size else 0.0
     finite = np.abs(want64[np.isfinite(want64)])
     scale = float(finite.max()) if finite.size else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     # NaN where the reference is a number fails here, as NaN compares false.
-    ok = bool(np.all((diff <= atol + rtol * np.abs(want64)) | both_nan))
+    # An infinite reference must be matched exactly (its tolerance would be infinite).
+    with np.errstate(invalid="ignore"):
+        close = np.isfinite(want64) & (diff <= atol + rtol * np.abs(want64))
+    ok = bool(np.all(close | same))
     return ok, {"max_abs": max_abs, "max_rel": max_rel}
 
 
@@ -97,25 +104,78 @@ class Expected:
     feeds: dict[str, np.ndarray]
     want: dict[str, np.ndarray] | None
     error: str | None = None
+    sample: bool = False  # the user's --verify-inputs, not seeded random data
+
+
+def sample_inputs(paths: list[str], profile: Profile, alignment: Alignment | None = None):
+    """("sample NAME.npz", shapes, feeds) for each --verify-inputs file, checked against the model's
+    inputs: every input by name, its dtype and static dims, and its dynamic dims inside the profile."""
+    samples = []
+    takes = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in profile.inputs)
+    for path in map(Path, paths):
+        try:
+            feeds = read_npz(path)
+        except DataError as exc:
+            raise InputError(f"--verify-inputs {exc}", hint="write it with numpy.savez(path, NAME=array, ...)") from None
+        names = {spec.name for spec in profile.inputs}
+        missing, extra = sorted(names - set(feeds)), sorted(set(feeds) - names)
+        if missing or extra:
+            what = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}"]))
+            raise InputError(f"--verify-inputs {path}: {what}", hint=f"the model takes {takes}")
+        for spec in profile.inputs:
+            array = feeds[spec.name]
+            if array.dtype.name != spec.dtype or len(array.shape) != len(spec.shape) or any(
+                isinstance(want, int) and want != got for want, got in zip(spec.shape, array.shape)
+            ):
+                raise InputError(f"--verify-inputs {path}: input {spec.name!r} is {array.dtype.name} {list(array.shape)}, "
+                                 f"the model takes {spec.dtype} {list(spec.shape)}", hint=f"the model takes {takes}")  # fmt: skip
+        shapes = {name: tuple(feeds[name].shape) for name in names}
+        problem = profile.contains(alignment.padded_shapes(shapes) if alignment else shapes)
+        if problem:
+            raise InputError(f"--verify-inputs {path}: {problem}", hint="widen the dim's range with --shapes NAME=MIN..MAX")
+        samples.append((f"sample {path.name}", shapes, feeds))
+    return samples
 
 
 def expected_outputs(
-    reference: ort.InferenceSession, profile: Profile, seed: int, alignment: Alignment | None = None
+    reference: ort.InferenceSession, profile: Profile, seed: int, alignment: Alignment | None = None, samples=()
 ) -> list[Expected]:
-    """The reference's outputs at each profile corner, and at an unaligned shape when the engine pads.
+    """The reference's outputs at each profile corner, at an unaligned shape when the engine pads, and
+    on each of samples (from `sample_inputs`).
 
     Computed before the engine exists, so the reference session can be dropped first: a large model's
     weights are then held once, not twice."""
-    cases = list(corner_inputs(profile, seed))
+    cases = [(*case, False) for case in corner_inputs(profile, seed)]
     if alignment:
-        cases.append(padded_inputs(profile, alignment, seed))
+        cases.append((*padded_inputs(profile, alignment, seed), False))
+    cases += [(*case, True) for case in samples]
     expected = []
-    for corner, shapes, feeds in cases:
+    for corner, shapes, feeds, sample in cases:
         try:
-            expected.append(Expected(corner, shapes, feeds, _run_reference(reference, feeds, alignment)))
+            want = _run_reference(reference, feeds, alignment)
         except Exception as exc:  # a reference that cannot run is a failed check, named with its shape
-            expected.append(Expected(corner, shapes, feeds, None, f"the original model failed: {type(exc).__name__}: {exc}"))
+            error = f"the original model failed: {type(exc).__name__}: {exc}"
+            expected.append(Expected(corner, shapes, feeds, None, error, sample=sample))
+            continue
+        undeclared = None if sample else _undeclared_shape(reference, want)
+        if undeclared:
+            # The output's size depends on the input values (ConstantOfShape, Slice bounds, a window length):
+            # random values give a size the model says it never has, and an engine may rely on what it says.
+            error = f"the original model gave {undeclared} on random inputs; they are not values it takes"
+            expected.append(Expected(corner, shapes, feeds, None, error))
+        else:
+            expected.append(Expected(corner, shapes, feeds, want, sample=sample))
     return expected
+
+
+def _undeclared_shape(reference: ort.InferenceSession, outputs: Mapping[str, np.ndarray]) -> str | None:
+    """'output NAME of shape [..], not the [..] it declares' for the first output off its declared static dims."""
+    for declared in reference.get_outputs():
+        got = np.shape(outputs[declared.name])
+        dims = declared.shape if isinstance(declared.shape, list) else None
+        if dims is not None and (len(dims) != len(got) or any(isinstance(d, int) and d != g for d, g in zip(dims, got))):
+            return f"output {declared.name!r} of shape {list(got)}, not the {dims} it declares"
+    return None
 
 
 def verify_engine(engine: Engine, expected: list[Expected], tolerance: Mapping[str, float]) -> list[ShapeCheck]:

@@ -24,7 +24,17 @@ KEEP_FP32_OPS: dict[str, str] = {
     "Sin": _PHASE,
     "Cos": _PHASE,
     "GridSample": "warp coordinates: at 1920 px, float16 steps near ±1 are half a pixel",
+    # Also: ONNX Runtime has no float16 AffineGrid kernel and expands its function instead, and its
+    # inserted Casts then repeat names across the If branches (INVALID_GRAPH, onnxruntime 1.32).
+    "AffineGrid": "it makes GridSample's sampling coordinates, which stay float32",
+    "MeanVarianceNormalization": "ONNX Runtime has no float16 kernel, and the function it expands instead does not type-check",
 }
+# Ops whose float output type an attribute sets (or its default, float32): kept float32, with Casts after.
+TYPE_ATTRIBUTE_OPS: dict[str, str] = {
+    "HannWindow": "output_datatype", "HammingWindow": "output_datatype", "BlackmanWindow": "output_datatype",
+    "MelWeightMatrix": "output_datatype", "EyeLike": "dtype", "RandomNormalLike": "dtype",
+    "RandomUniformLike": "dtype", "Bernoulli": "dtype", "BitCast": "to", "DequantizeLinear": "output_dtype",
+}  # fmt: skip
 # Inputs whose producing arithmetic stays float32 too, back to its sources (op -> input positions):
 # the FILM flow that becomes sampling coordinates, the timestep scaled into a phase.
 FP32_CHAIN_INPUTS: dict[str, tuple[int, ...]] = {"GridSample": (1,), "Sin": (0,), "Cos": (0,)}
@@ -40,6 +50,14 @@ CHAIN_OPS = frozenset({
 FLOAT32_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {
     ("", "Resize"): (1, 2), ("", "Upsample"): (1,), ("com.microsoft", "GroupNorm"): (1, 2),
 }  # fmt: skip
+# Outputs that stay float32 whatever the data type ((domain, op) -> output positions): the optional mean
+# and inverse standard deviation of the LayerNorm family, float32 in ONNX Runtime's kernels (its
+# float16 LayerNormalization rejects a float16 Mean at load).
+FLOAT32_OUTPUTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("", "LayerNormalization"): (1, 2), ("", "SimplifiedLayerNormalization"): (1,),
+    ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("com.microsoft", "SkipLayerNormalization"): (1, 2),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2),
+}  # fmt: skip
 # Ops that stay in low precision because they keep float32 statistics inside (stash_type = 1).
 FP32_INSIDE = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "GroupNormalization")
 
@@ -48,25 +66,29 @@ def _is_f32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == F32
 
 
-def _cast(value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
-    out = ir.Value(name=name, type=ir.TensorType(to), shape=value.shape)
-    return ir.node("Cast", [value], {"to": to}, outputs=[out], name=f"{name}_cast")
+def _all_names(graph: ir.Graph) -> set[str]:
+    """Every value and node name in graph and its subgraphs."""
+    names = {v.name for v in (*graph.inputs, *graph.initializers.values())}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        names.add(node.name)
+        names.update(v.name for v in node.outputs)
+        for sub in _subgraphs(node):
+            names.update(v.name for v in sub.inputs)
+    names.discard(None)
+    return names
 
 
 @functools.cache
-def _output_types(op_type: str, opset: int) -> frozenset[str]:
-    """The types ONNX allows for op_type's first output at opset (empty if the op is unknown)."""
+def _formal_types(op_type: str, opset: int) -> tuple[tuple[frozenset[str], ...], tuple[frozenset[str], ...]]:
+    """The types ONNX allows for each of op_type's formal inputs and outputs at opset (none if the op is unknown)."""
     try:
         schema = onnx.defs.get_schema(op_type, opset, "")
     except onnx.defs.SchemaError:
-        return frozenset()
-    if not schema.outputs:
-        return frozenset()
-    type_str = schema.outputs[0].type_str
-    for constraint in schema.type_constraints:
-        if constraint.type_param_str == type_str:
-            return frozenset(constraint.allowed_type_strs)
-    return frozenset({type_str})
+        return (), ()
+    constraints = {c.type_param_str: frozenset(c.allowed_type_strs) for c in schema.type_constraints}
+    return tuple(
+        tuple(constraints.get(p.type_str, frozenset({p.type_str})) for p in params) for params in (schema.inputs, schema.outputs)
+    )
 
 
 _TYPE_NAMES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
@@ -89,6 +111,16 @@ def _has_subgraph(node: ir.Node) -> bool:
     return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
 
 
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
 def _attribute_key(node: ir.Node, name: str) -> str:
     """How details name an attribute's tensor: a constant's by its output, any other by node and attribute."""
     if node.op_type in _CONSTANT_OPS and node.domain == "":
@@ -97,18 +129,35 @@ def _attribute_key(node: ir.Node, name: str) -> str:
 
 
 def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
-    """Whether node is a standard op that computes in float32 and ONNX defines no low-precision form of."""
-    if node.domain != "" or not any(_is_f32(out) for out in node.outputs):
+    """Whether node is a standard op with a float32 input or output where ONNX allows float32 but not
+    the low type (Resize's scales, LayerNormalization's Mean and the like, which stay float32 anyway, aside)."""
+    if node.domain != "":
         return False
-    allowed = _output_types(node.op_type, opset)
-    return bool(allowed) and f"tensor({_TYPE_NAMES[low]})" not in allowed and "tensor(float)" in allowed
+    wanted = f"tensor({_TYPE_NAMES[low]})"
+    fixed = (FLOAT32_INPUTS.get(("", node.op_type), ()), FLOAT32_OUTPUTS.get(("", node.op_type), ()))
+    for values, formals, fixed in zip((node.inputs, node.outputs), _formal_types(node.op_type, opset), fixed):
+        for i, value in enumerate(values):
+            allowed = formals[min(i, len(formals) - 1)] if formals else frozenset()  # the last one may repeat
+            if _is_f32(value) and i not in fixed and "tensor(float)" in allowed and wanted not in allowed:
+                return True
+    return False
 
 
 def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: int = 18) -> dict[ir.Node, str]:
     """The nodes of graph that stay float32, each with the reason."""
     kept: dict[ir.Node, str] = {}
     for node in graph:
+        if node.domain not in ("", "com.microsoft") and any(_is_f32(v) for v in (*node.inputs, *node.outputs)):
+            kept[node] = f"kiln does not know which types {node.domain or 'the'} {node.op_type} takes"
+            continue
         if node.domain != "":
+            continue
+        reduction = node.attributes.get("reduction")
+        if node.op_type in ("ScatterND", "ScatterElements") and reduction is not None and reduction.as_string() != "none":
+            kept[node] = f"ONNX Runtime's CPU {node.op_type} has no {_TYPE_NAMES[low]} form with reduction {reduction.as_string()!r}"
+            continue
+        if node.op_type in TYPE_ATTRIBUTE_OPS and any(_is_f32(out) for out in node.outputs):
+            kept[node] = f"its output type comes from its {TYPE_ATTRIBUTE_OPS[node.op_type]} attribute"
             continue
         if node.op_type not in KEEP_FP32_OPS:
             if _lacks_type(node, low, opset):
@@ -149,6 +198,7 @@ class ConvertPrecision(KilnPass):
         self.finite_max = float(ml_dtypes.finfo(self.np_low).max)
         self._kept: dict[ir.Node, str] = {}
         self._out_of_range: dict[str, str] = {}
+        self._names: set[str] = set()
 
     def requires(self, model: ir.Model) -> None:
         untyped = [v.name for v in model.graph.outputs if v.dtype is None]
@@ -165,11 +215,14 @@ class ConvertPrecision(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self._names = _all_names(graph)
+        float32_outputs = {i for i, v in enumerate(graph.outputs) if _is_f32(v)}  # not those already low
         self._kept = fp32_nodes(graph, self.low, model.opset_imports.get("", 18))
         self._out_of_range = {}
         self._keep_out_of_range(graph)
         converted = 0
-        for init in graph.initializers.values():
+        subgraph_initializers = [v for n in ir.traversal.RecursiveGraphIterator(graph) for g in _subgraphs(n) for v in g.initializers.values()]
+        for init in [*graph.initializers.values(), *subgraph_initializers]:
             # One that only feeds float32 slots (Range bounds, Resize scales, phase tables) keeps its exact value.
             if _is_f32(init) and init.const_value is not None and not self._only_feeds_fp32(init):
                 init.const_value = self._low_tensor(init.const_value, init.name)
@@ -179,10 +232,17 @@ class ConvertPrecision(KilnPass):
             if node in self._kept or self._is_fp32_boundary_cast(node):
                 continue
             self._convert_attributes(node)
-            for out in node.outputs:
-                if _is_f32(out):
+            fixed = FLOAT32_OUTPUTS.get((node.domain, node.op_type), ())
+            for i, out in enumerate(node.outputs):
+                if _is_f32(out) and i not in fixed:
                     out.dtype = self.low
                     converted += 1
+            # A Loop's or Scan's body takes the loop state and scan slices it is fed, now low precision.
+            for sub in _subgraphs(node):
+                for value in sub.inputs:
+                    if _is_f32(value):
+                        value.dtype = self.low
+                        converted += 1
         if not self.io_float32:
             for value in graph.inputs:
                 if _is_f32(value) and not self._only_feeds_fp32(value):
@@ -191,7 +251,7 @@ class ConvertPrecision(KilnPass):
         if converted:
             self._join(graph)
             if self.io_float32:
-                self._keep_io_float32(graph)
+                self._keep_io_float32(graph, float32_outputs)
         self.stats = {"values_converted": converted, "nodes_kept_fp32": len(self._kept)}
         self.details["kept_fp32"] = {node.name or node.op_type: reason for node, reason in self._kept.items()}
         inside = sorted({n.op_type for n in graph if n.op_type in FP32_INSIDE})
@@ -209,6 +269,21 @@ class ConvertPrecision(KilnPass):
                 for use in init.uses()
             ):
                 raise ir.passes.PostconditionError(f"initializer {init.name!r} is still float32")
+
+    def _unique(self, name: str) -> str:
+        """name, or name_2, name_3 ... if the graph has it already: ONNX values need unique names, and
+        two unnamed nodes of one op type would otherwise give their Casts the same one."""
+        candidate, n = name, 1
+        while candidate in self._names:
+            n += 1
+            candidate = f"{name}_{n}"
+        self._names.add(candidate)
+        return candidate
+
+    def _cast(self, value: ir.Value, to: ir.DataType, name: str) -> ir.Node:
+        name = self._unique(name)
+        out = ir.Value(name=name, type=ir.TensorType(to), shape=value.shape)
+        return ir.node("Cast", [value], {"to": to}, outputs=[out], name=self._unique(f"{name}_cast"))
 
     def _is_fp32_boundary_cast(self, node: ir.Node) -> bool:
         """A Cast to float32 that only feeds float32 slots or graph outputs, such as the ones this pass
@@ -268,6 +343,9 @@ class ConvertPrecision(KilnPass):
         return ir.tensor(self._low_data(tensor.numpy(), key), name=tensor.name)
 
     def _convert_attributes(self, node: ir.Node) -> None:
+        if node.op_type == "ConstantOfShape" and node.domain == "" and "value" not in node.attributes and _is_f32(node.outputs[0]):
+            # Without a value it makes float32 zeros; a low-precision zero makes low-precision ones.
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.zeros(1, self.np_low)))
         if node.op_type == "Constant" and node.domain == "":
             # value_float(s) make a float32 output whatever the value's type says; store low precision instead.
             for name in ("value_float", "value_floats"):
@@ -288,34 +366,36 @@ class ConvertPrecision(KilnPass):
         for node in list(graph):
             for i, value in enumerate(node.inputs):
                 if value is not None and value.dtype == self.low and self._is_fp32_slot(node, i):
-                    cast = _cast(value, F32, f"{node.name or node.op_type}_in{i}_fp32")
+                    cast = self._cast(value, F32, f"{node.name or node.op_type}_in{i}_fp32")
                     graph.insert_before(node, cast)
                     node.replace_input_with(i, cast.outputs[0])
-            if node not in self._kept:
-                continue
-            for out in node.outputs:
+            fixed = FLOAT32_OUTPUTS.get((node.domain, node.op_type), ())
+            for i, out in enumerate(node.outputs):
+                if node not in self._kept and i not in fixed:
+                    continue
                 uses = [u for u in out.uses() if u.node not in self._kept and not self._is_fp32_slot(u.node, u.idx)]
                 if out.dtype == F32 and uses:
-                    cast = _cast(out, self.low, f"{out.name}_{self.name}")
+                    cast = self._cast(out, self.low, f"{out.name}_{self.name}")
                     graph.insert_after(node, cast)
                     for use in uses:
                         use.node.replace_input_with(use.idx, cast.outputs[0])
 
-    def _keep_io_float32(self, graph: ir.Graph) -> None:
+    def _keep_io_float32(self, graph: ir.Graph, float32_outputs: set[int]) -> None:
         for value in graph.inputs:
             # Float32 slots (Range bounds, Resize scales, kept nodes) keep reading the float32 input.
             uses = [use for use in value.uses() if not self._is_fp32_slot(use.node, use.idx)]
             if _is_f32(value) and uses:
-                cast = _cast(value, self.low, f"{value.name}_{self.name}")
+                cast = self._cast(value, self.low, f"{value.name}_{self.name}")
                 for use in uses:
                     use.node.replace_input_with(use.idx, cast.outputs[0])
                 graph.insert_before(next(iter(graph)), cast)
         for i, value in enumerate(graph.outputs):
-            if value.dtype != self.low or value.is_graph_input():
+            if value.dtype != self.low or value.is_graph_input() or i not in float32_outputs:
                 continue
             name = value.name
-            value.name = f"{name}_{self.name}"
-            cast = _cast(value, F32, name)
+            value.name = self._unique(f"{name}_{self.name}")
+            cast = ir.node("Cast", [value], {"to": F32}, outputs=[ir.Value(name=name, type=ir.TensorType(F32), shape=value.shape)],
+                           name=self._unique(f"{name}_cast"))  # fmt: skip
             graph.append(cast)
             graph.outputs[i] = cast.outputs[0]
 

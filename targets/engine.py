@@ -127,8 +127,10 @@ class Engine:
             what = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}"]))
             raise EngineError(f"{source}: {what}", hint=f"the engine takes {expected}")
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        declared = {spec.name: spec.shape for spec in self.inputs}
         for name, shape in shapes.items():
-            if 0 in shape:
+            # An axis the model declares as 0 long (an empty list of axes, say) is the one exception.
+            if any(size == 0 and declared[name][axis:axis + 1] != (0,) for axis, size in enumerate(shape)):
                 raise EngineError(f"{source}: input {name!r} has shape {list(shape)}, which holds no elements",
                                   hint="give at least one element along every axis")  # fmt: skip
         try:
@@ -182,6 +184,11 @@ class Binding:
         return box
 
     def execute(self) -> None:
+        if not self.outputs_bound:
+            # An output ONNX Runtime allocated stays bound after the run, and the next run must then fit
+            # it; Unique's or NonZero's size changes with the data at one input shape, so bind afresh.
+            for spec in self.engine.outputs:
+                self.io.bind_output(spec.name, self.buffers.device, self.buffers.device_id)
         self.session.run_with_iobinding(self.io, self.run_options)
 
     def execute_and_wait(self) -> None:

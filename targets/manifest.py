@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from kiln.targets.align import Alignment
 from kiln.targets.profile import Profile, TensorSpec
 
@@ -106,6 +108,27 @@ def read_manifest(engine_dir: Path) -> BuildConfig:
             hint=rebuild,
         )
     try:
-        return BuildConfig.from_json(manifest)
-    except (KeyError, TypeError, ValueError) as exc:
+        config = BuildConfig.from_json(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"{path} is incomplete or damaged ({type(exc).__name__}: {exc})", hint=rebuild) from None
+    for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
+        problem = _spec_problem(spec)
+        if problem:
+            raise EngineError(f"{path} is damaged: {spec.name!r} {problem}", hint=rebuild)
+    # The engine's model is a file of its own directory: a manifest must not make kiln load anything else.
+    if not isinstance(config.model, str) or Path(config.model).name != config.model or config.model in ("", ".", ".."):
+        raise EngineError(f"{path} names the engine model {config.model!r}, which is not a file of {engine_dir}", hint=rebuild)
+    return config
+
+
+def _spec_problem(spec: TensorSpec) -> str | None:
+    try:
+        np.dtype(spec.dtype)
+    except TypeError:
+        return f"has dtype {spec.dtype!r}, which is no numpy dtype"
+    if not isinstance(spec.name, str) or not spec.name:
+        return "has no name"
+    # A static 0 is a model's own (an empty list of axes); check_feeds holds feeds to it.
+    if not all((isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d) for d in spec.shape):
+        return f"has shape {list(spec.shape)}; dims are sizes or names"
+    return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
+import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.targets.align import Alignment
@@ -81,5 +83,25 @@ class OrtTarget(Target):
             outputs=session_specs(session.get_outputs()),
             built_with={**runtime_versions(), "session_providers": ",".join(session.get_providers())},
         )
+        if _repeats_names(engine_dir / ENGINE_MODEL):
+            # onnxruntime 1.32 names the Casts it inserts inside subgraphs (around float16 ops it has no
+            # CPU kernel for) once per subgraph, so the model it writes repeats names and does not load
+            # (INVALID_GRAPH). The engine then keeps the model as given, optimized as it loads.
+            for path in engine_dir.glob(ENGINE_MODEL + "*"):
+                path.unlink()
+            for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
+                shutil.copyfile(path, engine_dir / path.name)
+            config = dataclasses.replace(config, model=model_path.name)
         write_manifest(engine_dir, config)
         return config
+
+
+def _repeats_names(model_path: Path) -> bool:
+    """Whether two nodes anywhere in the model (subgraphs included) write a value of the same name."""
+    names: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(ir.load(model_path).graph):
+        for value in node.outputs:
+            if value.name in names:
+                return True
+            names.add(value.name)
+    return False

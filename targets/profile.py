@@ -10,6 +10,11 @@ from collections.abc import Mapping
 import numpy as np
 
 CORNERS = ("min", "opt", "max")
+# Integer inputs are drawn from [1, 8) unless a range is given: small enough to index any axis of a few
+# elements, and never 0, since an integer input is often a step, a length or a divisor. ONNX Runtime
+# refuses most zeros (Range's delta, Slice's step, STFT's frame_step), but STFT with frame_length 0
+# kills the process with SIGFPE (onnxruntime 1.32).
+DEFAULT_INT_RANGE = (1, 8)
 
 
 # Up to this many dynamic dims, verification checks all 2^k combinations of their extremes.
@@ -138,7 +143,8 @@ class Profile:
         return None
 
     def random_inputs(self, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-        """Seeded inputs: floats uniform in [-1, 1), integers in their int_ranges entry (default [0, 8))."""
+        """Seeded inputs: floats uniform in [-1, 1), integers in their int_ranges entry (default
+        DEFAULT_INT_RANGE)."""
         rng = np.random.default_rng(seed)
         feeds = {}
         for spec in self.inputs:
@@ -146,7 +152,7 @@ class Profile:
             if dtype.kind == "f":
                 feeds[spec.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
             elif dtype.kind in "iu":
-                lo, hi = self.int_ranges.get(spec.name, (0, 8))
+                lo, hi = self.int_ranges.get(spec.name, DEFAULT_INT_RANGE)
                 feeds[spec.name] = rng.integers(lo, hi, size=shape).astype(dtype)
             elif dtype.kind == "b":
                 feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)

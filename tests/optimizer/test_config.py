@@ -10,7 +10,7 @@ import pytest
 from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
 from kiln.optimizer.errors import InputError
 
-KNOWN_TOP = "bench, import, io_dtype, passes, precision, shapes, target, verify"
+KNOWN_TOP = "bench, import, int_ranges, io_dtype, passes, precision, shapes, target, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -105,7 +105,7 @@ def test_unknown_nested_key(tmp_path):
     path = write(tmp_path, "[verify]\nseed = 1\ntolerance = 0.1\n")
     err = recipe_error(path)
     assert err.message == f"recipe {path}: unknown key 'verify.tolerance'"
-    assert err.hint == "known keys here: atol, each, enabled, rtol, seed"
+    assert err.hint == "known keys here: atol, each, enabled, inputs, rtol, seed"
 
 
 def test_unknown_nested_key_in_bench(tmp_path):
@@ -245,6 +245,8 @@ def test_options_defaults():
         "precision": "fp32",
         "io_dtype": "float32",
         "shapes": [],
+        "int_ranges": [],
+        "verify_inputs": [],
         "disable_passes": [],
         "verify": True,
         "verify_each": False,
@@ -261,3 +263,24 @@ def test_options_defaults():
         "import_timeout": 1800.0,
         "trust_pickle": False,
     }
+
+
+def test_int_ranges_and_verify_inputs_from_a_recipe(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    path = write(tmp_path / "recipes", """
+        [int_ranges]
+        class_labels = "0..999"
+        [verify]
+        inputs = ["sample.npz", "/data/other.npz"]
+        """)
+    options = Options(int_ranges=[("earlier", "t=1..2")])
+    load_recipe(path, options)
+    assert options.int_ranges == [("earlier", "t=1..2"), ("recipe recipe.toml", "class_labels=0..999")]
+    assert options.verify_inputs == [str(tmp_path / "recipes" / "sample.npz"), "/data/other.npz"]  # relative to the recipe
+
+
+def test_int_ranges_must_be_a_table_of_strings(tmp_path):
+    err = recipe_error(write(tmp_path, "int_ranges = 3\n"))
+    assert err.message.endswith('[int_ranges] must be a table of NAME = "LO..HI"')
+    err = recipe_error(write(tmp_path, "[int_ranges]\nlabels = 7\n"))
+    assert err.message.endswith('int_ranges.labels must be a string like "0..999"')

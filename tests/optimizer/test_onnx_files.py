@@ -174,14 +174,80 @@ def test_load_model_without_graph(tmp_path):
     assert err.message == f"{path} is not a readable ONNX model: it has no graph or no opset"
 
 
-@pytest.mark.parametrize("opset", [7, 12, onnx.defs.onnx_opset_version() + 1])
-def test_load_unsupported_opset(tmp_path, opset):
+def test_load_newer_opset_refused(tmp_path):
+    path = tmp_path / "model.onnx"
+    top = onnx.defs.onnx_opset_version()
+    onnx.save(make_model(opset=top + 1), path)
+    err = load_error(path)
+    assert err.message == f"{path} uses ONNX opset {top + 1}; kiln supports opsets 13..{top}"
+    assert err.hint == "re-export the model at a supported opset, or update kiln's onnx"
+
+
+def run_ort(model: onnx.ModelProto | Path, feeds: dict) -> list[np.ndarray]:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("opset", [7, 12])
+def test_load_old_opset_upgrades_with_a_note(tmp_path, opset):
     path = tmp_path / "model.onnx"
     onnx.save(make_model(opset=opset), path)
+    notes = []
+    model = models.load_model(path, notes)
+    assert model.opset_imports[""] == models.UPGRADE_OPSET == 17
+    assert model.ir_version == IR_VERSION  # 10 already: kept
+    assert notes == [f"the model (IR version {IR_VERSION}, ONNX opset {opset}) was upgraded to IR version {IR_VERSION}, "
+                     "ONNX opset 17 with onnx's version converter; verification compares the engine with the original model"]  # fmt: skip
+
+
+def upsample_model(ir_version: int) -> onnx.ModelProto:
+    """Opset 9: y = Upsample(x * w) with nearest scales (1, 1, 2, 2); w is an initializer and, as IR 3
+    requires, a graph input too."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 3])
+    w_in = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 6])
+    nodes = [helper.make_node("Mul", ["x", "w"], ["xw"]), helper.make_node("Upsample", ["xw", "scales"], ["y"], mode="nearest")]
+    inits = [numpy_helper.from_array(np.array([1.5], np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]  # fmt: skip
+    scales_in = helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])
+    graph = helper.make_graph(nodes, "g", [x, w_in, scales_in], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=ir_version)
+
+
+def test_load_ir3_opset9_model_upgrades_ops_and_keeps_weights_out_of_the_inputs(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(upsample_model(ir_version=3), path)
+    notes = []
+    model = models.load_model(path, notes)
+    assert (model.ir_version, model.opset_imports[""]) == (8, 17)
+    assert [n.op_type for n in model.graph] == ["Mul", "Constant", "Resize"]  # Upsample is gone after opset 9; roi is a Constant
+    assert [v.name for v in model.graph.inputs] == ["x"]  # w and scales are weights, as IR 3 meant them
+    assert notes[0].startswith("the model (IR version 3, ONNX opset 9) was upgraded to IR version 8, ONNX opset 17")
+    x = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+    upgraded = tmp_path / "upgraded.onnx"
+    ir.save(model, upgraded)
+    np.testing.assert_array_equal(run_ort(upgraded, {"x": x})[0], run_ort(path, {"x": x})[0])
+
+
+def test_load_old_opset_the_converter_cannot_take_is_refused_naming_the_op(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("ImageScaler", ["x"], ["y"], scale=2.0)], "g", [x], [y])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3), path)
     err = load_error(path)
-    top = onnx.defs.onnx_opset_version()
-    assert err.message == f"{path} uses ONNX opset {opset}; kiln supports opsets 13..{top}"
-    assert "version_converter" in err.hint
+    assert err.message == (f"{path} uses ONNX opset 6, below kiln's 13, and onnx's version converter cannot upgrade it to "
+                           "opset 17: ImageScaler is no ONNX op (an experimental op since removed)")  # fmt: skip
+    assert err.hint == "convert it with onnx.version_converter.convert_version, or re-export at opset 13 or newer"
+
+
+def test_load_old_model_with_external_data_is_refused(tmp_path):
+    path = tmp_path / "m" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(make_model(opset=12), path, save_as_external_data=True, location="weights.data", size_threshold=0)
+    err = load_error(path)
+    assert err.message == (f"{path} (IR version {IR_VERSION}, ONNX opset 12) is older than kiln supports (IR 7, opset 13) "
+                           "and keeps its weights in external data, which kiln does not upgrade")  # fmt: skip
 
 
 @pytest.mark.parametrize("opset", [13, onnx.defs.onnx_opset_version()])
@@ -191,12 +257,22 @@ def test_load_opset_bounds_accepted(tmp_path, opset):
     assert models.load_model(path).opset_imports[""] == opset
 
 
-@pytest.mark.parametrize("ir_version", [3, 6, onnx.IR_VERSION + 1])
-def test_load_unsupported_ir_version(tmp_path, ir_version):
+def test_load_newer_ir_version_refused(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(make_model(ir_version=onnx.IR_VERSION + 1), path)
+    err = load_error(path)
+    assert err.message == f"{path} has IR version {onnx.IR_VERSION + 1}; kiln supports 7..{onnx.IR_VERSION}"
+
+
+@pytest.mark.parametrize("ir_version", [3, 6])
+def test_load_old_ir_version_upgrades(tmp_path, ir_version):
     path = tmp_path / "model.onnx"
     onnx.save(make_model(ir_version=ir_version), path)
-    err = load_error(path)
-    assert err.message == f"{path} has IR version {ir_version}; kiln supports 7..{onnx.IR_VERSION}"
+    notes = []
+    model = models.load_model(path, notes)
+    assert (model.ir_version, model.opset_imports[""]) == (8, OPSET)  # opset 17 needs IR 8
+    assert notes == [f"the model (IR version {ir_version}, ONNX opset {OPSET}) was upgraded to IR version 8, ONNX opset "
+                     f"{OPSET} with onnx's version converter; verification compares the engine with the original model"]  # fmt: skip
 
 
 # load_model: external data
@@ -248,6 +324,45 @@ def test_external_data_symlink_inside_directory_is_fine(tmp_path):
     os.symlink("real.data", tmp_path / "m" / "weights.data")
     model = models.load_model(path)
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), weights()[0])
+
+
+def test_external_data_hardlink_is_refused(tmp_path):
+    """A hard link looks like a file of the directory, but may be the same file as one anywhere else."""
+    path = save_external(tmp_path / "m")
+    outside = tmp_path / "outside.data"
+    os.replace(tmp_path / "m" / "weights.data", outside)
+    os.link(outside, tmp_path / "m" / "weights.data")
+    err = load_error(path)
+    assert err.message == f"{path}: tensor 'W' has external data location 'weights.data', a file with 2 hard links"
+    assert err.hint == "copy the data file instead of linking it"
+
+
+@pytest.mark.parametrize("location", ["..\\weights.data", "sub\\weights.data"])
+def test_external_data_with_backslashes_is_refused(tmp_path, location):
+    path = save_external(tmp_path / "m")
+    set_location(path, location)
+    err = load_error(path)
+    assert err.message == f"{path}: tensor 'W' has external data location {location!r}, which holds a backslash"
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "https://example.com/w.data", "C:weights.data", "s3://b/w"])
+def test_external_data_url_or_drive_is_refused(tmp_path, location):
+    path = save_external(tmp_path / "m")
+    set_location(path, location)
+    err = load_error(path)
+    assert err.message == (f"{path}: tensor 'W' has external data location {location!r}, "
+                           "a URL or drive; kiln reads only files beside the model")  # fmt: skip
+
+
+def test_duplicate_value_names_are_bad_input(tmp_path):
+    """Two nodes writing one value: onnx loads it, onnx-ir refuses it (SerdeError), kiln says so."""
+    model = onnx.parser.parse_model('''<ir_version: 9, opset_import: ["" : 17]>
+        g (float[2] x) => (float[2] y) { y = Relu(x)  y = Neg(x) }''')
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, path)
+    err = load_error(path)
+    assert err.message.startswith(f"{path} is not a valid ONNX graph: Output 'y' is redeclared in the current graph scope")
+    assert err.hint == "re-export the model; onnx.checker.check_model names what is wrong"
 
 
 def test_external_data_missing_file(tmp_path):

@@ -71,6 +71,14 @@ def test_compare_tolerances_and_nan():
     assert not ok and "z" in errors
 
 
+def test_compare_takes_the_same_infinity_as_equal():
+    want = np.array([np.inf, -np.inf, 1.0], np.float32)
+    ok, err = compare(want.copy(), want, atol=0, rtol=0)
+    assert ok and err["max_abs"] == 0.0
+    ok, err = compare(np.array([-np.inf, -np.inf, 1.0], np.float32), want, atol=1, rtol=1)
+    assert not ok and err["max_abs"] == float("inf")
+
+
 def test_progress_writes_stages_only_when_enabled():
     stream = io.StringIO()
     with Progress(True, stream, terminal=True).stage("build"):

@@ -32,27 +32,6 @@ def quiet(*args) -> int:
         return main([str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def film_engine(tmp_path_factory) -> Path:
-    pytest.importorskip("tensorflow")
-    pytest.importorskip("tf2onnx")
-    root = tmp_path_factory.mktemp("film")
-    assert quiet("example", "film", root / "film") == 0
-    out = root / "engine"
-    assert quiet("optimize", root / "film", "-o", out, "--shapes", "height=64", "--shapes", "width=64", "--bench-runs", "0") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def vae_engine(tmp_path_factory) -> Path:
-    pytest.importorskip("diffusers")
-    root = tmp_path_factory.mktemp("vae")
-    assert quiet("example", "vae", root / "vae") == 0
-    out = root / "engine"
-    assert quiet("optimize", root / "vae", "-o", out, "--shapes", "batch=1..2..4", "--shapes", "height=8", "--shapes", "width=8", "--bench-runs", "0") == 0
-    return out
-
-
 def write_frames(folder: Path, count: int) -> list[np.ndarray]:
     folder.mkdir(parents=True)
     frames = []

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.shapes import build_profile, input_specs, output_specs, parse_shape_spec
+from kiln.optimizer.shapes import build_profile, check_io, input_specs, output_specs, parse_int_range, parse_shape_spec
 from kiln.targets import DimRange, Profile, TensorSpec
 
 # x: [batch, seq, 16] float; mask: [batch, <unnamed>] int64 (its axis 1 is called 'mask:1').
@@ -278,3 +278,74 @@ def test_input_without_shape():
     )
     err = input_error(input_specs, ir.serde.deserialize_model(proto))
     assert err.message == "input 'x' has no shape in the model"
+
+
+# --- integer input ranges (--int-range, [int_ranges]) ----------------------------------------------
+
+
+def test_parse_int_range_includes_both_ends():
+    assert parse_int_range("labels=0..999") == ("labels", (0, 1000))
+    assert parse_int_range(" offset = -3 .. 3 ") == ("offset", (-3, 4))
+
+
+@pytest.mark.parametrize("text", ["labels", "labels=5", "labels=a..b", "=1..2"])
+def test_parse_int_range_bad_syntax(text):
+    with pytest.raises(InputError) as info:
+        parse_int_range(text)
+    assert info.value.message == f"--int-range {text!r} is not NAME=LO..HI"
+    assert info.value.hint == "write e.g. frame_length=16..64 (both ends included)"
+
+
+def test_parse_int_range_lo_above_hi():
+    with pytest.raises(InputError) as info:
+        parse_int_range("labels=9..1", "recipe r.toml")
+    assert info.value.message == "recipe r.toml 'labels=9..1': 9 is greater than 1"
+
+
+def test_build_profile_takes_int_ranges_after_the_models_own():
+    profile, _ = build_profile(INPUTS, [("--shapes", "batch=2"), ("--shapes", "seq=3"), ("--shapes", "mask:1=4")],
+                               int_ranges={"mask": (0, 2)}, int_specs=[("--int-range", "mask=5..6")])  # fmt: skip
+    assert profile.int_ranges == {"mask": (5, 7)}
+    feeds = profile.random_inputs(profile.shapes(profile.sizes("opt")), seed=0)
+    assert set(feeds["mask"].ravel()) <= {5, 6}
+
+
+@pytest.mark.parametrize("spec, what", [("x=0..3", "is not an integer input"), ("nope=0..3", "is not an input")])
+def test_build_profile_refuses_an_int_range_for_other_inputs(spec, what):
+    shapes = [("--shapes", "batch=2"), ("--shapes", "seq=3"), ("--shapes", "mask:1=4")]
+    with pytest.raises(InputError) as info:
+        build_profile(INPUTS, shapes, int_specs=[("--int-range", spec)])
+    assert info.value.message == f"--int-range {spec!r}: {spec.split('=')[0]!r} {what} of the model"
+    assert info.value.hint == "integer inputs: mask"
+
+
+def test_default_integer_inputs_are_never_zero():
+    """An integer input is often a step, a length or a divisor: STFT's frame_length of 0 kills ONNX
+    Runtime (SIGFPE), so the default range starts at 1."""
+    profile = Profile((TensorSpec("n", "int64", (4096,)),), {})
+    values = profile.random_inputs({"n": (4096,)}, seed=0)["n"]
+    assert values.min() == 1 and values.max() == 7
+
+
+# --- the inputs and outputs kiln takes --------------------------------------------------------------
+
+
+def io_model(text: str) -> ir.Model:
+    import onnx
+
+    return ir.serde.deserialize_model(onnx.parser.parse_model('<ir_version: 9, opset_import: ["" : 17]>\n' + text))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("g (seq(float[2]) s) => (float[2] y) <int64 zero = {0}> { y = SequenceAt(s, zero) }",
+     "input 's' is a sequence, not a tensor; kiln's engines take and return tensors"),
+    ("g (bfloat16[2] x) => (float[2] y) { y = Cast <to = 1> (x) }",
+     "input 'x' is bfloat16; kiln's engines take and return bool, float16, float32, float64, int16, int32, int64, int8, uint16, uint32, uint64, uint8"),
+    ("g (float[2] x) => (string[2] y) { y = Cast <to = 8> (x) }",
+     "output 'y' is string; kiln's engines take and return bool, float16, float32, float64, int16, int32, int64, int8, uint16, uint32, uint64, uint8"),
+])  # fmt: skip
+def test_check_io_refuses_what_engines_cannot_take(text, message):
+    with pytest.raises(InputError) as info:
+        check_io(io_model(text))
+    assert info.value.message == message
+    assert info.value.hint.startswith("make the model take and return plain tensors of these types")

@@ -423,3 +423,165 @@ def test_fp16_io_makes_dit_inputs_and_outputs_float16(dit_export):
     got = run_ort(serialize(model), {**feeds, "hidden_states": feeds["hidden_states"].astype(np.float16)})
     assert got["sample"].dtype == np.float16
     assert np.isfinite(got["sample"]).all()
+
+
+# --- ops whose types ONNX or ONNX Runtime pin (found by ONNX's backend node tests) ---------------------
+
+
+def _built_engine_outputs(model: ir.Model, tmp_path, feeds: dict) -> dict:
+    """model saved and built as kiln's CPU target builds it (ONNX Runtime writes the optimized model,
+    then loads it), run on feeds."""
+    from kiln import targets
+    from kiln.optimizer.onnx_files import save_model
+    from kiln.optimizer.shapes import input_specs
+
+    save_model(model, tmp_path / "model.onnx")
+    (tmp_path / "engine").mkdir()
+    profile = targets.Profile(input_specs(model), {})
+    targets.CPU.build(tmp_path / "model.onnx", tmp_path / "engine", profile, "fp16")
+    return targets.load_engine(tmp_path / "engine").run(feeds)
+
+
+def test_fp16_keeps_layer_norm_statistics_float32():
+    """LayerNormalization's optional Mean and InvStdDev are float32 in ONNX Runtime's float16 kernel."""
+    model = parse("""
+        g (float[2,8] x, float[8] s, float[8] b) => (float[2,8] y, float[2,1] mean, float[2,1] inv, float[2,1] twice) {
+          [ln] y, mean, inv = LayerNormalization <axis = -1> (x, s, b)
+          [twice] twice = Add(mean, mean)
+        }""")
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=8))
+    ln = node(model, "ln")
+    assert [v.dtype for v in ln.outputs] == [F16, F32, F32]
+    assert node(model, "twice").outputs[0].dtype == F16  # a Cast to float16 joins mean to it
+    _assert_io_float32(model, ["x", "s", "b"], ["y", "mean", "inv", "twice"])
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_fp16_casts_of_unnamed_nodes_get_unique_names():
+    """Two unnamed Range nodes (kept float32) each get a Cast on their first input: not one name twice."""
+    model = parse("""
+        g (float x) => (float[N] r, float[M] q) {
+          a = Add(x, x)
+          lim = Constant <value_float = 6.0> ()
+          lim2 = Constant <value_float = 9.0> ()
+          step = Constant <value_float = 1.5> ()
+          r = Range(a, lim, step)
+          q = Range(a, lim2, step)
+        }""")
+    feeds = {"x": np.array(0.25, np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    casts = [n.outputs[0].name for n in model.graph if n.op_type == "Cast"]
+    assert len(casts) == len(set(casts))
+    assert {"Range_in0_fp32", "Range_in0_fp32_2"} <= set(casts)
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+
+
+def test_fp16_keeps_affine_grid_float32_and_the_engine_loads(tmp_path):
+    """ONNX Runtime expands a float16 AffineGrid's function, and the optimized model it writes then
+    repeats a Cast's name across the If branches: INVALID_GRAPH when the engine loads."""
+    model = parse("""
+        g (float[2,2,3] theta, int64[4] size) => (float[2,5,6,2] grid) {
+          [affine] g = AffineGrid <align_corners = 0> (theta, size)
+          grid = Add(g, g)
+        }""", header='<ir_version: 9, opset_import: ["" : 20]>\n')
+    feeds = {"theta": np.random.default_rng(0).uniform(-1, 1, (2, 2, 3)).astype(np.float32), "size": np.array([2, 3, 5, 6])}
+    pass_, expected, actual = _convert(model, feeds)
+    assert pass_.details["kept_fp32"] == {"affine": "it makes GridSample's sampling coordinates, which stay float32"}
+    assert_outputs_close(expected, _built_engine_outputs(model, tmp_path, feeds), **TOL)
+
+
+def test_fp16_gives_constant_of_shape_without_a_value_a_float16_zero():
+    model = parse("""
+        g (float[3] x) => (float[3] y) {
+          shape = Shape(x)
+          [zeros] z = ConstantOfShape(shape)
+          y = Add(x, z)
+        }""")
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=9))
+    zeros = node(model, "zeros")
+    assert zeros.outputs[0].dtype == F16 and zeros.attributes["value"].as_tensor().dtype == F16
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+
+
+def test_fp16_converts_loop_bodies_and_their_initializers():
+    """A Loop's body takes its float state in float16 too, and a branch's constant output (an
+    initializer of the subgraph) becomes float16 with the branch."""
+    model = parse("""
+        g (int64 n, bool c, float[3] x) => (float[3] y, float[1] z) {
+          y = Loop(n, c, x) <body = body (int64 i, bool ci, float[3] s) => (bool co, float[3] s2) {
+            co = Identity(ci)
+            s2 = Add(s, s)
+          }>
+          z = If(c) <
+            then_branch = t () => (float[1] one) { one = Constant <value = float[1] {1.0}> () },
+            else_branch = e () => (float[1] two) { two = Constant <value = float[1] {2.0}> () }
+          >
+        }""")
+    from kiln.passes import LiftConstants
+
+    LiftConstants()(model)  # the branches' constants become their initializers, as kiln's cleanup does
+    feeds = {"n": np.array(3), "c": np.array(True), "x": np.array([0.5, -1.0, 2.0], np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    body = next(n for n in model.graph if n.op_type == "Loop").attributes["body"].as_graph()
+    assert body.inputs[2].dtype == F16
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)
+
+
+def test_fp16_keeps_float16_outputs_float16():
+    """An output that was float16 in the model stays float16: only float32 outputs are cast back."""
+    model = parse("""
+        g (float16[3] h, float[3] x) => (float16[3] y, float[3] z) {
+          y = Relu(h)
+          z = Relu(x)
+        }""")
+    feeds = {"h": np.array([-1, 0.5, 2], np.float16), "x": np.array([-1, 0.5, 2], np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    assert [v.dtype for v in model.graph.outputs] == [F16, F32]
+    assert actual["y"].dtype == np.float16
+    check(model)
+
+
+def test_fp16_keeps_ops_without_a_float16_input_or_kernel_in_float32(tmp_path):
+    """QuantizeLinear (opset 17) takes no float16 input, DynamicQuantizeLinear none at all, ONNX
+    Runtime's CPU ScatterND has no float16 form with a reduction, and the function it expands for a
+    float16 MeanVarianceNormalization does not type-check."""
+    model = parse("""
+        g (float[2,4] x, int64[1,1] idx, float[1,4] upd) => (uint8[2,4] q, uint8[2,4] d, float dscale, float[2,4] s, float[2,4] m)
+          <float scale = {0.05}, uint8 zp = {128}, int64[2] axes23 = {2, 3}> {
+          [quant] q = QuantizeLinear(x, scale, zp)
+          [dyn] d, dscale, dzp = DynamicQuantizeLinear(x)
+          [scatter] s = ScatterND <reduction = "add"> (x, idx, upd)
+          x4 = Unsqueeze(x, axes23)
+          [mvn] m4 = MeanVarianceNormalization <axes = [1]> (x4)
+          m = Squeeze(m4, axes23)
+        }""")
+    rng = np.random.default_rng(10)
+    feeds = {"x": rng.uniform(-1, 1, (2, 4)).astype(np.float32), "idx": np.array([[1]]), "upd": rng.uniform(-1, 1, (1, 4)).astype(np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    kept = pass_.details["kept_fp32"]
+    assert kept["quant"] == "ONNX QuantizeLinear (opset 17) has no float16 form"
+    assert kept["dyn"] == "ONNX DynamicQuantizeLinear (opset 17) has no float16 form"
+    assert kept["scatter"] == "ONNX Runtime's CPU ScatterND has no float16 form with reduction 'add'"
+    assert kept["mvn"] == "ONNX Runtime has no float16 kernel, and the function it expands instead does not type-check"
+    check(model)
+    got = _built_engine_outputs(model, tmp_path, feeds)
+    np.testing.assert_array_equal(got["q"], expected["q"])
+    assert_outputs_close({k: v for k, v in expected.items() if k not in ("q", "d")}, {k: got[k] for k in ("dscale", "s", "m")}, **TOL)
+
+
+def test_fp16_keeps_ops_typed_by_an_attribute_float32():
+    model = parse("""
+        g (int64 n, float[4] x) => (float[4] y) {
+          [window] w = HannWindow(n)
+          y = Mul(x, w)
+        }""")
+    feeds = {"n": np.array(4), "x": np.array([1, 2, 3, 4], np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    assert pass_.details["kept_fp32"] == {"window": "its output type comes from its output_datatype attribute"}
+    assert_outputs_close(expected, actual, **TOL)
+    check(model)

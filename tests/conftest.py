@@ -1,0 +1,49 @@
+"""Engines several test folders use, built once per session by `kiln optimize` from kiln's own examples."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+from kiln.optimizer.cli import main
+
+
+def quiet(*args) -> int:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main([str(a) for a in args] + ["-q"])
+
+
+@pytest.fixture(scope="session")
+def film_engine(tmp_path_factory) -> Path:
+    """The small FILM SavedModel's engine, for 64x64 frames (smaller ones are padded)."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    root = tmp_path_factory.mktemp("film")
+    assert quiet("example", "film", root / "film") == 0
+    out = root / "engine"
+    assert quiet("optimize", root / "film", "-o", out, "--shapes", "height=64", "--shapes", "width=64", "--bench-runs", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def vae_engine(tmp_path_factory) -> Path:
+    """The tiny AutoencoderKL's decoder engine: latents [1..4, 4, 8, 8]."""
+    pytest.importorskip("diffusers")
+    root = tmp_path_factory.mktemp("vae")
+    assert quiet("example", "vae", root / "vae") == 0
+    out = root / "engine"
+    assert quiet("optimize", root / "vae", "-o", out, "--shapes", "batch=1..2..4", "--shapes", "height=8", "--shapes", "width=8", "--bench-runs", "0") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def block_engine(tmp_path_factory) -> Path:
+    """The example transformer block's cpu engine: x [1..4, 1..64, 64]."""
+    root = tmp_path_factory.mktemp("block")
+    assert quiet("example", "block", root / "ex") == 0
+    out = root / "engine"
+    assert quiet("optimize", root / "ex" / "model.onnx", "-o", out, "--bench-runs", "0") == 0
+    return out
