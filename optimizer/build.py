@@ -41,7 +41,7 @@ def select_passes(
     known |= {passes.FreezeShapes.name, "fp16", "bf16"}
     unknown = sorted(set(options.disable_passes) - known)
     if unknown:
-        raise InputError(f"cannot disable unknown pass(es) {', '.join(unknown)}", hint=f"passes: {', '.join(sorted(known))}")
+        raise InputError(f"cannot disable unknown pass(es) {', '.join(map(repr, unknown))}", hint=f"passes: {', '.join(sorted(known))}")
     return [p for p in chosen if p.name not in options.disable_passes]
 
 

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
              "pinned host buffers; a cpu engine runs the same pipeline on the host.")
     serve = _Parser(add_help=False)
     serve.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="a folder (frames written as frame_000000.png, ...) or a video file (.mp4, .avi, .mov, .mkv; encoded on the CPU)")
-    serve.add_argument("--workers", type=int, help="post-processing workers (default: enough to keep up, from the measured encode cost)")
+    serve.add_argument("--workers", type=_positive(int), help="post-processing workers (default: enough to keep up, from the measured encode cost)")
     serve.add_argument("--serial", action="store_true", help="run compute, copy and encoding one after another, with no overlap (for comparison)")
     serve.add_argument("--format", choices=["png", "jpg"], default="png", help="image format for a folder OUTPUT (default png)")
     serve.add_argument("--force", action="store_true", help="write over an existing OUTPUT")
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a FILM SavedModel")
     p.add_argument("input", type=Path, metavar="INPUT", help="a folder of frames (in name order) or a video file; any size (padded to the model's alignment)")
     p.add_argument("--factor", type=int, default=2, help="frames out per frame in, a power of two: n frames become (n-1)*factor+1 (default 2)")
-    p.add_argument("--fps", type=float, help="frame rate of a video OUTPUT (default: the input's times factor; 30 for folders)")
+    p.add_argument("--fps", type=_positive(float), help="frame rate of a video OUTPUT (default: the input's times factor; 30 for folders)")
     p.set_defaults(handler=cmd_interpolate)
 
     p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk",
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latents", type=Path, metavar="LATENTS.npy", help="float latents [frames, channels, height, width]")
     p.add_argument("--chunk", type=int, help="frames decoded per engine run (default: the engine's batch if its profile "
                    "is static, else 8)")
-    p.add_argument("--fps", type=float, default=24.0, help="frame rate of a video OUTPUT (default 24)")
+    p.add_argument("--fps", type=_positive(float), default=24.0, help="frame rate of a video OUTPUT (default 24)")
     p.set_defaults(handler=cmd_decode)
 
     p = sub.add_parser("targets", parents=[common], help="list targets, their capabilities, and whether they run here")
@@ -301,6 +301,20 @@ def cmd_example(args) -> int:
     return 0
 
 
+def _positive(kind: type):
+    """An argparse type: a number of kind (int or float) above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not value > 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be {'at least 1' if kind is int else 'above 0'}, got {text}")
+        return value
+
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors become InputError, so they get the same one message (and JSON) as any bad input."""
 
@@ -318,8 +332,28 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so the same cleanup runs as for Ctrl-C."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+class _Signals:
+    """SIGINT and SIGTERM raise where the program is until kiln has its exit code; from then on (its
+    message, the interpreter's shutdown, which can take a second with torch loaded) they change nothing."""
+
+    settled = False
+
+    @classmethod
+    def handle(cls, signum, frame):
+        if not cls.settled:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupted_inside(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that a library turned into its own error (an extension module's import
+    fails with "initialization failed" when one lands inside it), if there is one in exc's chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(json_out: bool, exc: BaseException, code: int, label: str, message: str, hint: str | None) -> int:
@@ -332,34 +366,50 @@ def _fail(json_out: bool, exc: BaseException, code: int, label: str, message: st
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the `kiln` command, not a caller in the same process
     argv = sys.argv[1:] if argv is None else argv
     json_out, debug = "--json" in argv, "--debug" in argv
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        _Signals.settled = False
+        handlers = {signum: signal.signal(signum, _Signals.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        code = args.handler(args)
+        _Signals.settled = True
+        return code
     except KilnError as exc:
+        _Signals.settled = True
         if debug:
             traceback.print_exc()
         if isinstance(exc, UsageError):
             print(exc.usage, file=sys.stderr)
         return _fail(json_out, exc, exc.exit_code, "error", exc.message, exc.hint)
     except KeyboardInterrupt as exc:
-        what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        return _fail(json_out, exc, EXIT_INTERRUPTED, "interrupted", f"{what}; nothing half-written was left", None)
+        _Signals.settled = True
+        return _interrupted(json_out, exc)
     except BrokenPipeError:
+        _Signals.settled = True
         # The reader of stdout has gone (`kiln targets | head -1`): say nothing more, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as exc:  # anything else is kiln's bug: say so, keep the traceback for --debug
+        _Signals.settled = True
+        interrupt = _interrupted_inside(exc)
+        if interrupt is not None:
+            return _interrupted(json_out, interrupt)
         if debug:
             traceback.print_exc()
         return _fail(json_out, exc, EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback")
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+        if not as_program:  # the program keeps its handlers, now inert, to the end
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+
+def _interrupted(json_out: bool, exc: KeyboardInterrupt) -> int:
+    what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    return _fail(json_out, exc, EXIT_INTERRUPTED, "interrupted", f"{what}; nothing half-written was left", None)
 
 
 if __name__ == "__main__":

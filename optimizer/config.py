@@ -140,7 +140,7 @@ def validate(options: Options) -> None:
     if options.io_dtype == "float16" and options.precision != "fp16":
         raise InputError(f"io_dtype float16 needs precision fp16, not {options.precision}", hint="add --precision fp16")
     if options.bench_runs < 0 or options.bench_warmup < 0:
-        raise InputError("bench runs and warmup must be 0 or more")
+        raise InputError(f"--bench-runs ({options.bench_runs}) and a recipe's [bench] warmup ({options.bench_warmup}) must be 0 or more")
     if not 0 <= options.seed < 2**32:
         raise InputError(f"seed {options.seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
     if options.layout not in LAYOUTS:

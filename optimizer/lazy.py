@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.signals import signals_deferred
 
 
 def check_installed(modules: list[str], extra: str, why: str) -> None:
@@ -21,4 +22,5 @@ def check_installed(modules: list[str], extra: str, why: str) -> None:
 def require(module: str, extra: str, why: str):
     """Import module, or raise InputError naming the kiln extra that provides it."""
     check_installed([module.split(".")[0]], extra, why)
-    return importlib.import_module(module)
+    with signals_deferred():  # a signal inside torch's or TensorFlow's C++ start-up can abort the process
+        return importlib.import_module(module)

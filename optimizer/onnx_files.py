@@ -248,7 +248,9 @@ def content_hash(model: ir.Model) -> str:
     digest = hashlib.sha256()
     for name, init in sorted(model.graph.initializers.items()):
         digest.update(f"{name}:{init.dtype}:{init.shape}\n".encode())
-        if init.const_value is not None:
+        if isinstance(init.const_value, ir.StringTensor):  # strings have no one byte layout
+            digest.update(b"\0".join(init.const_value.string_data()))
+        elif init.const_value is not None:
             digest.update(init.const_value.tobytes())
     graph = model.graph
     # A view without initializers: their bytes were hashed above, whatever their storage.

@@ -172,7 +172,7 @@ def _reference(model_path: Path) -> ort.InferenceSession:
     except Exception as exc:  # onnxruntime's Fail, NotImplemented, InvalidGraph, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"ONNX Runtime {ort.__version__} cannot load the model on its CPU provider: {first}",
+            f"{model_path}: ONNX Runtime {ort.__version__} cannot load it on its CPU provider: {first}",
             hint="kiln builds ONNX Runtime engines; replace the op or type it names, or convert the model to ops it runs",
         ) from None
 

@@ -7,13 +7,12 @@ import errno
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.signals import signals_deferred
 
 # What `kiln optimize` writes into OUTDIR: model.onnx, ENGINE_DIR/ (the target's engine and its
 # manifest), report.json and report.md.
@@ -39,26 +38,9 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then act on the first, so a sequence of renames is
-    never cut in half. (Blocking them in the OS would not do: ONNX Runtime's threads would take them.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread runs Python's signal handlers
-        return
-    caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
+def follow_umask(path: Path) -> None:
+    """Give a file kiln made in a temporary place (or a library made 0600) the umask's permissions."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 def check_not_link(path: Path, what: str) -> None:

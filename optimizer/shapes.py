@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -34,13 +35,18 @@ def check_io(model: ir.Model) -> None:
     hint = "make the model take and return plain tensors of these types; sequences, optionals and other types can stay inside it"
     initializers = model.graph.initializers
     values = [("input", v) for v in model.graph.inputs if v.name not in initializers] + [("output", v) for v in model.graph.outputs]
+    if not model.graph.outputs:
+        raise InputError("the model has no outputs", hint="re-export it with the graph's outputs declared")
     for where, value in values:
         kind = _KINDS.get(type(value.type))
         if kind:
             raise InputError(f"{where} {value.name!r} is {kind}, not a tensor; kiln's engines take and return tensors", hint=hint)
         if value.dtype is None:
             continue  # an untyped output; an untyped input is refused by input_specs
-        numpy_name = np.dtype(value.dtype.numpy()).name if value.dtype != ir.DataType.STRING else "str"
+        try:
+            numpy_name = np.dtype(value.dtype.numpy()).name if value.dtype != ir.DataType.STRING else "str"
+        except TypeError:  # UNDEFINED, or a type numpy has no form of
+            numpy_name = value.dtype.name.lower()
         if numpy_name not in IO_DTYPES:
             raise InputError(
                 f"{where} {value.name!r} is {value.dtype.name.lower()}; kiln's engines take and return "
@@ -56,6 +62,9 @@ def _spec(value: ir.Value, graph_name: str) -> TensorSpec:
             hint="re-export the model with typed, ranked inputs and outputs",
         )
     dims = tuple(dim if isinstance(dim, int) else dim_name(value, axis) for axis, dim in enumerate(value.shape))
+    if any(isinstance(dim, int) and dim < 0 for dim in dims):
+        raise InputError(f"{graph_name} {value.name!r} has shape {list(dims)}; a size cannot be negative",
+                         hint="re-export the model; a dim of unknown size is a name, not a negative number")  # fmt: skip
     return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, dims)
 
 
@@ -193,4 +202,29 @@ def build_profile(
             notes.append(
                 f"dynamic dim {dim!r} has no range; using {ranges[dim]} (set it with --shapes {dim}=MIN..MAX)"
             )
-    return Profile(inputs, ranges, {**(int_ranges or {}), **_int_ranges(inputs, int_specs or [])}), notes
+    profile = Profile(inputs, ranges, {**(int_ranges or {}), **_int_ranges(inputs, int_specs or [])})
+    _check_fits_in_memory(profile)
+    return profile, notes
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
+
+
+def _check_fits_in_memory(profile: Profile) -> None:
+    """Refuse a profile whose largest inputs could not even be held: verification and the benchmark
+    make them (a typo such as seq=1..99999999999 would otherwise end in a MemoryError)."""
+    memory = _memory_bytes()
+    shapes = profile.shapes(profile.sizes("max"))
+    needed = sum(int(np.prod(shapes[s.name], dtype=np.float64)) * np.dtype(s.dtype).itemsize for s in profile.inputs)
+    # Half: the reference run and the engine each hold their own inputs and outputs besides.
+    if memory and needed > memory / 2:
+        largest = max(profile.inputs, key=lambda s: np.prod(shapes[s.name], dtype=np.float64))
+        raise InputError(
+            f"at the profile's max the inputs take {needed / 2**30:,.0f} GiB ({largest.name!r} is {list(shapes[largest.name])}); "
+            f"more than half of this machine's {memory / 2**30:,.0f} GiB",
+            hint="lower the max of the dims with --shapes NAME=MIN..MAX",
+        )

@@ -66,14 +66,15 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     except Exception as exc:  # a damaged model file: ONNX Runtime says InvalidProtobuf or the like
         raise EngineError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}",
                           hint="the engine is damaged; rebuild it with `kiln optimize`") from None  # fmt: skip
-    return Engine(session, config)
+    return Engine(session, config, engine_dir)
 
 
 class Engine:
     """A loaded engine: its session, and the build config it was loaded from."""
 
-    def __init__(self, session: ort.InferenceSession, config: BuildConfig):
+    def __init__(self, session: ort.InferenceSession, config: BuildConfig, directory: Path | None = None):
         self.session, self.config = session, config
+        self.directory = directory  # where it was loaded from, for messages
         self.inputs, self.outputs = config.inputs, config.outputs
         self.profile: Profile = config.profile
         self.alignment = config.alignment

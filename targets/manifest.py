@@ -111,14 +111,32 @@ def read_manifest(engine_dir: Path) -> BuildConfig:
         config = BuildConfig.from_json(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"{path} is incomplete or damaged ({type(exc).__name__}: {exc})", hint=rebuild) from None
-    for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
-        problem = _spec_problem(spec)
-        if problem:
-            raise EngineError(f"{path} is damaged: {spec.name!r} {problem}", hint=rebuild)
+    problem = _damage(config)
+    if problem:
+        raise EngineError(f"{path} is damaged: {problem}", hint=rebuild)
     # The engine's model is a file of its own directory: a manifest must not make kiln load anything else.
     if not isinstance(config.model, str) or Path(config.model).name != config.model or config.model in ("", ".", ".."):
         raise EngineError(f"{path} names the engine model {config.model!r}, which is not a file of {engine_dir}", hint=rebuild)
     return config
+
+
+def _damage(config: BuildConfig) -> str | None:
+    """What makes a parsed manifest one that loading must not trust, if anything."""
+    if not config.outputs:
+        return "it lists no outputs"
+    for field in ("target", "device", "precision"):
+        if not isinstance(getattr(config, field), str):
+            return f"{field} is {getattr(config, field)!r}, not a name"
+    if not all(isinstance(p, str) for p in config.providers):
+        return f"providers {list(config.providers)} are not all names"
+    for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
+        problem = _spec_problem(spec)
+        if problem:
+            return f"{spec.name!r} {problem}"
+    names, profile_names = [s.name for s in config.inputs], [s.name for s in config.profile.inputs]
+    if names != profile_names:
+        return f"its inputs {names} and its profile's {profile_names} differ"
+    return None
 
 
 def _spec_problem(spec: TensorSpec) -> str | None:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.optimizer.examples.tiny_diffusers import write_dit, write_vae
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.outdir import atomic_file
+from kiln.optimizer.outdir import atomic_file, cannot_write
 
 HIDDEN, HEADS, MLP = 64, 4, 256
 BLOCK_SHAPES = "batch=1..2..4,seq=1..16..64"
@@ -141,7 +141,10 @@ def write_example(name: str, directory: Path, force: bool = False) -> Path:
     if target.exists() and (target.is_file() or any(target.iterdir())) and not force:
         raise InputError(f"{target} already exists", hint="choose another directory, or pass --force to replace it")
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(directory, exc) from None
     try:
         return writer(directory)
     except BaseException:

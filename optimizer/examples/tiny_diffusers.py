@@ -7,9 +7,13 @@ Needs the [torch] extra (torch, diffusers, safetensors), imported only when a fu
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import check_installed, require
+from kiln.optimizer.outdir import follow_umask
 
 # One or two layers and a hidden width of 16: each exports in seconds on a laptop CPU.
 TINY = {
@@ -56,9 +60,24 @@ def tiny_model(class_name: str, seed: int = 0, **overrides):
 def write_model(class_name: str, directory: Path, seed: int = 0, **save_kwargs) -> Path:
     """save_pretrained a tiny class_name into directory (safetensors); returns directory."""
     check_installed(["torch", "diffusers", "safetensors"], "torch", f"the tiny {class_name} example")
+    import safetensors
+
     directory = Path(directory)
+    model = tiny_model(class_name, seed)
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_model(class_name, seed).save_pretrained(os.fspath(directory), safe_serialization=True, **save_kwargs)
+    # Saved beside, then moved in file by file: a full disk leaves no half-written weights behind.
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{directory.name}.kiln-"))
+    try:
+        model.save_pretrained(os.fspath(staging), safe_serialization=True, **save_kwargs)
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                (directory / path.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)
+                follow_umask(path)  # safetensors writes 0600
+                os.replace(path, directory / path.relative_to(staging))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise InputError(f"cannot write {directory}: {exc}", hint="check that it is writable and has free space") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import require
+from kiln.optimizer.outdir import cannot_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -91,6 +92,6 @@ class FrameFolderSink:
             with open(tmp, "wb") as f:
                 f.write(encoded)
             os.replace(tmp, final)
-        except OSError:
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise
+            raise cannot_write(final, exc) from None

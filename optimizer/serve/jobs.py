@@ -92,7 +92,7 @@ class FilmInterpolator:
     def __init__(self, backend, factor: int):
         names = {spec.name for spec in backend.engine.inputs}
         if not FILM_INPUTS <= names:
-            raise InputError(f"the engine takes {sorted(names)}, not a FILM interpolator's x0, x1 and time",
+            raise InputError(f"{backend.engine.directory or 'the engine'}: the engine takes {sorted(names)}, not a FILM interpolator's x0, x1 and time",
                              hint="build one with `kiln optimize` from a FILM SavedModel")  # fmt: skip
         self.backend, self.factor, self.levels = backend, factor, check_factor(factor)
         self.time = backend.upload_array(np.full((1, 1), 0.5, np.float32))
@@ -121,21 +121,21 @@ class FilmInterpolator:
         mids = self.between(*(self.upload(f) for f in frames), self.levels)
         return [(k * self.factor + i + 1, self.backend.to_frame(mid)) for i, mid in enumerate(mids)]
 
-    def items(self, frames: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple]:
+    def items(self, frames: Iterable[tuple[int, np.ndarray]], source: Path) -> Iterator[tuple]:
         """Each input frame as soon as it is read, and the in-betweens of each pair once both are read, so
         a frame that cannot be read stops the job after everything before it is out."""
         previous = None
         for k, frame in frames:
             if previous is not None:
-                check_same_size(k, frame, previous)
+                check_same_size(source, k, frame, previous)
                 yield "between", k - 1, previous, frame
             yield "frame", k, frame
             previous = frame
 
 
-def check_same_size(k: int, frame: np.ndarray, previous: np.ndarray) -> None:
+def check_same_size(source: Path, k: int, frame: np.ndarray, previous: np.ndarray) -> None:
     if frame.shape != previous.shape:
-        raise InputError(f"frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame {k - 1} is {previous.shape[1]}x{previous.shape[0]}",
+        raise InputError(f"{source}: frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame {k - 1} is {previous.shape[1]}x{previous.shape[0]}",
                          hint="every frame must have the same size")  # fmt: skip
 
 
@@ -227,7 +227,7 @@ def interpolate(backend, source: Path, output: Path, factor: int, workers: int |
     head = [next(frames, None), next(frames, None)]
     if head[1] is None:
         raise InputError(f"{source} has {'no frame' if head[0] is None else 'one frame'}; interpolation needs at least two")
-    check_same_size(1, head[1][1], head[0][1])
+    check_same_size(source, 1, head[1][1], head[0][1])
     # Only shapes and types are checked: empty arrays of the engine's types, no copy of the frames.
     dtypes = {spec.name: spec.dtype for spec in backend.engine.inputs}
     shapes = {"x0": (1, *head[0][1].shape), "x1": (1, *head[1][1].shape), "time": (1, 1)}
@@ -239,7 +239,7 @@ def interpolate(backend, source: Path, output: Path, factor: int, workers: int |
     if force:
         _clear_frames(output)
     total = (count - 1) * factor + 1 if count else None
-    items = film.items(itertools.chain(head, frames))
+    items = film.items(itertools.chain(head, frames), source)
     # Input frames are half the output at factor 2 and may encode slower than the in-betweens (noise).
     samples = [head[0][1], sample]
     metrics = run_job(backend, film, items, output, fmt, fps or source_fps * factor, total, workers, serial, progress, per_frame_s, samples)
@@ -254,7 +254,7 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
     engine = backend.engine
     names = [spec.name for spec in engine.inputs]
     if names != ["latent_sample"]:
-        raise InputError(f"the engine takes {names}, not a VAE decoder's latent_sample", hint="build one with `kiln optimize` from a diffusers AutoencoderKL")
+        raise InputError(f"{engine.directory or 'the engine'}: the engine takes {names}, not a VAE decoder's latent_sample", hint="build one with `kiln optimize` from a diffusers AutoencoderKL")
     if chunk is not None and chunk < 1:
         raise InputError(f"--chunk must be at least 1, got {chunk}")
     batch = engine.inputs[0].shape[0]

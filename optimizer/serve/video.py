@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.outdir import cannot_write
 from kiln.optimizer.serve.frames import opencv, to_uint8
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
@@ -80,11 +81,16 @@ class VideoSink:
     def _encode(self, image: np.ndarray) -> None:
         if self._writer is None:
             cv2 = opencv()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise cannot_write(self.path, exc) from None
             height, width = image.shape[:2]
             self._writer = cv2.VideoWriter(os.fspath(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (width, height))
             if not self._writer.isOpened():
-                raise OSError(f"OpenCV cannot write a {self.fourcc} video to {self.tmp}")
+                raise InputError(f"cannot write {self.path}: OpenCV's {self.fourcc} video writer would not open "
+                                 f"(it writes {self.tmp.name} beside it first)",
+                                 hint="check that its directory is writable and has free space")  # fmt: skip
         self._writer.write(image)
 
     def close(self) -> None:

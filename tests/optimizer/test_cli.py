@@ -224,6 +224,47 @@ def test_example_refuses_to_overwrite(capsys, tmp_path):
     assert_bad_input(capsys, "unknown example 'nope'", "example", "nope", tmp_path / "n")
 
 
+def test_example_in_an_unwritable_place_is_bad_input(capsys):
+    """Found by the fuzzing harness: a directory kiln cannot create was an internal FileNotFoundError."""
+    err = assert_bad_input(capsys, "cannot write /proc/kiln/x/ex: No such file or directory", "example", "block", "/proc/kiln/x/ex")
+    assert "hint: check that its directory exists, is writable and has free space" in err
+
+
+def test_vae_example_on_a_full_disk_leaves_nothing(tmp_path):
+    """Found by the fuzzing harness: safetensors' write error on a full disk was an internal error,
+    and left a half-written weights file. A file-size limit stands in for the full disk."""
+    pytest.importorskip("diffusers")
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    out = tmp_path / "vae"
+    proc = subprocess.run([sys.executable, "-m", "kiln.optimizer.cli", "example", "vae", str(out), "-q"],
+                          capture_output=True, text=True, preexec_fn=limit)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"kiln: error: cannot write {out}: Error while serializing: I/O error: File too large")
+    assert not out.exists()
+    old = os.umask(0o022)
+    try:
+        assert main(["example", "vae", str(out), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}  # safetensors' own is 0600
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--workers", "0", "must be at least 1, got 0"), ("--workers", "x", "'x' is not a whole number"),
+    ("--fps", "0", "must be above 0, got 0"), ("--fps", "nan", "must be above 0, got nan"), ("--fps", "x", "'x' is not a number"),
+])  # fmt: skip
+def test_workers_and_fps_must_be_positive_numbers(capsys, tmp_path, option, value, message):
+    """Found by the fuzzing harness: --workers 0 reached the pipeline's ValueError, an internal error,
+    and --fps 0 an OpenCV failure naming a temporary file."""
+    code, _, err = run_cli(capsys, "decode", tmp_path, tmp_path / "l.npy", "-o", tmp_path / "o", option, value)
+    assert code == 2 and f"kiln: error: kiln decode: argument {option}: {message}\n" in err
+
+
 # --- bad input (issue: each gets one message, exit code 2, no traceback) -------------------------
 
 
@@ -373,7 +414,7 @@ def test_bad_recipe_and_unknown_pass(capsys, example, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text("precison = 'fp16'\n")
     assert_bad_input(capsys, "unknown key 'precison'", "optimize", example, "-o", tmp_path / "o", "--config", recipe)
-    assert_bad_input(capsys, "cannot disable unknown pass(es) nope", "optimize", example, "-o", tmp_path / "o", "--disable-pass", "nope")
+    assert_bad_input(capsys, "cannot disable unknown pass(es) 'nope'", "optimize", example, "-o", tmp_path / "o", "--disable-pass", "nope")
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):
@@ -399,3 +440,31 @@ def test_verify_each_when_opt_coincides_with_min(capsys, example, tmp_path):
     code, _, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--verify-each", "--bench-runs", "0",
                            "--shapes", "batch=1..1..2", "--shapes", "seq=4..4..8")  # fmt: skip
     assert code == 0, err
+
+
+def test_ctrl_c_that_a_library_wrapped_is_still_an_interruption(capsys, tmp_path, monkeypatch):
+    """Found by the fuzzing harness: SIGTERM inside an extension module's import came out as
+    "ImportError: initialization failed", an internal error."""
+
+    def interrupted_import(*args):
+        try:
+            raise KeyboardInterrupt()
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # what the import machinery raises, with the interrupt as context
+
+    monkeypatch.setattr("kiln.optimizer.examples.write_example", interrupted_import)
+    code, _, err = run_cli(capsys, "example", "block", tmp_path / "ex")
+    assert code == 130 and err == "kiln: interrupted: Ctrl-C; nothing half-written was left\n"
+
+
+def test_a_signal_after_the_work_is_done_changes_nothing(tmp_path):
+    """Found by the fuzzing harness: SIGTERM during the interpreter's shutdown killed kiln (-15) after it
+    had written its output and chosen exit 0. Here the signal comes during the shutdown, from atexit."""
+    script = ("import atexit, os, signal, sys\n"
+              "from kiln.optimizer.cli import main\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "sys.argv = ['kiln', 'example', 'block', sys.argv[1], '-q']\n"
+              "sys.exit(main())\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ex")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ex" / "model.onnx").is_file()

@@ -205,7 +205,7 @@ def test_unknown_precision(tmp_path):
 
 def test_negative_bench_runs(tmp_path):
     err = recipe_error(write(tmp_path, "[bench]\nwarmup = -1\n"))
-    assert err.message == "bench runs and warmup must be 0 or more"
+    assert err.message == "--bench-runs (10) and a recipe's [bench] warmup (-1) must be 0 or more"
 
 
 def test_validate_defaults():

@@ -81,7 +81,7 @@ def test_disabled_passes_are_removed():
 
 def test_unknown_pass_name_is_refused_listing_the_known_ones():
     error = refusal(select_passes, Options(disable_passes=["zap", "cse", "nope"]), targets.CPU)
-    assert error.message == "cannot disable unknown pass(es) nope, zap"
+    assert error.message == "cannot disable unknown pass(es) 'nope', 'zap'"
     assert error.hint == ("passes: bf16, cse, dedupe-initializers, fold-constants, fp16, freeze-shapes, fusions, infer-shapes, "
                           "lift-constants, ort-fusions, remove-dead-nodes, remove-identity, topological-sort, warp-to-gridsample")  # fmt: skip
 

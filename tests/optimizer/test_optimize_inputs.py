@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -139,7 +140,7 @@ def test_a_model_onnx_runtime_cannot_load_is_bad_input(capsys, tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)]), path)
     code, err = kiln(capsys, "optimize", path, "-o", tmp_path / "out")
     assert code == 2
-    assert err.startswith("kiln: error: ONNX Runtime ") and "cannot load the model on its CPU provider:" in err
+    assert err.startswith(f"kiln: error: {path}: ONNX Runtime ") and "cannot load it on its CPU provider:" in err
     assert "my.ops:Frobnicate(-1) is not a registered function/op" in err
     assert "hint: kiln builds ONNX Runtime engines; replace the op or type it names" in err
 
@@ -166,3 +167,43 @@ def test_an_ir3_opset9_model_is_upgraded_and_verified_against_the_original(capsy
                                    "onnx's version converter; verification compares the engine with the original model")  # fmt: skip
     assert [i["name"] for i in written["inputs"]] == ["x"]
     assert written["verification"]["passed"] is True
+
+
+def _block_with(tmp_path, edit) -> str:
+    from kiln.optimizer.examples import transformer_block
+
+    model = transformer_block(0)
+    edit(model)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def _no_outputs(m):
+    del m.graph.output[:]
+
+
+def _undefined_input(m):
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+
+
+def _negative_dim(m):
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -3
+
+
+def _string_weight(m):
+    max(m.graph.initializer, key=lambda t: len(t.raw_data)).data_type = TensorProto.STRING
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_no_outputs, "kiln: error: the model has no outputs"),
+    (_undefined_input, "kiln: error: input 'x' is undefined; kiln's engines take and return"),
+    (_negative_dim, "kiln: error: input 'x' has shape ['batch', 'seq', -3]; a size cannot be negative"),
+    (_string_weight, "Type 'tensor(string)' of input parameter (w_fc1) of operator (MatMul) in node () is invalid"),
+])  # fmt: skip
+def test_models_the_fuzzer_found_are_bad_input(capsys, tmp_path, edit, message):
+    """Each was an internal error: ONNX Runtime failing to initialize a session with no outputs, numpy
+    without a dtype for UNDEFINED, a negative size, and hashing a string tensor's raw bytes."""
+    code, err = kiln(capsys, "optimize", _block_with(tmp_path, edit), "-o", tmp_path / "out")
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()

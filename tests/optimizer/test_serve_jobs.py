@@ -104,7 +104,7 @@ def test_interpolate_bad_input(capsys, film_engine, vae_engine, tmp_path):
         return err
 
     bad("--factor must be a power of two (2, 4, 8, ...), got 3", film_engine, tmp_path / "in", "-o", tmp_path / "o", "--factor", "3")
-    bad("not a FILM interpolator's x0, x1 and time", vae_engine, tmp_path / "in", "-o", tmp_path / "o")
+    bad(f"{vae_engine / 'engine'}: the engine takes ['latent_sample'], not a FILM interpolator's x0, x1 and time", vae_engine, tmp_path / "in", "-o", tmp_path / "o")
     bad("not a folder of frames or a video file", film_engine, tmp_path / "nope.txt", "-o", tmp_path / "o")
     (tmp_path / "one").mkdir()
     cv2.imwrite(str(tmp_path / "one" / "a.png"), np.zeros((H, W, 3), np.uint8))
@@ -112,9 +112,9 @@ def test_interpolate_bad_input(capsys, film_engine, vae_engine, tmp_path):
     (tmp_path / "two").mkdir()
     cv2.imwrite(str(tmp_path / "two" / "a.png"), np.zeros((H, W, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "two" / "b.png"), np.zeros((H + 8, W, 3), np.uint8))
-    bad(f"frame 1 is {W}x{H + 8}, frame 0 is {W}x{H}", film_engine, tmp_path / "two", "-o", tmp_path / "o")
+    bad(f"{tmp_path / 'two'}: frame 1 is {W}x{H + 8}, frame 0 is {W}x{H}", film_engine, tmp_path / "two", "-o", tmp_path / "o")
     cv2.imwrite(str(tmp_path / "in" / "in_009.png"), np.zeros((H + 2, W, 3), np.uint8))
-    bad(f"frame 3 is {W}x{H + 2}, frame 2 is {W}x{H}", film_engine, tmp_path / "in", "-o", tmp_path / "sizes")
+    bad(f"{tmp_path / 'in'}: frame 3 is {W}x{H + 2}, frame 2 is {W}x{H}", film_engine, tmp_path / "in", "-o", tmp_path / "sizes")
     (tmp_path / "in" / "in_009.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     err = bad(f"{tmp_path / 'in' / 'in_009.png'}: cannot be decoded as an image (corrupt or truncated?)", film_engine, tmp_path / "in", "-o", tmp_path / "o")
     assert "the read stage failed" in err

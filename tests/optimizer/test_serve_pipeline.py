@@ -153,7 +153,7 @@ def test_a_full_disk_stops_the_pipeline_and_keeps_whole_frames(tmp_path, monkeyp
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", filling_open)
-    with pytest.raises(PipelineError, match=r"the post-processing stage failed at frame \d+: OSError: \[Errno 28\] No space left on device") as info:
+    with pytest.raises(PipelineError, match=rf"the post-processing stage failed at frame \d+: cannot write {tmp_path}/frame_\d+.png: No space left on device") as info:
         FramePipeline(two_frames, FrameFolderSink(tmp_path), workers=2).run(range(20))
     assert info.value.exit_code == EXIT_BAD_INPUT  # a full disk is not a bug in kiln
     monkeypatch.undo()
@@ -193,3 +193,15 @@ def test_ctrl_c_stops_cleanly(tmp_path, serial):
     assert info.value.exit_code == EXIT_INTERRUPTED == 130  # as from kiln optimize, not 1
     assert_frames_whole(tmp_path, 10)
     assert kiln_threads() == []
+
+
+@pytest.mark.parametrize("where", ["/proc/self/clip.mp4", "/proc/kiln/x/clip.mp4"])
+def test_a_video_that_cannot_be_written_names_the_video(where):
+    """Found by the fuzzing harness: the message named OpenCV's temporary file, not the output."""
+    from pathlib import Path
+
+    from kiln.optimizer.serve.video import VideoSink
+
+    with pytest.raises(PipelineError, match=rf"the post-processing stage failed at frame 0: cannot write {where}: ") as info:
+        FramePipeline(two_frames, VideoSink(Path(where), 24.0), workers=1).run(range(2))
+    assert info.value.exit_code == EXIT_BAD_INPUT

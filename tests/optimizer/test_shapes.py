@@ -349,3 +349,12 @@ def test_check_io_refuses_what_engines_cannot_take(text, message):
         check_io(io_model(text))
     assert info.value.message == message
     assert info.value.hint.startswith("make the model take and return plain tensors of these types")
+
+
+def test_a_profile_too_large_to_hold_is_bad_input():
+    """Found by the fuzzing harness: --shapes seq=1..99999999999 ended in a MemoryError."""
+    inputs = (TensorSpec("x", "float32", ("batch", "seq", 64)),)
+    with pytest.raises(InputError) as info:
+        build_profile(inputs, [("--shapes", "seq=1..99999999999"), ("--shapes", "batch=1..4")])
+    assert info.value.message.startswith("at the profile's max the inputs take 95,367 GiB ('x' is [4, 99999999999, 64]); more than half")
+    assert info.value.hint == "lower the max of the dims with --shapes NAME=MIN..MAX"

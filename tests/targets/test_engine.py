@@ -178,6 +178,33 @@ def test_damaged_or_outdated_engines_are_refused(built, tmp_path):
         targets.load_engine(engine_dir)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(model="../../outside.onnx"), "names the engine model '../../outside.onnx', which is not a file of"),
+    (lambda m: m.update(model="/etc/passwd"), "names the engine model '/etc/passwd', which is not a file of"),
+    (lambda m: m.update(outputs=[]), "is damaged: it lists no outputs"),
+    (lambda m: m.update(device={}), "is damaged: device is {}, not a name"),
+    (lambda m: m.update(inputs=[]), "is damaged: its inputs [] and its profile's ['x'] differ"),
+    (lambda m: m["inputs"][0].update(dtype="float99"), "is damaged: 'x' has dtype 'float99', which is no numpy dtype"),
+    (lambda m: m["inputs"][0].update(shape=[1, -4]), "is damaged: 'x' has shape [1, -4]; dims are sizes or names"),
+    (lambda m: m["inputs"][0].update(name=""), "is damaged: '' has no name"),
+])  # fmt: skip
+def test_a_manifest_that_would_mislead_loading_is_refused(built, edit, message):
+    """Found by the fuzzing harness: each reached ONNX Runtime or numpy as an internal error."""
+    engine_dir, _ = built
+    manifest = engine_dir / "engine.json"
+    good = manifest.read_text()
+    data = json.loads(good)
+    edit(data)
+    manifest.write_text(json.dumps(data))
+    try:
+        with pytest.raises(EngineError) as info:
+            targets.load_engine(engine_dir)
+        assert message in info.value.message
+        assert info.value.hint == "rebuild the engine with this kiln (`kiln optimize`)"
+    finally:
+        manifest.write_text(good)
+
+
 def test_an_engine_for_a_provider_this_runtime_lacks_is_refused(built):
     engine_dir, config = built
     write_manifest(engine_dir, dataclasses.replace(config, target="cuda", providers=("CUDAExecutionProvider", "CPUExecutionProvider")))

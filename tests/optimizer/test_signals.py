@@ -1,0 +1,42 @@
+"""Signals held over what must not be cut: the first import of a framework, a sequence of renames."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from kiln.optimizer.lazy import require
+from kiln.optimizer.signals import signals_deferred
+
+PROBE = """import os, signal
+os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the import
+for _ in range(1000):
+    pass  # bytecode, where Python would raise KeyboardInterrupt
+FINISHED = True
+"""
+
+
+def test_ctrl_c_during_a_framework_import_waits_for_the_import(tmp_path, monkeypatch):
+    """The fuzzing harness found `kiln example vae` aborting (a C++ terminate) or dying of SIGINT
+    when Ctrl-C landed inside torch's start-up; the import now finishes first, then Ctrl-C acts."""
+    (tmp_path / "kiln_probe_module.py").write_text(PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            require("kiln_probe_module", "test", "the probe")
+        assert sys.modules["kiln_probe_module"].FINISHED
+    finally:
+        sys.modules.pop("kiln_probe_module", None)
+
+
+def test_a_signal_in_a_deferred_block_acts_when_it_ends():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the signal")
+        steps.append("never")
+    assert steps == ["after the signal"]
