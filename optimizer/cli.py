@@ -402,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         return _fail(json_out, exc, EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback")
     finally:
-        if not as_program:  # the program keeps its handlers, now inert, to the end
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+        for signum, handler in handlers.items():
+            # The program ignores them to the end: Python's finalization would put back the default
+            # action in place of a handler of its own, and a signal in the shutdown would then kill it.
+            signal.signal(signum, signal.SIG_IGN if as_program else handler)
 
 
 def _interrupted(json_out: bool, exc: KeyboardInterrupt) -> int:

@@ -5,7 +5,8 @@ CI runs a bounded share (KILN_FUZZ_CASES, default 300, seed KILN_FUZZ_SEED, defa
 
     KILN_FUZZ_CASES=6000 KILN_FUZZ_SEED=1 KILN_FUZZ_REPORT=fuzz.json python -m pytest tests/fuzz -q
 
-KILN_FUZZ_REPORT writes, per command, the cases tried and their exit codes by kind of input.
+KILN_FUZZ_REPORT writes, per command, the cases tried, their exit codes by kind of input, and the problems
+the judge found (none in a passing run).
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def _count(share: float) -> int:
     return max(1, round(TOTAL * share))
 
 
-def _record(command: str, case, outcome) -> None:
-    result = RESULTS.setdefault(command, {"cases": 0, "exit_codes": collections.Counter(), "kinds": collections.Counter()})
+def _record(command: str, case, outcome, problems: list[str]) -> None:
+    result = RESULTS.setdefault(command, {"cases": 0, "exit_codes": collections.Counter(), "kinds": collections.Counter(),
+                                          "problems": collections.Counter()})  # fmt: skip
     result["cases"] += 1
+    for problem in problems:  # what the judge found wrong: an internal error, a file changed or lost, ...
+        result["problems"][problem.split(":")[0]] += 1
     result["exit_codes"][str(outcome.code)] += 1
     result["kinds"][f"{case.kind.split(';')[0]} -> {outcome.code}"] += 1
 
@@ -77,7 +81,7 @@ def _run(command, cases, tmp_path, capfd, engines, make):
         sandbox.mkdir()
         case = make(rng, sandbox, engines)
         outcome, problems = run_case(case, sandbox, capfd.readouterr)
-        _record(command, case, outcome)
+        _record(command, case, outcome, problems)
         if problems:
             failures.append(f"{case.label}\n  exit {outcome.code}: {'; '.join(problems)}\n  stderr: {outcome.err.strip()[:600]}")
         shutil.rmtree(sandbox, ignore_errors=True)

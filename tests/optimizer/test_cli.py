@@ -462,9 +462,14 @@ def test_a_signal_after_the_work_is_done_changes_nothing(tmp_path):
     had written its output and chosen exit 0. Here the signal comes during the shutdown, from atexit."""
     script = ("import atexit, os, signal, sys\n"
               "from kiln.optimizer.cli import main\n"
-              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "def late():\n"
+              "    # SIG_IGN, not a Python handler, which the finalization would swap for the default action\n"
+              "    print(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "atexit.register(late)\n"
               "sys.argv = ['kiln', 'example', 'block', sys.argv[1], '-q']\n"
               "sys.exit(main())\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ex")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\nTrue True\n")
     assert (tmp_path / "ex" / "model.onnx").is_file()
