@@ -146,7 +146,7 @@ def validate(options: Options) -> None:
     if options.layout not in LAYOUTS:
         raise InputError(f"unknown layout {options.layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
     if not 16 <= options.opset <= MAX_IMPORT_OPSET:
-        raise InputError(f"import opset {options.opset} is unsupported", hint=f"choose 16..{MAX_IMPORT_OPSET} (GridSample needs 16)")
+        raise InputError(f"--opset {options.opset} (the opset of imported models) is unsupported", hint=f"choose 16..{MAX_IMPORT_OPSET} (GridSample needs 16)")
     if options.align is not None and options.align < 1:
         raise InputError(f"--align {options.align}: must be 1 (no padding) or more")
     if options.import_timeout <= 0:

@@ -284,3 +284,10 @@ def test_int_ranges_must_be_a_table_of_strings(tmp_path):
     assert err.message.endswith('[int_ranges] must be a table of NAME = "LO..HI"')
     err = recipe_error(write(tmp_path, "[int_ranges]\nlabels = 7\n"))
     assert err.message.endswith('int_ranges.labels must be a string like "0..999"')
+
+
+def test_unsupported_import_opset_names_the_option(tmp_path):
+    """Found by the fuzzing harness: the message named neither --opset nor the recipe key."""
+    err = recipe_error(write(tmp_path, "[import]\nopset = 5\n"))
+    assert err.message == "--opset 5 (the opset of imported models) is unsupported"
+    assert err.hint == "choose 16..18 (GridSample needs 16)"
