@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from kiln.optimizer import __version__
-from kiln.optimizer.config import IO_DTYPES, PRECISIONS
+from kiln.optimizer.config import IO_DTYPES, PRECISIONS, check_seed
 from kiln.optimizer.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, KilnError
 
 DESCRIPTION = """\
@@ -219,8 +219,7 @@ def cmd_bench(args) -> int:
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup 0 or more")
-    if not 0 <= args.seed < 2**32:
-        raise InputError(f"--seed {args.seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
+    check_seed(args.seed, "--seed")
     engine = open_engine(args.engine)
     warnings = build_warnings(args.engine)
     _warn(warnings)

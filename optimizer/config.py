@@ -132,6 +132,12 @@ def _set(options: Options, path: Path, key: str, entry, value, known: list[str])
     setattr(options, field, value)
 
 
+def check_seed(seed: int, name: str) -> None:
+    """numpy's generators take seeds of 32 bits."""
+    if not 0 <= seed < 2**32:
+        raise InputError(f"{name} {seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
+
+
 def validate(options: Options) -> None:
     if options.precision not in PRECISIONS:
         raise InputError(f"unknown precision {options.precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
@@ -141,8 +147,7 @@ def validate(options: Options) -> None:
         raise InputError(f"io_dtype float16 needs precision fp16, not {options.precision}", hint="add --precision fp16")
     if options.bench_runs < 0 or options.bench_warmup < 0:
         raise InputError(f"--bench-runs ({options.bench_runs}) and a recipe's [bench] warmup ({options.bench_warmup}) must be 0 or more")
-    if not 0 <= options.seed < 2**32:
-        raise InputError(f"seed {options.seed} is out of range", hint="give a seed from 0 to 2**32 - 1")
+    check_seed(options.seed, "seed")
     if options.layout not in LAYOUTS:
         raise InputError(f"unknown layout {options.layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
     if not 16 <= options.opset <= MAX_IMPORT_OPSET:

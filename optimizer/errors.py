@@ -9,6 +9,13 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (`kiln targets | head -1`): 128 + SIGPIPE
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of exc's message (libraries' messages run on with logs and stack dumps), or the
+    name of its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class KilnError(Exception):
     """An error with a message meant for the user: what is wrong, where, and what to do."""
 

@@ -12,7 +12,7 @@ import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from kiln.optimizer.errors import InputError
+from kiln.optimizer.errors import InputError, first_line
 
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 13
@@ -66,9 +66,8 @@ def load_model(path: Path, notes: list[str] | None = None) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except (ir.serde.SerdeError, ValueError, TypeError, KeyError) as exc:  # e.g. two nodes writing one value
-        cause = exc.__cause__ or exc
         raise InputError(
-            f"{path} is not a valid ONNX graph: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}",
+            f"{path} is not a valid ONNX graph: {first_line(exc.__cause__ or exc)}",
             hint="re-export the model; onnx.checker.check_model names what is wrong",
         ) from None
     del proto
@@ -112,7 +111,7 @@ def _tensors(graph: onnx.GraphProto):
 
 def _converter_reason(exc: Exception, proto: onnx.ModelProto) -> str:
     """Why onnx's version converter failed, naming the op where its message (a C++ assertion) does."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     adapter = re.search(r"No Adapter (?:From|For) Version \$?(\d+) for (\w+)", text)
     if adapter:
         return f"it has no adapter for {adapter.group(2)} from opset {adapter.group(1)}"

@@ -17,7 +17,7 @@ from kiln.optimizer import __version__
 from kiln.optimizer.bench import bench_profile
 from kiln.optimizer.build import build_engine, select_passes
 from kiln.optimizer.config import Options
-from kiln.optimizer.errors import InputError, VerificationFailed
+from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
@@ -170,9 +170,8 @@ def _reference(model_path: Path) -> ort.InferenceSession:
     try:
         return reference_session(model_path)
     except Exception as exc:  # onnxruntime's Fail, NotImplemented, InvalidGraph, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"{model_path}: ONNX Runtime {ort.__version__} cannot load it on its CPU provider: {first}",
+            f"{model_path}: ONNX Runtime {ort.__version__} cannot load it on its CPU provider: {first_line(exc)}",
             hint="kiln builds ONNX Runtime engines; replace the op or type it names, or convert the model to ops it runs",
         ) from None
 
@@ -196,8 +195,7 @@ def _bench(engine, profile: Profile, options: Options, notes: list[str]) -> list
     try:
         return bench_profile(engine, profile, options.bench_runs, options.bench_warmup, options.seed)
     except Exception as exc:  # onnxruntime's errors on data the model cannot take
-        notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: "
-                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")  # fmt: skip
+        notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: {first_line(exc)})")
         return []
 
 

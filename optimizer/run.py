@@ -10,7 +10,7 @@ import numpy as np
 
 from kiln import targets
 from kiln.calibration import DataError, check_finite, read_npz
-from kiln.optimizer.errors import InputError
+from kiln.optimizer.errors import InputError, first_line
 from kiln.optimizer.outdir import ENGINE_DIR, REPORT_FILE, atomic_file
 
 
@@ -55,7 +55,7 @@ def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.n
     except Exception as exc:
         if not warnings:
             raise  # at a shape the engine was verified at, a failure is kiln's
-        raise InputError(f"the engine failed on {inputs}, at a shape it was not built for: {str(exc).splitlines()[0]}",
+        raise InputError(f"the engine failed on {inputs}, at a shape it was not built for: {first_line(exc)}",
                          hint=f"{warnings[0]}; rebuild with --shapes covering it")  # fmt: skip
     with atomic_file(output) as tmp, open(tmp, "wb") as f:
         np.savez(f, **results)

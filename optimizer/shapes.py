@@ -24,7 +24,7 @@ _INT_RANGE = re.compile(r"^\s*([^=\s]+)\s*=\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 
 # The element types an engine's inputs and outputs may have: what numpy and ONNX Runtime's Python API
 # both hold, so kiln can make test data, run the engine and compare (no strings, bfloat16, float8, int4).
-IO_DTYPES = frozenset({
+BOUNDARY_DTYPES = frozenset({
     "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
 })  # fmt: skip
 _KINDS = {ir.SequenceType: "a sequence", ir.OptionalType: "an optional", ir.SparseTensorType: "a sparse tensor"}
@@ -47,10 +47,10 @@ def check_io(model: ir.Model) -> None:
             numpy_name = np.dtype(value.dtype.numpy()).name if value.dtype != ir.DataType.STRING else "str"
         except TypeError:  # UNDEFINED, or a type numpy has no form of
             numpy_name = value.dtype.name.lower()
-        if numpy_name not in IO_DTYPES:
+        if numpy_name not in BOUNDARY_DTYPES:
             raise InputError(
                 f"{where} {value.name!r} is {value.dtype.name.lower()}; kiln's engines take and return "
-                f"{', '.join(sorted(IO_DTYPES))}",
+                f"{', '.join(sorted(BOUNDARY_DTYPES))}",
                 hint=hint + " (Cast at the boundary)",
             )
 

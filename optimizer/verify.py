@@ -14,7 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.calibration import DataError, read_npz
-from kiln.optimizer.errors import InputError
+from kiln.optimizer.errors import InputError, first_line
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
 from kiln.targets import Engine, Profile
@@ -220,12 +220,12 @@ class StepVerifier:
             try:
                 onnx.checker.check_model(os.fspath(path))
             except onnx.checker.ValidationError as exc:
-                return f"the ONNX checker rejects the model: {str(exc).splitlines()[0]}"
+                return f"the ONNX checker rejects the model: {first_line(exc)}"
             try:
                 session = reference_session(path)
                 got = run_session(session, self.feeds)
             except Exception as exc:
-                return f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}"
+                return f"ONNX Runtime cannot run the model: {first_line(exc)}"
         ok, errors = check_outputs(got, self.want, **tolerance)
         if not ok:
             worst = max(errors, key=lambda k: errors[k]["max_abs"])

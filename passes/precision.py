@@ -107,10 +107,6 @@ def _constant_data(node: ir.Node) -> np.ndarray | None:
     return None
 
 
-def _has_subgraph(node: ir.Node) -> bool:
-    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values())
-
-
 def _subgraphs(node: ir.Node) -> list[ir.Graph]:
     graphs = []
     for attr in node.attributes.values():
@@ -322,7 +318,7 @@ class ConvertPrecision(KilnPass):
             if not uses or (producer is None and self._only_feeds_fp32(value)):
                 continue  # a dead one is clamped, one that feeds float32 slots only stays exact anyway
             peak = self._beyond_range(value.const_value.numpy() if data is None else data)
-            if peak is None or any(use.node.graph is not graph or _has_subgraph(use.node) for use in uses):
+            if peak is None or any(use.node.graph is not graph or _subgraphs(use.node) for use in uses):
                 continue
             reason = f"reads {value.name}, whose values are beyond {_TYPE_NAMES[self.low]}'s range"
             if producer is not None:

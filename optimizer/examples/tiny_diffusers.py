@@ -71,9 +71,10 @@ def write_model(class_name: str, directory: Path, seed: int = 0, **save_kwargs) 
         model.save_pretrained(os.fspath(staging), safe_serialization=True, **save_kwargs)
         for path in sorted(staging.rglob("*")):
             if path.is_file():
-                (directory / path.relative_to(staging)).parent.mkdir(parents=True, exist_ok=True)
+                destination = directory / path.relative_to(staging)
+                destination.parent.mkdir(parents=True, exist_ok=True)
                 follow_umask(path)  # safetensors writes 0600
-                os.replace(path, directory / path.relative_to(staging))
+                os.replace(path, destination)
     except (OSError, safetensors.SafetensorError) as exc:
         raise InputError(f"cannot write {directory}: {exc}", hint="check that it is writable and has free space") from None
     finally:

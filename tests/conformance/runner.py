@@ -95,7 +95,7 @@ def _crashed(stderr: str) -> bool:
     return "Traceback" in stderr or "internal error" in stderr
 
 
-def run_case(case: Case, precision: str, verify_inputs: bool = True) -> dict:
+def run_case(case: Case, precision: str) -> dict:
     """Outcome of one case at one precision (see the module docstring)."""
     from kiln.optimizer.config import TOLERANCES
 
@@ -110,9 +110,8 @@ def run_case(case: Case, precision: str, verify_inputs: bool = True) -> dict:
                 np.savez(path, **inputs)
                 sets.append((path, outputs))
         argv = ["optimize", str(model), "-o", str(outdir), "--precision", precision, "--bench-runs", "0", "--json"]
-        if verify_inputs:
-            for path, _ in sets:
-                argv += ["--verify-inputs", str(path)]
+        for path, _ in sets:
+            argv += ["--verify-inputs", str(path)]
         code, stdout, stderr = kiln(argv)
         error = _error(stdout)
         message, hint = error.get("message", ""), error.get("hint")
@@ -171,10 +170,10 @@ def _worker(conn, quiet: bool) -> None:
         task = conn.recv()
         if task is None:
             return
-        case, precision, verify_inputs = task
+        case, precision = task
         start = time.perf_counter()
         try:
-            outcome = run_case(case, precision, verify_inputs)
+            outcome = run_case(case, precision)
         except Exception:  # the runner's own bug, or one that escaped kiln's main: counted, not lost
             outcome = _outcome("internal", "raised out of kiln's main", traceback.format_exc()[-2000:])
         conn.send({"name": case.name, "precision": precision, "seconds": time.perf_counter() - start, **outcome})
@@ -212,11 +211,11 @@ def _died(process) -> str:
 
 
 def run_cases(cases: list[Case], precisions: list[str], jobs: int = 1, timeout: float = 300.0,
-              verify_inputs: bool = True, quiet: bool = True, on_result=None) -> list[dict]:  # fmt: skip
+              quiet: bool = True, on_result=None) -> list[dict]:  # fmt: skip
     """Every case at every precision in `jobs` worker processes; a worker that dies (a signal inside
     ONNX Runtime) or runs past `timeout` seconds on a case is replaced, and that case counted internal."""
     context = multiprocessing.get_context("spawn")
-    pending = deque((case, p, verify_inputs) for case in cases for p in precisions)
+    pending = deque((case, p) for case in cases for p in precisions)
     workers = [_Worker(context, quiet) for _ in range(max(1, min(jobs, len(pending))))]
     results = []
 
@@ -235,7 +234,7 @@ def run_cases(cases: list[Case], precisions: list[str], jobs: int = 1, timeout: 
             for i, w in enumerate(workers):
                 if w.task is None:
                     continue
-                case, precision, _ = w.task
+                case, precision = w.task
                 if w.conn.poll():
                     try:
                         record(w.conn.recv())
