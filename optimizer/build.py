@@ -13,6 +13,9 @@ from pathlib import Path
 import onnx_ir as ir
 
 from kiln import passes, targets
+from kiln.calibration import CalibrationSet
+from kiln.calibration.cache import StatsCache
+from kiln.optimizer.calibrate import quant_config
 from kiln.optimizer.config import TOLERANCES, Options
 from kiln.optimizer.errors import InputError, KilnError
 from kiln.optimizer.onnx_files import MODEL_FILE, save_model
@@ -22,23 +25,32 @@ from kiln.optimizer.verify import StepVerifier
 
 
 def select_passes(
-    options: Options, target: targets.Target | None = None, static_sizes: dict[str, int] | None = None
+    options: Options, target: targets.Target | None = None, static_sizes: dict[str, int] | None = None,
+    calibration: CalibrationSet | None = None,
 ) -> list[passes.KilnPass]:
     """The passes for these options and target, in order, minus the disabled ones. static_sizes (the
-    profile's dims when each has one size) freezes the input shapes first."""
+    profile's dims when each has one size) freezes the input shapes first. With --quantize, calibration
+    is the set the quantize pass calibrates on."""
     # Fusions match the graph as the exporter wrote it; cleanup then tidies what they leave.
     chosen = [passes.WarpToGridSample(), *passes.cleanup_passes()]
     if static_sizes is not None:
         chosen.insert(0, passes.FreezeShapes(static_sizes))
     if target is not None and "ort-fusions" in target.capabilities:
-        chosen.append(passes.FuseForOnnxRuntime())
+        chosen.append(passes.FuseForOnnxRuntime(pack_qkv=not options.quantize))
     else:
         chosen.append(passes.FuseStandardOnnx())
+    lower = False
+    if options.quantize and calibration is not None:
+        config = quant_config(options, target or targets.CPU)
+        chosen.append(passes.Quantize(config, calibration, StatsCache()))
+        lower = config.format == "fp8" and config.backend == "kiln" and target is not None and "fp8-gemm" in target.capabilities
     if options.precision != "fp32":
         chosen.append(passes.ConvertPrecision(options.precision, io_float32=options.io_dtype == "float32"))
+    if lower:
+        chosen.append(passes.LowerFp8Gemm())
     # Any pass kiln has may be disabled, so one recipe serves every target and precision.
     known = {p.name for p in (*passes.cleanup_passes(), passes.WarpToGridSample(), passes.FuseStandardOnnx(), passes.FuseForOnnxRuntime())}
-    known |= {passes.FreezeShapes.name, "fp16", "bf16"}
+    known |= {passes.FreezeShapes.name, "fp16", "bf16", passes.Quantize.name, passes.LowerFp8Gemm.name}
     unknown = sorted(set(options.disable_passes) - known)
     if unknown:
         raise InputError(f"cannot disable unknown pass(es) {', '.join(map(repr, unknown))}", hint=f"passes: {', '.join(sorted(known))}")
@@ -65,6 +77,7 @@ def build_engine(
     alignment: targets.Alignment | None = None,
     verifier: StepVerifier | None = None,
     progress: Progress | None = None,
+    calibration: CalibrationSet | None = None,
 ) -> Built:
     """Run the passes on model (in place), save it as directory/model.onnx, build the target's engine
     into directory/engine/ and load it. A static profile (one size per dim) freezes the shapes first,
@@ -72,7 +85,8 @@ def build_engine(
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
     start = time.perf_counter()
-    model, records = run_passes(model, select_passes(options, target, static_sizes), options, verifier, progress)
+    chosen = select_passes(options, target, static_sizes, calibration)
+    model, records = run_passes(model, chosen, options, verifier, progress)
     passes_s = time.perf_counter() - start
     start = time.perf_counter()
     with progress.stage(f"build {target.name} engine"):
@@ -93,7 +107,7 @@ def run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier
     def after(record: passes.PassRecord, current: ir.Model) -> None:
         nonlocal low_precision_started
         progress.finished(f"pass {record.name}", record.seconds, f", {record.nodes_before} -> {record.nodes_after} nodes")
-        low_precision_started |= record.name == options.precision
+        low_precision_started |= record.name in (options.precision, passes.Quantize.name)
         if verifier is None:
             return
         tolerance = options.tolerance() if low_precision_started else TOLERANCES["fp32"]

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from kiln.optimizer import __version__
-from kiln.optimizer.config import IO_DTYPES, PRECISIONS, check_seed
+from kiln.optimizer.config import BACKENDS, CALIB_METHODS, DEFAULT_CALIB_SAMPLES, FORMATS, IO_DTYPES, PRECISIONS, check_seed
 from kiln.optimizer.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, KilnError
 
 DESCRIPTION = """\
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for verification and benchmark inputs (default 0)")
     p.add_argument("--bench-runs", type=int, help="timed runs per profile shape for the report (default 10; 0 skips)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR even if it is not a kiln output")
+    g = p.add_argument_group("quantization (8-bit weights and activations; the report lists each layer)")
+    g.add_argument("--quantize", choices=FORMATS, help="int8 (W8A8, per-channel weights) or fp8 (E4M3; GPUs of compute capability 8.9+)")
+    g.add_argument("--calib", metavar="PATH", help="calibration inputs: a folder of .npz files (one sample each) or one .npz (a sample, or a stack of them); default: random samples")
+    g.add_argument("--calib-samples", type=int, metavar="N", help=f"calibrate on the first N samples of --calib, or on N made ones (default {DEFAULT_CALIB_SAMPLES})")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, help="activation ranges: max, percentile (99.99) or entropy (KL, as TensorRT); default entropy for int8, max for fp8")
+    g.add_argument("--smoothquant", type=float, metavar="ALPHA", help="INT8: move activation outliers into the weights first (SmoothQuant; 0.5 is usual)")
+    g.add_argument("--keep", action="append", default=[], metavar="REGEX", help="also keep layers whose module path or node name matches in float; repeatable")
+    g.add_argument("--quant-backend", choices=BACKENDS, help="who inserts Q/DQ: kiln (default; FP8 becomes GemmFloat8 on CUDA), ort (quantize_static, INT8; default on the cpu target) or modelopt (NVIDIA ModelOpt, for TensorRT)")
     g = p.add_argument_group("TensorFlow SavedModel import")
     g.add_argument("--signature", help="signature to convert (default serving_default)")
     g.add_argument("--outputs", type=lambda s: s.split(","), metavar="A,B", help="outputs to keep (default: image, if there is one, else all); the rest are pruned with what feeds only them")
@@ -178,13 +186,15 @@ def cmd_optimize(args) -> int:
     options = Options()
     if args.config:
         load_recipe(args.config, options)
-    for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout"):
+    for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout",
+                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]
     options.int_ranges += [("--int-range", s) for s in args.int_range]
     options.verify_inputs += args.verify_inputs
     options.disable_passes += args.disable_pass
+    options.keep += args.keep
     options.verify_each |= args.verify_each
     options.trust_pickle |= args.trust_pickle
     options.verify &= not args.no_verify

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -12,6 +13,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 IO_DTYPES = ("float32", "float16")
 LAYOUTS = ("nhwc", "nchw")
 MAX_IMPORT_OPSET = 18  # the newest opset tf2onnx 1.16/1.17 emits
+# The choices of kiln.passes.quantize and kiln.calibration.stats, here so that `kiln --help` need not
+# import them (tests check they agree).
+FORMATS = ("int8", "fp8")
+BACKENDS = ("kiln", "ort", "modelopt")
+BACKEND_FORMATS = {"kiln": ("int8", "fp8"), "ort": ("int8",), "modelopt": ("int8", "fp8")}
+CALIB_METHODS = ("max", "percentile", "entropy")
 
 # Tolerances for comparing an engine with the fp32 original: |got - want| <= atol + rtol * |want|.
 # fp16 keeps 11 significant bits (about 3 decimal digits), bf16 8 (about 2), and errors grow through a
@@ -21,6 +28,12 @@ TOLERANCES = {
     "fp16": {"atol": 2e-2, "rtol": 2e-2},
     "bf16": {"atol": 6e-2, "rtol": 6e-2},
 }
+# Quantized engines are checked by the relative L2 error of each output against the fp32 original
+# (||got - want|| / ||want||): 8-bit values differ from float everywhere by up to half a step, so an
+# elementwise bound says little. FP8 E4M3 keeps 3 mantissa bits (steps of 6% of a value's magnitude, 2-3%
+# RMS after a layer); INT8 keeps 8 bits over the calibrated range, finer for the bulk of values.
+QUANT_TOLERANCES = {"int8": {"rel_l2": 5e-2}, "fp8": {"rel_l2": 8e-2}}
+DEFAULT_CALIB_SAMPLES = 16
 
 
 @dataclasses.dataclass
@@ -49,13 +62,31 @@ class Options:
     align: int | None = None  # None: 64 for FILM signatures, else no padding
     import_timeout: float = 1800.0
     trust_pickle: bool = False  # diffusers: load pickle checkpoints (they can run code)
+    # Quantization (None: none).
+    quantize: str | None = None  # int8 | fp8
+    quant_backend: str | None = None  # None: kiln's own Q/DQ, ONNX Runtime's for INT8 on the CPU
+    calib: str | None = None  # a folder of .npz samples or one .npz; None: samples kiln makes
+    calib_samples: int | None = None  # None: all of --calib, or DEFAULT_CALIB_SAMPLES made
+    calib_method: str | None = None  # None: entropy for INT8, max for FP8
+    calib_percentile: float = 99.99
+    smoothquant: float | None = None  # alpha
+    keep: list[str] = dataclasses.field(default_factory=list)  # regexes of layers to keep in float
+    rel_l2: float | None = None  # a quantized engine's verification bound (default QUANT_TOLERANCES)
 
     def tolerance(self) -> dict[str, float]:
+        if self.quantize:
+            return {"rel_l2": QUANT_TOLERANCES[self.quantize]["rel_l2"] if self.rel_l2 is None else self.rel_l2}
         default = TOLERANCES[self.precision]
         return {
             "atol": default["atol"] if self.atol is None else self.atol,
             "rtol": default["rtol"] if self.rtol is None else self.rtol,
         }
+
+    def backend(self, target_family: str) -> str:
+        """The Q/DQ backend: the one asked for, else ONNX Runtime's quantizer for INT8 on the CPU, else kiln's."""
+        if self.quant_backend:
+            return self.quant_backend
+        return "ort" if self.quantize == "int8" and target_family == "cpu" else "kiln"
 
 
 # Recipe layout: section -> key -> (Options field, accepted types). "" is the top level.
@@ -68,7 +99,18 @@ _RECIPE = {
         "seed": ("seed", int),
         "atol": ("atol", (int, float)),
         "rtol": ("rtol", (int, float)),
+        "rel_l2": ("rel_l2", (int, float)),
         "inputs": ("verify_inputs", list),
+    },
+    "quantize": {
+        "format": ("quantize", str),
+        "backend": ("quant_backend", str),
+        "calib": ("calib", str),
+        "samples": ("calib_samples", int),
+        "method": ("calib_method", str),
+        "percentile": ("calib_percentile", (int, float)),
+        "smoothquant": ("smoothquant", (int, float)),
+        "keep": ("keep", list),
     },
     "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
     "import": {
@@ -118,6 +160,8 @@ def load_recipe(path: Path, options: Options) -> None:
             raise InputError(f"recipe {path}: unknown key {key!r}", hint=f"known keys: {', '.join(known)}")
     # A recipe's sample files are named relative to the recipe.
     options.verify_inputs = [str(path.parent / p) for p in options.verify_inputs]
+    if "calib" in data.get("quantize", {}):
+        options.calib = str(path.parent / options.calib)
     validate(options)
 
 
@@ -156,3 +200,40 @@ def validate(options: Options) -> None:
         raise InputError(f"--align {options.align}: must be 1 (no padding) or more")
     if options.import_timeout <= 0:
         raise InputError("the import timeout must be positive")
+    _validate_quantization(options)
+
+
+def _validate_quantization(options: Options) -> None:
+    quant_only = [name for name, value in (("--quant-backend", options.quant_backend), ("--calib", options.calib),
+                  ("--calib-samples", options.calib_samples), ("--calib-method", options.calib_method),
+                  ("--smoothquant", options.smoothquant), ("--keep", options.keep or None)) if value is not None]  # fmt: skip
+    if not options.quantize:
+        if quant_only:
+            raise InputError(f"{', '.join(quant_only)} only apply with --quantize", hint="add --quantize int8 or --quantize fp8")
+        return
+    if options.quantize not in FORMATS:
+        raise InputError(f"unknown quantization format {options.quantize!r}", hint=f"choose one of {', '.join(FORMATS)}")
+    backend = options.quant_backend
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"unknown quantization backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if backend is not None and options.quantize not in BACKEND_FORMATS[backend]:
+        others = [b for b in BACKENDS if options.quantize in BACKEND_FORMATS[b]]
+        raise InputError(f"the {backend} backend does not quantize to {options.quantize}", hint=f"use --quant-backend {' or '.join(others)}")
+    if options.calib_method is not None and options.calib_method not in CALIB_METHODS:
+        raise InputError(f"unknown calibration method {options.calib_method!r}", hint=f"choose one of {', '.join(CALIB_METHODS)}")
+    if not 0 < options.calib_percentile <= 100:
+        raise InputError(f"the calibration percentile {options.calib_percentile} must be in (0, 100]", hint="99.99 clips the top 0.01%")
+    if options.calib_samples is not None and options.calib_samples < 1:
+        raise InputError(f"--calib-samples {options.calib_samples}: must be 1 or more")
+    if options.smoothquant is not None:
+        if options.quantize != "int8":
+            raise InputError("--smoothquant applies to INT8 only", hint="FP8's exponent already spans activation outliers")
+        if not 0 <= options.smoothquant <= 1:
+            raise InputError(f"--smoothquant {options.smoothquant}: alpha must be in [0, 1]", hint="0.5 is the paper's default")
+    if options.rel_l2 is not None and not options.rel_l2 > 0:
+        raise InputError(f"the verification bound rel_l2 {options.rel_l2} must be positive")
+    for pattern in options.keep:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--keep {pattern!r} is not a regular expression: {exc}", hint="e.g. --keep 'attn1\\.to_out'") from None

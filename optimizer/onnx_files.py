@@ -13,6 +13,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from kiln.optimizer.errors import InputError, first_line
+from kiln.passes.base import content_hash  # noqa: F401  (kiln's model hash; passes need it too)
 
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 13
@@ -240,23 +241,6 @@ def check_external_data(model: ir.Model, base_dir: Path, model_path: Path) -> No
                 f"{where}: bytes {offset}..{offset + length} are past the end of the file ({size} bytes)",
                 hint="the data file is truncated or belongs to another model; re-export the model",
             )
-
-
-def content_hash(model: ir.Model) -> str:
-    """sha256 over the graph and the weights' bytes, independent of how the weights are stored on disk."""
-    digest = hashlib.sha256()
-    for name, init in sorted(model.graph.initializers.items()):
-        digest.update(f"{name}:{init.dtype}:{init.shape}\n".encode())
-        if isinstance(init.const_value, ir.StringTensor):  # strings have no one byte layout
-            digest.update(b"\0".join(init.const_value.string_data()))
-        elif init.const_value is not None:
-            digest.update(init.const_value.tobytes())
-    graph = model.graph
-    # A view without initializers: their bytes were hashed above, whatever their storage.
-    view = ir.GraphView(graph.inputs, graph.outputs, nodes=list(graph), name=graph.name)
-    digest.update(ir.serde.serialize_graph(view).SerializeToString(deterministic=True))
-    digest.update(repr(sorted(graph.opset_imports.items())).encode())
-    return digest.hexdigest()
 
 
 def weights_bytes(model: ir.Model) -> int:

@@ -16,6 +16,7 @@ from kiln import passes, targets
 from kiln.optimizer import __version__
 from kiln.optimizer.bench import bench_profile
 from kiln.optimizer.build import build_engine, select_passes
+from kiln.optimizer.calibrate import calibration_set, check_format
 from kiln.optimizer.config import Options
 from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
@@ -47,6 +48,7 @@ def choose_target(options: Options) -> targets.Target:
             f"target {target.name!r} does not support {options.precision}",
             hint=f"it supports {', '.join(target.precisions)}",
         )
+    check_format(options, target)
     return target
 
 
@@ -84,6 +86,10 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         alignment, profile = _aligned(model, profile)
         samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
         notes += shape_notes
+        calibration = None
+        if options.quantize:
+            calibration, calib_notes = calibration_set(options, profile)
+            notes += calib_notes
         for note in notes:
             progress.line(f"note: {note}")
     timings["load_s"] = time.perf_counter() - t
@@ -102,7 +108,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
     timings["reference_s"] = time.perf_counter() - t
 
     with staged_dir(outdir) as stage:
-        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress)
+        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress, calibration)
         model, engine, records = built.model, built.engine, built.records
         engine_dir = stage / ENGINE_DIR
         timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
@@ -134,6 +140,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
             target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())],
                     "build_config": built.config.to_json()},  # fmt: skip
             precision=options.precision,
+            quantization={"format": options.quantize, "backend": options.backend(target.family)} if options.quantize else None,
             # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
             inputs=[s.to_json() for s in engine.inputs],
             outputs=[s.to_json() for s in engine.outputs],

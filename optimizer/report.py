@@ -77,18 +77,24 @@ def markdown(report: dict) -> str:
             out.append(f"- {op} ({p['name']}): {note}")
         for rule, reasons in p["details"].get("refused", {}).items():
             out += [f"- not fused ({p['name']}, {rule}), {n}×: {reason}" for reason, n in reasons.items()]
+    out += _quantization(report)
     out += ["## Verification", ""]
     if not verification["enabled"]:
         out += ["Not run (`--no-verify`).", ""]
     else:
         tol = verification["tolerance"]
-        out += [f"Against {verification['reference']}; pass when |got − want| ≤ {tol['atol']:g} + {tol['rtol']:g}·|want|.", ""]
+        quantized = "rel_l2" in tol
+        rule = (f"‖got − want‖ / ‖want‖ ≤ {tol['rel_l2']:g} per output (quantized engine)" if quantized
+                else f"|got − want| ≤ {tol['atol']:g} + {tol['rtol']:g}·|want|")  # fmt: skip
+        out += [f"Against {verification['reference']}; pass when {rule}.", ""]
         rows = []
+        nan = float("nan")
         for check in verification["shapes"]:
-            for name, err in (check["outputs"] or {"-": {"max_abs": float("nan"), "max_rel": float("nan")}}).items():
+            for name, err in (check["outputs"] or {"-": {"max_abs": nan, "max_rel": nan, "rel_l2": nan}}).items():
                 rows.append([check["corner"], _shapes(check["shapes"]), name, f"{err['max_abs']:.3g}", f"{err['max_rel']:.3g}",
+                             *([f"{err.get('rel_l2', nan):.3g}"] if quantized else []),
                              "pass" if check["passed"] else f"**FAIL** {check['error'] or ''}"])  # fmt: skip
-        out += _table(["corner", "shapes", "output", "max abs", "max rel", "result"], rows)
+        out += _table(["corner", "shapes", "output", "max abs", "max rel", *(["rel L2"] if quantized else []), "result"], rows)
     if report["latency"]:
         out += ["## Latency", ""]
         rows = [[b["corner"], _shapes(b["shapes"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", b["runs"]] for b in report["latency"]]
@@ -99,3 +105,27 @@ def markdown(report: dict) -> str:
                  f"providers: {', '.join(runtime['providers'].split(','))}"])  # fmt: skip
     out += ["## Versions", ""] + _table(["library", "version"], rows)
     return "\n".join(out)
+
+
+def _quantization(report: dict) -> list[str]:
+    """The calibration summary and the per-layer table of the quantize pass, if it ran."""
+    record = next((p for p in report["passes"] if p["name"] == "quantize"), None)
+    if record is None:
+        return []
+    details = record["details"]
+    calib = details.get("calibration", {})
+    method = calib.get("method", "?") + (f" {calib['percentile']:g}%" if calib.get("percentile") else "")
+    out = ["## Quantization", "",
+           f"{report['quantization']['format'].upper()} through the {report['quantization']['backend']} backend; "
+           f"{record['stats'].get('quantized', 0)} of {record['stats'].get('layers', 0)} layers quantized, "
+           f"{record['stats'].get('kept', 0)} kept in float. Calibration: {calib.get('samples', 0)} samples from "
+           f"{calib.get('source', '?')}, method {method}; statistics cache: {', '.join(details.get('cache', [])) or 'off'}.", ""]  # fmt: skip
+    rows = []
+    for layer in details.get("layers", []):
+        weight = layer.get("weight_scale") or {}
+        wscale = f"{weight['min']:.3g}..{weight['max']:.3g}" if weight else "-"
+        sq = layer.get("smoothquant")
+        rows.append([f"`{layer['module']}`", layer["op"], layer["format"],
+                     f"{layer['activation_scale']:.3g}" if layer.get("activation_scale") else "-", wscale,
+                     f"{sq['factor_min']:.2g}..{sq['factor_max']:.2g}" if sq else "-", layer["kept"] or ""])  # fmt: skip
+    return out + _table(["layer", "op", "format", "activation scale", "weight scales", "SmoothQuant factors", "kept because"], rows)

@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from kiln.calibration import DataError, read_npz
+from kiln.calibration import DataError, quality, read_npz
 from kiln.optimizer.errors import InputError, first_line
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
@@ -68,13 +68,20 @@ def compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> tupl
 
 
 def check_outputs(
-    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], atol: float, rtol: float
+    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], atol: float = 0.0, rtol: float = 0.0,
+    rel_l2: float | None = None,
 ) -> tuple[bool, dict[str, dict[str, float]]]:
+    """Each output elementwise within atol + rtol * |want|, or, given rel_l2 (quantized engines), with
+    ||got - want|| / ||want|| at most rel_l2."""
     passed, errors = True, {}
     for name, expected in want.items():
         if name not in got:
             return False, {name: {"max_abs": float("inf"), "max_rel": float("inf")}}
-        ok, errors[name] = compare(np.asarray(got[name]), expected, atol, rtol)
+        value = np.asarray(got[name])
+        ok, errors[name] = compare(value, expected, atol, rtol)
+        if rel_l2 is not None:
+            errors[name]["rel_l2"] = quality.rel_l2(value, expected) if value.shape == expected.shape else float("inf")
+            ok = bool(np.isfinite(value).all()) and errors[name]["rel_l2"] <= rel_l2
         passed &= ok
     return passed, errors
 

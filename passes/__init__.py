@@ -13,11 +13,13 @@ from kiln.passes.cleanup import (
     cleanup_passes,
 )
 from kiln.passes.fuse_adaln import FuseAdaLnModulation
+from kiln.passes.fp8_gemm import LowerFp8Gemm
 from kiln.passes.fuse_ort import FuseForOnnxRuntime
 from kiln.passes.fuse_warp import WarpToGridSample
 from kiln.passes.fusion import FuseStandardOnnx
 from kiln.passes.manager import PassFailed, PassManager, PassRecord
 from kiln.passes.precision import ConvertPrecision, ConvertToFloat16
+from kiln.passes.quantize import QuantConfig, Quantize
 from kiln.passes.static_shapes import ForgetSymbolicShapes, FreezeShapes
 
 __all__ = [
@@ -34,9 +36,12 @@ __all__ = [
     "InferShapes",
     "KilnPass",
     "LiftConstants",
+    "LowerFp8Gemm",
     "PassFailed",
     "PassManager",
     "PassRecord",
+    "QuantConfig",
+    "Quantize",
     "RemoveDeadNodes",
     "RemoveIdentity",
     "SortTopologically",

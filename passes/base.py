@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -63,3 +65,20 @@ def check_topological_order(graph: ir.Graph) -> None:
                     f"node {node.name!r} ({node.op_type}) uses {value.name!r} before it is produced"
                 )
         defined.update(node.outputs)
+
+
+def content_hash(model: ir.Model) -> str:
+    """sha256 over the graph and the weights' bytes, independent of how the weights are stored on disk."""
+    digest = hashlib.sha256()
+    for name, init in sorted(model.graph.initializers.items()):
+        digest.update(f"{name}:{init.dtype}:{init.shape}\n".encode())
+        if isinstance(init.const_value, ir.StringTensor):  # strings have no one byte layout
+            digest.update(b"\0".join(init.const_value.string_data()))
+        elif init.const_value is not None:
+            digest.update(init.const_value.tobytes())
+    graph = model.graph
+    # A view without initializers: their bytes were hashed above, whatever their storage.
+    view = ir.GraphView(graph.inputs, graph.outputs, nodes=list(graph), name=graph.name)
+    digest.update(ir.serde.serialize_graph(view).SerializeToString(deterministic=True))
+    digest.update(repr(sorted(graph.opset_imports.items())).encode())
+    return digest.hexdigest()

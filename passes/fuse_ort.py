@@ -8,7 +8,10 @@ targets take FuseStandardOnnx (fusion.py) instead.
 
 from __future__ import annotations
 
+import contextlib
+
 import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from kiln.passes.fuse_rules import kiln_ort_rules, standard_rules
@@ -19,11 +22,31 @@ class FuseForOnnxRuntime(FusionPass):
     name = "ort-fusions"
     summary = "fuse attention, GELU, normalization, bias and adaLN patterns into ONNX Runtime's contrib ops"
 
+    def __init__(self, pack_qkv: bool = True):
+        super().__init__()
+        # A model to be quantized keeps its Q, K and V projections as three MatMuls (each an 8-bit GEMM)
+        # feeding MultiHeadAttention, instead of one com.microsoft.Attention holding them packed in float.
+        self.pack_qkv = pack_qkv
+
     def rules(self) -> list:
         return [*standard_rules(), *kiln_ort_rules()]
 
     def fuse(self, model: ir.Model) -> dict[str, int]:
-        fused, counts = optimize_for_ort(model)
+        with contextlib.ExitStack() as stack:
+            if not self.pack_qkv:
+                stack.enter_context(_no_packed_attention())
+            fused, counts = optimize_for_ort(model)
         if fused is not model:  # onnxscript works in place; keep the onnx-ir in-place contract explicit
             raise ir.passes.PostconditionError("optimize_for_ort returned a new model")
         return {name: n for name, n in counts.items() if n}
+
+
+@contextlib.contextmanager
+def _no_packed_attention():
+    """onnxscript's fusion list has no switch for its MultiHeadAttention -> Attention step: skip it here."""
+    original = ort_fusions_core.fuse_attention
+    ort_fusions_core.fuse_attention = lambda model, **kwargs: 0
+    try:
+        yield
+    finally:
+        ort_fusions_core.fuse_attention = original

@@ -20,6 +20,7 @@ class Target(abc.ABC):
     description: str
     precisions: tuple[str, ...]
     capabilities: tuple[str, ...]
+    quantize: tuple[str, ...] = ()  # the 8-bit formats its engines run (FP8 also needs the GPU to have it)
 
     @abc.abstractmethod
     def available(self) -> str | None:
@@ -39,6 +40,7 @@ class Target(abc.ABC):
             "description": self.description,
             "precisions": list(self.precisions),
             "capabilities": list(self.capabilities),
+            "quantize": list(self.quantize),
             "available": reason is None,
             "unavailable_reason": reason,
         }

@@ -8,5 +8,6 @@ CPU = OrtTarget(
     description="ONNX Runtime CPU execution provider",
     precisions=("fp32", "fp16"),
     capabilities=("dynamic-shapes", "contrib-ops", "external-data"),
+    quantize=("int8",),
     providers=("CPUExecutionProvider",),
 )

@@ -1,0 +1,133 @@
+"""Activation statistics over a calibration set, and the clipping threshold each method takes from them.
+
+`collect` runs the model on ONNX Runtime with the tensors to quantize added as outputs, and keeps,
+per tensor: the largest magnitude, the largest magnitude per channel of the last axis (SmoothQuant
+needs it), and, for the percentile and entropy methods, a histogram of magnitudes over [0, amax].
+
+Methods:
+- max: the largest magnitude seen.
+- percentile: the magnitude below which that percentage of all values lies (default 99.99).
+- entropy: the threshold whose 8-bit quantized histogram is closest to the full one in KL divergence,
+  the search TensorRT's entropy calibrator does (searching every 16th bin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from kiln.calibration.samples import CalibrationSet
+
+METHODS = ("max", "percentile", "entropy")
+BINS = 2048
+DEFAULT_PERCENTILE = 99.99
+_ENTROPY_STEP = 16
+
+
+@dataclasses.dataclass
+class TensorStats:
+    amax: float
+    channel_amax: np.ndarray  # |x| max per index of the last axis
+    hist: np.ndarray | None = None  # counts of |x| in BINS equal bins over [0, amax]
+
+
+def collect(
+    model: ir.Model, tensors: Sequence[str], data: CalibrationSet, histograms: bool,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> dict[str, TensorStats]:  # fmt: skip
+    """Statistics of the named tensors of model (left as it was) over every sample of data. With
+    histograms, the set runs twice: once for each tensor's range, once to fill its histogram."""
+    values = _values(model, tensors)
+    with tempfile.TemporaryDirectory(prefix="kiln-calib-") as tmp:
+        path = Path(tmp) / "augmented.onnx"
+        outputs = list(model.graph.outputs)
+        model.graph.outputs.extend(v for v in values if v not in outputs)
+        try:
+            ir.save(model, path, external_data="augmented.onnx.data", size_threshold_bytes=1024)
+        finally:
+            model.graph.outputs[:] = outputs
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.log_severity_level = 3
+        session = ort.InferenceSession(os.fspath(path), options, providers=list(providers))
+        names = [v.name for v in values]
+        stats: dict[str, TensorStats] = {}
+        for sample in data.samples:
+            for name, x in zip(names, session.run(names, sample.feeds)):
+                mag = np.abs(x.astype(np.float32, copy=False))
+                per_channel = mag.reshape(-1, mag.shape[-1]).max(axis=0) if mag.ndim and mag.size else np.zeros(1, np.float32)
+                s = stats.get(name)
+                if s is None:
+                    stats[name] = TensorStats(float(per_channel.max()), per_channel)
+                else:
+                    s.amax = max(s.amax, float(per_channel.max()))
+                    s.channel_amax = np.maximum(s.channel_amax, per_channel)
+        if histograms:
+            for s in stats.values():
+                s.hist = np.zeros(BINS, np.int64)
+            for sample in data.samples:
+                for name, x in zip(names, session.run(names, sample.feeds)):
+                    s = stats[name]
+                    if s.amax > 0:
+                        s.hist += np.histogram(np.abs(x), bins=BINS, range=(0.0, s.amax))[0]
+        del session
+    return stats
+
+
+def _values(model: ir.Model, tensors: Sequence[str]) -> list[ir.Value]:
+    found = {v.name: v for node in model.graph for v in node.outputs}
+    found.update({v.name: v for v in model.graph.inputs})
+    missing = [t for t in tensors if t not in found]
+    if missing:
+        raise KeyError(f"the model has no tensor(s) {missing}")
+    return [found[t] for t in tensors]
+
+
+def threshold(stats: TensorStats, method: str, percentile: float = DEFAULT_PERCENTILE, levels: int = 128) -> float:
+    """The magnitude to clip to (amax of the quantized range). levels: positive quantization levels the
+    entropy search assumes (128 for int8)."""
+    if method == "max" or stats.amax == 0:
+        return stats.amax
+    if stats.hist is None:
+        raise ValueError(f"the {method} method needs histograms")
+    width = stats.amax / BINS
+    if method == "percentile":
+        cdf = np.cumsum(stats.hist) / max(1, stats.hist.sum())
+        return float(min(stats.amax, (np.searchsorted(cdf, percentile / 100.0) + 1) * width))
+    if method == "entropy":
+        return float((_entropy_bins(stats.hist, levels) + 0.5) * width)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def _entropy_bins(hist: np.ndarray, levels: int) -> int:
+    """The number of histogram bins to keep so that the quantized distribution loses least information."""
+    hist = hist.astype(np.float64)
+    best, best_i = np.inf, len(hist)
+    for i in range(levels, len(hist) + 1, _ENTROPY_STEP):
+        candidate = hist[:i]
+        p = candidate.copy()
+        p[-1] += hist[i:].sum()  # the reference clips what lies beyond the threshold onto it
+        # The candidate: the bins below the threshold (without the clipped mass) merged into `levels`
+        # quantized bins, each spread back evenly over its bins that held values.
+        group = np.arange(i) * levels // i
+        mass = np.bincount(group, weights=candidate, minlength=levels)
+        nonzero = np.bincount(group, weights=candidate > 0, minlength=levels)
+        q = np.where(candidate > 0, mass[group] / np.maximum(nonzero[group], 1), 0.0)
+        total_p, total_q = p.sum(), q.sum()
+        if total_p == 0 or total_q == 0:
+            continue
+        keep = p > 0
+        if np.any(q[keep] == 0):  # p has mass where q has none: the clipped bin of an empty tail
+            q = np.where(keep & (q == 0), 1e-4 * total_q / i, q)
+            total_q = q.sum()
+        divergence = float(np.sum(p[keep] / total_p * np.log((p[keep] / total_p) / (q[keep] / total_q))))
+        if divergence < best:
+            best, best_i = divergence, i
+    return best_i
