@@ -9,11 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 
-def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict, **target_changes):
+def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict, calibration=None, quantize=None,
+                disable=(), **target_changes):  # fmt: skip
     """kiln's engine for target from model (changed in place), built in work through the same function
     as `kiln optimize`. dims maps each dynamic dim to a DimRange; when every range is one size, the shapes
-    are frozen and a GPU engine runs as one CUDA graph. target_changes override target fields (e.g.
-    provider_options) for a variant. Returns (engine, pass records)."""
+    are frozen and a GPU engine runs as one CUDA graph. quantize ("int8", "fp8") quantizes, calibrated
+    on calibration (a kiln.calibration.CalibrationSet). target_changes override target fields (e.g.
+    provider_options) for a variant; disable names passes to skip. Returns (engine, pass records)."""
     from kiln.optimizer.build import build_engine
     from kiln.optimizer.config import Options
     from kiln.optimizer.shapes import input_specs
@@ -21,7 +23,8 @@ def kiln_engine(model: ir.Model, work: Path, target, precision: str, dims: dict,
 
     target = dataclasses.replace(target, **target_changes)
     work.mkdir(parents=True, exist_ok=True)
-    built = build_engine(model, work, target, Options(precision=precision), Profile(input_specs(model), dims))
+    options = Options(precision=precision, quantize=quantize, disable_passes=list(disable))
+    built = build_engine(model, work, target, options, Profile(input_specs(model), dims), calibration=calibration)
     static = " static" if built.config.cuda_graph or all(r.min == r.max for r in dims.values()) else ""
     print(f"  kiln {target.name} {precision}{static}: passes {built.passes_s:.0f} s, build+load {built.build_s:.0f} s")
     return built.engine, built.records

@@ -102,7 +102,7 @@ def threshold(stats: TensorStats, method: str, percentile: float = DEFAULT_PERCE
         cdf = np.cumsum(stats.hist) / max(1, stats.hist.sum())
         return float(min(stats.amax, (np.searchsorted(cdf, percentile / 100.0) + 1) * width))
     if method == "entropy":
-        return float((_entropy_bins(stats.hist, levels) + 0.5) * width)
+        return float(min(stats.amax, (_entropy_bins(stats.hist, levels) + 0.5) * width))
     raise ValueError(f"unknown calibration method {method!r}")
 
 
@@ -115,19 +115,28 @@ def _entropy_bins(hist: np.ndarray, levels: int) -> int:
         p = candidate.copy()
         p[-1] += hist[i:].sum()  # the reference clips what lies beyond the threshold onto it
         # The candidate: the bins below the threshold (without the clipped mass) merged into `levels`
-        # quantized bins, each spread back evenly over its bins that held values.
+        # quantized bins, each spread back evenly over the bins where the reference has mass.
         group = np.arange(i) * levels // i
+        held = p > 0
         mass = np.bincount(group, weights=candidate, minlength=levels)
-        nonzero = np.bincount(group, weights=candidate > 0, minlength=levels)
-        q = np.where(candidate > 0, mass[group] / np.maximum(nonzero[group], 1), 0.0)
-        total_p, total_q = p.sum(), q.sum()
-        if total_p == 0 or total_q == 0:
-            continue
-        keep = p > 0
-        if np.any(q[keep] == 0):  # p has mass where q has none: the clipped bin of an empty tail
-            q = np.where(keep & (q == 0), 1e-4 * total_q / i, q)
-            total_q = q.sum()
-        divergence = float(np.sum(p[keep] / total_p * np.log((p[keep] / total_p) / (q[keep] / total_q))))
+        count = np.bincount(group, weights=held, minlength=levels)
+        q = np.where(held, mass[group] / np.maximum(count[group], 1), 0.0)
+        divergence = _kl(_smooth(p), _smooth(q))
         if divergence < best:
             best, best_i = divergence, i
     return best_i
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """p normalized, with eps moved onto its empty bins so that the divergence stays finite."""
+    p = p / max(p.sum(), 1e-300)
+    zeros = p == 0
+    n_zero = int(zeros.sum())
+    if n_zero == 0 or n_zero == p.size:
+        return p
+    return np.where(zeros, eps, np.maximum(p - eps * n_zero / (p.size - n_zero), 1e-12))
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    keep = p > 0
+    return float(np.sum(p[keep] * np.log(p[keep] / np.maximum(q[keep], 1e-300))))

@@ -30,6 +30,7 @@ from kiln.optimizer.verify import (
 )  # fmt: skip
 from kiln.targets import Alignment, DimRange, Profile
 from kiln.targets.align import METADATA_KEY as ALIGN_KEY
+from kiln.targets.ort import uncapturable_ops
 
 
 def choose_target(options: Options) -> targets.Target:
@@ -112,6 +113,9 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         model, engine, records = built.model, built.engine, built.records
         engine_dir = stage / ENGINE_DIR
         timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
+        if getattr(target, "cuda_graphs", False) and profile.is_static() and not built.config.cuda_graph:
+            for op, why in uncapturable_ops(stage / "model.onnx").items():
+                notes.append(f"no CUDA graph for this static engine: {op}: {why}")
 
         t = time.perf_counter()
         checks = []

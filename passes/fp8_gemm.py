@@ -115,7 +115,7 @@ class LowerFp8Gemm(KilnPass):
         scale_a = const(f"{node.name}_scale_a", np.array(a_scale, np.float32))
         scale_b = const(f"{node.name}_scale_b", np.array(1.0 if per_channel else float(w_scale), np.float32))
         y = add("GemmFloat8", [xq, w_value, None, scale_a, scale_b], MS, transA=0, transB=1, alpha=1.0, beta=0.0,
-                dtype=int(dtype), computeType="CUBLAS_COMPUTE_32F", activation="NONE", rowMajor=1, fastAccumulationMode=1)  # fmt: skip
+                dtype=int(dtype), activation="NONE")  # fmt: skip
         y.dtype = dtype
         if per_channel:
             y = add("Mul", [y, const(f"{node.name}_weight_scales", w_scale.reshape(-1).astype(dtype.numpy()))])
@@ -127,13 +127,13 @@ class LowerFp8Gemm(KilnPass):
             shape = add("Concat", [lead, const(f"{node.name}_n", np.array([n], np.int64))], axis=0)
             y = add("Reshape", [y, shape])
         y.shape, y.dtype = out.shape, dtype
-        ir.convenience.replace_all_uses_with(out, y)
         is_output = out in graph.outputs
-        if is_output:
-            graph.outputs[graph.outputs.index(out)] = y
+        out.replace_all_uses_with(y, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         if is_output:
-            y.name = out.name
+            name = out.name
+            out.name = None
+            y.name = name
         for dead in (a_dq, w_dq, a_q):
             if all(not v.uses() for v in dead.outputs) and dead.graph is graph:
                 graph.remove(dead, safe=True)

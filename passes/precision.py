@@ -66,6 +66,11 @@ def _is_f32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == F32
 
 
+def _attr_int(node: ir.Node, name: str) -> int:
+    attr = node.attributes.get(name)
+    return 0 if attr is None else attr.as_int()
+
+
 def _all_names(graph: ir.Graph) -> set[str]:
     """Every value and node name in graph and its subgraphs."""
     names = {v.name for v in (*graph.inputs, *graph.initializers.values())}
@@ -152,6 +157,8 @@ def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: i
         if node.op_type in ("ScatterND", "ScatterElements") and reduction is not None and reduction.as_string() != "none":
             kept[node] = f"ONNX Runtime's CPU {node.op_type} has no {_TYPE_NAMES[low]} form with reduction {reduction.as_string()!r}"
             continue
+        if node.op_type == "DequantizeLinear" and not _attr_int(node, "output_dtype"):
+            continue  # its output takes its scale's type, which converts with the other initializers
         if node.op_type in TYPE_ATTRIBUTE_OPS and any(_is_f32(out) for out in node.outputs):
             kept[node] = f"its output type comes from its {TYPE_ATTRIBUTE_OPS[node.op_type]} attribute"
             continue

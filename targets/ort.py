@@ -20,6 +20,11 @@ from kiln.targets.versions import runtime_versions
 ENGINE_MODEL = "model.ort.onnx"
 # Above this size the optimized model must keep its weights in a side file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
+# Ops whose CUDA kernels cannot be captured in a CUDA graph, and why: an engine holding one runs op by op.
+UNCAPTURABLE = {
+    ("com.microsoft", "GemmFloat8"): "onnxruntime's GemmFloat8 kernel allocates and frees its cuBLASLt workspace, "
+    "and synchronizes the stream, on every call (onnxruntime 1.31)",
+}
 
 
 def _model_bytes(model_path: Path) -> int:
@@ -44,9 +49,10 @@ class OrtTarget(Target):
             return f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}"
         return None
 
-    def config(self, profile: Profile, precision: str = "fp32", alignment: Alignment | None = None) -> BuildConfig:
+    def config(self, profile: Profile, precision: str = "fp32", alignment: Alignment | None = None,
+               uncapturable: bool = False) -> BuildConfig:  # fmt: skip
         """The build config for an engine of this target; inputs and outputs are filled in by build()."""
-        cuda_graph = self.cuda_graphs and profile.is_static()
+        cuda_graph = self.cuda_graphs and profile.is_static() and not uncapturable
         # fp32 is verified to fp32's tolerance, which TF32 misses (3e-4 on the tiny VAE decoder). Only for
         # fp32: use_tf32=0 also takes cuDNN's fp16 convolutions off the tensor cores (FILM fp16 at 1080p
         # went from 84 to 1009 ms on an H200).
@@ -64,7 +70,7 @@ class OrtTarget(Target):
 
     def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
               alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
-        config = self.config(profile, precision, alignment)
+        config = self.config(profile, precision, alignment, bool(self.device == "cuda" and uncapturable_ops(model_path)))
         # Extended, not "all": layout rewrites are specific to the build machine's CPU, so they are
         # applied again when the engine loads, and the saved model stays portable. No CUDA graph here:
         # this session only writes the optimized model.
@@ -105,3 +111,13 @@ def _repeats_names(model_path: Path) -> bool:
                 return True
             names.add(value.name)
     return False
+
+
+def uncapturable_ops(model_path: Path) -> dict[str, str]:
+    """'domain::op' -> why, for each op of the model that a CUDA graph cannot capture."""
+    found = {}
+    for node in ir.load(model_path).graph:
+        why = UNCAPTURABLE.get((node.domain, node.op_type))
+        if why:
+            found[f"{node.domain}::{node.op_type}"] = why
+    return found

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import pytest
 
 from kiln.optimizer.cli import main
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory):
+    """Calibration statistics go to a folder of this run, not the user's ~/.cache/kiln."""
+    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("kiln-cache"))
+    yield
 
 
 def quiet(*args) -> int:
