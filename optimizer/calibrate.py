@@ -9,6 +9,7 @@ from kiln import passes, targets
 from kiln.calibration import CalibrationSet, DataError, Sample, check_calibration, read_calibration
 from kiln.optimizer.config import DEFAULT_CALIB_SAMPLES, Options
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.lazy import require
 from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
 
 # Seeds of made calibration samples start here, away from verification's (options.seed + check index).
@@ -16,10 +17,13 @@ CALIB_SEED_OFFSET = 10_000
 
 
 def check_format(options: Options, target: targets.Target) -> None:
-    """Refuse, before any work, a format the target cannot run."""
+    """Refuse, before any work, a format the target cannot run, or a backend that is not installed."""
     fmt = options.quantize
     if not fmt:
         return
+    if options.backend(target.family) == "modelopt":
+        # Imported here, under kiln's signal guard: ModelOpt pulls in torch.
+        require("modelopt.onnx.quantization", "quant", "--quant-backend modelopt")
     if fmt not in target.quantize:
         runs = f"it runs {', '.join(target.quantize)}" if target.quantize else "it runs no quantized engines"
         raise InputError(

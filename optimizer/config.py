@@ -209,7 +209,7 @@ def _validate_quantization(options: Options) -> None:
                   ("--smoothquant", options.smoothquant), ("--keep", options.keep or None)) if value is not None]  # fmt: skip
     if not options.quantize:
         if quant_only:
-            raise InputError(f"{', '.join(quant_only)} only apply with --quantize", hint="add --quantize int8 or --quantize fp8")
+            raise InputError(f"{', '.join(quant_only)}: only with --quantize", hint="add --quantize int8 or --quantize fp8")
         return
     if options.quantize not in FORMATS:
         raise InputError(f"unknown quantization format {options.quantize!r}", hint=f"choose one of {', '.join(FORMATS)}")

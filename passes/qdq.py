@@ -104,7 +104,7 @@ def insert_qdq(
             q.outputs[0].dtype, q.outputs[0].shape = _STORAGE[fmt][0], act.shape
             dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], name=names(f"{act.name}_DequantizeLinear"), num_outputs=1)
             dq.outputs[0].name = names(f"{act.name}_dequantized")
-            dq.outputs[0].dtype, dq.outputs[0].shape = act.dtype, act.shape
+            dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, act.shape  # float32, as the weight is
             graph.insert_before(layer.node, [q, dq])
             dq_of[act.name] = dq.outputs[0]
         layer.node.replace_input_with(0, dq_of[act.name])

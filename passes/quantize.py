@@ -80,15 +80,14 @@ def module_of(node: ir.Node) -> str:
 
 
 def find_layers(model: ir.Model) -> list[Layer]:
-    """MatMul, Gemm and Conv nodes of the main graph with a constant weight and a float32 activation."""
+    """MatMul, Gemm and Conv nodes of the main graph with a constant float32 weight."""
     layers = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
             continue
         weight = node.inputs[1]
-        if weight is None or weight.const_value is None or node.inputs[0].dtype != ir.DataType.FLOAT:
-            continue
-        if weight.dtype != ir.DataType.FLOAT:
+        # ONNX types both inputs alike, so a float32 weight means a float32 activation.
+        if weight is None or weight.const_value is None or weight.dtype != ir.DataType.FLOAT:
             continue
         rank = len(weight.const_value.shape)
         if node.op_type == "MatMul" and rank == 2:

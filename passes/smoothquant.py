@@ -47,7 +47,7 @@ def smooth(model: ir.Model, layers: list[Layer], channel_amax: dict[str, np.ndar
         graph.register_initializer(inverse)
         mul = ir.Node("", "Mul", [act, inverse], name=names(f"{act_name}_SmoothQuant"), num_outputs=1)
         mul.outputs[0].name = names(f"{act_name}_smoothed")
-        mul.outputs[0].dtype, mul.outputs[0].shape = act.dtype, act.shape
+        mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, act.shape
         graph.insert_before(group[0].node, mul)
         for layer in group:
             axis = _input_axis(layer)

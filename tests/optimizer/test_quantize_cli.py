@@ -1,0 +1,106 @@
+"""kiln optimize --quantize: the report's quantization section and per-layer table, verification by
+relative L2, recipes, and each bad option or calibration input refused with exit 2 before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_cli import assert_bad_input, run_cli
+
+from kiln.calibration import stats
+from kiln.optimizer import config
+from kiln.passes import quantize
+
+
+@pytest.fixture(scope="module")
+def block(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qblock")
+    from kiln.optimizer.cli import main
+
+    assert main(["example", "block", str(root / "ex"), "-q"]) == 0
+    return root / "ex" / "model.onnx"
+
+
+def test_option_choices_agree_with_the_passes():
+    assert config.FORMATS == quantize.FORMATS and config.BACKENDS == quantize.BACKENDS
+    assert config.BACKEND_FORMATS == quantize.BACKEND_FORMATS and config.CALIB_METHODS == stats.METHODS
+
+
+def test_int8_on_the_cpu(capsys, tmp_path, block):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "optimize", block, "-o", out, "--quantize", "int8", "--shapes", "batch=1..2",
+                                "--shapes", "seq=8..32", "--bench-runs", "0")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"] == {"format": "int8", "backend": "ort"}
+    record = next(p for p in report["passes"] if p["name"] == "quantize")
+    assert record["stats"] == {"layers": 4, "quantized": 2, "kept": 2, "smoothed": 0}
+    assert record["details"]["calibration"]["samples"] == config.DEFAULT_CALIB_SAMPLES
+    assert record["details"]["calibration"]["method"] == "entropy"
+    assert report["verification"]["tolerance"] == {"rel_l2": config.QUANT_TOLERANCES["int8"]["rel_l2"]}
+    assert report["verification"]["passed"] is True
+    assert all(c["outputs"]["y"]["rel_l2"] < 0.05 for c in report["verification"]["shapes"])
+    assert any("calibrated on 16 random samples" in n for n in report["notes"])
+    md = (out / "report.md").read_text()
+    assert "## Quantization" in md and "| layer | op | format | activation scale |" in md
+    assert "INT8 through the ort backend; 2 of 4 layers quantized, 2 kept in float" in md
+    assert "‖got − want‖ / ‖want‖ ≤ 0.05 per output (quantized engine)" in md
+
+
+def test_recipe_and_recorded_calibration(capsys, tmp_path, block):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.savez(calib / f"{i}.npz", x=rng.standard_normal((2, 16, 64)).astype(np.float32))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[quantize]\nformat = "int8"\nbackend = "kiln"\ncalib = "calib"\nmethod = "percentile"\n'
+                      'percentile = 99.9\nsamples = 2\nkeep = ["."]\n[verify]\nrel_l2 = 0.01\n')  # fmt: skip
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "optimize", block, "-o", out, "--config", recipe, "--bench-runs", "0")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    record = next(p for p in report["passes"] if p["name"] == "quantize")
+    calibration = record["details"]["calibration"]
+    assert calibration["samples"] == 2 and calibration["method"] == "percentile" and calibration["percentile"] == 99.9
+    assert calibration["source"] == str(calib)
+    assert {layer["kept"] for layer in record["details"]["layers"]} == {"--keep ."}
+    assert report["verification"]["tolerance"] == {"rel_l2": 0.01}
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--quantize", "fp8"], "target 'cpu' cannot run FP8 engines: it runs int8"),
+        (["--smoothquant", "0.5"], "--smoothquant: only with --quantize"),
+        (["--quantize", "fp8", "--quant-backend", "ort"], "the ort backend does not quantize to fp8"),
+        (["--quantize", "fp8", "--smoothquant", "0.5"], "--smoothquant applies to INT8 only"),
+        (["--quantize", "int8", "--smoothquant", "1.5"], "--smoothquant 1.5: alpha must be in [0, 1]"),
+        (["--quantize", "int8", "--calib-samples", "0"], "--calib-samples 0: must be 1 or more"),
+        (["--quantize", "int8", "--keep", "("], "--keep '(' is not a regular expression"),
+    ],
+)
+def test_bad_options(capsys, tmp_path, block, args, fragment):
+    assert_bad_input(capsys, fragment, "optimize", str(block), "-o", str(tmp_path / "o"), *args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_calibration_data_names_sample_and_input(capsys, tmp_path, block):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "a.npz", x=np.ones((1, 8, 64), np.float32))
+    np.savez(calib / "b.npz", y=np.ones((1, 8, 64), np.float32))
+    err = assert_bad_input(capsys, "--calib calibration sample calib/b.npz: missing input(s) ['x']; unknown input(s) ['y']",
+                           "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(calib))  # fmt: skip
+    assert "hint: a calibration sample is an .npz file with one array per model input" in err
+    (calib / "b.npz").unlink()
+    np.savez(calib / "b.npz", x=np.full((1, 8, 64), np.nan, np.float32))
+    assert_bad_input(capsys, "calibration sample calib/b.npz: input 'x' holds 512 NaN or infinite value(s)",
+                     "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(calib))  # fmt: skip
+    np.savez(calib / "b.npz", x=np.ones((1, 8, 64), np.float32))
+    assert_bad_input(capsys, "input 'x' is 1 in every sample, so its range and scale would be zero",
+                     "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(calib))  # fmt: skip
+    assert_bad_input(capsys, f"--calib {tmp_path / 'nope'}: no such file or folder",
+                     "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(tmp_path / "nope"))  # fmt: skip
