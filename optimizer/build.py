@@ -15,7 +15,8 @@ import onnx_ir as ir
 from kiln import passes, targets
 from kiln.calibration import CalibrationSet
 from kiln.calibration.cache import StatsCache
-from kiln.optimizer.calibrate import quant_config
+from kiln.passes.fallback import Fallback
+from kiln.optimizer.calibrate import QUALITY_SEED_OFFSET, quality_fallback, quant_config
 from kiln.optimizer.config import TOLERANCES, Options
 from kiln.optimizer.errors import InputError, KilnError
 from kiln.optimizer.onnx_files import MODEL_FILE, save_model
@@ -66,6 +67,7 @@ class Built:
     records: list[passes.PassRecord]
     passes_s: float
     build_s: float
+    fallback: Fallback | None = None
 
 
 def build_engine(
@@ -78,15 +80,30 @@ def build_engine(
     verifier: StepVerifier | None = None,
     progress: Progress | None = None,
     calibration: CalibrationSet | None = None,
+    source: dict | None = None,
 ) -> Built:
     """Run the passes on model (in place), save it as directory/model.onnx, build the target's engine
     into directory/engine/ and load it. A static profile (one size per dim) freezes the shapes first,
-    and a GPU engine then runs as one CUDA graph. verifier checks the model after every pass."""
+    and a GPU engine then runs as one CUDA graph. verifier checks the model after every pass. With
+    --quality, the quality fallback chooses what the quantize pass leaves in float (source: the import
+    record, which says whether the model is a diffusers model)."""
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
     start = time.perf_counter()
     chosen = select_passes(options, target, static_sizes, calibration)
-    model, records = run_passes(model, chosen, options, verifier, progress)
+    fallback = None
+    quantize = next((p for p in chosen if isinstance(p, passes.Quantize)), None)
+    if quantize is not None and options.quality:
+        # The passes before quantization once, then the search on that model, then the rest.
+        split = chosen.index(quantize)
+        model, records = run_passes(model, chosen[:split], options, verifier, progress)
+        with progress.stage(f"quality fallback for {options.quality}"):
+            fallback = quality_fallback(model, quantize, options, profile, source or {}, options.seed + QUALITY_SEED_OFFSET, progress)
+        quantize.only = set(fallback.quantized)
+        model, more = run_passes(model, chosen[split:], options, verifier, progress)
+        records += more
+    else:
+        model, records = run_passes(model, chosen, options, verifier, progress)
     passes_s = time.perf_counter() - start
     start = time.perf_counter()
     with progress.stage(f"build {target.name} engine"):
@@ -95,7 +112,7 @@ def build_engine(
         engine_dir.mkdir()
         config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
         engine = targets.load_engine(engine_dir)
-    return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start)
+    return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start, fallback)
 
 
 def run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier | None, progress: Progress):

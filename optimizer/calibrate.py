@@ -1,15 +1,27 @@
-"""What `kiln optimize --quantize` needs before the passes: the format checked against the target, the
-quantization settings, and the calibration set (read from --calib, or made)."""
+"""What `kiln optimize --quantize` needs around the passes: the format checked against the target, the
+quantization settings, the calibration set, and the quality of the quantized engine.
+
+The calibration set is, in order of preference:
+- --calib: recorded inputs (.npz files), or for FILM a folder of frames or a video, read as pairs;
+- for diffusers models, the inputs of a real sampling loop: the fp32 model run through a diffusers
+  scheduler from seeded noise, every step recorded (activation ranges change with the timestep);
+- random inputs at the profile's opt shape, with a note that real ones would be better.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from kiln import passes, targets
-from kiln.calibration import CalibrationSet, DataError, Sample, check_calibration, read_calibration
+from kiln.calibration import CalibrationSet, DataError, Sample, check_calibration, quality, read_calibration
 from kiln.optimizer.config import DEFAULT_CALIB_SAMPLES, Options
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import require
+from kiln.passes.fallback import METRICS, Fallback, parse_budget, search
 from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
 
 # Seeds of made calibration samples start here, away from verification's (options.seed + check index).
@@ -49,21 +61,247 @@ def quant_config(options: Options, target: targets.Target) -> passes.QuantConfig
     )  # fmt: skip
 
 
-def calibration_set(options: Options, profile: targets.Profile) -> tuple[CalibrationSet, list[str]]:
+def calibration_set(options: Options, profile: targets.Profile, model_path: Path, source: dict,
+                    alignment: targets.Alignment | None = None) -> tuple[CalibrationSet, list[str]]:  # fmt: skip
     """The calibration samples, checked against the model's inputs, and notes for the report."""
-    notes = []
+    count = options.calib_samples or DEFAULT_CALIB_SAMPLES
+    names = {spec.name for spec in profile.inputs}
     if options.calib:
+        path = Path(options.calib)
         try:
-            data = read_calibration(Path(options.calib), profile.inputs, options.calib_samples)
+            if FILM_INPUTS <= names and _holds_frames(path):
+                data = film_pairs(path, profile, alignment, count)
+            else:
+                data = read_calibration(path, profile.inputs, options.calib_samples)
             check_calibration(data, profile.inputs, profile.dims)
         except DataError as exc:
             raise InputError(f"--calib {exc}", hint="a calibration sample is an .npz file with one array per model input, by name "
-                             "(numpy.savez(path, NAME=array, ...)); a folder holds one sample per file") from None  # fmt: skip
-        return data, notes
-    count = options.calib_samples or DEFAULT_CALIB_SAMPLES
+                             "(numpy.savez(path, NAME=array, ...)); a folder holds one sample per file; FILM also takes a "
+                             "folder of frames or a video") from None  # fmt: skip
+        return data, []
+    if source.get("format") == "diffusers" and {LATENTS, TIMESTEP} <= names:
+        data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count)
+        return data, [f"calibrated along a sampling loop ({data.source}); give recorded inputs with --calib"]
     sizes = profile.sizes("opt") if profile.dims else {}
     shapes = profile.shapes(sizes)
     samples = [Sample(f"random {i}", profile.random_inputs(shapes, options.seed + CALIB_SEED_OFFSET + i)) for i in range(count)]
-    notes.append(f"calibrated on {count} random samples (uniform in [-1, 1)) at the opt shape: activation ranges of "
-                 "real inputs differ; give recorded inputs with --calib")  # fmt: skip
+    notes = [f"calibrated on {count} random samples (uniform in [-1, 1)) at the opt shape: activation ranges of "
+             "real inputs differ; give recorded inputs with --calib"]  # fmt: skip
     return CalibrationSet(samples, f"{count} random samples at the opt shape, seed {options.seed + CALIB_SEED_OFFSET}"), notes
+
+
+# FILM: frame pairs.
+FILM_INPUTS = {"x0", "x1", "time"}
+
+
+def _holds_frames(path: Path) -> bool:
+    from kiln.optimizer.serve.frames import IMAGE_SUFFIXES
+    from kiln.optimizer.serve.video import is_video
+
+    if path.is_dir():
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+    return is_video(path)
+
+
+def film_pairs(path: Path, profile: targets.Profile, alignment: targets.Alignment | None, count: int) -> CalibrationSet:
+    """Pairs of consecutive frames (up to count) of a folder or a video, as FILM's x0, x1 and time 0.5,
+    in [0, 1] and padded to the model's alignment as its engine pads them."""
+    from kiln.optimizer.serve.jobs import source_frames
+
+    frames, _, _ = source_frames(path)
+    samples, previous = [], None
+    for k, frame in frames:
+        if previous is not None:
+            if frame.shape != previous.shape:
+                raise DataError(f"{path}: frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame {k - 1} "
+                                f"{previous.shape[1]}x{previous.shape[0]}; a clip's frames share one size")  # fmt: skip
+            feeds = {"x0": (previous[None] / 255.0).astype(np.float32), "x1": (frame[None] / 255.0).astype(np.float32),
+                     "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
+            if alignment is not None:
+                feeds, _ = alignment.pad(feeds)
+            samples.append(Sample(f"frames {k - 1} and {k}", feeds))
+            if len(samples) == count:
+                break
+        previous = frame
+    if not samples:
+        raise DataError(f"{path} holds fewer than two frames: FILM calibrates on pairs")
+    return CalibrationSet(samples, f"{len(samples)} frame pairs of {path}")
+
+
+# Diffusers: a sampling loop.
+LATENTS, TIMESTEP = "hidden_states", "timestep"
+TRAJECTORY_STEPS = 8
+
+
+def _scheduler(timestep_dtype: str):
+    """DDIM over 1000 training steps for integer timesteps (epsilon-predicting DiTs, PixArt, Latte,
+    CogVideoX), flow-matching Euler for float ones (SD3)."""
+    diffusers = require("diffusers", "torch", "calibrating a diffusers model along a sampling loop")
+    if np.dtype(timestep_dtype).kind == "f":
+        return diffusers.FlowMatchEulerDiscreteScheduler()
+    return diffusers.DDIMScheduler(num_train_timesteps=1000)
+
+
+def _prediction(output: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """The model's noise (or velocity) prediction: its output, less the learned-variance half a DiT adds."""
+    if output.shape == latents.shape:
+        return output
+    if output.shape[0] == latents.shape[0] and output.shape[1] == 2 * latents.shape[1]:
+        return output[:, : latents.shape[1]]
+    raise DataError(f"the model's output {list(output.shape)} is not a prediction for latents {list(latents.shape)}")
+
+
+def sample_loop(run: Callable[[dict], np.ndarray], feeds: dict, timestep_dtype: str, steps: int,
+                record: list | None = None, label: str = "") -> np.ndarray:  # fmt: skip
+    """The final latents of `steps` scheduler steps from feeds[LATENTS] (noise); run(feeds) gives the
+    model's output. Each step's inputs are appended to record."""
+    import torch
+
+    scheduler = _scheduler(timestep_dtype)
+    scheduler.set_timesteps(steps)
+    latents = feeds[LATENTS] * float(scheduler.init_noise_sigma)
+    batch = latents.shape[0]
+    for i, t in enumerate(scheduler.timesteps):
+        step = dict(feeds, **{LATENTS: latents.astype(np.float32), TIMESTEP: np.full(batch, float(t)).astype(timestep_dtype)})
+        if record is not None:
+            record.append(Sample(f"{label}step {i + 1} of {steps} (t={float(t):g})", step))
+        prediction = _prediction(run(step), latents)
+        latents = scheduler.step(torch.from_numpy(prediction), t, torch.from_numpy(latents)).prev_sample.numpy()
+    return latents
+
+
+def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, count: int) -> CalibrationSet:
+    """count samples: the inputs of TRAJECTORY_STEPS-step loops of the fp32 model (on ONNX Runtime's CPU),
+    one loop per seed, conditioning (class labels, text embeddings) drawn once per loop."""
+    from kiln.optimizer.verify import reference_session, run_session
+
+    session = reference_session(model_path)
+    output = session.get_outputs()[0].name
+    sizes = profile.sizes("opt") if profile.dims else {}
+    shapes = profile.shapes(sizes)
+    dtype = next(s.dtype for s in profile.inputs if s.name == TIMESTEP)
+    samples: list[Sample] = []
+    loops = math.ceil(count / TRAJECTORY_STEPS)
+    for i in range(loops):
+        feeds = profile.random_inputs(shapes, seed + i)
+        feeds[LATENTS] = np.random.default_rng(seed + i).standard_normal(shapes[LATENTS]).astype(np.float32)
+        sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, TRAJECTORY_STEPS, samples, f"seed {seed + i}, ")
+    return CalibrationSet(samples[:count], f"{loops} loop(s) of {TRAJECTORY_STEPS} {type(_scheduler(dtype)).__name__} steps "
+                                           f"from seed {seed}, {min(count, len(samples))} samples")  # fmt: skip
+
+
+# Quality of the quantized engine, on inputs held out from calibration (the fallback meets its budget on
+# the same ones): for diffusers models, QUALITY_SAMPLES images (or videos) from sampling loops.
+QUALITY_SAMPLES = 16
+QUALITY_SEED_OFFSET = 20_000  # away from calibration's seeds
+
+
+def engine_quality(engine, reference_outputs: list, model_path: Path, profile: targets.Profile, source: dict, seed: int) -> dict:
+    """Metrics against the fp32 original: per output on the verification inputs (held out from
+    calibration), and for diffusers models on the final latents of sampling loops run through each."""
+    held_out: dict[str, list[dict]] = {}
+    for case in reference_outputs:
+        if case.want is None:
+            continue
+        got = engine.run(engine.as_input_types(case.feeds))
+        for name, row in quality.compare_outputs(got, case.want).items():
+            held_out.setdefault(name, []).append(row)
+    result = {"held_out": {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in held_out.items()},
+              "lpips": "not computed: LPIPS needs pretrained network weights, and no installed package ships them"}  # fmt: skip
+    if _is_diffusion(profile, source):
+        from kiln.optimizer.verify import reference_session, run_session
+
+        session = reference_session(model_path)
+        output = session.get_outputs()[0].name
+        loops = sampling_inputs(profile, seed)
+        want = [_final_latents(lambda f: run_session(session, f)[output], feeds, profile) for feeds in loops]
+        got = [_final_latents(lambda f: engine.run(engine.as_input_types(f))[output], feeds, profile) for feeds in loops]
+        rows = [quality.compare_outputs({"latents": g}, {"latents": w})["latents"] for g, w in zip(got, want)]
+        result["sampling"] = {"samples": sum(len(f[LATENTS]) for f in loops), "loops": len(loops), "steps": TRAJECTORY_STEPS,
+                              "seed": seed, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}  # fmt: skip
+    return result
+
+
+def _is_diffusion(profile: targets.Profile, source: dict) -> bool:
+    return source.get("format") == "diffusers" and {LATENTS, TIMESTEP} <= {s.name for s in profile.inputs}
+
+
+def sampling_inputs(profile: targets.Profile, seed: int) -> list[dict[str, np.ndarray]]:
+    """Starting inputs (noise, conditioning) of enough loops at the opt shape for QUALITY_SAMPLES samples."""
+    shapes = profile.shapes(profile.sizes("opt") if profile.dims else {})
+    batch = shapes[LATENTS][0]
+    loops = []
+    for i in range(math.ceil(QUALITY_SAMPLES / batch)):
+        feeds = profile.random_inputs(shapes, seed + i)
+        feeds[LATENTS] = np.random.default_rng(seed + i).standard_normal(shapes[LATENTS]).astype(np.float32)
+        loops.append(feeds)
+    return loops
+
+
+def _final_latents(run, feeds: dict, profile: targets.Profile) -> np.ndarray:
+    dtype = next(s.dtype for s in profile.inputs if s.name == TIMESTEP)
+    return sample_loop(run, feeds, dtype, TRAJECTORY_STEPS)
+
+
+# The quality fallback (--quality).
+def _metric(rows: list[dict[str, dict]], metric: str) -> float:
+    """One figure over cases (rows of compare_outputs): per output the mean over the cases that have it
+    (PSNR and SSIM need two spatial dims of 2 or more), then the worst output."""
+    names = rows[0].keys()
+    means = [float(np.mean(values)) for name in names if (values := [row[name][metric] for row in rows if metric in row[name]])]
+    if not means:
+        raise InputError(f"--quality {metric}: the model's outputs are not images", hint="use rel_l2<=E or max_abs<=E")
+    return min(means) if METRICS[metric] else max(means)
+
+
+def quality_fallback(model, quantize: passes.Quantize, options: Options, profile: targets.Profile, source: dict,
+                     seed: int, progress) -> Fallback:  # fmt: skip
+    """Find the layers to keep in float for the --quality budget, evaluating each candidate Q/DQ model
+    (in fp32, on the calibration providers) against the float model on inputs held out from calibration:
+    the final latents of sampling loops for diffusers models, the outputs at the profile's corners otherwise."""
+    import tempfile
+
+    import onnx_ir as ir
+
+    from kiln.optimizer.bench import median_ms
+    import onnxruntime as ort
+
+    from kiln.optimizer.verify import corner_inputs, run_session
+
+    budget = parse_budget(options.quality)
+    providers = list(quantize.config.providers)
+    diffusion = _is_diffusion(profile, source)
+
+    with tempfile.TemporaryDirectory(prefix="kiln-fallback-") as tmp:
+        def session_of(m) -> object:
+            path = Path(tmp) / "candidate.onnx"
+            ir.save(m, path, external_data="candidate.onnx.data", size_threshold_bytes=1024)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            return ort.InferenceSession(str(path), options, providers=providers)
+
+        def outputs_of(session) -> list[dict[str, np.ndarray]]:
+            if diffusion:
+                output = session.get_outputs()[0].name
+                return [{"latents": _final_latents(lambda f: run_session(session, f)[output], feeds, profile)} for feeds in held_out]
+            return [run_session(session, feeds) for feeds in held_out]
+
+        # The inputs the final quality check uses: the verification checks', or its sampling loops.
+        held_out = sampling_inputs(profile, seed) if diffusion else [feeds for _, _, feeds in corner_inputs(profile, options.seed)]
+        want = outputs_of(session_of(model))
+
+        probe = passes.Quantize(quantize.config, quantize.data, quantize.cache)
+        probe(model.clone())
+        candidates = [row["node"] for row in probe.details["layers"] if not row["kept"]]
+
+        def evaluate(only: set[str]) -> tuple[float, float]:
+            candidate = model.clone()
+            passes.Quantize(quantize.config, quantize.data, quantize.cache, only=only)(candidate)
+            session = session_of(candidate)
+            got = outputs_of(session)
+            value = _metric([quality.compare_outputs(g, w) for g, w in zip(got, want)], budget.metric)
+            latency = median_ms(lambda: run_session(session, held_out[0]), 5, 1)
+            progress.line(f"fallback: {len(candidates) - len(only)} of {len(candidates)} layers kept in float: {budget.metric} {value:.4g}")
+            return value, latency
+
+        return search(candidates, evaluate, budget)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-method", choices=CALIB_METHODS, help="activation ranges: max, percentile (99.99) or entropy (KL, as TensorRT); default entropy for int8, max for fp8")
     g.add_argument("--smoothquant", type=float, metavar="ALPHA", help="INT8: move activation outliers into the weights first (SmoothQuant; 0.5 is usual)")
     g.add_argument("--keep", action="append", default=[], metavar="REGEX", help="also keep layers whose module path or node name matches in float; repeatable")
+    g.add_argument("--quality", metavar="BUDGET", help="keep the fewest layers in float that meet it: psnr>=DB, ssim>=S, rel_l2<=E or max_abs<=E "
+                   "(on sampling-loop latents for diffusers models, else on held-out outputs)")
     g.add_argument("--quant-backend", choices=BACKENDS, help="who inserts Q/DQ: kiln (default; FP8 becomes GemmFloat8 on CUDA), ort (quantize_static, INT8; default on the cpu target) or modelopt (NVIDIA ModelOpt, for TensorRT)")
     g = p.add_argument_group("TensorFlow SavedModel import")
     g.add_argument("--signature", help="signature to convert (default serving_default)")
@@ -187,7 +189,7 @@ def cmd_optimize(args) -> int:
     if args.config:
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout",
-                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend"):
+                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]

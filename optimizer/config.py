@@ -72,6 +72,7 @@ class Options:
     smoothquant: float | None = None  # alpha
     keep: list[str] = dataclasses.field(default_factory=list)  # regexes of layers to keep in float
     rel_l2: float | None = None  # a quantized engine's verification bound (default QUANT_TOLERANCES)
+    quality: str | None = None  # a budget ("psnr>=35") the fallback keeps layers in float to meet
 
     def tolerance(self) -> dict[str, float]:
         if self.quantize:
@@ -111,6 +112,7 @@ _RECIPE = {
         "percentile": ("calib_percentile", (int, float)),
         "smoothquant": ("smoothquant", (int, float)),
         "keep": ("keep", list),
+        "quality": ("quality", str),
     },
     "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
     "import": {
@@ -206,7 +208,8 @@ def validate(options: Options) -> None:
 def _validate_quantization(options: Options) -> None:
     quant_only = [name for name, value in (("--quant-backend", options.quant_backend), ("--calib", options.calib),
                   ("--calib-samples", options.calib_samples), ("--calib-method", options.calib_method),
-                  ("--smoothquant", options.smoothquant), ("--keep", options.keep or None)) if value is not None]  # fmt: skip
+                  ("--smoothquant", options.smoothquant), ("--keep", options.keep or None), ("--quality", options.quality))
+                  if value is not None]  # fmt: skip
     if not options.quantize:
         if quant_only:
             raise InputError(f"{', '.join(quant_only)}: only with --quantize", hint="add --quantize int8 or --quantize fp8")
@@ -232,6 +235,13 @@ def _validate_quantization(options: Options) -> None:
             raise InputError(f"--smoothquant {options.smoothquant}: alpha must be in [0, 1]", hint="0.5 is the paper's default")
     if options.rel_l2 is not None and not options.rel_l2 > 0:
         raise InputError(f"the verification bound rel_l2 {options.rel_l2} must be positive")
+    if options.quality is not None:
+        from kiln.passes.fallback import parse_budget  # here: importing kiln.passes is slow for `kiln --help`
+
+        try:
+            parse_budget(options.quality)
+        except ValueError as exc:
+            raise InputError(f"--quality: {exc}", hint="e.g. --quality 'psnr>=35' (decibels) or --quality 'rel_l2<=0.02'") from None
     for pattern in options.keep:
         try:
             re.compile(pattern)

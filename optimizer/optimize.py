@@ -16,7 +16,7 @@ from kiln import passes, targets
 from kiln.optimizer import __version__
 from kiln.optimizer.bench import bench_profile
 from kiln.optimizer.build import build_engine, select_passes
-from kiln.optimizer.calibrate import calibration_set, check_format
+from kiln.optimizer.calibrate import QUALITY_SEED_OFFSET, calibration_set, check_format, engine_quality
 from kiln.optimizer.config import Options
 from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
@@ -89,7 +89,8 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         notes += shape_notes
         calibration = None
         if options.quantize:
-            calibration, calib_notes = calibration_set(options, profile)
+            with progress.stage("calibration set"):
+                calibration, calib_notes = calibration_set(options, profile, model_path, source, alignment)
             notes += calib_notes
         for note in notes:
             progress.line(f"note: {note}")
@@ -109,7 +110,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
     timings["reference_s"] = time.perf_counter() - t
 
     with staged_dir(outdir) as stage:
-        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress, calibration)
+        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress, calibration, source)
         model, engine, records = built.model, built.engine, built.records
         engine_dir = stage / ENGINE_DIR
         timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
@@ -133,6 +134,12 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
             with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
                 latency = _bench(engine, profile, options, notes)
         timings["bench_s"] = time.perf_counter() - t
+        quality = None
+        if options.quantize and options.verify:
+            t = time.perf_counter()
+            with progress.stage("quality against the fp32 model"):
+                quality = engine_quality(engine, expected, model_path, profile, source, options.seed + QUALITY_SEED_OFFSET)
+            timings["quality_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
 
         report.update(
@@ -144,7 +151,8 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
             target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())],
                     "build_config": built.config.to_json()},  # fmt: skip
             precision=options.precision,
-            quantization={"format": options.quantize, "backend": options.backend(target.family)} if options.quantize else None,
+            quantization={"format": options.quantize, "backend": options.backend(target.family), "quality": quality,
+                          "fallback": built.fallback.to_json() if built.fallback else None} if options.quantize else None,
             # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
             inputs=[s.to_json() for s in engine.inputs],
             outputs=[s.to_json() for s in engine.outputs],
@@ -159,6 +167,13 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
             timings=timings,
         )
         write_reports(stage, report)
+    if built.fallback is not None and not built.fallback.met:
+        best = max(built.fallback.curve, key=lambda e: e.quality if built.fallback.budget.higher_is_better else -e.quality)
+        raise VerificationFailed(
+            f"the quality budget {built.fallback.budget} is not met even with every quantized layer in float "
+            f"(best: {built.fallback.budget.metric} {best.quality:.4g})",
+            hint=f"see {outdir / 'report.md'}; loosen --quality, or quantize fewer layers with --keep",
+        )
     if options.verify and not passed:
         failed = [c for c in checks if not c.passed]
         worst = failed[0]

@@ -128,4 +128,35 @@ def _quantization(report: dict) -> list[str]:
         rows.append([f"`{layer['module']}`", layer["op"], layer["format"],
                      f"{layer['activation_scale']:.3g}" if layer.get("activation_scale") else "-", wscale,
                      f"{sq['factor_min']:.2g}..{sq['factor_max']:.2g}" if sq else "-", layer["kept"] or ""])  # fmt: skip
-    return out + _table(["layer", "op", "format", "activation scale", "weight scales", "SmoothQuant factors", "kept because"], rows)
+    out += _table(["layer", "op", "format", "activation scale", "weight scales", "SmoothQuant factors", "kept because"], rows)
+    return out + _quality(report["quantization"], {layer["node"]: layer["module"] for layer in details.get("layers", [])})
+
+
+def _quality(quantization: dict, modules: dict[str, str]) -> list[str]:
+    """The quantized engine's quality against fp32, and the fallback's search."""
+    out = []
+    measured = quantization.get("quality")
+    if measured:
+        out += ["### Quality against the fp32 model", ""]
+        rows = [[f"`{name}` (verification inputs)", *_metrics(m)] for name, m in measured["held_out"].items()]
+        sampling = measured.get("sampling")
+        if sampling:
+            rows.append([f"final latents of {sampling['samples']} samples ({sampling['loops']} loops of {sampling['steps']} steps, "
+                         f"seed {sampling['seed']})", *_metrics(sampling)])  # fmt: skip
+        out += _table(["on", "rel L2", "max abs", "PSNR dB", "SSIM"], rows)
+        out += [f"LPIPS: {measured['lpips']}.", ""]
+    fallback = quantization.get("fallback")
+    if fallback:
+        verdict = "met" if fallback["met"] else "**not met** even with every layer in float"
+        out += ["### Quality fallback", "",
+                f"Budget {fallback['budget']}: {verdict}, keeping {len(fallback['kept'])} of {fallback['candidates']} "
+                f"quantized layers in float: {', '.join(f'`{modules.get(k, k)}`' for k in fallback['kept']) or 'none'}.", ""]  # fmt: skip
+        rows = [[c["kept"], f"{c['quality']:.4g}", f"{c['latency_ms']:.3f}" if c["latency_ms"] is not None else "-"] for c in fallback["curve"]]
+        out += ["Each evaluation on the way (layers kept in float, most sensitive first):", ""]
+        metric = fallback["budget"].split(">")[0].split("<")[0]
+        out += _table(["layers kept", metric, "latency ms (one run of the Q/DQ graph on ONNX Runtime)"], rows)
+    return out
+
+
+def _metrics(m: dict) -> list[str]:
+    return [f"{m['rel_l2']:.3g}", f"{m['max_abs']:.3g}", f"{m['psnr']:.2f}" if "psnr" in m else "-", f"{m['ssim']:.4f}" if "ssim" in m else "-"]

@@ -46,6 +46,7 @@ RECIPE_KEEP: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 FIRST_LAST = "first or last layer: quantization error there is not averaged away by the layers around it"
 FLOW = "predicts the flow the warp samples by (FILM's flow arithmetic stays in float)"
+FALLBACK = "kept by the quality fallback: the budget is not met with it quantized"
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
@@ -170,20 +171,23 @@ class Quantize(KilnPass):
         _name_nodes(model)
         layers = find_layers(model)
         reasons = keep_reasons(layers, config.keep)
-        if self.only is not None:
-            reasons = {**{l.node.name: "kept by the quality fallback" for l in layers if l.node.name not in self.only}, **reasons}
-        chosen = [layer for layer in layers if layer.node.name not in reasons]
+        candidates = [layer for layer in layers if layer.node.name not in reasons]
         self.details["calibration"] = {**self.data.summary(), "method": config.calib_method,
                                        "percentile": config.percentile if config.calib_method == "percentile" else None}  # fmt: skip
+        # Smoothing and statistics cover every candidate, whatever `only` quantizes of them, so the
+        # fallback's candidates share one calibration (and one cache entry).
         smoothing = {}
-        if config.smoothquant is not None and config.format == "int8" and chosen:
-            channel = self._stats(model, chosen, "max")
-            smoothing = smooth(model, chosen, {k: v.channel_amax for k, v in channel.items()}, config.smoothquant)
+        if config.smoothquant is not None and config.format == "int8" and candidates:
+            channel = self._stats(model, candidates, "max")
+            smoothing = smooth(model, candidates, {k: v.channel_amax for k, v in channel.items()}, config.smoothquant)
         thresholds = {}
-        if chosen:
-            stats = self._stats(model, chosen, config.calib_method)
+        if candidates:
+            stats = self._stats(model, candidates, config.calib_method)
             levels = 128 if config.format == "int8" else 448
             thresholds = {name: calib_stats.threshold(s, config.calib_method, config.percentile, levels) for name, s in stats.items()}
+        if self.only is not None:
+            reasons.update({l.node.name: FALLBACK for l in candidates if l.node.name not in self.only})
+        chosen = [layer for layer in candidates if layer.node.name not in reasons]
         activation_of = {layer.node.name: layer.activation.name for layer in chosen}  # before Q/DQ takes their place
         table = self._quantize(model, layers, chosen, reasons, thresholds)
         self.details["layers"] = [

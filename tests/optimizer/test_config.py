@@ -10,7 +10,7 @@ import pytest
 from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
 from kiln.optimizer.errors import InputError
 
-KNOWN_TOP = "bench, import, int_ranges, io_dtype, passes, precision, shapes, target, verify"
+KNOWN_TOP = "bench, import, int_ranges, io_dtype, passes, precision, quantize, shapes, target, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -105,7 +105,7 @@ def test_unknown_nested_key(tmp_path):
     path = write(tmp_path, "[verify]\nseed = 1\ntolerance = 0.1\n")
     err = recipe_error(path)
     assert err.message == f"recipe {path}: unknown key 'verify.tolerance'"
-    assert err.hint == "known keys here: atol, each, enabled, inputs, rtol, seed"
+    assert err.hint == "known keys here: atol, each, enabled, inputs, rel_l2, rtol, seed"
 
 
 def test_unknown_nested_key_in_bench(tmp_path):
@@ -262,6 +262,16 @@ def test_options_defaults():
         "align": None,
         "import_timeout": 1800.0,
         "trust_pickle": False,
+        "quantize": None,
+        "quant_backend": None,
+        "calib": None,
+        "calib_samples": None,
+        "calib_method": None,
+        "calib_percentile": 99.99,
+        "smoothquant": None,
+        "keep": [],
+        "rel_l2": None,
+        "quality": None,
     }
 
 

@@ -83,7 +83,8 @@ def test_unknown_pass_name_is_refused_listing_the_known_ones():
     error = refusal(select_passes, Options(disable_passes=["zap", "cse", "nope"]), targets.CPU)
     assert error.message == "cannot disable unknown pass(es) 'nope', 'zap'"
     assert error.hint == ("passes: bf16, cse, dedupe-initializers, fold-constants, fp16, freeze-shapes, fusions, infer-shapes, "
-                          "lift-constants, ort-fusions, remove-dead-nodes, remove-identity, topological-sort, warp-to-gridsample")  # fmt: skip
+                          "lift-constants, lower-fp8-gemm, ort-fusions, quantize, remove-dead-nodes, remove-identity, topological-sort, "
+                          "warp-to-gridsample")  # fmt: skip
 
 
 def test_a_pass_of_another_target_or_precision_may_be_disabled():

@@ -34,7 +34,11 @@ def test_int8_on_the_cpu(capsys, tmp_path, block):
                                 "--shapes", "seq=8..32", "--bench-runs", "0")  # fmt: skip
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert report["quantization"] == {"format": "int8", "backend": "ort"}
+    quantization = report["quantization"]
+    assert (quantization["format"], quantization["backend"], quantization["fallback"]) == ("int8", "ort", None)
+    held_out = quantization["quality"]["held_out"]["y"]
+    assert held_out["rel_l2"] < 0.02 and held_out["psnr"] > 40 and held_out["ssim"] > 0.99
+    assert "sampling" not in quantization["quality"]  # not a diffusers model
     record = next(p for p in report["passes"] if p["name"] == "quantize")
     assert record["stats"] == {"layers": 4, "quantized": 2, "kept": 2, "smoothed": 0}
     assert record["details"]["calibration"]["samples"] == config.DEFAULT_CALIB_SAMPLES
@@ -104,3 +108,58 @@ def test_bad_calibration_data_names_sample_and_input(capsys, tmp_path, block):
                      "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(calib))  # fmt: skip
     assert_bad_input(capsys, f"--calib {tmp_path / 'nope'}: no such file or folder",
                      "optimize", str(block), "-o", str(tmp_path / "o"), "--quantize", "int8", "--calib", str(tmp_path / "nope"))  # fmt: skip
+
+
+def _fallback_run(capsys, tmp_path, block, name: str, budget: str) -> tuple[int, dict | None, str]:
+    out = tmp_path / name
+    code, _, err = run_cli(capsys, "optimize", block, "-o", out, "--quantize", "int8", "--quant-backend", "kiln",
+                           "--quality", budget, "--bench-runs", "0")  # fmt: skip
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return code, report, err
+
+
+def test_quality_fallback_is_deterministic(capsys, tmp_path, block):
+    code, first, err = _fallback_run(capsys, tmp_path, block, "a", "rel_l2<=0.005")
+    assert code == 0, err
+    fallback = first["quantization"]["fallback"]
+    # Both quantized miss the budget (rel L2 0.0085 here); keeping the more sensitive one meets it.
+    most_sensitive = max(fallback["sensitivity"], key=fallback["sensitivity"].get)
+    assert fallback["met"] and fallback["candidates"] == 2 and fallback["kept"] == [most_sensitive]
+    assert [c["kept"] for c in fallback["curve"]] == [0, 2, 1] and fallback["curve"][-1]["quality"] <= 0.005
+    record = next(p for p in first["passes"] if p["name"] == "quantize")
+    assert sum(1 for layer in record["details"]["layers"] if layer["kept"] and layer["kept"].startswith("kept by the quality fallback")) == len(fallback["kept"])
+    _, second, _ = _fallback_run(capsys, tmp_path, block, "b", "rel_l2<=0.005")
+    without_timings = lambda f: {**f, "curve": [{k: v for k, v in c.items() if k != "latency_ms"} for c in f["curve"]]}  # noqa: E731
+    assert without_timings(second["quantization"]["fallback"]) == without_timings(fallback)
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "### Quality fallback" in md and "Budget rel_l2<=0.005: met, keeping 1 of 2 quantized layers in float" in md
+
+
+def test_quality_budget_out_of_reach_exits_3(capsys, tmp_path, block):
+    code, report, err = _fallback_run(capsys, tmp_path, block, "c", "psnr>=101")
+    assert code == 3
+    assert "the quality budget psnr>=101 is not met even with every quantized layer in float (best: psnr 100)" in err
+    assert report["quantization"]["fallback"]["met"] is False
+
+
+def test_bad_quality_budget(capsys, tmp_path, block):
+    assert_bad_input(capsys, "--quality: quality budget 'psnr=30' is not one of", "optimize", str(block), "-o", str(tmp_path / "o"),
+                     "--quantize", "int8", "--quality", "psnr=30")  # fmt: skip
+
+
+def test_dit_calibrated_along_a_sampling_loop_meets_a_psnr_budget(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    from kiln.optimizer.cli import main
+
+    assert main(["example", "dit", str(tmp_path / "dit"), "-q"]) == 0
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "optimize", tmp_path / "dit", "-o", out, "--quantize", "int8", "--quality", "psnr>=35", "--bench-runs", "0")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    record = next(p for p in report["passes"] if p["name"] == "quantize")
+    assert record["details"]["calibration"]["source"].startswith("2 loop(s) of 8 DDIMScheduler steps")
+    assert record["details"]["calibration"]["samples"] == 16
+    sampling = report["quantization"]["quality"]["sampling"]
+    assert sampling["samples"] == 16 and sampling["psnr"] >= 35
+    fallback = report["quantization"]["fallback"]
+    assert fallback["met"] and 0 < len(fallback["kept"]) < fallback["candidates"]
