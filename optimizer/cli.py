@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_passes)
 
     p = sub.add_parser("example", parents=[common], help="write an example model that needs nothing downloaded")
-    p.add_argument("name", metavar="NAME", help="block (ONNX transformer block), film (FILM SavedModel; needs [tf]), dit or vae (diffusers; need [torch])")
+    p.add_argument("name", metavar="NAME", help="block (ONNX transformer block), film (FILM SavedModel; needs [tf]), dit or vae (diffusers; need [torch]), "
+                   "dit-trained (a small DiT trained here for quantization quality; [torch], minutes the first time, then cached)")
     p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)
@@ -306,8 +307,9 @@ def cmd_passes(args) -> int:
 
 def cmd_example(args) -> int:
     from kiln.optimizer.examples import write_example
+    from kiln.optimizer.progress import Progress
 
-    path = write_example(args.name, args.directory, args.force)
+    path = write_example(args.name, args.directory, args.force, Progress(enabled=not args.quiet))
     _emit(args, {"example": args.name, "model": str(path)}, f"wrote {path}\nnext: kiln optimize {path} -o out/")
     return 0
 

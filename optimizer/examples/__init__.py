@@ -128,10 +128,18 @@ EXAMPLES = {
     "film": (write_film, "a small FILM frame interpolator (seeded weights), as a TensorFlow SavedModel", "."),
     "dit": (write_dit, "a tiny class-conditional DiT (diffusers save_pretrained, seeded weights)", "."),
     "vae": (write_vae, "a tiny AutoencoderKL (diffusers save_pretrained); kiln imports its decoder", "."),
+    "dit-trained": (lambda d, progress=None: _trained(d, progress), "a small DiT trained here on drawn shapes, for quantization quality "
+                    "(about a minute on a CPU the first time, then cached)", "."),
 }
 
 
-def write_example(name: str, directory: Path, force: bool = False) -> Path:
+def _trained(directory: Path, progress=None) -> Path:
+    from kiln.optimizer.examples.trained_dit import write_trained_dit
+
+    return write_trained_dit(directory, progress)
+
+
+def write_example(name: str, directory: Path, force: bool = False, progress=None) -> Path:
     if name not in EXAMPLES:
         raise InputError(f"unknown example {name!r}", hint=f"examples: {', '.join(sorted(EXAMPLES))}")
     if directory.exists() and not directory.is_dir():
@@ -146,7 +154,7 @@ def write_example(name: str, directory: Path, force: bool = False) -> Path:
     except OSError as exc:
         raise cannot_write(directory, exc) from None
     try:
-        return writer(directory)
+        return writer(directory, progress) if name == "dit-trained" else writer(directory)
     except BaseException:
         if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()  # a failed example (e.g. TensorFlow missing) leaves no empty DIR behind
