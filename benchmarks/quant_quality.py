@@ -38,6 +38,7 @@ SETTINGS = {
     "INT8 + SmoothQuant 0.5": dict(quantize="int8", smoothquant=0.5),
     "INT8 + --quality psnr>=35": dict(quantize="int8", quality="psnr>=35"),
     "FP8 (kiln Q/DQ, per-channel weights)": dict(quantize="fp8", quant_backend="kiln"),
+    "FP8 + --quality psnr>=30": dict(quantize="fp8", quant_backend="kiln", quality="psnr>=30"),
 }
 
 

@@ -104,8 +104,8 @@ def _holds_frames(path: Path) -> bool:
 
 
 def film_pairs(path: Path, profile: targets.Profile, alignment: targets.Alignment | None, count: int) -> CalibrationSet:
-    """Pairs of consecutive frames (up to count) of a folder or a video, as FILM's x0, x1 and time 0.5,
-    in [0, 1] and padded to the model's alignment as its engine pads them."""
+    """Pairs of consecutive frames (up to count) of a folder or a video, as FILM's x0 and x1 in [0, 1],
+    padded to the model's alignment as its engine pads them, and a time."""
     from kiln.optimizer.serve.jobs import source_frames
 
     frames, _, _ = source_frames(path)
@@ -115,11 +115,14 @@ def film_pairs(path: Path, profile: targets.Profile, alignment: targets.Alignmen
             if frame.shape != previous.shape:
                 raise DataError(f"{path}: frame {k} is {frame.shape[1]}x{frame.shape[0]}, frame {k - 1} "
                                 f"{previous.shape[1]}x{previous.shape[0]}; a clip's frames share one size")  # fmt: skip
+            # Times of 1/4, 1/2 and 3/4 in turn: FILM takes any time in (0, 1), and a time constant
+            # across the set would have no range to calibrate.
+            time = (1 + len(samples) % 3) / 4
             feeds = {"x0": (previous[None] / 255.0).astype(np.float32), "x1": (frame[None] / 255.0).astype(np.float32),
-                     "time": np.full((1, 1), 0.5, np.float32)}  # fmt: skip
+                     "time": np.full((1, 1), time, np.float32)}  # fmt: skip
             if alignment is not None:
                 feeds, _ = alignment.pad(feeds)
-            samples.append(Sample(f"frames {k - 1} and {k}", feeds))
+            samples.append(Sample(f"frames {k - 1} and {k} at time {time:g}", feeds))
             if len(samples) == count:
                 break
         previous = frame

@@ -14,6 +14,7 @@ multiples of 16 (cuBLASLt's FP8 alignment); other products keep their Q/DQ form,
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -34,6 +35,24 @@ def _is_fp8(dq: ir.Node) -> bool:
     """Whether a DequantizeLinear reads E4M3 (its input's type, or its zero point's when the input has none)."""
     quantized, zero = dq.inputs[0], dq.inputs[2] if len(dq.inputs) > 2 else None
     return quantized.dtype == F8 or (quantized.dtype is None and zero is not None and zero.dtype == F8)
+
+
+def _weight_fp8(dq: ir.Node) -> np.ndarray | None:
+    """The E4M3 weight a DequantizeLinear reads: a constant (kiln's Q/DQ), or the QuantizeLinear of a
+    constant float weight (ModelOpt's), folded here with its scale and axis."""
+    stored = constant_array(dq.inputs[0])
+    if stored is not None:
+        return stored
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3:
+        return None
+    weight, scale = constant_array(q.inputs[0]), constant_array(q.inputs[1])
+    if weight is None or scale is None or q.inputs[2] is None or q.inputs[2].dtype != F8:
+        return None
+    if scale.size > 1:
+        axis = q.attributes["axis"].as_int() if "axis" in q.attributes else 1
+        scale = np.expand_dims(scale, tuple(i for i in range(weight.ndim) if i != axis % weight.ndim))
+    return np.clip(weight.astype(np.float32) / scale.astype(np.float32), -448, 448).astype(ml_dtypes.float8_e4m3fn)
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -59,6 +78,9 @@ class LowerFp8Gemm(KilnPass):
                 refused[node.name] = why
         if lowered:
             model.opset_imports.setdefault(MS, 1)
+            for name, value in list(graph.initializers.items()):  # float weights ModelOpt quantized in the graph
+                if not value.uses() and value not in graph.outputs:
+                    graph.initializers.pop(name)
         self.stats = {"lowered": lowered}
         self.details["refused"] = refused
         return ir.passes.PassResult(model, bool(lowered))
@@ -69,7 +91,7 @@ class LowerFp8Gemm(KilnPass):
         if a_dq is None or w_dq is None:
             return ""
         a_q = a_dq.inputs[0].producer() if a_dq.inputs[0] is not None else None
-        w8 = constant_array(w_dq.inputs[0])
+        w8 = _weight_fp8(w_dq)
         if a_q is None or a_q.op_type != "QuantizeLinear" or not _is_fp8(a_dq) or w8 is None or not _is_fp8(w_dq):
             return ""
         a_scale, w_scale = _scalar(a_dq.inputs[1]), constant_array(w_dq.inputs[1])
@@ -134,7 +156,9 @@ class LowerFp8Gemm(KilnPass):
             name = out.name
             out.name = None
             y.name = name
-        for dead in (a_dq, w_dq, a_q):
+        for dead in (a_dq, w_dq, a_q, w_dq.inputs[0].producer()):
+            if dead is None:
+                continue
             if all(not v.uses() for v in dead.outputs) and dead.graph is graph:
                 graph.remove(dead, safe=True)
         return None

@@ -13,7 +13,10 @@ could clash are renamed first (`avoid_name_clashes`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -86,6 +89,12 @@ def ort_qdq(model: ir.Model, layers: list[Layer], thresholds: dict[str, float]) 
     return _round_trip(model, run)
 
 
+def _exactly(name: str) -> str:
+    """ModelOpt reads node names as regular expressions matched at the start (re.match): excluding
+    'conv/BiasAdd' would exclude 'conv/BiasAdd_25' too."""
+    return f"^{re.escape(name)}$"
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over a calibration set."""
 
@@ -131,23 +140,23 @@ def modelopt_qdq(
                 str(src), quantize_mode=fmt, calibration_data_reader=_Reader(data),
                 calibration_method="entropy" if method == "entropy" and fmt == "int8" else "max",
                 calibration_cache_path=str(cache) if cache else None, calibration_eps=eps or ["cpu"],
-                op_types_to_quantize=OP_TYPES, nodes_to_quantize=[layer.node.name for layer in layers],
-                nodes_to_exclude=kept, high_precision_dtype="fp32", use_external_data_format=True,
+                op_types_to_quantize=OP_TYPES, nodes_to_quantize=[_exactly(layer.node.name) for layer in layers],
+                nodes_to_exclude=[_exactly(name) for name in kept], high_precision_dtype="fp32", use_external_data_format=True,
                 output_path=str(dst), log_level="ERROR", disable_mha_qdq=True,
             )  # fmt: skip
 
     return _round_trip(model, run)
 
 
-class _quiet:
-    """Raise a library's logger to ERROR while it runs: quantizers log every step at INFO/WARNING."""
-
-    def __init__(self, name: str):
-        self.logger = logging.getLogger(name)
-
-    def __enter__(self):
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet(name: str):
+    """A library's logger at ERROR, and its prints and progress bars gone, while it runs: the quantizers
+    report every step (kiln's passes never print)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.setLevel(level)

@@ -169,6 +169,10 @@ class Quantize(KilnPass):
 
             version_converter.convert_version(model, MIN_OPSET[config.format])
         _name_nodes(model)
+        if config.backend != "kiln":  # before calibration names the tensors it measures
+            renamed = avoid_name_clashes(model)
+            if renamed:
+                self.details["renamed"] = renamed
         layers = find_layers(model)
         reasons = keep_reasons(layers, config.keep)
         candidates = [layer for layer in layers if layer.node.name not in reasons]
@@ -189,7 +193,7 @@ class Quantize(KilnPass):
             reasons.update({l.node.name: FALLBACK for l in candidates if l.node.name not in self.only})
         chosen = [layer for layer in candidates if layer.node.name not in reasons]
         activation_of = {layer.node.name: layer.activation.name for layer in chosen}  # before Q/DQ takes their place
-        table = self._quantize(model, layers, chosen, reasons, thresholds)
+        table = self._quantize(model, chosen, reasons, thresholds)
         self.details["layers"] = [
             {"node": l.node.name, "op": l.node.op_type, "module": l.module,
              "format": config.format if l.node.name not in reasons else "float", "kept": reasons.get(l.node.name),
@@ -221,15 +225,12 @@ class Quantize(KilnPass):
                 self.warnings.append(problem)
         return stats
 
-    def _quantize(self, model: ir.Model, layers, chosen, reasons, thresholds) -> dict[str, dict]:
+    def _quantize(self, model: ir.Model, chosen, reasons, thresholds) -> dict[str, dict]:
         config = self.config
         if not chosen:
             return {}
         if config.backend == "kiln":
             return insert_qdq(model, chosen, thresholds, config.format, config.weights_per_channel)
-        renamed = avoid_name_clashes(model)
-        if renamed:
-            self.details["renamed"] = renamed
         if config.backend == "ort":
             quantized = ort_qdq(model, chosen, thresholds)
         else:

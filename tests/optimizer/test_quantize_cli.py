@@ -50,7 +50,7 @@ def test_int8_on_the_cpu(capsys, tmp_path, block):
     md = (out / "report.md").read_text()
     assert "## Quantization" in md and "| layer | op | format | activation scale |" in md
     assert "INT8 through the ort backend; 2 of 4 layers quantized, 2 kept in float" in md
-    assert "‖got − want‖ / ‖want‖ ≤ 0.05 per output (quantized engine)" in md
+    assert "‖got − want‖ / ‖want‖ ≤ 0.15 per output (quantized engine)" in md
 
 
 def test_recipe_and_recorded_calibration(capsys, tmp_path, block):

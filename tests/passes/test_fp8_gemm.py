@@ -55,6 +55,21 @@ def test_lowered_block_computes_what_its_qdq_form_computes(block, block_feeds, p
     assert LowerFp8Gemm()(block).modified is False
 
 
+def test_modelopts_fp8_graph_is_lowered_too(block, block_feeds):
+    pytest.importorskip("modelopt.onnx.quantization")
+    InferShapes()(block)
+    Quantize(QuantConfig("fp8", backend="modelopt"), _data())(block)
+    InferShapes()(block)
+    want = _evaluate(block, block_feeds)
+    lower = LowerFp8Gemm()
+    lower(block)
+    check(block)
+    assert lower.stats == {"lowered": 2} and "DequantizeLinear" not in op_counts(block)
+    # ModelOpt quantizes the weights in the graph (QuantizeLinear of the float weight): folded here.
+    assert not any(n.op_type == "QuantizeLinear" and n.inputs[0].const_value is not None for n in block.graph)
+    np.testing.assert_allclose(_evaluate(block, block_feeds), want, rtol=1e-3, atol=1e-3)
+
+
 def test_shared_activation_is_quantized_once(dit_export):
     model = load(dit_export[0])
     FuseForOnnxRuntime(pack_qkv=False)(model)
