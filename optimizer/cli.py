@@ -301,6 +301,9 @@ def cmd_passes(args) -> int:
     everything = select_passes(Options(precision="fp16"), targets.CUDA, static_sizes={})
     everything.insert(-1, passes.FuseStandardOnnx())  # the CPU's and TensorRT's instead of ort-fusions
     listed = [{"name": p.name, "summary": p.summary} for p in everything]
+    # With --quantize: quantize before the precision pass, and on FP8 GPU targets the lowering after it.
+    listed.insert(-1, {"name": passes.Quantize.name, "summary": passes.Quantize.summary + " (with --quantize)"})
+    listed.append({"name": passes.LowerFp8Gemm.name, "summary": passes.LowerFp8Gemm.summary + " (FP8 on CUDA)"})
     _emit(args, {"passes": listed}, "\n".join(f"{p['name']:<20} {p['summary']}" for p in listed))
     return 0
 
