@@ -6,6 +6,10 @@ calibrating on their own: ONNX Runtime through its calibration cache (JSON range
 a TensorRT calibration cache (scales) for INT8. ModelOpt calibrates FP8 itself (max), on kiln's
 calibration set.
 
+ONNX Runtime's symbolic shape inference, which ModelOpt calls, saves a model into the working
+directory when it cannot infer every shape (`sym_shape_infer_temp.onnx` and its data), and leaves it
+there: the libraries run with the temporary folder as their working directory.
+
 Both name a tensor's scale `<tensor>_scale` without checking the name is free: a LayerNorm whose
 gamma is called `ln_scale` and whose output is `ln` gets its gamma read as the scale. Values that
 could clash are renamed first (`avoid_name_clashes`).
@@ -59,7 +63,8 @@ def _round_trip(model: ir.Model, quantize) -> ir.Model:
     with tempfile.TemporaryDirectory(prefix="kiln-quant-") as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "quantized.onnx"
         ir.save(model, src, external_data="model.onnx.data", size_threshold_bytes=1024)
-        quantize(src, dst, Path(tmp))
+        with _working_directory(Path(tmp)):
+            quantize(src, dst, Path(tmp))
         result = ir.load(dst)
         for init in result.graph.initializers.values():  # read the weights before the folder goes
             if isinstance(init.const_value, ir.ExternalTensor):
@@ -146,6 +151,18 @@ def modelopt_qdq(
             )  # fmt: skip
 
     return _round_trip(model, run)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """chdir to path while a library runs (kiln quantizes on the main thread, with no other work
+    running that resolves relative paths)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,8 @@
 
 The pass takes MatMul, Gemm and Conv nodes with constant weights. It keeps the sensitive ones in
 higher precision, each with its reason: the layers ModelOpt's diffusers recipe keeps (time and
-positional embeddings, conv_in/conv_out, the context and caption embedders, norm_out/proj_out), the
-first and last layer, FILM's flow predictors (their output is the warp's sampling grid), and what the
+positional embeddings, conv_in/conv_out, the context and caption embedders, norm_out/proj_out), adaLN's
+modulation Linears, the first and last layer, FILM's flow predictors (their output is the warp's sampling grid), and what the
 user names with --keep. For INT8, SmoothQuant may first even out the activations. The activations
 are then calibrated (calibration/stats.py, cached on disk) and the backend inserts the Q/DQ pairs:
 
@@ -44,6 +44,12 @@ RECIPE_KEEP: tuple[tuple[str, str], ...] = (
      "context/caption embedder: text conditioning enters here"),
     (r"(^|\.)(norm_out|proj_out)\w*(\.|$)", "norm_out/proj_out: the output projection, whose error reaches the sample unfiltered"),
 )  # fmt: skip
+# kiln's addition: adaLN's modulation Linear (AdaLayerNormZero's `norm1.linear`, PixArt's `adaln_single.linear`)
+# runs once per sample, not per token, so 8 bits save almost nothing, while its scale, shift and gate
+# multiply every token of the block. On the trained example DiT, keeping them raised the final latents'
+# PSNR from 28.3 to 34.5 dB (INT8) and from 25.3 to 27.7 dB (FP8).
+MODULATION = (r"(^|\.)(norm\w*|adaln_single|adaLN_modulation)\.linear(\.|$)",
+              "adaLN modulation: one row per sample (nothing to gain from 8 bits), and its scale, shift and gate reach every token")
 FIRST_LAST = "first or last layer: quantization error there is not averaged away by the layers around it"
 FLOW = "predicts the flow the warp samples by (FILM's flow arithmetic stays in float)"
 FALLBACK = "kept by the quality fallback: the budget is not met with it quantized"
@@ -140,7 +146,7 @@ def keep_reasons(layers: list[Layer], user_keep: tuple[str, ...]) -> dict[str, s
                 reasons[name] = f"--keep {pattern}"
                 break
         else:
-            for pattern, why in RECIPE_KEEP:
+            for pattern, why in (*RECIPE_KEEP, MODULATION):
                 if re.search(pattern, layer.module):
                     reasons[name] = why
                     break
