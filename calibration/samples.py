@@ -27,6 +27,8 @@ class Sample:
 class CalibrationSet:
     samples: list[Sample]
     source: str  # what the set was read or made from, for the report
+    # Real inputs kept out of calibration, on which the quality check and the --quality search measure.
+    held_out: list[Sample] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -43,7 +45,7 @@ class CalibrationSet:
 
     def summary(self) -> dict:
         first = self.samples[0].feeds if self.samples else {}
-        return {"source": self.source, "samples": len(self.samples),
+        return {"source": self.source, "samples": len(self.samples), "held_out": len(self.held_out),
                 "inputs": {n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in sorted(first.items())}}  # fmt: skip
 
 

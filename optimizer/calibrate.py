@@ -68,16 +68,20 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
     names = {spec.name for spec in profile.inputs}
     if options.calib:
         path = Path(options.calib)
+        limit = options.calib_samples + max(1, options.calib_samples // 4) if options.calib_samples else None
         try:
             if FILM_INPUTS <= names and _holds_frames(path):
-                data = film_pairs(path, profile, alignment, count)
+                data = film_pairs(path, profile, alignment, limit or count + count // 4)
             else:
-                data = read_calibration(path, profile.inputs, options.calib_samples)
+                data = read_calibration(path, profile.inputs, limit)
             check_calibration(data, profile.inputs, profile.dims)
         except DataError as exc:
             raise InputError(f"--calib {exc}", hint="a calibration sample is an .npz file with one array per model input, by name "
                              "(numpy.savez(path, NAME=array, ...)); a folder holds one sample per file; FILM also takes a "
                              "folder of frames or a video") from None  # fmt: skip
+        data = hold_out(data, options.calib_samples)
+        if not data.held_out and not _is_diffusion(profile, source):
+            return data, [f"quality is measured on random inputs: --calib holds fewer than {HOLD_OUT_FROM} samples, none to hold out"]
         return data, []
     if source.get("format") == "diffusers" and {LATENTS, TIMESTEP} <= names:
         data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count)
@@ -88,6 +92,19 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
     notes = [f"calibrated on {count} random samples (uniform in [-1, 1)) at the opt shape: activation ranges of "
              "real inputs differ; give recorded inputs with --calib"]  # fmt: skip
     return CalibrationSet(samples, f"{count} random samples at the opt shape, seed {options.seed + CALIB_SEED_OFFSET}"), notes
+
+
+# Of a recorded set of this many samples or more, the last fifth (at least one) is held out of
+# calibration: the quality check and the --quality search measure on real inputs the ranges were not
+# taken from, rather than on random ones alone.
+HOLD_OUT_FROM = 4
+
+
+def hold_out(data: CalibrationSet, count: int | None) -> CalibrationSet:
+    """data with its last fifth held out (sets of HOLD_OUT_FROM or more), calibrating on at most count."""
+    n = len(data.samples)
+    held = max(1, n // 5) if n >= HOLD_OUT_FROM else 0
+    return CalibrationSet(data.samples[: n - held][:count], data.source, held_out=data.samples[n - held :])
 
 
 # FILM: frame pairs.
@@ -199,9 +216,13 @@ QUALITY_SAMPLES = 16
 QUALITY_SEED_OFFSET = 20_000  # away from calibration's seeds
 
 
-def engine_quality(engine, reference_outputs: list, model_path: Path, profile: targets.Profile, source: dict, seed: int) -> dict:
-    """Metrics against the fp32 original: per output on the verification inputs (held out from
-    calibration), and for diffusers models on the final latents of sampling loops run through each."""
+def engine_quality(engine, reference_outputs: list, model_path: Path, profile: targets.Profile, source: dict, seed: int,
+                   calibration: CalibrationSet | None = None) -> dict:  # fmt: skip
+    """Metrics against the fp32 original: per output on the verification inputs and on the samples held
+    out of the calibration set, and for diffusers models on the final latents of sampling loops run
+    through each."""
+    from kiln.optimizer.verify import reference_session, run_session
+
     held_out: dict[str, list[dict]] = {}
     for case in reference_outputs:
         if case.want is None:
@@ -211,9 +232,13 @@ def engine_quality(engine, reference_outputs: list, model_path: Path, profile: t
             held_out.setdefault(name, []).append(row)
     result = {"held_out": {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in held_out.items()},
               "lpips": "not computed: LPIPS needs pretrained network weights, and no installed package ships them"}  # fmt: skip
+    if calibration is not None and calibration.held_out:
+        session = reference_session(model_path)
+        rows = [quality.compare_outputs(engine.run(engine.as_input_types(s.feeds)), run_session(session, s.feeds))
+                for s in calibration.held_out]  # fmt: skip
+        result["calibration_held_out"] = {"samples": len(rows), "outputs": {
+            name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in rows[0]}}  # fmt: skip
     if _is_diffusion(profile, source):
-        from kiln.optimizer.verify import reference_session, run_session
-
         session = reference_session(model_path)
         output = session.get_outputs()[0].name
         loops = sampling_inputs(profile, seed)
@@ -261,7 +286,8 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
                      seed: int, progress) -> Fallback:  # fmt: skip
     """Find the layers to keep in float for the --quality budget, evaluating each candidate Q/DQ model
     (in fp32, on the calibration providers) against the float model on inputs held out from calibration:
-    the final latents of sampling loops for diffusers models, the outputs at the profile's corners otherwise."""
+    the final latents of sampling loops for diffusers models, else the samples held out of --calib, else
+    the outputs at the profile's corners."""
     import tempfile
 
     import onnx_ir as ir
@@ -289,8 +315,13 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
                 return [{"latents": _final_latents(lambda f: run_session(session, f)[output], feeds, profile)} for feeds in held_out]
             return [run_session(session, feeds) for feeds in held_out]
 
-        # The inputs the final quality check uses: the verification checks', or its sampling loops.
-        held_out = sampling_inputs(profile, seed) if diffusion else [feeds for _, _, feeds in corner_inputs(profile, options.seed)]
+        # The inputs the final quality check uses: its sampling loops, the held-out samples, or the corners.
+        if diffusion:
+            held_out = sampling_inputs(profile, seed)
+        elif quantize.data.held_out:
+            held_out = [sample.feeds for sample in quantize.data.held_out]
+        else:
+            held_out = [feeds for _, _, feeds in corner_inputs(profile, options.seed)]
         want = outputs_of(session_of(model))
 
         probe = passes.Quantize(quantize.config, quantize.data, quantize.cache)
@@ -307,4 +338,7 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
             progress.line(f"fallback: {len(candidates) - len(only)} of {len(candidates)} layers kept in float: {budget.metric} {value:.4g}")
             return value, latency
 
-        return search(candidates, evaluate, budget)
+        result = search(candidates, evaluate, budget)
+        result.evaluated_on = ("final latents of sampling loops" if diffusion else
+                               f"{len(held_out)} calibration samples held out" if quantize.data.held_out else "the profile's corners (random inputs)")  # fmt: skip
+        return result

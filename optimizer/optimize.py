@@ -138,7 +138,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         if options.quantize and options.verify:
             t = time.perf_counter()
             with progress.stage("quality against the fp32 model"):
-                quality = engine_quality(engine, expected, model_path, profile, source, options.seed + QUALITY_SEED_OFFSET)
+                quality = engine_quality(engine, expected, model_path, profile, source, options.seed + QUALITY_SEED_OFFSET, calibration)
             timings["quality_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
 

@@ -139,6 +139,10 @@ def _quality(quantization: dict, modules: dict[str, str]) -> list[str]:
     if measured:
         out += ["### Quality against the fp32 model", ""]
         rows = [[f"`{name}` (verification inputs)", *_metrics(m)] for name, m in measured["held_out"].items()]
+        calibration = measured.get("calibration_held_out")
+        if calibration:
+            rows += [[f"`{name}` ({calibration['samples']} calibration samples held out)", *_metrics(m)]
+                     for name, m in calibration["outputs"].items()]  # fmt: skip
         sampling = measured.get("sampling")
         if sampling:
             rows.append([f"final latents of {sampling['samples']} samples ({sampling['loops']} loops of {sampling['steps']} steps, "
@@ -150,7 +154,8 @@ def _quality(quantization: dict, modules: dict[str, str]) -> list[str]:
         verdict = "met" if fallback["met"] else "**not met** even with every layer in float"
         out += ["### Quality fallback", "",
                 f"Budget {fallback['budget']}: {verdict}, keeping {len(fallback['kept'])} of {fallback['candidates']} "
-                f"quantized layers in float: {', '.join(f'`{modules.get(k, k)}`' for k in fallback['kept']) or 'none'}.", ""]  # fmt: skip
+                f"quantized layers in float: {', '.join(f'`{modules.get(k, k)}`' for k in fallback['kept']) or 'none'}"
+                f"{f' (measured on {on})' if (on := fallback.get('evaluated_on')) else ''}.", ""]  # fmt: skip
         rows = [[c["kept"], f"{c['quality']:.4g}", f"{c['latency_ms']:.3f}" if c["latency_ms"] is not None else "-"] for c in fallback["curve"]]
         out += ["Each evaluation on the way (layers kept in float, most sensitive first):", ""]
         metric = fallback["budget"].split(">")[0].split("<")[0]

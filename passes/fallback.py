@@ -69,6 +69,7 @@ class Fallback:
     met: bool
     sensitivity: dict[str, float]  # quality with only that layer quantized
     curve: list[Evaluation]
+    evaluated_on: str = ""  # the inputs quality was measured on, for the report
 
     @property
     def quantized(self) -> list[str]:
@@ -76,7 +77,7 @@ class Fallback:
 
     def to_json(self) -> dict:
         return {"budget": str(self.budget), "met": self.met, "candidates": len(self.candidates), "kept": self.kept,
-                "sensitivity": self.sensitivity, "curve": [e.to_json() for e in self.curve]}  # fmt: skip
+                "evaluated_on": self.evaluated_on, "sensitivity": self.sensitivity, "curve": [e.to_json() for e in self.curve]}  # fmt: skip
 
 
 def search(candidates: Sequence[str], evaluate: Callable[[set[str]], tuple[float, float | None]], budget: Budget) -> Fallback:

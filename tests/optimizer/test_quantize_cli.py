@@ -69,9 +69,39 @@ def test_recipe_and_recorded_calibration(capsys, tmp_path, block):
     record = next(p for p in report["passes"] if p["name"] == "quantize")
     calibration = record["details"]["calibration"]
     assert calibration["samples"] == 2 and calibration["method"] == "percentile" and calibration["percentile"] == 99.9
-    assert calibration["source"] == str(calib)
+    assert calibration["source"] == str(calib) and calibration["held_out"] == 0  # 3 samples: too few to hold any out
+    assert any("quality is measured on random inputs: --calib holds fewer than 4 samples" in n for n in report["notes"])
     assert {layer["kept"] for layer in record["details"]["layers"]} == {"--keep ."}
     assert report["verification"]["tolerance"] == {"rel_l2": 0.01}
+
+
+def test_recorded_calibration_holds_out_its_last_fifth(capsys, tmp_path, block):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        np.savez(calib / f"{i:02d}.npz", x=rng.standard_normal((2, 16, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "optimize", block, "-o", out, "--quantize", "int8", "--calib", calib, "--quality", "rel_l2<=0.5",
+                           "--bench-runs", "0")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    calibration = next(p for p in report["passes"] if p["name"] == "quantize")["details"]["calibration"]
+    assert (calibration["samples"], calibration["held_out"]) == (8, 2)
+    quality = report["quantization"]["quality"]["calibration_held_out"]
+    assert quality["samples"] == 2 and quality["outputs"]["y"]["rel_l2"] < 0.05
+    assert report["quantization"]["fallback"]["evaluated_on"] == "2 calibration samples held out"
+    md = (out / "report.md").read_text()
+    assert "| `y` (2 calibration samples held out) |" in md and "(measured on 2 calibration samples held out)" in md
+    assert not any("quality is measured on random inputs" in n for n in report["notes"])
+
+    # --calib-samples 4 reads 5: 4 calibrate, 1 is held out.
+    code, _, err = run_cli(capsys, "optimize", block, "-o", tmp_path / "out4", "--quantize", "int8", "--calib", calib,
+                           "--calib-samples", "4", "--bench-runs", "0")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "out4" / "report.json").read_text())
+    calibration = next(p for p in report["passes"] if p["name"] == "quantize")["details"]["calibration"]
+    assert (calibration["samples"], calibration["held_out"]) == (4, 1)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def test_film_int8_through_modelopt_on_frame_pairs(capsys, tmp_path, film_engine
     report = json.loads((out / "report.json").read_text())
     record = next(p for p in report["passes"] if p["name"] == "quantize")
     assert record["details"]["calibration"]["source"] == f"6 frame pairs of {tmp_path / 'calib'}"
+    assert (record["details"]["calibration"]["samples"], record["details"]["calibration"]["held_out"]) == (5, 1)
     assert record["stats"]["quantized"] > 50
     assert report["model"]["op_counts"]["QuantizeLinear"] > 50
     int8, fp32 = load_engine(out / "engine"), load_engine(film_engine / "engine")
