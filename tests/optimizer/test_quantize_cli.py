@@ -53,12 +53,17 @@ def test_int8_on_the_cpu(capsys, tmp_path, block):
     assert "‖got − want‖ / ‖want‖ ≤ 0.15 per output (quantized engine)" in md
 
 
+def _calib_folder(folder, count: int, seed: int):
+    """count recorded samples of the block's input, one .npz each, in name order."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((2, 16, 64)).astype(np.float32))
+    return folder
+
+
 def test_recipe_and_recorded_calibration(capsys, tmp_path, block):
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        np.savez(calib / f"{i}.npz", x=rng.standard_normal((2, 16, 64)).astype(np.float32))
+    calib = _calib_folder(tmp_path / "calib", 3, 0)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('[quantize]\nformat = "int8"\nbackend = "kiln"\ncalib = "calib"\nmethod = "percentile"\n'
                       'percentile = 99.9\nsamples = 2\nkeep = ["."]\n[verify]\nrel_l2 = 0.01\n')  # fmt: skip
@@ -76,11 +81,7 @@ def test_recipe_and_recorded_calibration(capsys, tmp_path, block):
 
 
 def test_recorded_calibration_holds_out_its_last_fifth(capsys, tmp_path, block):
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(10):
-        np.savez(calib / f"{i:02d}.npz", x=rng.standard_normal((2, 16, 64)).astype(np.float32))
+    calib = _calib_folder(tmp_path / "calib", 10, 1)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "optimize", block, "-o", out, "--quantize", "int8", "--calib", calib, "--quality", "rel_l2<=0.5",
                            "--bench-runs", "0")  # fmt: skip
