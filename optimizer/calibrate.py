@@ -75,11 +75,12 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
             else:
                 data = read_calibration(path, profile.inputs, limit)
             check_calibration(data, profile.inputs, profile.dims)
+            data = hold_out(data, options.calib_samples)
+            check_calibration(data, profile.inputs, profile.dims)  # an input constant across what is left has no range
         except DataError as exc:
             raise InputError(f"--calib {exc}", hint="a calibration sample is an .npz file with one array per model input, by name "
                              "(numpy.savez(path, NAME=array, ...)); a folder holds one sample per file; FILM also takes a "
                              "folder of frames or a video") from None  # fmt: skip
-        data = hold_out(data, options.calib_samples)
         if not data.held_out and not _is_diffusion(profile, source):
             return data, [f"quality is measured on random inputs: --calib holds fewer than {HOLD_OUT_FROM} samples, none to hold out"]
         return data, []

@@ -105,6 +105,16 @@ def test_recorded_calibration_holds_out_its_last_fifth(capsys, tmp_path, block):
     assert (calibration["samples"], calibration["held_out"]) == (4, 1)
 
 
+def test_an_input_constant_once_the_held_out_sample_is_removed_is_refused(capsys, tmp_path, block):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):  # the fourth, which differs, is held out
+        np.savez(calib / f"{i}.npz", x=np.full((2, 16, 64), 1.0 if i < 3 else 2.0, np.float32))
+    assert_bad_input(capsys, "input 'x' is 1 in every sample, so its range and scale would be zero", "optimize", str(block),
+                     "-o", str(tmp_path / "out"), "--quantize", "int8", "--calib", str(calib))  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
