@@ -68,12 +68,12 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
     names = {spec.name for spec in profile.inputs}
     if options.calib:
         path = Path(options.calib)
-        limit = options.calib_samples + max(1, options.calib_samples // 4) if options.calib_samples else None
+        wanted = count + max(1, count // 4)  # the samples to calibrate on, and a fifth of that many to hold out
         try:
             if FILM_INPUTS <= names and _holds_frames(path):
-                data = film_pairs(path, profile, alignment, limit or count + count // 4)
+                data = film_pairs(path, profile, alignment, wanted)
             else:
-                data = read_calibration(path, profile.inputs, limit)
+                data = read_calibration(path, profile.inputs, wanted if options.calib_samples else None)
             check_calibration(data, profile.inputs, profile.dims)
             data = hold_out(data, options.calib_samples)
             check_calibration(data, profile.inputs, profile.dims)  # an input constant across what is left has no range
@@ -224,21 +224,15 @@ def engine_quality(engine, reference_outputs: list, model_path: Path, profile: t
     through each."""
     from kiln.optimizer.verify import reference_session, run_session
 
-    held_out: dict[str, list[dict]] = {}
-    for case in reference_outputs:
-        if case.want is None:
-            continue
-        got = engine.run(engine.as_input_types(case.feeds))
-        for name, row in quality.compare_outputs(got, case.want).items():
-            held_out.setdefault(name, []).append(row)
-    result = {"held_out": {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for name, rows in held_out.items()},
+    rows = [quality.compare_outputs(engine.run(engine.as_input_types(case.feeds)), case.want)
+            for case in reference_outputs if case.want is not None]  # fmt: skip
+    result = {"held_out": _mean_by_output(rows),
               "lpips": "not computed: LPIPS needs pretrained network weights, and no installed package ships them"}  # fmt: skip
     if calibration is not None and calibration.held_out:
         session = reference_session(model_path)
         rows = [quality.compare_outputs(engine.run(engine.as_input_types(s.feeds)), run_session(session, s.feeds))
                 for s in calibration.held_out]  # fmt: skip
-        result["calibration_held_out"] = {"samples": len(rows), "outputs": {
-            name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in rows[0]}}  # fmt: skip
+        result["calibration_held_out"] = {"samples": len(rows), "outputs": _mean_by_output(rows)}
     if _is_diffusion(profile, source):
         session = reference_session(model_path)
         output = session.get_outputs()[0].name
@@ -249,6 +243,11 @@ def engine_quality(engine, reference_outputs: list, model_path: Path, profile: t
         result["sampling"] = {"samples": sum(len(f[LATENTS]) for f in loops), "loops": len(loops), "steps": TRAJECTORY_STEPS,
                               "seed": seed, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}  # fmt: skip
     return result
+
+
+def _mean_by_output(rows: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Per output, each metric's mean over cases (rows of quality.compare_outputs)."""
+    return {name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in rows[0]} if rows else {}
 
 
 def _is_diffusion(profile: targets.Profile, source: dict) -> bool:
