@@ -25,7 +25,9 @@ import numpy as np
 
 from kiln.calibration import quality
 from kiln.optimizer.build import build_engine
-from kiln.optimizer.calibrate import QUALITY_SEED_OFFSET, _final_latents, calibration_set, sampling_inputs
+from kiln.optimizer.calibrate import calibration_set
+from kiln.optimizer.quality import QUALITY_SEED_OFFSET
+from kiln.optimizer.sampling import quality_loops, sample_loop, timestep_dtype
 from kiln.optimizer.config import Options
 from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import load_model
@@ -64,11 +66,11 @@ def quality_table(name: str, directory: Path, work: Path) -> list[list]:
     fp16, profile = build(model_path, work / "fp16", source, precision="fp16")
     reference = reference_session(model_path)
     output = reference.get_outputs()[0].name
-    loops = sampling_inputs(profile, QUALITY_SEED_OFFSET)
-    fp32_final = [_final_latents(lambda f: run_session(reference, f)[output], feeds, profile) for feeds in loops]
+    loops = quality_loops(profile, QUALITY_SEED_OFFSET)
+    fp32_final = [sample_loop(lambda f: run_session(reference, f)[output], feeds, timestep_dtype(profile)) for feeds in loops]
 
     def finals(engine):
-        return [_final_latents(lambda f: engine.run(engine.as_input_types(f))[output], feeds, profile) for feeds in loops]
+        return [sample_loop(lambda f: engine.run(engine.as_input_types(f))[output], feeds, timestep_dtype(profile)) for feeds in loops]
 
     def scores(got, want) -> tuple[float, float, float]:
         rows = [quality.compare_outputs({"x": g}, {"x": w})["x"] for g, w in zip(got, want)]

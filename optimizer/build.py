@@ -16,12 +16,13 @@ from kiln import passes, targets
 from kiln.calibration import CalibrationSet
 from kiln.calibration.cache import StatsCache
 from kiln.passes.fallback import Fallback
-from kiln.optimizer.calibrate import QUALITY_SEED_OFFSET, quality_fallback, quant_config
+from kiln.optimizer.calibrate import quality_fallback, quant_config
 from kiln.optimizer.config import TOLERANCES, Options
 from kiln.optimizer.errors import InputError, KilnError
 from kiln.optimizer.onnx_files import MODEL_FILE, save_model
 from kiln.optimizer.outdir import ENGINE_DIR
 from kiln.optimizer.progress import Progress
+from kiln.optimizer.quality import QUALITY_SEED_OFFSET
 from kiln.optimizer.verify import StepVerifier
 
 

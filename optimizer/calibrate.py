@@ -1,5 +1,5 @@
 """What `kiln optimize --quantize` needs around the passes: the format checked against the target, the
-quantization settings, the calibration set, and the quality of the quantized engine.
+quantization settings, the calibration set, and the quality fallback's evaluation.
 
 The calibration set is, in order of preference:
 - --calib: recorded inputs (.npz files), or for FILM a folder of frames or a video, read as pairs;
@@ -11,7 +11,6 @@ The calibration set is, in order of preference:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from kiln.calibration import CalibrationSet, DataError, Sample, check_calibratio
 from kiln.optimizer.config import DEFAULT_CALIB_SAMPLES, Options
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import require
+from kiln.optimizer.sampling import STEPS, is_diffusion, quality_loops, sample_loop, scheduler_name, starting_inputs, timestep_dtype
 from kiln.passes.fallback import METRICS, Fallback, parse_budget, search
 from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
 
@@ -62,18 +62,22 @@ def quant_config(options: Options, target: targets.Target) -> passes.QuantConfig
 
 
 def calibration_set(options: Options, profile: targets.Profile, model_path: Path, source: dict,
-                    alignment: targets.Alignment | None = None) -> tuple[CalibrationSet, list[str]]:  # fmt: skip
-    """The calibration samples, checked against the model's inputs, and notes for the report."""
+                    alignment: targets.Alignment | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                    split_for: int | None = None) -> tuple[CalibrationSet, list[str]]:  # fmt: skip
+    """The calibration samples, checked against the model's inputs, and notes for the report. A recorded
+    set is split as for split_for samples (default: this run's count; `kiln compare` gives its largest,
+    so that every point holds out the same samples). providers run a diffusers model's sampling loops."""
     count = options.calib_samples or DEFAULT_CALIB_SAMPLES
     names = {spec.name for spec in profile.inputs}
     if options.calib:
         path = Path(options.calib)
-        wanted = count + max(1, count // 4)  # the samples to calibrate on, and a fifth of that many to hold out
+        split = split_for or options.calib_samples
+        wanted = (split or count) + max(1, (split or count) // 4)  # the samples to calibrate on, and a fifth of that many to hold out
         try:
             if FILM_INPUTS <= names and _holds_frames(path):
                 data = film_pairs(path, profile, alignment, wanted)
             else:
-                data = read_calibration(path, profile.inputs, wanted if options.calib_samples else None)
+                data = read_calibration(path, profile.inputs, wanted if split else None)
             check_calibration(data, profile.inputs, profile.dims)
             data = hold_out(data, options.calib_samples)
             check_calibration(data, profile.inputs, profile.dims)  # an input constant across what is left has no range
@@ -81,11 +85,11 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
             raise InputError(f"--calib {exc}", hint="a calibration sample is an .npz file with one array per model input, by name "
                              "(numpy.savez(path, NAME=array, ...)); a folder holds one sample per file; FILM also takes a "
                              "folder of frames or a video") from None  # fmt: skip
-        if not data.held_out and not _is_diffusion(profile, source):
+        if not data.held_out and not is_diffusion(profile, source):
             return data, [f"quality is measured on random inputs: --calib holds fewer than {HOLD_OUT_FROM} samples, none to hold out"]
         return data, []
-    if source.get("format") == "diffusers" and {LATENTS, TIMESTEP} <= names:
-        data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count)
+    if is_diffusion(profile, source):
+        data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count, providers)
         return data, [f"calibrated along a sampling loop ({data.source}); give recorded inputs with --calib"]
     sizes = profile.sizes("opt") if profile.dims else {}
     shapes = profile.shapes(sizes)
@@ -149,126 +153,29 @@ def film_pairs(path: Path, profile: targets.Profile, alignment: targets.Alignmen
     return CalibrationSet(samples, f"{len(samples)} frame pairs of {path}")
 
 
-# Diffusers: a sampling loop.
-LATENTS, TIMESTEP = "hidden_states", "timestep"
-TRAJECTORY_STEPS = 8
-
-
-def _scheduler(timestep_dtype: str):
-    """DDIM over 1000 training steps for integer timesteps (epsilon-predicting DiTs, PixArt, Latte,
-    CogVideoX), flow-matching Euler for float ones (SD3)."""
-    diffusers = require("diffusers", "torch", "calibrating a diffusers model along a sampling loop")
-    if np.dtype(timestep_dtype).kind == "f":
-        return diffusers.FlowMatchEulerDiscreteScheduler()
-    return diffusers.DDIMScheduler(num_train_timesteps=1000)
-
-
-def _prediction(output: np.ndarray, latents: np.ndarray) -> np.ndarray:
-    """The model's noise (or velocity) prediction: its output, less the learned-variance half a DiT adds."""
-    if output.shape == latents.shape:
-        return output
-    if output.shape[0] == latents.shape[0] and output.shape[1] == 2 * latents.shape[1]:
-        return output[:, : latents.shape[1]]
-    raise DataError(f"the model's output {list(output.shape)} is not a prediction for latents {list(latents.shape)}")
-
-
-def sample_loop(run: Callable[[dict], np.ndarray], feeds: dict, timestep_dtype: str, steps: int,
-                record: list | None = None, label: str = "") -> np.ndarray:  # fmt: skip
-    """The final latents of `steps` scheduler steps from feeds[LATENTS] (noise); run(feeds) gives the
-    model's output. Each step's inputs are appended to record."""
-    import torch
-
-    scheduler = _scheduler(timestep_dtype)
-    scheduler.set_timesteps(steps)
-    latents = feeds[LATENTS] * float(scheduler.init_noise_sigma)
-    batch = latents.shape[0]
-    for i, t in enumerate(scheduler.timesteps):
-        step = dict(feeds, **{LATENTS: latents.astype(np.float32), TIMESTEP: np.full(batch, float(t)).astype(timestep_dtype)})
-        if record is not None:
-            record.append(Sample(f"{label}step {i + 1} of {steps} (t={float(t):g})", step))
-        prediction = _prediction(run(step), latents)
-        latents = scheduler.step(torch.from_numpy(prediction), t, torch.from_numpy(latents)).prev_sample.numpy()
-    return latents
-
-
-def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, count: int) -> CalibrationSet:
-    """count samples: the inputs of TRAJECTORY_STEPS-step loops of the fp32 model (on ONNX Runtime's CPU),
-    one loop per seed, conditioning (class labels, text embeddings) drawn once per loop."""
+def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, count: int,
+                         providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> CalibrationSet:  # fmt: skip
+    """count samples: the inputs of STEPS-step loops of the fp32 model on ONNX Runtime (the calibration
+    providers: a GPU target's loops run on its GPU), one loop per seed, conditioning (class labels, text
+    embeddings) drawn once per loop."""
     from kiln.optimizer.verify import reference_session, run_session
 
-    session = reference_session(model_path)
+    if providers == ("CPUExecutionProvider",):
+        session = reference_session(model_path)
+    else:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model_path), options, providers=list(providers))
     output = session.get_outputs()[0].name
-    sizes = profile.sizes("opt") if profile.dims else {}
-    shapes = profile.shapes(sizes)
-    dtype = next(s.dtype for s in profile.inputs if s.name == TIMESTEP)
+    dtype = timestep_dtype(profile)
     samples: list[Sample] = []
-    loops = math.ceil(count / TRAJECTORY_STEPS)
-    for i in range(loops):
-        feeds = profile.random_inputs(shapes, seed + i)
-        feeds[LATENTS] = np.random.default_rng(seed + i).standard_normal(shapes[LATENTS]).astype(np.float32)
-        sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, TRAJECTORY_STEPS, samples, f"seed {seed + i}, ")
-    return CalibrationSet(samples[:count], f"{loops} loop(s) of {TRAJECTORY_STEPS} {type(_scheduler(dtype)).__name__} steps "
+    loops = starting_inputs(profile, seed, math.ceil(count / STEPS))
+    for i, feeds in enumerate(loops):
+        sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, STEPS, samples, f"seed {seed + i}, ")
+    return CalibrationSet(samples[:count], f"{len(loops)} loop(s) of {STEPS} {scheduler_name(dtype)} steps "
                                            f"from seed {seed}, {min(count, len(samples))} samples")  # fmt: skip
-
-
-# Quality of the quantized engine, on inputs held out from calibration (the fallback meets its budget on
-# the same ones): for diffusers models, QUALITY_SAMPLES images (or videos) from sampling loops.
-QUALITY_SAMPLES = 16
-QUALITY_SEED_OFFSET = 20_000  # away from calibration's seeds
-
-
-def engine_quality(engine, reference_outputs: list, model_path: Path, profile: targets.Profile, source: dict, seed: int,
-                   calibration: CalibrationSet | None = None) -> dict:  # fmt: skip
-    """Metrics against the fp32 original: per output on the verification inputs and on the samples held
-    out of the calibration set, and for diffusers models on the final latents of sampling loops run
-    through each."""
-    from kiln.optimizer.verify import reference_session, run_session
-
-    rows = [quality.compare_outputs(engine.run(engine.as_input_types(case.feeds)), case.want)
-            for case in reference_outputs if case.want is not None]  # fmt: skip
-    result = {"held_out": _mean_by_output(rows),
-              "lpips": "not computed: LPIPS needs pretrained network weights, and no installed package ships them"}  # fmt: skip
-    if calibration is not None and calibration.held_out:
-        session = reference_session(model_path)
-        rows = [quality.compare_outputs(engine.run(engine.as_input_types(s.feeds)), run_session(session, s.feeds))
-                for s in calibration.held_out]  # fmt: skip
-        result["calibration_held_out"] = {"samples": len(rows), "outputs": _mean_by_output(rows)}
-    if _is_diffusion(profile, source):
-        session = reference_session(model_path)
-        output = session.get_outputs()[0].name
-        loops = sampling_inputs(profile, seed)
-        want = [_final_latents(lambda f: run_session(session, f)[output], feeds, profile) for feeds in loops]
-        got = [_final_latents(lambda f: engine.run(engine.as_input_types(f))[output], feeds, profile) for feeds in loops]
-        rows = [quality.compare_outputs({"latents": g}, {"latents": w})["latents"] for g, w in zip(got, want)]
-        result["sampling"] = {"samples": sum(len(f[LATENTS]) for f in loops), "loops": len(loops), "steps": TRAJECTORY_STEPS,
-                              "seed": seed, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}  # fmt: skip
-    return result
-
-
-def _mean_by_output(rows: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Per output, each metric's mean over cases (rows of quality.compare_outputs)."""
-    return {name: {k: float(np.mean([r[name][k] for r in rows])) for k in rows[0][name]} for name in rows[0]} if rows else {}
-
-
-def _is_diffusion(profile: targets.Profile, source: dict) -> bool:
-    return source.get("format") == "diffusers" and {LATENTS, TIMESTEP} <= {s.name for s in profile.inputs}
-
-
-def sampling_inputs(profile: targets.Profile, seed: int) -> list[dict[str, np.ndarray]]:
-    """Starting inputs (noise, conditioning) of enough loops at the opt shape for QUALITY_SAMPLES samples."""
-    shapes = profile.shapes(profile.sizes("opt") if profile.dims else {})
-    batch = shapes[LATENTS][0]
-    loops = []
-    for i in range(math.ceil(QUALITY_SAMPLES / batch)):
-        feeds = profile.random_inputs(shapes, seed + i)
-        feeds[LATENTS] = np.random.default_rng(seed + i).standard_normal(shapes[LATENTS]).astype(np.float32)
-        loops.append(feeds)
-    return loops
-
-
-def _final_latents(run, feeds: dict, profile: targets.Profile) -> np.ndarray:
-    dtype = next(s.dtype for s in profile.inputs if s.name == TIMESTEP)
-    return sample_loop(run, feeds, dtype, TRAJECTORY_STEPS)
 
 
 # The quality fallback (--quality).
@@ -299,7 +206,7 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
 
     budget = parse_budget(options.quality)
     providers = list(quantize.config.providers)
-    diffusion = _is_diffusion(profile, source)
+    diffusion = is_diffusion(profile, source)
 
     with tempfile.TemporaryDirectory(prefix="kiln-fallback-") as tmp:
         def session_of(m) -> object:
@@ -312,12 +219,13 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
         def outputs_of(session) -> list[dict[str, np.ndarray]]:
             if diffusion:
                 output = session.get_outputs()[0].name
-                return [{"latents": _final_latents(lambda f: run_session(session, f)[output], feeds, profile)} for feeds in held_out]
+                dtype = timestep_dtype(profile)
+                return [{"latents": sample_loop(lambda f: run_session(session, f)[output], feeds, dtype)} for feeds in held_out]
             return [run_session(session, feeds) for feeds in held_out]
 
         # The inputs the final quality check uses: its sampling loops, the held-out samples, or the corners.
         if diffusion:
-            held_out = sampling_inputs(profile, seed)
+            held_out = quality_loops(profile, seed)
         elif quantize.data.held_out:
             held_out = [sample.feeds for sample in quantize.data.held_out]
         else:

@@ -16,13 +16,14 @@ from kiln import passes, targets
 from kiln.optimizer import __version__
 from kiln.optimizer.bench import bench_profile
 from kiln.optimizer.build import build_engine, select_passes
-from kiln.optimizer.calibrate import QUALITY_SEED_OFFSET, calibration_set, check_format, engine_quality
+from kiln.optimizer.calibrate import calibration_set, check_format, quant_config
 from kiln.optimizer.config import Options
 from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
 from kiln.optimizer.progress import Progress
+from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
 from kiln.optimizer.report import new_report, write_reports
 from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, check_io, input_specs, int_ranges
 from kiln.optimizer.verify import (
@@ -61,14 +62,58 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
-        return _optimize(model_arg, outdir, Path(work), target, options, progress)
+        prepared = prepare(model_arg, Path(work), options, progress)
+        with staged_dir(outdir) as stage:
+            point = build_point(prepared, stage, outdir, target, options, progress)
+    if point.failure:
+        raise point.failure
+    return point.report
 
 
-def _optimize(model_arg, outdir, work, target, options: Options, progress: Progress) -> dict:
-    started = time.perf_counter()
+@dataclasses.dataclass
+class Prepared:
+    """What every engine of one model shares: the imported model, its profile, the reference's outputs
+    on the verification inputs, and the calibration sets and quality reference made so far."""
+
+    model_path: Path
+    source: dict
+    notes: list[str]
+    profile: Profile
+    alignment: Alignment | None
+    expected: list[Expected]
+    verifier: StepVerifier | None
+    timings: dict[str, float]
+    model: ir.Model | None = None  # loaded already; taken by the first build
+    calibrations: dict = dataclasses.field(default_factory=dict)
+    quality: QualityReference | None = None
+
+    def take_model(self) -> ir.Model:
+        """The model to run the passes on (in place): the one loaded already, then a fresh load each time."""
+        model, self.model = self.model, None
+        return model if model is not None else load_model(self.model_path)
+
+    def calibration(self, options: Options, target: targets.Target, progress: Progress, split_for: int | None = None):
+        """(calibration set, notes) for options' --calib and --calib-samples, made once per pair."""
+        key = (options.calib, options.calib_samples, options.seed, split_for)
+        if key not in self.calibrations:
+            with progress.stage("calibration set"):
+                providers = quant_config(options, target).providers
+                self.calibrations[key] = calibration_set(options, self.profile, self.model_path, self.source, self.alignment,
+                                                         providers, split_for)  # fmt: skip
+        return self.calibrations[key]
+
+    def quality_reference(self, options: Options, progress: Progress, held_out=()) -> QualityReference:
+        if self.quality is None:
+            with progress.stage("run the original model on the quality inputs"):
+                self.quality = QualityReference.compute(self.model_path, self.expected, self.profile, self.source,
+                                                        options.seed + QUALITY_SEED_OFFSET, held_out)  # fmt: skip
+        return self.quality
+
+
+def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -> Prepared:
+    """Import and load the model, make its profile, and run the original on the verification inputs.
+    work must outlive the result (an imported model is written there)."""
     timings: dict[str, float] = {}
-    report = new_report("optimize")
-
     t = time.perf_counter()
     with progress.stage(f"import {model_arg}"):
         model_path, imported_from, notes = import_model(model_arg, work, options)
@@ -87,13 +132,6 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
         alignment, profile = _aligned(model, profile)
         samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
         notes += shape_notes
-        calibration = None
-        if options.quantize:
-            with progress.stage("calibration set"):
-                calibration, calib_notes = calibration_set(options, profile, model_path, source, alignment)
-            notes += calib_notes
-        for note in notes:
-            progress.line(f"note: {note}")
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -108,77 +146,115 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
                 verifier = StepVerifier(reference, profile, options.seed)
             del reference  # its outputs are all that is needed: hold the weights once
     timings["reference_s"] = time.perf_counter() - t
+    return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model)
 
-    with staged_dir(outdir) as stage:
-        built = build_engine(model, stage, target, options, profile, alignment, verifier, progress, calibration, source)
-        model, engine, records = built.model, built.engine, built.records
-        engine_dir = stage / ENGINE_DIR
-        timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
-        if getattr(target, "cuda_graphs", False) and profile.is_static() and not built.config.cuda_graph:
-            for op, why in uncapturable_ops(stage / "model.onnx").items():
-                notes.append(f"no CUDA graph for this static engine: {op}: {why}")
 
+@dataclasses.dataclass
+class Point:
+    """One engine built, verified and measured."""
+
+    report: dict
+    failure: VerificationFailed | None  # to raise once the OUTDIR is in place: verification, a quality budget
+    engine: targets.Engine
+    outputs: Outputs | None  # the engine's outputs on the quality inputs, when quality was measured
+
+
+def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.Target, options: Options, progress: Progress,
+                measure_quality: bool = False, split_for: int | None = None) -> Point:  # fmt: skip
+    """Build, verify, benchmark and report one engine of the prepared model into stage, which the caller
+    renames to outdir. measure_quality: a quality section for an unquantized engine too. split_for: see
+    calibration_set."""
+    started = time.perf_counter()
+    timings = dict(prepared.timings)
+    report = new_report("optimize")
+    profile, alignment, expected, source = prepared.profile, prepared.alignment, prepared.expected, prepared.source
+    notes = list(prepared.notes)
+    calibration = None
+    if options.quantize:
+        calibration, calib_notes = prepared.calibration(options, target, progress, split_for)
+        notes += calib_notes
+    for note in notes:
+        progress.line(f"note: {note}")
+
+    model = prepared.take_model()
+    built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source)
+    model, engine, records = built.model, built.engine, built.records
+    engine_dir = stage / ENGINE_DIR
+    timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
+    if getattr(target, "cuda_graphs", False) and profile.is_static() and not built.config.cuda_graph:
+        for op, why in uncapturable_ops(stage / "model.onnx").items():
+            notes.append(f"no CUDA graph for this static engine: {op}: {why}")
+
+    t = time.perf_counter()
+    checks = []
+    if options.verify:
+        with progress.stage(f"verify at {len(expected)} shape(s)"):
+            checks = verify_engine(engine, expected, options.tolerance())
+    timings["verify_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    latency = []
+    passed = all(c.passed for c in checks)
+    if options.bench_runs and not passed:
+        notes.append("the benchmark was not run: verification failed")
+    elif options.bench_runs:
+        with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
+            latency = _bench(engine, profile, options, notes)
+    timings["bench_s"] = time.perf_counter() - t
+    quality, outputs = None, None
+    if (options.quantize or measure_quality) and options.verify:
         t = time.perf_counter()
-        checks = []
-        if options.verify:
-            with progress.stage(f"verify at {len(expected)} shape(s)"):
-                checks = verify_engine(engine, expected, options.tolerance())
-        timings["verify_s"] = time.perf_counter() - t
+        held_out = calibration.held_out if calibration is not None else ()
+        reference = prepared.quality_reference(options, progress, held_out)
+        with progress.stage("quality against the fp32 model"):
+            outputs = reference.outputs(engine_runner(engine))
+            quality = reference.metrics(outputs)
+        timings["quality_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started + sum(prepared.timings.values())
 
-        t = time.perf_counter()
-        latency = []
-        passed = all(c.passed for c in checks)
-        if options.bench_runs and not passed:
-            notes.append("the benchmark was not run: verification failed")
-        elif options.bench_runs:
-            with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
-                latency = _bench(engine, profile, options, notes)
-        timings["bench_s"] = time.perf_counter() - t
-        quality = None
-        if options.quantize and options.verify:
-            t = time.perf_counter()
-            with progress.stage("quality against the fp32 model"):
-                quality = engine_quality(engine, expected, model_path, profile, source, options.seed + QUALITY_SEED_OFFSET, calibration)
-            timings["quality_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - started
+    report.update(
+        kiln_version=__version__,
+        status="ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
+        source=source,
+        model={"file": "model.onnx", "files": built.model_files, "hash": content_hash(model),
+               "nodes": passes.count_nodes(model), "op_counts": passes.op_counts(model)},  # fmt: skip
+        target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())],
+                "build_config": built.config.to_json()},  # fmt: skip
+        precision=options.precision,
+        quantization={"format": options.quantize, "backend": options.backend(target.family), "quality": quality,
+                      "fallback": built.fallback.to_json() if built.fallback else None} if options.quantize else None,
+        # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
+        inputs=[s.to_json() for s in engine.inputs],
+        outputs=[s.to_json() for s in engine.outputs],
+        profile=profile.to_json(),
+        alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
+        notes=notes,
+        passes=[r.to_json() for r in records],
+        verification={"enabled": options.verify, "reference": REFERENCE, "tolerance": options.tolerance(),
+                      "seed": options.seed, "passed": passed if options.verify else None,
+                      "shapes": [c.to_json() for c in checks]},  # fmt: skip
+        latency=latency,
+        timings=timings,
+    )
+    if quality is not None and not options.quantize:
+        report["quality"] = quality
+    write_reports(stage, report)
+    return Point(report, _failure(built, checks, options, outdir), engine, outputs)
 
-        report.update(
-            kiln_version=__version__,
-            status="ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
-            source=source,
-            model={"file": "model.onnx", "files": built.model_files, "hash": content_hash(model),
-                   "nodes": passes.count_nodes(model), "op_counts": passes.op_counts(model)},  # fmt: skip
-            target={"name": target.name, "family": target.family, "files": [f"{ENGINE_DIR}/{p.name}" for p in sorted(engine_dir.iterdir())],
-                    "build_config": built.config.to_json()},  # fmt: skip
-            precision=options.precision,
-            quantization={"format": options.quantize, "backend": options.backend(target.family), "quality": quality,
-                          "fallback": built.fallback.to_json() if built.fallback else None} if options.quantize else None,
-            # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
-            inputs=[s.to_json() for s in engine.inputs],
-            outputs=[s.to_json() for s in engine.outputs],
-            profile=profile.to_json(),
-            alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
-            notes=notes,
-            passes=[r.to_json() for r in records],
-            verification={"enabled": options.verify, "reference": REFERENCE, "tolerance": options.tolerance(),
-                          "seed": options.seed, "passed": passed if options.verify else None,
-                          "shapes": [c.to_json() for c in checks]},  # fmt: skip
-            latency=latency,
-            timings=timings,
-        )
-        write_reports(stage, report)
+
+def _failure(built, checks, options: Options, outdir: Path) -> VerificationFailed | None:
     if built.fallback is not None and not built.fallback.met:
         best = max(built.fallback.curve, key=lambda e: e.quality if built.fallback.budget.higher_is_better else -e.quality)
-        raise VerificationFailed(
+        return VerificationFailed(
             f"the quality budget {built.fallback.budget} is not met even with every quantized layer in float "
             f"(best: {built.fallback.budget.metric} {best.quality:.4g})",
             hint=f"see {outdir / 'report.md'}; loosen --quality, or quantize fewer layers with --keep",
         )
-    if options.verify and not passed:
+    if options.verify and not all(c.passed for c in checks):
         failed = [c for c in checks if not c.passed]
         worst = failed[0]
         detail = worst.error or ", ".join(f"{k}: max abs {v['max_abs']:.3g}" for k, v in worst.outputs.items())
-        raise VerificationFailed(
+        return VerificationFailed(
             f"verification failed at {len(failed)} of {len(checks)} shape(s); first at the {worst.corner} shape "
             f"({_fmt_shapes(worst.shapes)}): {detail}",
             hint=f"see {outdir / 'report.md'}; " + (
@@ -187,7 +263,7 @@ def _optimize(model_arg, outdir, work, target, options: Options, progress: Progr
                 else "rerun with --verify-each to find the pass that breaks parity"
             ),
         )
-    return report
+    return None
 
 
 def _reference(model_path: Path) -> ort.InferenceSession:
