@@ -52,12 +52,18 @@ def check_format(options: Options, target: targets.Target) -> None:
             )
 
 
+def calibration_providers(target: targets.Target) -> tuple[str, ...]:
+    """The ONNX Runtime providers calibration runs on: the target's GPU if it has one."""
+    providers = tuple(p for p in getattr(target, "providers", ()) if p in ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    return providers or ("CPUExecutionProvider",)
+
+
 def quant_config(options: Options, target: targets.Target) -> passes.QuantConfig:
-    providers = tuple(p for p in getattr(target, "providers", ("CPUExecutionProvider",)) if p in ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    providers = calibration_providers(target)
     return passes.QuantConfig(
         format=options.quantize, backend=options.backend(target.family), method=options.calib_method,
         percentile=options.calib_percentile, smoothquant=options.smoothquant, keep=tuple(options.keep),
-        providers=providers or ("CPUExecutionProvider",),
+        providers=providers,
     )  # fmt: skip
 
 

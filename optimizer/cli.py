@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kiln.optimizer import __version__
 from kiln.optimizer.config import BACKENDS, CALIB_METHODS, DEFAULT_CALIB_SAMPLES, FORMATS, IO_DTYPES, PRECISIONS, check_seed
+from kiln.optimizer.compare_grid import MAX_POINTS, OR
 from kiln.optimizer.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, KilnError
 
 DESCRIPTION = """\
@@ -64,6 +65,44 @@ directory and renamed into place, so a failed run leaves what was there before.
 """
 
 
+COMPARE_DESCRIPTION = """\
+Build one engine per point of a grid of `kiln optimize` settings, through kiln optimize's own build, and
+measure each the same way: latency (median and p90; on a GPU with inputs and outputs on the device),
+engine size, device memory, and quality against the fp32 model on the same held-out inputs (relative
+L2, PSNR, SSIM; for diffusers models on the final latents of seeded sampling loops). Where the model's
+framework is installed, baseline rows run it on the same inputs (PyTorch eager, and torch.compile on a
+GPU; TensorFlow for SavedModels); an ONNX model gets ONNX Runtime with its own optimizer.
+"""
+
+COMPARE_EPILOG = f"""\
+grid:
+  --grid quantize=none,int8,fp8 --grid calib-samples=32,128
+  Options: precision, io-dtype, quantize, quant-backend, calib-samples, calib-method, smoothquant,
+  keep, quality, disable-pass. 'none' leaves the option out. --or starts another grid, and the sweep
+  is the union: --grid precision=fp16,bf16 --or --grid precision=fp16 --grid quantize=int8,fp8 gives
+  fp16, bf16, and INT8 and FP8 with fp16 elsewhere. Every combination is a point; a setting
+  that does not apply (calib-samples without quantize) is dropped and the duplicate points merged; a
+  point the target cannot run (FP8 on the cpu target) is listed as skipped, with the reason. More than
+  {MAX_POINTS} points need --yes. Everything else (--target, --shapes, --calib, --seed, import options)
+  is shared by every point. A recipe gives the grid in its [compare] section:
+    [compare.grid]
+    quantize = ["none", "int8"]
+    calib-samples = [32, 128]
+  or several as [[compare.grid]] tables. --grid on the command line replaces the recipe's grids.
+
+OUTDIR:
+  compare.json   every point: its options, status, metrics (schema kiln-compare, versioned)
+  compare.md     the table, fastest first, Pareto-optimal points marked
+  pareto.png     quality against latency, one labelled dot per point
+  samples.png    the same inputs through the reference and each point, with the differences
+  points/KEY/    each point's OUTDIR (what `kiln optimize` writes), KEY hashing the model, the
+                 options, the target and the library versions
+
+  A point is stored when it is done, so an interrupted sweep resumes where it stopped, and a rerun
+  builds nothing it has. A point that fails gets its error in its row, and the sweep goes on.
+"""
+
+
 def _common() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print only machine-readable JSON on stdout")
@@ -82,39 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", parents=[common], help="optimize a model into a verified engine", epilog=OPTIMIZE_EPILOG, formatter_class=raw)
     p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, a TensorFlow SavedModel, or a diffusers model directory (save_pretrained)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
-    p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
-    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
-    p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
-    p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
-    p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
-    p.add_argument("--verify-inputs", action="append", default=[], metavar="in.npz", help="also verify the engine on these sample inputs (one array per model input, by name); repeatable")
-    p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
-    p.add_argument("--verify-each", action="store_true", help="after every pass: checker, ORT load and parity (slow; finds the pass that breaks a model)")
-    p.add_argument("--no-verify", action="store_true", help="skip the final parity check (a failed check exits 3 otherwise)")
-    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass by name (`kiln passes` lists them)")
-    p.add_argument("--seed", type=int, help="seed for verification and benchmark inputs (default 0)")
-    p.add_argument("--bench-runs", type=int, help="timed runs per profile shape for the report (default 10; 0 skips)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR even if it is not a kiln output")
-    g = p.add_argument_group("quantization (8-bit weights and activations; the report lists each layer)")
-    g.add_argument("--quantize", choices=FORMATS, help="int8 (W8A8, per-channel weights) or fp8 (E4M3; GPUs of compute capability 8.9+)")
-    g.add_argument("--calib", metavar="PATH", help="calibration inputs: a folder of .npz files (one sample each) or one .npz (a sample, or a stack of them); default: random samples")
-    g.add_argument("--calib-samples", type=int, metavar="N", help=f"calibrate on the first N samples of --calib, or on N made ones (default {DEFAULT_CALIB_SAMPLES})")
-    g.add_argument("--calib-method", choices=CALIB_METHODS, help="activation ranges: max, percentile (99.99) or entropy (KL, as TensorRT); default entropy for int8, max for fp8")
-    g.add_argument("--smoothquant", type=float, metavar="ALPHA", help="INT8: move activation outliers into the weights first (SmoothQuant; 0.5 is usual)")
-    g.add_argument("--keep", action="append", default=[], metavar="REGEX", help="also keep layers whose module path or node name matches in float; repeatable")
-    g.add_argument("--quality", metavar="BUDGET", help="keep the fewest layers in float that meet it: psnr>=DB, ssim>=S, rel_l2<=E or max_abs<=E "
-                   "(on sampling-loop latents for diffusers models, else on held-out outputs)")
-    g.add_argument("--quant-backend", choices=BACKENDS, help="who inserts Q/DQ: kiln (default; FP8 becomes GemmFloat8 on CUDA), ort (quantize_static, INT8; default on the cpu target) or modelopt (NVIDIA ModelOpt, for TensorRT)")
-    g = p.add_argument_group("TensorFlow SavedModel import")
-    g.add_argument("--signature", help="signature to convert (default serving_default)")
-    g.add_argument("--outputs", type=lambda s: s.split(","), metavar="A,B", help="outputs to keep (default: image, if there is one, else all); the rest are pruned with what feeds only them")
-    g.add_argument("--opset", type=int, help="ONNX opset for the conversion (default 17)")
-    g.add_argument("--layout", choices=["nhwc", "nchw"], help="image layout at the model's boundary (default nhwc, as the signature has it)")
-    g.add_argument("--align", type=int, metavar="N", help="pad H and W to multiples of N in the engine (default 64 for FILM, else 1)")
-    g.add_argument("--import-timeout", type=float, metavar="SECONDS", help="stop the conversion after this long (default 1800)")
-    g = p.add_argument_group("diffusers model import")
-    g.add_argument("--trust-pickle", action="store_true", help="load pickle (.bin/.ckpt) weights; they can run code when loaded, so only for files you trust")
+    _engine_options(p)
     p.set_defaults(handler=cmd_optimize)
+
+    p = sub.add_parser("compare", parents=[common], help="sweep precision and quantization settings: quality against latency",
+                       description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG, formatter_class=raw)
+    p.add_argument("model", type=Path, metavar="MODEL", help="what `kiln optimize` takes")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory for compare.json, compare.md, "
+                   "pareto.png, samples.png and each point's engine (points/); a rerun into it resumes")
+    p.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2", help="an option of `kiln optimize` (without --) "
+                   "and the values to try; repeat to multiply (none: the option left out)")
+    p.add_argument("--or", dest="grid", action="append_const", const=OR, help="start another grid: the sweep is the union of the grids' points")
+    p.add_argument("--yes", action="store_true", help=f"run a grid of more than {MAX_POINTS} points")
+    p.add_argument("--retry-failed", action="store_true", help="build again the points that failed in an earlier run (they are cached too)")
+    _engine_options(p)
+    p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("run", parents=[common], help="run an engine on inputs from an .npz file")
     p.add_argument("engine", type=Path, metavar="OUTDIR", help="a directory `kiln optimize` wrote")
@@ -172,6 +194,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """The options that say how to import, build, verify and measure an engine: `kiln optimize` takes them
+    all, and `kiln compare` takes them as the settings every point shares (its grid varies some)."""
+    p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
+    p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
+    p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
+    p.add_argument("--verify-inputs", action="append", default=[], metavar="in.npz", help="also verify the engine on these sample inputs (one array per model input, by name); repeatable")
+    p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
+    p.add_argument("--verify-each", action="store_true", help="after every pass: checker, ORT load and parity (slow; finds the pass that breaks a model)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final parity check (a failed check exits 3 otherwise)")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass by name (`kiln passes` lists them)")
+    p.add_argument("--seed", type=int, help="seed for verification and benchmark inputs (default 0)")
+    p.add_argument("--bench-runs", type=int, help="timed runs per profile shape for the report (default 10; 0 skips)")
+    g = p.add_argument_group("quantization (8-bit weights and activations; the report lists each layer)")
+    g.add_argument("--quantize", choices=FORMATS, help="int8 (W8A8, per-channel weights) or fp8 (E4M3; GPUs of compute capability 8.9+)")
+    g.add_argument("--calib", metavar="PATH", help="calibration inputs: a folder of .npz files (one sample each) or one .npz (a sample, or a stack of them); default: random samples")
+    g.add_argument("--calib-samples", type=int, metavar="N", help=f"calibrate on the first N samples of --calib, or on N made ones (default {DEFAULT_CALIB_SAMPLES})")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, help="activation ranges: max, percentile (99.99) or entropy (KL, as TensorRT); default entropy for int8, max for fp8")
+    g.add_argument("--smoothquant", type=float, metavar="ALPHA", help="INT8: move activation outliers into the weights first (SmoothQuant; 0.5 is usual)")
+    g.add_argument("--keep", action="append", default=[], metavar="REGEX", help="also keep layers whose module path or node name matches in float; repeatable")
+    g.add_argument("--quality", metavar="BUDGET", help="keep the fewest layers in float that meet it: psnr>=DB, ssim>=S, rel_l2<=E or max_abs<=E "
+                   "(on sampling-loop latents for diffusers models, else on held-out outputs)")
+    g.add_argument("--quant-backend", choices=BACKENDS, help="who inserts Q/DQ: kiln (default; FP8 becomes GemmFloat8 on CUDA), ort (quantize_static, INT8; default on the cpu target) or modelopt (NVIDIA ModelOpt, for TensorRT)")
+    g = p.add_argument_group("TensorFlow SavedModel import")
+    g.add_argument("--signature", help="signature to convert (default serving_default)")
+    g.add_argument("--outputs", type=lambda s: s.split(","), metavar="A,B", help="outputs to keep (default: image, if there is one, else all); the rest are pruned with what feeds only them")
+    g.add_argument("--opset", type=int, help="ONNX opset for the conversion (default 17)")
+    g.add_argument("--layout", choices=["nhwc", "nchw"], help="image layout at the model's boundary (default nhwc, as the signature has it)")
+    g.add_argument("--align", type=int, metavar="N", help="pad H and W to multiples of N in the engine (default 64 for FILM, else 1)")
+    g.add_argument("--import-timeout", type=float, metavar="SECONDS", help="stop the conversion after this long (default 1800)")
+    g = p.add_argument_group("diffusers model import")
+    g.add_argument("--trust-pickle", action="store_true", help="load pickle (.bin/.ckpt) weights; they can run code when loaded, so only for files you trust")
+
+
 def _warn(warnings: list[str]) -> None:
     for warning in warnings:
         print(f"kiln: warning: {warning}", file=sys.stderr)
@@ -181,10 +239,9 @@ def _emit(args, data, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
 
 
-def cmd_optimize(args) -> int:
+def options_from_args(args) -> "Options":
+    """kiln optimize's options from its arguments: the recipe first, then the command line."""
     from kiln.optimizer.config import Options, load_recipe, validate
-    from kiln.optimizer.optimize import optimize
-    from kiln.optimizer.progress import Progress
 
     options = Options()
     if args.config:
@@ -202,8 +259,14 @@ def cmd_optimize(args) -> int:
     options.trust_pickle |= args.trust_pickle
     options.verify &= not args.no_verify
     validate(options)
-    if options.bench_runs < 0:
-        raise InputError("--bench-runs must be 0 or more")
+    return options
+
+
+def cmd_optimize(args) -> int:
+    from kiln.optimizer.optimize import optimize
+    from kiln.optimizer.progress import Progress
+
+    options = options_from_args(args)
     report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.quiet))
     checks = report["verification"]["shapes"]
     text = (
@@ -212,6 +275,21 @@ def cmd_optimize(args) -> int:
         f"report: {args.output / 'report.md'} (and report.json)"
     )
     _emit(args, report, text)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from kiln.optimizer.compare import compare
+    from kiln.optimizer.compare_grid import read_grid
+    from kiln.optimizer.progress import Progress
+
+    points = read_grid(args, build_parser().parse_args, options_from_args, args.yes)
+    result = compare(args.model, args.output, points, args.retry_failed, Progress(enabled=not args.quiet))
+    counts = result["counts"]
+    text = (f"{counts['ok']} of {counts['points']} points built and measured ({counts['built']} built now, {counts['cached']} "
+            f"from the cache, {counts['skipped']} skipped, {counts['failed']} failed)\n"
+            f"table: {args.output / 'compare.md'}; plot: {args.output / 'pareto.png'}; samples: {args.output / 'samples.png'}")
+    _emit(args, result, text)
     return 0
 
 

@@ -136,7 +136,7 @@ def load_recipe(path: Path, options: Options) -> None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
-    known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes", "int_ranges"))
+    known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes", "int_ranges", "compare"))
     for key, value in data.items():
         if key == "shapes":
             if not isinstance(value, dict):
@@ -159,6 +159,8 @@ def load_recipe(path: Path, options: Options) -> None:
                 _set(options, path, f"{key}.{sub}", _RECIPE[key].get(sub), sub_value, sorted(_RECIPE[key]))
         elif key in _RECIPE[""]:
             _set(options, path, key, _RECIPE[""][key], value, known)
+        elif key == "compare":
+            continue  # the grid of `kiln compare`, which reads it itself
         else:
             raise InputError(f"recipe {path}: unknown key {key!r}", hint=f"known keys: {', '.join(known)}")
     # A recipe's sample files are named relative to the recipe.

@@ -16,7 +16,7 @@ from kiln import passes, targets
 from kiln.optimizer import __version__
 from kiln.optimizer.bench import bench_profile
 from kiln.optimizer.build import build_engine, select_passes
-from kiln.optimizer.calibrate import calibration_set, check_format, quant_config
+from kiln.optimizer.calibrate import calibration_providers, calibration_set, check_format
 from kiln.optimizer.config import Options
 from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
@@ -97,9 +97,8 @@ class Prepared:
         key = (options.calib, options.calib_samples, options.seed, split_for)
         if key not in self.calibrations:
             with progress.stage("calibration set"):
-                providers = quant_config(options, target).providers
                 self.calibrations[key] = calibration_set(options, self.profile, self.model_path, self.source, self.alignment,
-                                                         providers, split_for)  # fmt: skip
+                                                         calibration_providers(target), split_for)  # fmt: skip
         return self.calibrations[key]
 
     def quality_reference(self, options: Options, progress: Progress, held_out=()) -> QualityReference:

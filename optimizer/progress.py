@@ -22,11 +22,12 @@ class Progress:
         self.stream = stream or sys.stderr
         self.terminal = _is_terminal(self.stream) if terminal is None else terminal
         self.start = time.perf_counter()
+        self.prefix = ""  # what the lines are about: `kiln compare` names the point, "[3/8 int8] "
 
     def line(self, text: str) -> None:
         if self.enabled:
             stamp = "" if self.terminal else f"[{time.perf_counter() - self.start:7.1f}s] "
-            print(f"kiln: {stamp}{text}", file=self.stream, flush=True)
+            print(f"kiln: {stamp}{self.prefix}{text}", file=self.stream, flush=True)
 
     def started(self, label: str) -> None:
         if self.terminal:  # a log gets the one line at the end, with the time

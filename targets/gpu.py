@@ -22,3 +22,15 @@ def compute_capability(device: int = 0) -> tuple[int, int] | None:
     if cuda.cuDeviceGetAttribute(ctypes.byref(major), _MAJOR, dev) or cuda.cuDeviceGetAttribute(ctypes.byref(minor), _MINOR, dev):
         return None
     return major.value, minor.value
+
+
+@functools.cache
+def device_name(device: int = 0) -> str | None:
+    """The CUDA device's name ("NVIDIA H200"), or None without a driver or a device."""
+    if compute_capability(device) is None:
+        return None
+    cuda = ctypes.CDLL("libcuda.so.1")
+    dev, name = ctypes.c_int(), ctypes.create_string_buffer(256)
+    if cuda.cuDeviceGet(ctypes.byref(dev), device) or cuda.cuDeviceGetName(name, len(name), dev):
+        return None
+    return name.value.decode(errors="replace")

@@ -133,7 +133,7 @@ def load(path: Path, trust_pickle: bool = False):
     why = f"importing the diffusers model {path}"
     check_installed(["torch", "diffusers", "safetensors"], EXTRA, why)
     torch = require("torch", EXTRA, why)
-    with _quiet():
+    with quiet_libraries():
         diffusers = require("diffusers", EXTRA, why)
     cls = getattr(diffusers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
@@ -159,7 +159,7 @@ def load(path: Path, trust_pickle: bool = False):
     if variant:
         kwargs["variant"] = variant
     try:
-        with _quiet():
+        with quiet_libraries():
             model = cls.from_pretrained(os.fspath(path), **kwargs)
     except Exception as exc:  # diffusers raises many kinds; all mean the directory does not load
         raise InputError(f"diffusers could not load {class_name} from {path}: {_one_line(exc)}",
@@ -179,7 +179,7 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """Keep the exporters' progress lines and warnings off stdout and stderr (`kiln --json` needs stdout clean)."""
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]
@@ -194,7 +194,7 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _wrapper(model, adapter: Adapter):
+def wrapped_model(model, adapter: Adapter):
     """A module whose forward takes the adapter's inputs in order and returns the output tensor."""
     import torch
 
@@ -375,10 +375,10 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
     out_path = Path(out_path)
     sizes = export_sizes(adapter, ranges)
     args = make_inputs(adapter, sizes, seed=0)
-    wrapper = _wrapper(model, adapter)
+    wrapper = wrapped_model(model, adapter)
     where = fmt_sizes(all_sizes(adapter, sizes))
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_libraries():
             wrapper(*args)
     except Exception as exc:  # the model's own error: the adapter does not fit it
         raise InputError(f"{adapter.class_name} does not run in PyTorch on the inputs kiln made from its config "
@@ -391,7 +391,7 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
               "fixes": [], "torch": torch.__version__}  # fmt: skip
     started = time.perf_counter()
     program, raw = None, out_path.with_name(out_path.stem + ".torchscript.onnx")
-    with torch.no_grad(), _quiet(), _patched(model, adapter):
+    with torch.no_grad(), quiet_libraries(), _patched(model, adapter):
         try:
             program, record["fixes"] = _dynamo_export(wrapper, args, dynamic, adapter)
         except Exception as exc:  # any failure of torch.export or torch.onnx: try the TorchScript exporter
@@ -410,7 +410,7 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
         INT_RANGES_METADATA_KEY: json.dumps(adapter.int_ranges(), sort_keys=True),
     })  # fmt: skip
     record["opset"] = onnx_model.opset_imports.get("")
-    with _quiet():
+    with quiet_libraries():
         if program is not None:
             program.save(os.fspath(out_path), external_data=True)
         else:
@@ -461,7 +461,7 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
     except Exception as exc:
         raise InputError(f"ONNX Runtime cannot load the export of {adapter.class_name}: {_one_line(exc)}",
                          hint="report the class to kiln, with this message") from None  # fmt: skip
-    wrapper = _wrapper(model, adapter)
+    wrapper = wrapped_model(model, adapter)
     results = []
     for i, (label, sizes) in enumerate(check_sizes(adapter, ranges)):
         tensors = make_inputs(adapter, sizes, seed + i)
@@ -470,7 +470,7 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
                   "passed": False, "max_abs": None, "max_ref": None, "limit": None, "error": None}  # fmt: skip
         started = time.perf_counter()
         try:
-            with torch.no_grad(), _quiet():
+            with torch.no_grad(), quiet_libraries():
                 want = wrapper(*tensors).float().numpy()
         except Exception as exc:
             result["error"] = f"PyTorch failed: {_one_line(exc)}"

@@ -1,0 +1,204 @@
+"""The grid of `kiln compare`: the `kiln optimize` options it varies, each point's options, and the
+refusals, all before any build.
+
+A point's options come from the same parser and the same assembly as `kiln optimize`'s, so a point
+is exactly the engine `kiln optimize` would build with its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import math
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from kiln.optimizer.errors import InputError
+
+MAX_POINTS = 24  # a larger grid needs --yes: each point is a build, minutes on a large model
+GRID_OPTIONS = ("precision", "io-dtype", "quantize", "quant-backend", "calib-samples", "calib-method", "smoothquant",
+                "keep", "quality", "disable-pass")  # fmt: skip
+# Settings that only mean something with --quantize: a point without it drops them.
+QUANT_ONLY = ("quant-backend", "calib-samples", "calib-method", "smoothquant", "keep", "quality")
+NONE = "none"  # the value that leaves an option out
+OR = "|"  # what --or puts between grids in the list of --grid entries
+
+# How a setting reads in a short label ("{}": its value alone).
+_SHORT = {"calib-samples": "{} samples", "smoothquant": "SQ {}", "keep": "keep {}", "quant-backend": "{} Q/DQ",
+          "io-dtype": "{} IO", "disable-pass": "no {}"}  # fmt: skip
+
+_SAME_INPUTS = "every point is verified and measured on the same inputs"
+_SHARED = {
+    "target": "a sweep builds for one target; give --target",
+    "shapes": _SAME_INPUTS, "int-range": _SAME_INPUTS, "verify-inputs": _SAME_INPUTS, "seed": _SAME_INPUTS,
+    "calib": "every point's quality is measured on the same samples held out of --calib",
+    "bench-runs": "every point is measured the same way", "verify-each": "every point is measured the same way",
+    "no-verify": "every point is measured the same way",
+    **{k: "the model is imported once for every point" for k in
+       ("signature", "outputs", "opset", "layout", "align", "import-timeout", "trust-pickle")},
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class GridPoint:
+    settings: dict[str, str]  # option -> value, as given (only those that apply)
+    options: object | None  # config.Options; None when skipped
+    skipped: str | None = None  # why the point is not built
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.settings.items()) or "defaults"
+
+    @property
+    def short_label(self) -> str:
+        """The settings in a few words, for plots: "fp16 int8 32 samples"."""
+        words = [_SHORT.get(k, "{}").format(v) for k, v in self.settings.items() if v != NONE]
+        return " ".join(words) or "defaults"
+
+    @property
+    def flags(self) -> list[str]:
+        """The `kiln optimize` flags that build this point, beyond the shared ones."""
+        return [part for k, v in self.settings.items() if v != NONE for part in (f"--{k}", v)]
+
+
+@dataclasses.dataclass
+class Sweep:
+    model: Path
+    points: list[GridPoint]
+    base: object  # config.Options shared by every point (the grid's options left at their defaults)
+    base_flags: list[str]  # the shared options as given on the command line
+
+
+def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Callable, yes: bool) -> Sweep:
+    """The sweep `kiln compare` args ask for. parse: the kiln parser's parse_args; options_from_args: the
+    Options of parsed `kiln optimize` arguments."""
+    from kiln.optimizer.optimize import choose_target
+
+    groups = _recipe_grids(args.config) if args.config else []
+    if args.grid:  # the command line's grids replace the recipe's
+        groups = [{}]
+        for entry in args.grid:
+            if entry == OR:
+                groups.append({})
+                continue
+            key, values = _split(entry, "--grid")
+            groups[-1][key] = values
+    if not groups or not all(groups):
+        raise InputError("the grid is empty: give it with --grid OPTION=V1,V2 (--or between grids) or in a recipe's [compare.grid]",
+                         hint="e.g. kiln compare MODEL -o OUT --grid quantize=none,int8 --grid calib-samples=32,128")  # fmt: skip
+    parsed = [{key: [(value, _parse_value(key, value, parse)) for value in values] for key, values in group.items()} for group in groups]
+    total = sum(math.prod(len(values) for values in group.values()) for group in parsed)
+    if total > MAX_POINTS and not yes:
+        raise InputError(f"the grid has {total} points (more than {MAX_POINTS}); each is a build",
+                         hint="pass --yes to run them all, or give fewer values")  # fmt: skip
+
+    base = options_from_args(args)
+    choose_target(base)  # the shared target must exist and run here (exit 2 before any work)
+    points, seen = [], set()
+    combinations = [c for group in parsed for c in itertools.product(*[[(key, *pair) for pair in pairs] for key, pairs in group.items()])]
+    for combination in combinations:
+        settings = {key: text for key, text, _ in combination}
+        quantized = any(key == "quantize" and value is not None for key, _, value in combination) or (
+            "quantize" not in settings and base.quantize)
+        if not quantized:  # a calibration setting means nothing without quantization
+            combination = tuple(c for c in combination if c[0] not in QUANT_ONLY)
+            settings = {key: text for key, text, _ in combination}
+        if tuple(settings.items()) in seen:
+            continue
+        seen.add(tuple(settings.items()))
+        points.append(_point(args, settings, combination, options_from_args, choose_target))
+    return Sweep(args.model, points, base, _shared_flags(args))
+
+
+def _point(args, settings, combination, options_from_args, choose_target) -> GridPoint:
+    namespace = copy.deepcopy(args)
+    for key, _, value in combination:
+        dest = key.replace("-", "_")
+        if isinstance(getattr(namespace, dest), list):  # --keep, --disable-pass: one more
+            value = getattr(namespace, dest) + ([] if value is None else [value])
+        setattr(namespace, dest, value)
+    try:
+        options = options_from_args(namespace)
+        choose_target(options)
+    except InputError as exc:  # the point makes no sense here: FP8 on the cpu target, SmoothQuant on FP8
+        return GridPoint(settings, None, exc.message)
+    return GridPoint(settings, options)
+
+
+def _split(entry: str, where: str) -> tuple[str, list[str]]:
+    key, sep, text = entry.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key:
+        raise InputError(f"{where} {entry!r}: expected OPTION=V1,V2", hint="e.g. --grid quantize=none,int8,fp8")
+    _check_key(key, where)
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise InputError(f"{where} {key}= gives no values", hint=f"e.g. --grid {key}=V1,V2 ('none' leaves the option out)")
+    return key, values
+
+
+def _check_key(key: str, where: str) -> None:
+    if key in GRID_OPTIONS:
+        return
+    hint = f"grid options: {', '.join(GRID_OPTIONS)}"
+    if key in _SHARED:
+        raise InputError(f"{where}: --{key} cannot vary across points: {_SHARED[key]}",
+                         hint=f"give --{key} once, outside the grid; {hint}")  # fmt: skip
+    raise InputError(f"{where}: {key!r} is not an option kiln compare can vary", hint=hint)
+
+
+def _parse_value(key: str, value: str, parse: Callable):
+    """The value as `kiln optimize --KEY VALUE` parses it (None for 'none'), or an InputError naming it."""
+    if value == NONE:
+        return None
+    try:
+        parsed = parse(["optimize", "MODEL", "-o", "OUTDIR", f"--{key}", value])
+    except InputError as exc:
+        raise InputError(f"--grid {key}={value}: {exc.message.split(': ', 1)[-1]}", hint=exc.hint) from None
+    found = getattr(parsed, key.replace("-", "_"))
+    return found[-1] if isinstance(found, list) else found
+
+
+def _recipe_grids(path: Path) -> list[dict[str, list[str]]]:
+    """The grids of a recipe: [compare.grid], a table of OPTION = [values], or [[compare.grid]], several."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []  # options_from_args reports what is wrong with the file
+    section = data.get("compare", {})
+    tables = section.get("grid", []) if isinstance(section, dict) else None
+    tables = [tables] if isinstance(tables, dict) else tables
+    if not isinstance(tables, list) or set(section) - {"grid"} or not all(isinstance(t, dict) for t in tables):
+        raise InputError(f"recipe {path}: [compare] holds [compare.grid], a table of OPTION = [values] (or [[compare.grid]] tables, one per grid)",
+                         hint='e.g. [compare.grid]\nquantize = ["none", "int8"]')  # fmt: skip
+    grids = []
+    for table in tables:
+        grid = {}
+        for key, values in table.items():
+            _check_key(key, f"recipe {path} [compare.grid]")
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+                raise InputError(f"recipe {path}: compare.grid.{key} must be a list of values, like [\"none\", \"int8\"]")
+            grid[key] = [str(v) for v in values]
+        grids.append(grid)
+    return grids
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    """The shared options as `kiln optimize` flags, for the command that rebuilds a point."""
+    flags = []
+    if args.config:
+        flags += ["--config", str(args.config)]
+    for dest in ("target", "precision", "io_dtype", "seed", "calib", "quantize", "calib_samples", "calib_method", "smoothquant",
+                 "quant_backend", "quality"):  # fmt: skip
+        value = getattr(args, dest, None)
+        if value is not None:
+            flags += [f"--{dest.replace('_', '-')}", str(value)]
+    for dest, flag in (("shapes", "--shapes"), ("int_range", "--int-range"), ("keep", "--keep"), ("disable_pass", "--disable-pass"),
+                       ("verify_inputs", "--verify-inputs")):  # fmt: skip
+        for value in getattr(args, dest, []):
+            flags += [flag, str(value)]
+    return flags
