@@ -117,12 +117,13 @@ def _tensorflow(name: str, directory: Path, options) -> Baseline:
 def _onnxruntime(name: str, model_path: Path, target: targets.Target) -> Baseline:
     import onnxruntime as ort
 
+    from kiln.optimizer.calibrate import calibration_providers
     from kiln.targets.engine import Engine
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    providers = [p for p in getattr(target, "providers", ("CPUExecutionProvider",)) if p in ("CUDAExecutionProvider", "CPUExecutionProvider")]
+    providers = list(calibration_providers(target))  # the target's GPU, with ONNX Runtime's own kernels
     session = ort.InferenceSession(str(model_path), options, providers=providers)
     engine = Engine.from_session(session, "cuda" if "CUDAExecutionProvider" in providers else "cpu")
 

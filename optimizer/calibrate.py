@@ -55,6 +55,10 @@ def check_format(options: Options, target: targets.Target) -> None:
 def calibration_providers(target: targets.Target) -> tuple[str, ...]:
     """The ONNX Runtime providers calibration runs on: the target's GPU if it has one."""
     providers = tuple(p for p in getattr(target, "providers", ()) if p in ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    if "CUDAExecutionProvider" in providers:
+        from kiln.targets.engine import preload_cuda
+
+        preload_cuda()
     return providers or ("CPUExecutionProvider",)
 
 

@@ -44,6 +44,12 @@ def session_specs(args) -> tuple[TensorSpec, ...]:
     )
 
 
+def preload_cuda() -> None:
+    """Load the CUDA and cuDNN libraries that torch's packages ship, before a CUDA session is made."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     """The engine that a target's build wrote into engine_dir, with the session settings its manifest
     records; a CUDA engine runs on cuda_stream (a cudaStream_t) if given."""
@@ -58,8 +64,8 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
             f"onnxruntime {ort.__version__} here lacks it",
             hint="run it where that target is available (`kiln targets`), or build it for this machine's target",
         )
-    if config.device == "cuda" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's packages ship
+    if config.device == "cuda":
+        preload_cuda()
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     try:
         session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream))
