@@ -23,6 +23,8 @@ kiln takes a trained model to a fast, verified inference engine for a target, an
   kiln optimize ex/model.onnx -o out/    optimize, build, verify and benchmark it
   kiln run out/ --inputs in.npz --output out.npz
   kiln bench out/                        latency at each shape of the engine's profile
+  kiln compare ex/model.onnx -o sweep/ --grid precision=fp32,fp16 --grid quantize=none,int8
+                                         one engine per setting: quality against latency
   kiln targets                           what each target can do, and whether it runs here
   kiln interpolate film-out/ clip.mp4 -o smooth.mp4 --factor 4
                                          FILM in-betweens: a video or frame folder at 4x the rate

@@ -286,8 +286,10 @@ def _write_tables(outdir: Path, state: _State, rows: list[dict], final: bool) ->
 
 
 def _write_json(path: Path, data: dict) -> None:
+    from kiln.optimizer.compare_report import to_json
+
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(to_json(data))
 
 
 def _check_outdir(outdir: Path, model_arg: Path) -> None:

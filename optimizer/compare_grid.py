@@ -89,10 +89,11 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
     if not groups or not all(groups):
         raise InputError("the grid is empty: give it with --grid OPTION=V1,V2 (--or between grids) or in a recipe's [compare.grid]",
                          hint="e.g. kiln compare MODEL -o OUT --grid quantize=none,int8 --grid calib-samples=32,128")  # fmt: skip
-    parsed = [{key: [(value, _parse_value(key, value, parse)) for value in values] for key, values in group.items()} for group in groups]
+    parsed = [{key: [(value, _parse_value(key, value, parse, options_from_args)) for value in values] for key, values in group.items()}
+              for group in groups]  # fmt: skip
     total = sum(math.prod(len(values) for values in group.values()) for group in parsed)
     if total > MAX_POINTS and not yes:
-        raise InputError(f"the grid has {total} points (more than {MAX_POINTS}); each is a build",
+        raise InputError(f"--grid gives {total} points, more than {MAX_POINTS}; each is a build",
                          hint="pass --yes to run them all, or give fewer values")  # fmt: skip
 
     base = options_from_args(args)
@@ -122,9 +123,12 @@ def _point(args, settings, combination, options_from_args, choose_target) -> Gri
         setattr(namespace, dest, value)
     try:
         options = options_from_args(namespace)
-        choose_target(options)
+        target = choose_target(options)
     except InputError as exc:  # the point makes no sense here: FP8 on the cpu target, SmoothQuant on FP8
         return GridPoint(settings, None, exc.message)
+    from kiln.optimizer.build import select_passes
+
+    select_passes(options, target)  # an unknown pass name is a typo, not a combination: exit 2 before any build
     return GridPoint(settings, options)
 
 
@@ -150,14 +154,18 @@ def _check_key(key: str, where: str) -> None:
     raise InputError(f"{where}: {key!r} is not an option kiln compare can vary", hint=hint)
 
 
-def _parse_value(key: str, value: str, parse: Callable):
-    """The value as `kiln optimize --KEY VALUE` parses it (None for 'none'), or an InputError naming it."""
+def _parse_value(key: str, value: str, parse: Callable, options_from_args: Callable):
+    """The value as `kiln optimize --KEY VALUE` parses it (None for 'none'), or an InputError naming it.
+    A quantization setting is also checked on its own, with INT8 (--calib-samples 0, a bad --keep
+    pattern): a value no point could take is a typo, not a combination to skip."""
     if value == NONE:
         return None
     try:
-        parsed = parse(["optimize", "MODEL", "-o", "OUTDIR", f"--{key}", value])
+        parsed = parse(["optimize", "MODEL", "-o", "OUTDIR", f"--{key}", value, *(["--quantize", "int8"] if key in QUANT_ONLY else [])])
+        if key in QUANT_ONLY:
+            options_from_args(parsed)
     except InputError as exc:
-        raise InputError(f"--grid {key}={value}: {exc.message.split(': ', 1)[-1]}", hint=exc.hint) from None
+        raise InputError(f"--grid {key}={value}: {exc.message.removeprefix('kiln optimize: ')}", hint=exc.hint) from None
     found = getattr(parsed, key.replace("-", "_"))
     return found[-1] if isinstance(found, list) else found
 

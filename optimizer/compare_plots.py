@@ -36,27 +36,28 @@ def _pareto(path: Path, result: dict) -> str:
     import matplotlib.pyplot as plt
 
     metric = result["quality_metric"]
-    rows = [r for r in result["points"] if r["status"] == "ok" and r["latency"] and r.get("quality") and metric in r["quality"]]
+    rows = [r for r in result["points"] if r["status"] == "ok" and r["latency"] and (r.get("quality") or {}).get(metric) is not None]
     figure, axes = plt.subplots(figsize=(8, 5.5))
     if not rows:
         axes.text(0.5, 0.5, "no point was measured", ha="center", va="center", transform=axes.transAxes)
         _save(figure, path)
         return "empty: no point was measured"
     for row in rows:
-        x, y = row["latency"]["median_ms"], row["quality"][metric]
+        x, y = row["latency"]["median_ms"], _y(row, metric)
         baseline = row["kind"] == "baseline"
         axes.scatter([x], [y], s=70, marker="s" if baseline else "o", zorder=3,
                      color="tab:gray" if baseline else ("tab:red" if row["pareto"] else "tab:blue"))  # fmt: skip
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["latency"]["median_ms"])
     if len(front) > 1:
-        axes.step([r["latency"]["median_ms"] for r in front], [r["quality"][metric] for r in front], where="post",
+        axes.step([r["latency"]["median_ms"] for r in front], [_y(r, metric) for r in front], where="post",
                   color="tab:red", alpha=0.5, zorder=2, label="Pareto front")  # fmt: skip
     latencies = [r["latency"]["median_ms"] for r in rows]
     if max(latencies) / max(min(latencies), 1e-9) > 20:
         axes.set_xscale("log")
     if metric == "rel_l2":
+        values = [_y(r, metric) for r in rows]
         axes.set_yscale("log")
-        axes.invert_yaxis()  # better is up, as with PSNR
+        axes.set_ylim(max(values) * 3, min(values) / 3)  # inverted: better is up, as with PSNR
     _label_points(figure, axes, rows, metric)
     io = "on the device" if any(r["latency"]["io"] == "device" for r in rows) else "host to host"
     axes.set_xlabel(f"median latency (ms, {io}), lower is better")
@@ -76,14 +77,20 @@ def _pareto(path: Path, result: dict) -> str:
 _OFFSETS = [(6, 5), (6, -13), (-6, 5), (-6, -13), (6, 16), (6, -24), (-6, 16), (-6, -24), (6, 28), (6, -36)]
 
 
+def _y(row: dict, metric: str) -> float:
+    """The row's quality on the plot's axis (a relative error of 0 drawn at 1e-9, on a log axis)."""
+    value = row["quality"][metric]
+    return max(value, 1e-9) if metric == "rel_l2" else value
+
+
 def _label_points(figure, axes, rows: list[dict], metric: str) -> None:
     """One label per dot, moved around it until it overlaps no label placed before (dots close in
     latency and quality would otherwise print over each other)."""
     placed = []
     renderer = figure.canvas.get_renderer()
-    for row in sorted(rows, key=lambda r: (r["latency"]["median_ms"], -r["quality"][metric])):
+    for row in sorted(rows, key=lambda r: (r["latency"]["median_ms"], -_y(r, metric))):
         text = row.get("short_label", row["label"]) + (" (baseline)" if row["kind"] == "baseline" else "")
-        point = (row["latency"]["median_ms"], row["quality"][metric])
+        point = (row["latency"]["median_ms"], _y(row, metric))
         for dx, dy in _OFFSETS:
             label = axes.annotate(text, point, textcoords="offset points", xytext=(dx, dy), fontsize=8,
                                   ha="left" if dx > 0 else "right")  # fmt: skip
@@ -154,7 +161,7 @@ def _samples(outdir: Path, result: dict, reference_key: str) -> str:
             grid[i, j].imshow(_rgb(pictures[j], lows[j], highs[j]), interpolation="nearest")
             image = grid[i, count + j].imshow(row_diffs[j], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
         q = row.get("quality") or {}
-        psnr = f"\nPSNR {q['psnr']:.1f} dB" if "psnr" in q else (f"\nrel L2 {q['rel_l2']:.2g}" if "rel_l2" in q else "")
+        psnr = f"\nPSNR {q['psnr']:.1f} dB" if q.get("psnr") is not None else (f"\nrel L2 {q['rel_l2']:.2g}" if q.get("rel_l2") is not None else "")
         grid[i, 0].set_ylabel(row.get("short_label", row["label"]) + (" (baseline)" if row["kind"] == "baseline" else "") + psnr,
                               fontsize=8, rotation=0, ha="right", va="center")  # fmt: skip
     for axes in grid.flat:

@@ -4,6 +4,7 @@ first, Pareto-optimal points marked), and through compare_plots pareto.png and s
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -17,7 +18,7 @@ STATUSES = ("ok", "verification-failed", "budget-not-met", "error", "skipped")
 
 def summary(model_arg: Path, sweep, target, rows: list[dict]) -> dict:
     """compare.json: every row with its Pareto mark and its speed against the baseline."""
-    rows = [dict(r) for r in rows]
+    rows = [_finite(r) for r in rows]  # copies, with NaN metrics (a model whose outputs are NaN) as None
     baseline = _ratio_baseline(rows)
     for row in rows:
         row["pareto"] = False
@@ -62,7 +63,7 @@ def quality_metric(rows: list[dict]) -> str:
 def pareto(rows: list[dict], metric: str) -> list[dict]:
     """The rows no other row beats on both latency and quality (and ties on neither)."""
     higher = metric in ("psnr", "ssim")
-    ok = [r for r in rows if r["status"] == "ok" and r["latency"] and r.get("quality") and metric in r["quality"]]
+    ok = [r for r in rows if r["status"] == "ok" and r["latency"] and r.get("quality") and r["quality"].get(metric) is not None]
 
     def value(r) -> tuple[float, float]:
         q = r["quality"][metric]
@@ -72,13 +73,28 @@ def pareto(rows: list[dict], metric: str) -> list[dict]:
 
 
 def write_outputs(outdir: Path, result: dict, rows: list[dict], reference_key: str, plots: bool) -> None:
-    _write_text(outdir / "compare.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _write_text(outdir / "compare.json", to_json(result))
     if plots:
         from kiln.optimizer.compare_plots import draw
 
         result["plots"] = draw(outdir, result, reference_key)
-        _write_text(outdir / "compare.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+        _write_text(outdir / "compare.json", to_json(result))
     _write_text(outdir / "compare.md", markdown(result))
+
+
+def to_json(data) -> str:
+    """Strict JSON: a metric that is NaN or infinite (a model whose outputs are) becomes null."""
+    return json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -78,6 +78,8 @@ def markdown(report: dict) -> str:
         for rule, reasons in p["details"].get("refused", {}).items():
             out += [f"- not fused ({p['name']}, {rule}), {n}×: {reason}" for reason, n in reasons.items()]
     out += _quantization(report)
+    if report.get("quality"):  # an unquantized engine measured by kiln compare
+        out += _quality({"quality": report["quality"]}, {})
     out += ["## Verification", ""]
     if not verification["enabled"]:
         out += ["Not run (`--no-verify`).", ""]

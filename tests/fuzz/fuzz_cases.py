@@ -11,7 +11,7 @@ import numpy as np
 import fuzz_inputs as inputs
 from fuzz_harness import SIGNALS, Case
 
-COMMANDS = ("optimize", "run", "bench", "interpolate", "decode", "example")
+COMMANDS = ("optimize", "compare", "run", "bench", "interpolate", "decode", "example")
 
 
 def _choice(rng, options):
@@ -89,6 +89,40 @@ def optimize_case(rng, sandbox: Path, engines: dict) -> Case:
         shutil.copytree(engines["block"], out, dirs_exist_ok=True)  # a kiln output with the user's file in it
         out_kind = "kiln output holding the user's file"
     return Case("optimize", f"{kind}; {out_kind}", ["optimize", str(path), "-o", str(out), "--bench-runs", "0", *extra], out)
+
+
+_BAD_GRIDS = [[], ["--grid", "precision="], ["--grid", "shapes=batch=1"], ["--grid", "nope=1"], ["--grid", "precision=fp9"],
+              ["--grid", "quantize=int8", "--grid", "calib-samples=0"], ["--grid", "disable-pass=nope"], ["--or"], ["--grid", "=x"],
+              ["--grid", "quantize=int8", "--grid", f"calib-samples={','.join(map(str, range(1, 30)))}"]]  # fmt: skip
+_GOOD_GRIDS = [["--grid", "precision=fp32,fp16"], ["--grid", "quantize=none,int8", "--grid", "calib-samples=2,4"],
+               ["--grid", "quantize=fp8,int8"]]  # fmt: skip
+
+
+def compare_case(rng, sandbox: Path, engines: dict) -> Case:
+    model_dir = sandbox / "model"
+    model_dir.mkdir()
+    path = model_dir / "model.onnx"
+    choice = int(rng.integers(0, 8))
+    grid = _GOOD_GRIDS[0]
+    if choice <= 1:
+        kind, data = inputs.mutated_model(rng)
+        path.write_bytes(data)
+    elif choice == 2:
+        kind = "truncated model"
+        path.write_bytes(inputs.truncated(rng, inputs.model_bytes()))
+    elif choice == 3:
+        kind, path = "missing model", model_dir / "missing.onnx"
+    elif choice == 4:
+        path.write_bytes(inputs.model_bytes())
+        kind, grid = "bad grid", _choice(rng, _BAD_GRIDS)
+    else:
+        path.write_bytes(inputs.model_bytes())
+        kind, grid = "good model", _choice(rng, _GOOD_GRIDS)
+    out_kind, out = _output_path(rng, sandbox, "out", "dir")
+    if out_kind == "output is a full folder" and rng.integers(0, 2):
+        shutil.copytree(engines["block"], out, dirs_exist_ok=True)  # kiln optimize's output is not kiln compare's
+        out_kind = "kiln optimize output"
+    return Case("compare", f"{kind}; {out_kind}", ["compare", str(path), "-o", str(out), "--bench-runs", "1", *grid], out)
 
 
 def _bad_options(rng, sandbox: Path) -> tuple[str, list[str]]:
@@ -202,7 +236,7 @@ def example_case(rng, sandbox: Path, engines: dict) -> Case:
     return Case("example", f"{name or 'empty name'}; {kind}{' --force' if extra else ''}", ["example", name, str(directory), *extra], directory)
 
 
-MAKERS = {"optimize": optimize_case, "run": run_case, "bench": bench_case, "decode": decode_case,
+MAKERS = {"optimize": optimize_case, "compare": compare_case, "run": run_case, "bench": bench_case, "decode": decode_case,
           "interpolate": interpolate_case, "example": example_case}  # fmt: skip
 
 

@@ -154,6 +154,12 @@ def _output_whole(case: Case, code: int, before: dict[str, str], after: dict[str
             missing = [f for f in (*report["model"]["files"], *report["target"]["files"], "report.md") if not (output / f).exists()]
             return [f"OUTDIR lacks {missing}"] if missing else []
         return [] if before == after else ["OUTDIR changed although the command failed"]
+    if case.command == "compare":
+        # Points are kept as they are done (a rerun resumes), so a failed sweep may leave some: each whole.
+        broken = [str(p.relative_to(output)) for p in output.rglob("*.json") if not _json_reads(p)]
+        if code == 0 and not (output / "compare.json").is_file():
+            return ["exit 0 without compare.json"]
+        return [f"half-written {broken[:3]}"] if broken else []
     if case.command in ("interpolate", "decode") and not output.suffix:
         # Frames: each one whole, whatever stopped the job (frames already there may be rewritten with --force).
         broken = [p.name for p in output.glob("frame_*") if p.suffix in IMAGE_SUFFIXES and not _decodes(p)]
@@ -161,6 +167,14 @@ def _output_whole(case: Case, code: int, before: dict[str, str], after: dict[str
     if code != 0 and before != after:
         return ["the output changed although the command failed"]
     return []
+
+
+def _json_reads(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _decodes(path: Path) -> bool:

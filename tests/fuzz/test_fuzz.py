@@ -25,7 +25,7 @@ from fuzz_harness import run_case
 TOTAL = int(os.environ.get("KILN_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("KILN_FUZZ_SEED", "0"))
 # Shares of the cases: in-process cases per command, then the signal and full-disk cases run as processes.
-SHARES = {"optimize": 0.26, "run": 0.2, "bench": 0.08, "decode": 0.15, "interpolate": 0.12, "example": 0.08}
+SHARES = {"optimize": 0.22, "compare": 0.06, "run": 0.18, "bench": 0.08, "decode": 0.15, "interpolate": 0.12, "example": 0.08}
 SIGNAL_SHARE, DISK_SHARE = 0.07, 0.04
 RESULTS: dict[str, dict] = {}
 
