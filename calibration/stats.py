@@ -59,10 +59,10 @@ def collect(
         session = ort.InferenceSession(os.fspath(path), options, providers=list(providers))
         names = [v.name for v in values]
         stats: dict[str, TensorStats] = {}
+        torch = _torch()
         for sample in data.samples:
             for name, x in zip(names, session.run(names, sample.feeds)):
-                mag = np.abs(x.astype(np.float32, copy=False))
-                per_channel = mag.reshape(-1, mag.shape[-1]).max(axis=0) if mag.ndim and mag.size else np.zeros(1, np.float32)
+                per_channel = _channel_amax(x, torch)
                 s = stats.get(name)
                 if s is None:
                     stats[name] = TensorStats(float(per_channel.max()), per_channel)
@@ -76,9 +76,44 @@ def collect(
                 for name, x in zip(names, session.run(names, sample.feeds)):
                     s = stats[name]
                     if s.amax > 0:
-                        s.hist += np.histogram(np.abs(x), bins=BINS, range=(0.0, s.amax))[0]
+                        s.hist += _histogram(x, s.amax, torch)
         del session
     return stats
+
+
+def _torch():
+    """torch where it is installed: its reductions and histograms use every core, numpy's one. On
+    DiT-XL/2 at 256² batch 8 (470 million activation values a sample), numpy's histograms took 750 s of
+    a 128-sample INT8 calibration on the H200 machine's host."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _channel_amax(x: np.ndarray, torch) -> np.ndarray:
+    """|x| max per index of the last axis (one zero for an empty or 0-d tensor)."""
+    if not np.ndim(x) or not np.size(x):
+        return np.zeros(1, np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if torch is None:
+        return np.abs(x).reshape(-1, x.shape[-1]).max(axis=0)
+    return torch.from_numpy(x).abs().reshape(-1, x.shape[-1]).amax(dim=0).numpy()
+
+
+_HISTC_CHUNK = 1 << 24  # torch.histc counts in float32, exact up to 2^24 per bin
+
+
+def _histogram(x: np.ndarray, amax: float, torch) -> np.ndarray:
+    """Counts of |x| in BINS equal bins over [0, amax] (the last bin closed, as numpy's)."""
+    if torch is None:
+        return np.histogram(np.abs(x), bins=BINS, range=(0.0, amax))[0]
+    flat = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1)).abs()
+    counts = np.zeros(BINS, np.int64)
+    for chunk in flat.split(_HISTC_CHUNK):
+        counts += torch.histc(chunk, bins=BINS, min=0.0, max=amax).numpy().astype(np.int64)
+    return counts
 
 
 def _values(model: ir.Model, tensors: Sequence[str]) -> list[ir.Value]:

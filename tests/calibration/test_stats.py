@@ -10,6 +10,7 @@ import pytest
 
 from kiln.calibration import CalibrationSet, Sample
 from kiln.calibration.cache import StatsCache, cache_key
+from kiln.calibration import stats
 from kiln.calibration.stats import BINS, TensorStats, collect, threshold
 
 
@@ -101,3 +102,19 @@ def test_cache_that_cannot_be_written_says_so(tmp_path):
     blocker.write_text("")
     problem = StatsCache(blocker / "sub").store("k", {"a": TensorStats(1.0, np.ones(1))})
     assert problem and problem.startswith(f"the statistics cache could not be written to {blocker / 'sub'}")
+
+
+def test_torchs_reductions_and_histograms_match_numpys():
+    """collect uses torch's multithreaded reductions where torch is installed: the same statistics."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64, 96)).astype(np.float32)
+    x[..., 7] *= 40  # an outlier channel
+    amax = float(np.abs(x).max())
+    assert np.array_equal(stats._channel_amax(x, torch), stats._channel_amax(x, None))
+    assert np.array_equal(stats._channel_amax(np.float32(3), torch), np.zeros(1, np.float32))
+    want = stats._histogram(x, amax, None)
+    got = stats._histogram(x, amax, torch)
+    assert got.dtype == np.int64 and got.sum() == x.size and np.abs(got - want).sum() <= 2  # bin edges may round apart
+    one, many = stats.TensorStats(amax, None, want), stats.TensorStats(amax, None, got)
+    assert stats.threshold(one, "entropy") == pytest.approx(stats.threshold(many, "entropy"), rel=1e-3)
