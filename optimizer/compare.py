@@ -27,7 +27,7 @@ from kiln.optimizer.bench import samples_ms
 from kiln.optimizer.compare_grid import GridPoint, Sweep
 from kiln.optimizer.compare_report import SCHEMA
 from kiln.optimizer.errors import InputError, KilnError, first_line
-from kiln.optimizer.onnx_files import find_model
+from kiln.optimizer.onnx_files import find_model, model_files
 from kiln.optimizer.outdir import ENGINE_DIR, atomic_file, check_not_link, staged_dir
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import Outputs
@@ -100,12 +100,14 @@ class _State:
         self.work: Path | None = None
         self.prepared = None
         self.quality = None
+        self.prepare_s = 0.0  # importing the model and running the reference, when a point needed them
 
     def _prepare(self):
         from kiln.optimizer.optimize import prepare
 
         if self.prepared is None:
             prefix, self.progress.prefix = self.progress.prefix, ""
+            started = time.perf_counter()
             prepared = prepare(self.model_arg, self.work, self.sweep.base, self.progress)
             held_out = ()
             if self.sweep.base.calib:  # every point measures on the samples held out of the largest split
@@ -113,6 +115,7 @@ class _State:
             self.quality = prepared.quality_reference(self.sweep.base, self.progress, held_out)
             _save_pictures(self.outdir / REFERENCE_FILE, _pictures(self.quality.want), self.reference_key)
             self.prepared, self.progress.prefix = prepared, prefix
+            self.prepare_s = time.perf_counter() - started
         return self.prepared
 
     @property
@@ -281,6 +284,7 @@ def _write_tables(outdir: Path, state: _State, rows: list[dict], final: bool) ->
     from kiln.optimizer.compare_report import summary, write_outputs
 
     result = summary(state.model_arg, state.sweep, state.target, rows)
+    result["prepare_s"] = state.prepare_s
     write_outputs(outdir, result, rows, state.reference_key, plots=final)
     return result
 
@@ -316,10 +320,11 @@ def _key(environment: dict, what: dict) -> str:
 
 
 def _model_hash(model_arg: Path) -> str:
-    """sha256 over the model's files: a directory's every file, or an ONNX file and its folder's other
-    files (external data)."""
-    root = model_arg if model_arg.is_dir() else find_model(model_arg).parent
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if model_arg.is_dir() else sorted(p for p in root.iterdir() if p.is_file())
+    """sha256 over the model's files: a directory's every file, or an ONNX file and its external data."""
+    if model_arg.is_dir():
+        root, files = model_arg, sorted(p for p in model_arg.rglob("*") if p.is_file())
+    else:
+        root, files = model_arg.parent, model_files(find_model(model_arg))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")

@@ -113,26 +113,28 @@ def markdown(result: dict) -> str:
     rest = [r for r in rows if r not in measured]
     out = [f"# kiln compare: {Path(result['model']).name} on {result['target']} ({result['device']})", "",
            f"{counts['points']} points: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
-           f"{counts['built']} built in this run, {counts['cached']} from earlier runs (same model, options, target and versions).", ""]  # fmt: skip
+           f"{counts['built']} built in this run, {counts['cached']} from earlier runs (same model, options, target and versions)"
+           + (f"; importing the model and running the fp32 reference took {result['prepare_s']:.0f} s" if result.get("prepare_s") else "")
+           + ".", ""]  # fmt: skip
     if result["quality_on"]:
         out += [f"Quality against {result['reference']}, on {result['quality_on']}. "
                 "★: Pareto-optimal (no other row is both at least as fast and at least as good)." + (
                 f" Speed-up against **{baseline}**, the fastest baseline." if baseline else ""), ""]  # fmt: skip
     headers = ["", "point", "median ms", "p90 ms", f"× {baseline}" if baseline else "×", "engine MB", "device MB",
-               "PSNR dB", "SSIM", "rel L2"]  # fmt: skip
+               "PSNR dB", "SSIM", "rel L2", "build s"]  # fmt: skip
     table = []
     for r in measured:
         q = r.get("quality") or {}
         lat = r["latency"]
         table.append(["★" if r["pareto"] else "", _label(r), _f(lat["median_ms"], ".3f"), _f(lat["p90_ms"], ".3f"), _f(r["speedup"], ".2f"),
                       _f(r["engine_mb"], ".1f"), _f(r["device_memory_mb"], ".0f"), _f(q.get("psnr"), ".2f"), _f(q.get("ssim"), ".4f"),
-                      _f(q.get("rel_l2"), ".3g")])  # fmt: skip
+                      _f(q.get("rel_l2"), ".3g"), _f(r.get("seconds"), ".0f")])  # fmt: skip
     out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(map(str, row)) + " |" for row in table] + [""]
     io = {r["latency"]["io"] for r in measured}
     out += [f"Latency: median and p90 of {', '.join(sorted({str(r['latency']['runs']) for r in measured}))} runs at the opt shape, "
             f"inputs and outputs on the {' and '.join(sorted('device' if i == 'device' else 'host' for i in io))}. "
-            "Engine MB: the engine's files. Device MB: device memory held by an engine after its runs (its arena's "
+            "Build s: the point's build and measurement (a baseline's: loading, compiling, measuring). Engine MB: the engine's files. Device MB: device memory held by an engine after its runs (its arena's "
             "high-water mark, from cudaMemGetInfo), or the peak torch allocated for a PyTorch baseline.", ""] if measured else []  # fmt: skip
     if rest:
         out += ["## Not measured", ""]

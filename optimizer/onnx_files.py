@@ -109,6 +109,16 @@ def _tensors(graph: onnx.GraphProto):
                 yield from _tensors(sub)
 
 
+def model_files(path: Path) -> list[Path]:
+    """The ONNX file and the external data files it names (that exist), or the file alone if it does not load."""
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # a damaged file: importing it says what is wrong
+        return [path]
+    names = {e.value for t in _tensors(proto.graph) for e in t.external_data if e.key == "location"}
+    return [path, *sorted(p for name in names if (p := path.parent / name).is_file())]
+
+
 def _converter_reason(exc: Exception, proto: onnx.ModelProto) -> str:
     """Why onnx's version converter failed, naming the op where its message (a C++ assertion) does."""
     text = first_line(exc)
