@@ -285,7 +285,7 @@ def cmd_compare(args) -> int:
     from kiln.optimizer.compare_grid import read_grid
     from kiln.optimizer.progress import Progress
 
-    points = read_grid(args, build_parser().parse_args, options_from_args, args.yes)
+    points = read_grid(args, build_parser().parse_args, options_from_args, args.yes, engine_flags(args))
     result = compare(args.model, args.output, points, args.retry_failed, Progress(enabled=not args.quiet))
     counts = result["counts"]
     text = (f"{counts['ok']} of {counts['points']} points built and measured ({counts['built']} built now, {counts['cached']} "
@@ -293,6 +293,24 @@ def cmd_compare(args) -> int:
             f"table: {args.output / 'compare.md'}; plot: {args.output / 'pareto.png'}; samples: {args.output / 'samples.png'}")
     _emit(args, result, text)
     return 0
+
+
+def engine_flags(args) -> list[str]:
+    """The engine options args holds (those not at their defaults), as `kiln optimize` flags."""
+    parser = _Parser(add_help=False)
+    _engine_options(parser)
+    flags = []
+    for action in parser._actions:
+        value, flag = getattr(args, action.dest, None), action.option_strings[-1]
+        if value is None or value is False or value == [] or action.dest == "outputs" and not value:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif action.dest == "outputs":
+            flags += [flag, ",".join(value)]
+        else:
+            flags += [part for v in (value if isinstance(value, list) else [value]) for part in (flag, str(v))]
+    return flags
 
 
 def cmd_run(args) -> int:

@@ -277,7 +277,7 @@ def load_pictures(path: Path, key: str) -> list[np.ndarray] | None:
 def _command(model_arg: Path, sweep: Sweep, point: GridPoint) -> str:
     import shlex
 
-    return shlex.join(["kiln", "optimize", str(model_arg), "-o", "OUTDIR", *sweep.base_flags, *point.flags])
+    return shlex.join(["kiln", "optimize", str(model_arg), "-o", "OUTDIR", *point.command_flags(sweep.base_flags)])
 
 
 def _write_tables(outdir: Path, state: _State, rows: list[dict], final: bool) -> dict:

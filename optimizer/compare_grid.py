@@ -23,6 +23,7 @@ GRID_OPTIONS = ("precision", "io-dtype", "quantize", "quant-backend", "calib-sam
                 "keep", "quality", "disable-pass")  # fmt: skip
 # Settings that only mean something with --quantize: a point without it drops them.
 QUANT_ONLY = ("quant-backend", "calib-samples", "calib-method", "smoothquant", "keep", "quality")
+QUANT_FLAGS = (*QUANT_ONLY, "calib")  # what kiln optimize refuses without --quantize
 NONE = "none"  # the value that leaves an option out
 OR = "|"  # what --or puts between grids in the list of --grid entries
 
@@ -63,6 +64,22 @@ class GridPoint:
         """The `kiln optimize` flags that build this point, beyond the shared ones."""
         return [part for k, v in self.settings.items() if v != NONE for part in (f"--{k}", v)]
 
+    def command_flags(self, shared: list[str]) -> list[str]:
+        """shared (flags and their values), less the quantization ones if this point does not quantize,
+        then this point's flags."""
+        if self.options is not None and not self.options.quantize:
+            drop = {f"--{k}" for k in QUANT_FLAGS}
+            kept, skip = [], False
+            for part in shared:
+                if skip:
+                    skip = False
+                elif part in drop:
+                    skip = True
+                else:
+                    kept.append(part)
+            shared = kept
+        return [*shared, *self.flags]
+
 
 @dataclasses.dataclass
 class Sweep:
@@ -72,9 +89,9 @@ class Sweep:
     base_flags: list[str]  # the shared options as given on the command line
 
 
-def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Callable, yes: bool) -> Sweep:
+def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Callable, yes: bool, shared_flags: list[str]) -> Sweep:
     """The sweep `kiln compare` args ask for. parse: the kiln parser's parse_args; options_from_args: the
-    Options of parsed `kiln optimize` arguments."""
+    Options of parsed `kiln optimize` arguments; shared_flags: the shared options as `kiln optimize` flags."""
     from kiln.optimizer.optimize import choose_target
 
     groups = _recipe_grids(args.config) if args.config else []
@@ -96,7 +113,10 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
         raise InputError(f"--grid gives {total} points, more than {MAX_POINTS}; each is a build",
                          hint="pass --yes to run them all, or give fewer values")  # fmt: skip
 
-    base = options_from_args(args)
+    # The shared options, less the quantization settings when they are not shared by every point (the
+    # points without --quantize drop them); --calib stays: it holds the samples quality is measured on.
+    base = options_from_args(args if args.quantize else _without_quantization(args))
+    base.calib = base.calib or args.calib
     choose_target(base)  # the shared target must exist and run here (exit 2 before any work)
     points, seen = [], set()
     combinations = [c for group in parsed for c in itertools.product(*[[(key, *pair) for pair in pairs] for key, pairs in group.items()])]
@@ -110,8 +130,17 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
         if tuple(settings.items()) in seen:
             continue
         seen.add(tuple(settings.items()))
-        points.append(_point(args, settings, combination, options_from_args, choose_target))
-    return Sweep(args.model, points, base, _shared_flags(args))
+        points.append(_point(args if quantized else _without_quantization(args), settings, combination, options_from_args, choose_target))
+    return Sweep(args.model, points, base, shared_flags)
+
+
+def _without_quantization(args: argparse.Namespace) -> argparse.Namespace:
+    """args without the settings kiln optimize takes only with --quantize."""
+    namespace = copy.deepcopy(args)
+    for key in QUANT_FLAGS:
+        dest = key.replace("-", "_")
+        setattr(namespace, dest, [] if isinstance(getattr(namespace, dest), list) else None)
+    return namespace
 
 
 def _point(args, settings, combination, options_from_args, choose_target) -> GridPoint:
@@ -193,20 +222,3 @@ def _recipe_grids(path: Path) -> list[dict[str, list[str]]]:
             grid[key] = [str(v) for v in values]
         grids.append(grid)
     return grids
-
-
-def _shared_flags(args: argparse.Namespace) -> list[str]:
-    """The shared options as `kiln optimize` flags, for the command that rebuilds a point."""
-    flags = []
-    if args.config:
-        flags += ["--config", str(args.config)]
-    for dest in ("target", "precision", "io_dtype", "seed", "calib", "quantize", "calib_samples", "calib_method", "smoothquant",
-                 "quant_backend", "quality"):  # fmt: skip
-        value = getattr(args, dest, None)
-        if value is not None:
-            flags += [f"--{dest.replace('_', '-')}", str(value)]
-    for dest, flag in (("shapes", "--shapes"), ("int_range", "--int-range"), ("keep", "--keep"), ("disable_pass", "--disable-pass"),
-                       ("verify_inputs", "--verify-inputs")):  # fmt: skip
-        for value in getattr(args, dest, []):
-            flags += [flag, str(value)]
-    return flags

@@ -145,6 +145,8 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
                 verifier = StepVerifier(reference, profile, options.seed)
             del reference  # its outputs are all that is needed: hold the weights once
     timings["reference_s"] = time.perf_counter() - t
+    for note in notes:
+        progress.line(f"note: {note}")
     return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model)
 
 
@@ -172,8 +174,8 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
     if options.quantize:
         calibration, calib_notes = prepared.calibration(options, target, progress, split_for)
         notes += calib_notes
-    for note in notes:
-        progress.line(f"note: {note}")
+        for note in calib_notes:
+            progress.line(f"note: {note}")
 
     model = prepared.take_model()
     built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_cli import assert_bad_input, run_cli
 
-from kiln.optimizer.cli import build_parser, main, options_from_args
+from kiln.optimizer.cli import build_parser, engine_flags, main, options_from_args
 from kiln.optimizer.compare_grid import MAX_POINTS, read_grid
 
 pytest.importorskip("diffusers")
@@ -42,7 +42,7 @@ TINY = ("--shapes", "batch=2", "--shapes", "height=16")
 
 def sweep(model, out, *grid):
     args = build_parser().parse_args(["compare", str(model), "-o", str(out), *map(str, grid)])
-    return read_grid(args, build_parser().parse_args, options_from_args, args.yes)
+    return read_grid(args, build_parser().parse_args, options_from_args, args.yes, engine_flags(args))
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -65,6 +65,17 @@ def test_settings_that_do_not_apply_are_dropped_and_the_points_merged(tiny_dit, 
     assert (built.options.precision, built.options.quantize, built.options.calib_samples) == ("fp16", "int8", 8)
     assert built.flags == ["--precision", "fp16", "--quantize", "int8", "--calib-samples", "8"]
     assert built.short_label == "fp16 int8 8 samples"
+
+
+def test_the_command_for_a_point_holds_every_shared_option(tiny_dit, tmp_path):
+    shared = ["--target", "cpu", "--shapes", "batch=2", "--shapes", "height=16", "--seed", "3", "--trust-pickle", "--keep", "attn1",
+              "--int-range", "class_labels=0..9", "--outputs", "a,b"]  # fmt: skip
+    found = sweep(tiny_dit, tmp_path / "o", *shared, "--grid", "quantize=none,int8")
+    assert sorted(found.base_flags) == sorted(shared)
+    for point in found.points:  # the point without quantization drops --keep, which kiln optimize takes only with it
+        command = point.command_flags(found.base_flags)
+        assert ("--keep" in command) == (point.options.quantize == "int8")
+        assert options_from_args(build_parser().parse_args(["optimize", str(tiny_dit), "-o", "x", *command])) == point.options
 
 
 def test_or_joins_grids_and_a_recipe_gives_them(tiny_dit, tmp_path):
