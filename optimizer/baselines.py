@@ -56,7 +56,7 @@ def open_baseline(name: str, model: Path, model_path: Path, target: targets.Targ
     if name.startswith("PyTorch") or name.startswith("torch.compile"):
         yield _torch(name, model, gpu=getattr(target, "device", "cpu") == "cuda", compiled=name.startswith("torch.compile"))
     elif name.startswith("TensorFlow"):
-        yield _tensorflow(name, model, options)
+        yield _tensorflow(name, model, model_path, options)
     else:
         yield _onnxruntime(name, model_path, target)
 
@@ -96,17 +96,20 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool) -> Baseline:
     return Baseline(name, run, timer, "device" if gpu else "host")
 
 
-def _tensorflow(name: str, directory: Path, options) -> Baseline:
+def _tensorflow(name: str, directory: Path, model_path: Path, options) -> Baseline:
+    import onnx
+
     from kiln.optimizer.lazy import require
 
     tf = require("tensorflow", "tf", "the TensorFlow baseline")
     with tf.device("/CPU:0"):
         function = tf.saved_model.load(str(directory)).signatures[options.signature]
+    kept = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]  # the outputs the import kept
 
     def run(feeds):
         with tf.device("/CPU:0"):
             out = function(**{k: tf.constant(v) for k, v in feeds.items()})
-        return {k: v.numpy() for k, v in out.items()}
+        return {k: out[k].numpy() for k in kept}
 
     def timer(feeds):
         return lambda: run(feeds)

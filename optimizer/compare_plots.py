@@ -135,7 +135,8 @@ def _samples(outdir: Path, result: dict, reference_key: str) -> str:
     reference = load_pictures(outdir / REFERENCE_FILE, reference_key) or []
     rows = sorted((r for r in result["points"] if r["status"] in ("ok", "verification-failed", "budget-not-met") and r.get("dir")),
                   key=lambda r: r["latency"]["median_ms"] if r["latency"] else float("inf"))  # fmt: skip
-    shown = [(r, p) for r in rows if (p := load_pictures(outdir / r["dir"] / PICTURES_FILE, r["key"]))]
+    shown = [(r, p) for r in rows if (p := load_pictures(outdir / r["dir"] / PICTURES_FILE, r["key"]))
+             and len(p) == len(reference) and all(np.shape(a) == np.shape(b) for a, b in zip(p, reference))]  # fmt: skip
     path = outdir / "samples.png"
     if not reference or not shown:
         figure, axes = plt.subplots(figsize=(4, 1))

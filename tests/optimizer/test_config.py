@@ -10,7 +10,7 @@ import pytest
 from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
 from kiln.optimizer.errors import InputError
 
-KNOWN_TOP = "bench, import, int_ranges, io_dtype, passes, precision, quantize, shapes, target, verify"
+KNOWN_TOP = "bench, compare, import, int_ranges, io_dtype, passes, precision, quantize, shapes, target, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
