@@ -159,10 +159,9 @@ class _State:
                             split_for=self.split_for if options.calib else None)  # fmt: skip
         after = _device_memory_mb(self.target)
         report = built.report
-        status = "ok" if built.failure is None else ("budget-not-met" if "budget" in built.failure.message else "verification-failed")
         quality = report.get("quality") or (report.get("quantization") or {}).get("quality")
         latency = next((r for r in report["latency"] if r["corner"] == "opt"), report["latency"][0] if report["latency"] else None)
-        row = _row(entry, status, error=built.failure.message if built.failure else None)
+        row = _row(entry, built.status, error=built.failure.message if built.failure else None)
         row.update(
             command=_command(self.model_arg, self.sweep, entry.point),
             latency=latency, quality=_headline(quality), quality_detail=quality,

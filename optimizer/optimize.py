@@ -155,7 +155,8 @@ class Point:
     """One engine built, verified and measured."""
 
     report: dict
-    failure: VerificationFailed | None  # to raise once the OUTDIR is in place: verification, a quality budget
+    status: str  # "ok", "verification-failed" or "budget-not-met"
+    failure: VerificationFailed | None  # to raise once the OUTDIR is in place
     engine: targets.Engine
     outputs: Outputs | None  # the engine's outputs on the quality inputs, when quality was measured
 
@@ -240,13 +241,14 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
     if quality is not None and not options.quantize:
         report["quality"] = quality
     write_reports(stage, report)
-    return Point(report, _failure(built, checks, options, outdir), engine, outputs)
+    return Point(report, *_failure(built, checks, options, outdir), engine, outputs)
 
 
-def _failure(built, checks, options: Options, outdir: Path) -> VerificationFailed | None:
+def _failure(built, checks, options: Options, outdir: Path) -> tuple[str, VerificationFailed | None]:
+    """The point's status, and the error to raise for it."""
     if built.fallback is not None and not built.fallback.met:
         best = max(built.fallback.curve, key=lambda e: e.quality if built.fallback.budget.higher_is_better else -e.quality)
-        return VerificationFailed(
+        return "budget-not-met", VerificationFailed(
             f"the quality budget {built.fallback.budget} is not met even with every quantized layer in float "
             f"(best: {built.fallback.budget.metric} {best.quality:.4g})",
             hint=f"see {outdir / 'report.md'}; loosen --quality, or quantize fewer layers with --keep",
@@ -255,7 +257,7 @@ def _failure(built, checks, options: Options, outdir: Path) -> VerificationFaile
         failed = [c for c in checks if not c.passed]
         worst = failed[0]
         detail = worst.error or ", ".join(f"{k}: max abs {v['max_abs']:.3g}" for k, v in worst.outputs.items())
-        return VerificationFailed(
+        return "verification-failed", VerificationFailed(
             f"verification failed at {len(failed)} of {len(checks)} shape(s); first at the {worst.corner} shape "
             f"({_fmt_shapes(worst.shapes)}): {detail}",
             hint=f"see {outdir / 'report.md'}; " + (
@@ -264,7 +266,7 @@ def _failure(built, checks, options: Options, outdir: Path) -> VerificationFaile
                 else "rerun with --verify-each to find the pass that breaks parity"
             ),
         )
-    return None
+    return "ok", None
 
 
 def _reference(model_path: Path) -> ort.InferenceSession:
