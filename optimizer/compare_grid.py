@@ -117,6 +117,9 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
     # points without --quantize drop them); --calib stays: it holds the samples quality is measured on.
     base = options_from_args(args if args.quantize else _without_quantization(args))
     base.calib = base.calib or args.calib
+    if not base.verify or not base.bench_runs:
+        raise InputError(f"kiln compare measures every point's quality and latency; {'--no-verify' if not base.verify else '--bench-runs 0'} "
+                         "would leave nothing to compare", hint="leave it out")  # fmt: skip
     choose_target(base)  # the shared target must exist and run here (exit 2 before any work)
     points, seen = [], set()
     combinations = [c for group in parsed for c in itertools.product(*[[(key, *pair) for pair in pairs] for key, pairs in group.items()])]

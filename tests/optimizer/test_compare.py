@@ -107,6 +107,8 @@ def test_or_joins_grids_and_a_recipe_gives_them(tiny_dit, tmp_path):
         ("--grid calib-samples=many: argument --calib-samples: invalid int value: 'many'", ["--grid", "calib-samples=8,many"]),
         ("cannot disable unknown pass(es) 'no-such-pass'", ["--grid", "disable-pass=none,no-such-pass"]),
         (f"--grid gives 25 points, more than {MAX_POINTS}; each is a build", ["--grid", f"calib-samples={','.join(map(str, range(1, 26)))}"]),
+        ("--no-verify would leave nothing to compare", ["--no-verify", "--grid", "precision=fp32"]),
+        ("--bench-runs 0 would leave nothing to compare", ["--bench-runs", "0", "--grid", "precision=fp32"]),
         ("unknown target 'gpu9000'; known targets: cpu, cuda, h100", ["--target", "gpu9000", "--grid", "precision=fp32"]),
     ],
 )
