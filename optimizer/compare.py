@@ -284,7 +284,7 @@ def _write_tables(outdir: Path, state: _State, rows: list[dict], final: bool) ->
 
     result = summary(state.model_arg, state.sweep, state.target, rows)
     result["prepare_s"] = state.prepare_s
-    write_outputs(outdir, result, rows, state.reference_key, plots=final)
+    write_outputs(outdir, result, state.reference_key, plots=final)
     return result
 
 

@@ -72,7 +72,7 @@ def pareto(rows: list[dict], metric: str) -> list[dict]:
     return [r for r in ok if not any(value(o)[0] <= value(r)[0] and value(o)[1] <= value(r)[1] and value(o) != value(r) for o in ok)]
 
 
-def write_outputs(outdir: Path, result: dict, rows: list[dict], reference_key: str, plots: bool) -> None:
+def write_outputs(outdir: Path, result: dict, reference_key: str, plots: bool) -> None:
     _write_text(outdir / "compare.json", to_json(result))
     if plots:
         from kiln.optimizer.compare_plots import draw
@@ -143,8 +143,8 @@ def markdown(result: dict) -> str:
     if commands:
         out += ["## To build a Pareto-optimal point", ""] + [f"- {_label(r)}: `{r['command']}` (or copy `{r['dir']}/`)" for r in commands] + [""]
     plots = result.get("plots") or {}
-    for name, note in plots.items():
-        out.append(f"- `{name}`: {note}")
+    if plots:
+        out += ["## Plots", ""] + [f"- `{name}`: {note}" for name, note in plots.items()]
     return "\n".join(out) + "\n"
 
 
