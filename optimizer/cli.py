@@ -98,7 +98,7 @@ OUTDIR:
   pareto.png     quality against latency, one labelled dot per point
   samples.png    the same inputs through the reference and each point, with the differences
   points/KEY/    each point's OUTDIR (what `kiln optimize` writes), KEY hashing the model, the
-                 options, the target and the library versions
+                 options, the target, kiln's own code and the library versions
 
   A point is stored when it is done, so an interrupted sweep resumes where it stopped, and a rerun
   builds nothing it has. A point that fails gets its error in its row, and the sweep goes on.
