@@ -29,6 +29,7 @@ class Baseline:
     run: Run  # host feeds -> host outputs
     timer: Callable[[dict[str, np.ndarray]], Callable[[], None]]  # feeds -> one run on resident inputs, waited for
     io: str  # where the timed run's inputs and outputs live: "device" or "host"
+    peak_memory_mb: Callable[[], float | None] = lambda: None  # device memory at its peak since the baseline was made
 
 
 def baseline_names(model: Path, target: targets.Target) -> list[str]:
@@ -93,7 +94,10 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool) -> Baseline:
 
         return once
 
-    return Baseline(name, run, timer, "device" if gpu else "host")
+    if not gpu:
+        return Baseline(name, run, timer, "host")
+    torch.cuda.reset_peak_memory_stats()
+    return Baseline(name, run, timer, "device", lambda: torch.cuda.max_memory_allocated() / 2**20)
 
 
 def _tensorflow(name: str, directory: Path, model_path: Path, options) -> Baseline:

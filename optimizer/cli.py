@@ -285,8 +285,7 @@ def cmd_compare(args) -> int:
     from kiln.optimizer.compare_grid import read_grid
     from kiln.optimizer.progress import Progress
 
-    points = read_grid(args, build_parser().parse_args, options_from_args, args.yes, engine_flags(args))
-    result = compare(args.model, args.output, points, args.retry_failed, Progress(enabled=not args.quiet))
+    result = compare(args.model, args.output, read_grid(args), args.retry_failed, Progress(enabled=not args.quiet))
     counts = result["counts"]
     text = (f"{counts['ok']} of {counts['points']} points built and measured ({counts['built']} built now, {counts['cached']} "
             f"from the cache, {counts['skipped']} skipped, {counts['failed']} failed)\n"
@@ -302,7 +301,7 @@ def engine_flags(args) -> list[str]:
     flags = []
     for action in parser._actions:
         value, flag = getattr(args, action.dest, None), action.option_strings[-1]
-        if value is None or value is False or value == [] or action.dest == "outputs" and not value:
+        if value is None or value is False or value == []:
             continue
         if value is True:
             flags.append(flag)

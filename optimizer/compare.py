@@ -25,9 +25,9 @@ import numpy as np
 from kiln import targets
 from kiln.optimizer.bench import samples_ms
 from kiln.optimizer.compare_grid import GridPoint, Sweep
-from kiln.optimizer.compare_report import SCHEMA
+from kiln.optimizer.compare_report import SCHEMA, to_json
 from kiln.optimizer.errors import InputError, KilnError, first_line
-from kiln.optimizer.onnx_files import find_model, model_files
+from kiln.optimizer.onnx_files import find_model, hash_directory, hash_files, model_files
 from kiln.optimizer.outdir import ENGINE_DIR, atomic_file, check_not_link, staged_dir
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import Outputs
@@ -99,7 +99,6 @@ class _State:
         self.reference_key = reference_key
         self.work: Path | None = None
         self.prepared = None
-        self.quality = None
         self.prepare_s = 0.0  # importing the model and running the reference, when a point needed them
 
     def _prepare(self):
@@ -112,8 +111,8 @@ class _State:
             held_out = ()
             if self.sweep.base.calib:  # every point measures on the samples held out of the largest split
                 held_out = prepared.calibration(self.sweep.base, self.target, self.progress, self.split_for)[0].held_out
-            self.quality = prepared.quality_reference(self.sweep.base, self.progress, held_out)
-            _save_pictures(self.outdir / REFERENCE_FILE, _pictures(self.quality.want), self.reference_key)
+            quality = prepared.quality_reference(self.sweep.base, self.progress, held_out)
+            _save_pictures(self.outdir / REFERENCE_FILE, _pictures(quality.want), self.reference_key)
             self.prepared, self.progress.prefix = prepared, prefix
             self.prepare_s = time.perf_counter() - started
         return self.prepared
@@ -171,7 +170,6 @@ class _State:
         )  # fmt: skip
         if built.outputs is not None:
             _save_pictures(stage / PICTURES_FILE, _pictures(built.outputs), entry.key)
-        del built
         return row
 
     def _baseline(self, entry: _Entry, stage: Path) -> dict:
@@ -181,11 +179,10 @@ class _State:
         feeds = profile.random_inputs(profile.shapes(profile.sizes("opt") if profile.dims else {}), base.seed)
         with self.progress.stage(f"baseline {entry.label}"), open_baseline(entry.label, self.model_arg, self.prepared.model_path,
                                                                          self.target, base) as baseline:  # fmt: skip
-            peak = _torch_peak_reset(baseline)
-            outputs = self.quality.outputs(baseline.run)
-            times = samples_ms(baseline.timer(feeds), max(base.bench_runs, 1), base.bench_warmup)
-            quality = self.quality.metrics(outputs)
-            memory = _torch_peak(peak)
+            outputs = self.prepared.quality.outputs(baseline.run)
+            times = samples_ms(baseline.timer(feeds), base.bench_runs, base.bench_warmup)
+            quality = self.prepared.quality.metrics(outputs)
+            memory = baseline.peak_memory_mb()
         row = _row(entry, "ok")
         row.update(
             latency={"io": baseline.io, "runs": len(times), "median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
@@ -249,7 +246,7 @@ def _pictures(outputs: Outputs) -> list[np.ndarray]:
     for cases in (outputs.held_out, outputs.cases):
         pictures = []
         for case in cases:
-            name = next((n for n, a in case.items() if np.ndim(a) >= 4 and min(np.shape(a)[-2:]) >= 2), None)
+            name = next((n for n in sorted(case) if np.ndim(case[n]) >= 4 and min(np.shape(case[n])[-2:]) >= 2), None)
             if name is not None:
                 pictures += list(np.asarray(case[name], np.float32))
         if pictures:
@@ -289,8 +286,6 @@ def _write_tables(outdir: Path, state: _State, rows: list[dict], final: bool) ->
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from kiln.optimizer.compare_report import to_json
-
     with atomic_file(path) as tmp:
         tmp.write_text(to_json(data))
 
@@ -321,16 +316,8 @@ def _key(environment: dict, what: dict) -> str:
 def _model_hash(model_arg: Path) -> str:
     """sha256 over the model's files: a directory's every file, or an ONNX file and its external data."""
     if model_arg.is_dir():
-        root, files = model_arg, sorted(p for p in model_arg.rglob("*") if p.is_file())
-    else:
-        root, files = model_arg.parent, model_files(find_model(model_arg))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+        return hash_directory(model_arg)
+    return hash_files(model_arg.parent, model_files(find_model(model_arg)))
 
 
 def _kiln_source_hash() -> str:
@@ -366,19 +353,3 @@ def _device_memory_mb(target) -> float | None:
         return None
     return (total - free) / 2**20
 
-
-def _torch_peak_reset(baseline) -> bool:
-    if baseline.io != "device":
-        return False
-    import torch
-
-    torch.cuda.reset_peak_memory_stats()
-    return True
-
-
-def _torch_peak(reset: bool) -> float | None:
-    if not reset:
-        return None
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import itertools
 import math
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,11 +88,12 @@ class Sweep:
     base_flags: list[str]  # the shared options as given on the command line
 
 
-def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Callable, yes: bool, shared_flags: list[str]) -> Sweep:
-    """The sweep `kiln compare` args ask for. parse: the kiln parser's parse_args; options_from_args: the
-    Options of parsed `kiln optimize` arguments; shared_flags: the shared options as `kiln optimize` flags."""
+def read_grid(args: argparse.Namespace) -> Sweep:
+    """The sweep `kiln compare` args ask for."""
+    from kiln.optimizer.cli import build_parser, engine_flags, options_from_args  # the cli imports this module
     from kiln.optimizer.optimize import choose_target
 
+    parse = build_parser().parse_args
     groups = _recipe_grids(args.config) if args.config else []
     if args.grid:  # the command line's grids replace the recipe's
         groups = [{}]
@@ -109,7 +109,7 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
     parsed = [{key: [(value, _parse_value(key, value, parse, options_from_args)) for value in values] for key, values in group.items()}
               for group in groups]  # fmt: skip
     total = sum(math.prod(len(values) for values in group.values()) for group in parsed)
-    if total > MAX_POINTS and not yes:
+    if total > MAX_POINTS and not args.yes:
         raise InputError(f"--grid gives {total} points, more than {MAX_POINTS}; each is a build",
                          hint="pass --yes to run them all, or give fewer values")  # fmt: skip
 
@@ -134,7 +134,7 @@ def read_grid(args: argparse.Namespace, parse: Callable, options_from_args: Call
             continue
         seen.add(tuple(settings.items()))
         points.append(_point(args if quantized else _without_quantization(args), settings, combination, options_from_args, choose_target))
-    return Sweep(args.model, points, base, shared_flags)
+    return Sweep(args.model, points, base, engine_flags(args))
 
 
 def _without_quantization(args: argparse.Namespace) -> argparse.Namespace:
@@ -204,10 +204,9 @@ def _parse_value(key: str, value: str, parse: Callable, options_from_args: Calla
 
 def _recipe_grids(path: Path) -> list[dict[str, list[str]]]:
     """The grids of a recipe: [compare.grid], a table of OPTION = [values], or [[compare.grid]], several."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return []  # options_from_args reports what is wrong with the file
+    from kiln.optimizer.config import read_recipe
+
+    data = read_recipe(Path(path))
     section = data.get("compare", {})
     tables = section.get("grid", []) if isinstance(section, dict) else None
     tables = [tables] if isinstance(tables, dict) else tables

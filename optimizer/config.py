@@ -128,14 +128,19 @@ _RECIPE = {
 }
 
 
-def load_recipe(path: Path, options: Options) -> None:
-    """Apply a recipe file to options; unknown keys and wrong types are errors naming the key."""
+def read_recipe(path: Path) -> dict:
+    """A recipe file's TOML, or an InputError saying why it cannot be read."""
     if not path.is_file():
         raise InputError(f"recipe {path}: no such file", hint="check the --config path")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid TOML: {exc}") from None
+
+
+def load_recipe(path: Path, options: Options) -> None:
+    """Apply a recipe file to options; unknown keys and wrong types are errors naming the key."""
+    data = read_recipe(path)
     known = sorted(k for k in (*_RECIPE[""], *[s for s in _RECIPE if s], "shapes", "int_ranges", "compare"))
     for key, value in data.items():
         if key == "shapes":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -107,6 +108,22 @@ def _tensors(graph: onnx.GraphProto):
             yield from attr.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _tensors(sub)
+
+
+def hash_files(root: Path, files: list[Path]) -> str:
+    """sha256 over each file's path relative to root and its bytes, in the order given."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_directory(directory: Path) -> str:
+    """hash_files over every file under directory, in path order: a SavedModel's or a diffusers model's cache key."""
+    return hash_files(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
 
 
 def model_files(path: Path) -> list[Path]:

@@ -502,7 +502,7 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
 
     Reads options.shapes (a list of (source, 'NAME=MIN..OPT..MAX')), options.seed and options.trust_pickle.
     """
-    from kiln.optimizer.importers.savedmodel import hash_directory
+    from kiln.optimizer.onnx_files import hash_directory
 
     directory = Path(directory)
     model = load(directory, trust_pickle=bool(getattr(options, "trust_pickle", False)))

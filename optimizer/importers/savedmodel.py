@@ -3,7 +3,6 @@ hostile SavedModel cannot take kiln down; then output pruning, dim naming, layou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from kiln.targets.align import METADATA_KEY as ALIGN_KEY
 from kiln.targets.align import Alignment
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import check_installed
-from kiln.optimizer.onnx_files import load_model, save_model
+from kiln.optimizer.onnx_files import hash_directory, load_model, save_model
 from kiln.optimizer.shapes import SHAPES_METADATA_KEY
 
 # FILM's signature; the authors' tools pad H and W to multiples of 64 (2^(7-1) for the released 7 levels).
@@ -28,17 +27,6 @@ FILM_ALIGN = 64
 
 def is_saved_model(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("saved_model.pb", "saved_model.pbtxt"))
-
-
-def hash_directory(directory: Path) -> str:
-    """sha256 over every file's relative path and bytes: the SavedModel's cache key."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert(directory: Path, output: Path, signature: str, opset: int, timeout: float) -> None:

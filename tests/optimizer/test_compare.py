@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_cli import assert_bad_input, run_cli
 
-from kiln.optimizer.cli import build_parser, engine_flags, main, options_from_args
+from kiln.optimizer.cli import build_parser, main, options_from_args
 from kiln.optimizer.compare_grid import MAX_POINTS, read_grid
 
 pytest.importorskip("diffusers")
@@ -42,7 +42,7 @@ TINY = ("--shapes", "batch=2", "--shapes", "height=16")
 
 def sweep(model, out, *grid):
     args = build_parser().parse_args(["compare", str(model), "-o", str(out), *map(str, grid)])
-    return read_grid(args, build_parser().parse_args, options_from_args, args.yes, engine_flags(args))
+    return read_grid(args)
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -274,3 +274,11 @@ def test_film_is_compared_with_tensorflow(capsys, tmp_path):
     with np.load(out / tf_row["dir"] / "pictures.npz") as pictures:
         assert pictures["picture_0"].shape == (64, 64, 3)  # FILM's interpolated frame, NHWC
     assert png_size(out / "samples.png")[0] > 500
+
+
+def test_a_recipe_that_does_not_read_says_so(capsys, tmp_path, tiny_dit):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("target = [\n")
+    assert_bad_input(capsys, f"recipe {recipe} is not valid TOML", "compare", tiny_dit, "-o", tmp_path / "out", "--config", recipe)
+    assert_bad_input(capsys, f"recipe {tmp_path / 'nope.toml'}: no such file", "compare", tiny_dit, "-o", tmp_path / "out",
+                     "--config", tmp_path / "nope.toml")  # fmt: skip
