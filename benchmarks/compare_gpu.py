@@ -1,18 +1,23 @@
 """`kiln compare` on DiT-XL/2 (random weights at real size, as benchmarks/dit_gpu.py) at 256² batch 8 on
 one GPU, timed end to end, then the same command again (which must build nothing).
 
-    python benchmarks/compare_gpu.py WORK [--runs 50] [--target h100] [--small]
+    python benchmarks/compare_gpu.py WORK [--runs 50] [--target h100] [--small] [--no-cross-check]
 
 The grid: fp16 and bf16; INT8 and FP8 (fp16 elsewhere) calibrated on 32 and 128 samples; and FP8 left
 as Q/DQ (without the GemmFloat8 lowering), as benchmarks/quant_gpu.py measured it. Baselines: PyTorch
 eager and torch.compile in bf16. --small runs the tiny example DiT on the cpu target instead (to try
 the script anywhere).
+
+Then a cross-check of compare's latencies, each in a fresh process: `kiln bench` on the points built
+from 32 calibration samples (or none), and the PyTorch baselines called as benchmarks/quant_gpu.py
+calls them, under torch.no_grad and under torch.inference_mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +36,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--target", default="h100")
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--no-cross-check", action="store_true")
+    parser.add_argument("--torch-modes", action="store_true", help=argparse.SUPPRESS)  # the cross-check's child
     args = parser.parse_args()
+    if args.torch_modes:
+        return torch_modes(args.work / "dit-xl-2", args.runs)
 
     from kiln.optimizer.cli import main as kiln
 
@@ -61,6 +70,55 @@ def main() -> None:
     print(f"{'point':<60} {'status':<20} {'seconds':>8}")
     for row in result["points"]:
         print(f"{row['label']:<60} {row['status']:<20} {row.get('seconds', 0):>8.1f}")
+    if not args.no_cross_check:
+        cross_check(result, args.work, args.runs, args.small)
+
+
+def cross_check(result: dict, work: Path, runs: int, small: bool) -> None:
+    kiln = [sys.executable, "-c", "import sys; from kiln.optimizer.cli import main; sys.exit(main(sys.argv[1:]))"]
+    print(f"\n{'cross-check: fresh process':<60} {'compare ms':>10} {'fresh ms':>9} {'ratio':>6}")
+    for row in result["points"]:
+        if row["kind"] != "engine" or row["status"] != "ok" or row["settings"].get("calib-samples", "32") != "32":
+            continue
+        done = subprocess.run([*kiln, "bench", str(work / "compare" / row["dir"]), "--json", "-q", "--runs", str(runs)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            print(f"{row['label']:<60} kiln bench failed: {done.stderr.strip()[-300:]}")
+            continue
+        fresh = json.loads(done.stdout)["results"][0]["median_ms"]
+        ours = row["latency"]["median_ms"]
+        print(f"{row['label']:<60} {ours:>10.3f} {fresh:>9.3f} {ours / fresh:>6.2f}")
+    if small:
+        return
+    for row in result["points"]:
+        if row["kind"] == "baseline" and row["status"] == "ok":
+            print(f"{row['label'] + ' (in compare)':<60} {row['latency']['median_ms']:>10.3f}")
+    done = subprocess.run([sys.executable, __file__, str(work), "--runs", str(runs), "--torch-modes"], capture_output=True, text=True)
+    print(done.stdout.strip() or done.stderr.strip()[-1500:])
+
+
+def torch_modes(model_dir: Path, runs: int) -> None:
+    """DiT-XL/2 in bf16 at 256² b8, eager and torch.compile, called as quant_gpu.py calls it, timed
+    under no_grad and under inference_mode."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from kiln.optimizer.bench import median_ms
+
+    model = DiTTransformer2DModel.from_pretrained(model_dir).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 4, 32, 32, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (8,), device="cuda", generator=g)
+    c = torch.randint(0, 1000, (8,), device="cuda", generator=g)
+    for name, module in (("eager", model), ("torch.compile", torch.compile(model))):
+        for mode in (torch.no_grad, torch.inference_mode):
+            def call(module=module, mode=mode):
+                with mode():
+                    module(x, timestep=t, class_labels=c, return_dict=False)
+                torch.cuda.synchronize()
+
+            call()
+            print(f"{f'{name} bf16 under {mode.__name__} (fresh process)':<60} {median_ms(call, runs, 5):>10.3f}")
 
 
 if __name__ == "__main__":

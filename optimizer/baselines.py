@@ -79,15 +79,17 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool) -> Baseline:
         found = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in adapter.input_names]
         return [t.to(dtype) if t.is_floating_point() else t for t in found]
 
+    # no_grad as diffusers' pipelines run: under inference_mode a torch.compile'd module slows down
+    # (pytorch/pytorch#114119: its parameters are not inference tensors)
     def run(feeds):
-        with torch.inference_mode():
+        with torch.no_grad():
             return {OUTPUT: module(*tensors(feeds)).float().cpu().numpy()}
 
     def timer(feeds):
         resident = tensors(feeds)
 
         def once():
-            with torch.inference_mode():
+            with torch.no_grad():
                 module(*resident)
             if gpu:
                 torch.cuda.synchronize()
