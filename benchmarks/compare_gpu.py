@@ -1,11 +1,11 @@
 """`kiln compare` on DiT-XL/2 (random weights at real size, as benchmarks/dit_gpu.py) at 256² batch 8 on
 one GPU, timed end to end, then the same command again (which must build nothing).
 
-    python benchmarks/compare_gpu.py WORK [--runs 50] [--target h100] [--small] [--no-cross-check]
+    python benchmarks/compare_gpu.py WORK [--runs 50] [--target h100] [--small] [--grid OPTION=V1,V2] [--no-cross-check]
 
 The grid: fp16 and bf16; INT8 and FP8 (fp16 elsewhere) calibrated on 32 and 128 samples; and FP8 left
 as Q/DQ (without the GemmFloat8 lowering), as benchmarks/quant_gpu.py measured it. Baselines: PyTorch
-eager and torch.compile in bf16. --small runs the tiny example DiT on the cpu target instead (to try
+eager and torch.compile in bf16, the latter with and without CUDA graphs. --small runs the tiny example DiT on the cpu target instead (to try
 the script anywhere).
 
 Then a cross-check of compare's latencies, each in a fresh process: `kiln bench` on the points built
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--target", default="h100")
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--grid", help="one compare --grid OPTION=V1,V2 in place of the full grid")
     parser.add_argument("--no-cross-check", action="store_true")
     parser.add_argument("--torch-modes", action="store_true", help=argparse.SUPPRESS)  # the cross-check's child
     args = parser.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
     shapes = ["--shapes", "batch=2", "--shapes", "height=16"] if args.small else ["--shapes", "batch=8", "--shapes", "height=32"]
     target = "cpu" if args.small else args.target
     command = ["compare", str(model_dir), "-o", str(args.work / "compare"), "--target", target, *shapes,
-               "--bench-runs", str(args.runs), *GRID]  # fmt: skip
+               "--bench-runs", str(args.runs), *(GRID if args.grid is None else ["--grid", args.grid])]  # fmt: skip
     rows = []
     for run in ("first run", "second run"):
         started = time.perf_counter()

@@ -1,7 +1,10 @@
 """What a user runs today, on the inputs `kiln compare` measures engines on: the baseline rows.
 
 - a diffusers model: PyTorch eager (fp32 on the CPU; bf16 on a GPU, as diffusers models are served)
-  and, on a GPU, torch.compile of the same;
+  and, on a GPU, torch.compile of the same, as it comes and with CUDA graphs (mode="reduce-overhead"):
+  as it comes, a compiled DiT-XL/2 at 256² batch 8 waits on its kernel launches and its latency moved
+  between 10 and 18 ms from one compile to the next on the H200 machine, where CUDA graphs gave 6.0 to
+  6.8 ms (benchmarks/baseline_state.py); kiln's GPU engines replay CUDA graphs too;
 - a TensorFlow SavedModel: TensorFlow (on the CPU: kiln's machines have no TensorFlow with CUDA);
 - an ONNX model: ONNX Runtime with its own graph optimizer, on the target's providers, in fp32.
 
@@ -21,6 +24,7 @@ import numpy as np
 from kiln import targets
 
 Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+CUDA_GRAPHS = "torch.compile bf16, CUDA graphs"
 
 
 @dataclasses.dataclass
@@ -41,7 +45,7 @@ def baseline_names(model: Path, target: targets.Target) -> list[str]:
     if is_diffusers_dir(model):
         if not _installed("torch", "diffusers"):
             return []
-        return ["PyTorch eager bf16", "torch.compile bf16"] if gpu else ["PyTorch eager fp32"]
+        return ["PyTorch eager bf16", "torch.compile bf16", CUDA_GRAPHS] if gpu else ["PyTorch eager fp32"]
     if is_saved_model(model):
         return ["TensorFlow (CPU)"] if _installed("tensorflow") else []
     return [f"ONNX Runtime, its optimizer ({'CUDA' if gpu else 'CPU'}, fp32)"]
@@ -55,14 +59,15 @@ def _installed(*modules: str) -> bool:
 def open_baseline(name: str, model: Path, model_path: Path, target: targets.Target, options) -> Iterator[Baseline]:
     """The baseline `name` (from baseline_names) of the model; model_path is its imported ONNX form."""
     if name.startswith("PyTorch") or name.startswith("torch.compile"):
-        yield _torch(name, model, gpu=getattr(target, "device", "cpu") == "cuda", compiled=name.startswith("torch.compile"))
+        mode = "reduce-overhead" if name == CUDA_GRAPHS else None
+        yield _torch(name, model, gpu=getattr(target, "device", "cpu") == "cuda", compiled=name.startswith("torch.compile"), mode=mode)
     elif name.startswith("TensorFlow"):
         yield _tensorflow(name, model, model_path, options)
     else:
         yield _onnxruntime(name, model_path, target)
 
 
-def _torch(name: str, directory: Path, gpu: bool, compiled: bool) -> Baseline:
+def _torch(name: str, directory: Path, gpu: bool, compiled: bool, mode: str | None = None) -> Baseline:
     import torch
 
     from kiln.optimizer.importers.diffusers import OUTPUT, adapter_for, load, quiet_libraries, wrapped_model
@@ -73,14 +78,13 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool) -> Baseline:
     adapter = adapter_for(model)
     module = wrapped_model(model, adapter)
     if compiled:
-        module = torch.compile(module)
+        module = torch.compile(module, mode=mode)
 
     def tensors(feeds) -> list:
         found = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in adapter.input_names]
         return [t.to(dtype) if t.is_floating_point() else t for t in found]
 
-    # no_grad as diffusers' pipelines run: under inference_mode a torch.compile'd module slows down
-    # (pytorch/pytorch#114119: its parameters are not inference tensors)
+    # no_grad, as diffusers' pipelines run
     def run(feeds):
         with torch.no_grad():
             return {OUTPUT: module(*tensors(feeds)).float().cpu().numpy()}

@@ -72,8 +72,9 @@ Build one engine per point of a grid of `kiln optimize` settings, through kiln o
 measure each the same way: latency (median and p90; on a GPU with inputs and outputs on the device),
 engine size, device memory, and quality against the fp32 model on the same held-out inputs (relative
 L2, PSNR, SSIM; for diffusers models on the final latents of seeded sampling loops). Where the model's
-framework is installed, baseline rows run it on the same inputs (PyTorch eager, and torch.compile on a
-GPU; TensorFlow for SavedModels); an ONNX model gets ONNX Runtime with its own optimizer.
+framework is installed, baseline rows run it on the same inputs (PyTorch eager, and on a GPU torch.compile
+with and without CUDA graphs; TensorFlow for SavedModels); an ONNX model gets ONNX Runtime with its own
+optimizer.
 """
 
 COMPARE_EPILOG = f"""\
