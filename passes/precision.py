@@ -335,11 +335,20 @@ class ConvertPrecision(KilnPass):
             self._note_out_of_range(value.name, peak, "kept in float32")
 
     def _low_data(self, data: np.ndarray, key: str) -> np.ndarray:
-        """data in the low type, its finite values clamped to the low type's range (noted when they were beyond)."""
+        """data in the low type, its finite values clamped to the low type's range (noted when they were beyond).
+
+        A scalar too small for the low type's normal range is raised to its smallest normal: such a scalar
+        is an epsilon guarding a division (Sana's linear attention adds 1e-15 to its denominator), and as 0
+        it gives 0 / 0."""
         peak = self._beyond_range(data)
         if peak is not None:
             data = np.where(np.isfinite(data), np.clip(data, -self.finite_max, self.finite_max), data)
             self._note_out_of_range(key, peak, f"clamped to ±{self.finite_max:g}")
+        tiny = float(ml_dtypes.finfo(self.np_low).smallest_normal)
+        if data.size == 1 and 0 < abs(float(data.reshape(-1)[0])) < tiny:
+            self._out_of_range[key] = (f"|value| {abs(float(data.reshape(-1)[0])):g} is below {_TYPE_NAMES[self.low]}'s "
+                                       f"smallest normal; raised to {tiny:g}, as 0 it would give 0 / 0")  # fmt: skip
+            data = np.copysign(np.full(data.shape, tiny, np.float32), data)
         return data.astype(self.np_low)
 
     def _low_tensor(self, tensor: ir.TensorProtocol, key: str) -> ir.Tensor:

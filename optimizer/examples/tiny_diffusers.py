@@ -40,13 +40,14 @@ TINY = {
 }  # fmt: skip
 
 
-def tiny_model(class_name: str, seed: int = 0, **overrides):
-    """A tiny diffusers model of class_name with seeded weights, in eval mode."""
+def tiny_model(class_name: str, seed: int = 0, config: dict | None = None, **overrides):
+    """A tiny diffusers model of class_name (config: its constructor's arguments, TINY's by default) with
+    seeded weights, in eval mode."""
     why = f"building a tiny {class_name}"
     torch = require("torch", "torch", why)
     diffusers = require("diffusers", "torch", why)
     torch.manual_seed(seed)
-    model = getattr(diffusers, class_name)(**{**TINY[class_name], **overrides})
+    model = getattr(diffusers, class_name)(**{**(TINY[class_name] if config is None else config), **overrides})
     # Zero-initialised layers (adaLN-zero gates, output projections) would make the output trivially
     # small; give every parameter seeded noise so parity checks compare real numbers.
     generator = torch.Generator().manual_seed(seed)
@@ -57,13 +58,13 @@ def tiny_model(class_name: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def write_model(class_name: str, directory: Path, seed: int = 0, **save_kwargs) -> Path:
-    """save_pretrained a tiny class_name into directory (safetensors); returns directory."""
+def write_model(class_name: str, directory: Path, seed: int = 0, config: dict | None = None, **save_kwargs) -> Path:
+    """save_pretrained a tiny class_name (config as tiny_model's) into directory (safetensors); returns directory."""
     check_installed(["torch", "diffusers", "safetensors"], "torch", f"the tiny {class_name} example")
     import safetensors
 
     directory = Path(directory)
-    model = tiny_model(class_name, seed)
+    model = tiny_model(class_name, seed, config)
     directory.mkdir(parents=True, exist_ok=True)
     # Saved beside, then moved in file by file: a full disk leaves no half-written weights behind.
     staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{directory.name}.kiln-"))

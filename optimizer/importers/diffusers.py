@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import logging
@@ -30,7 +31,6 @@ from pathlib import Path
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
-    FAMILIES,
     Adapter,
     adapter_for,
     all_sizes,
@@ -41,6 +41,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     make_inputs,
     resolve_ranges,
     shapes_spec,
+    supported_hint,
 )
 from kiln.optimizer.lazy import check_installed, require
 from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
@@ -162,8 +163,11 @@ def load(path: Path, trust_pickle: bool = False):
         with quiet_libraries():
             model = cls.from_pretrained(os.fspath(path), **kwargs)
     except Exception as exc:  # diffusers raises many kinds; all mean the directory does not load
-        raise InputError(f"diffusers could not load {class_name} from {path}: {_one_line(exc)}",
-                         hint="check the directory was written by save_pretrained and is complete") from None  # fmt: skip
+        hint = "check the directory was written by save_pretrained and is complete"
+        if "low_cpu_mem_usage" in str(exc) and importlib.util.find_spec("accelerate") is None:
+            # diffusers loads a model that keeps modules in float32 only through accelerate
+            hint = "install accelerate (pip install accelerate; kiln-ml[torch] includes it)"
+        raise InputError(f"diffusers could not load {class_name} from {path}: {_one_line(exc)}", hint=hint) from None
     model.eval()
     model.requires_grad_(False)
     return model
@@ -267,7 +271,36 @@ def _fix_exported_program(ep) -> tuple[object, list[str]]:
         ep.graph_module.recompile()
         fixes.append(f"{dropped} squeeze(s) of a dynamic dim, no-ops at the traced size, left out "
                      "(ONNX Squeeze fails whenever the dim is not 1)")  # fmt: skip
+    logical = _logical_masked_fills(graph)
+    if logical:
+        ep.graph_module.recompile()
+        fixes.append(f"{logical} masked_fill(s) of a boolean tensor as logical ops (ONNX Runtime has no boolean Where)")
     return ep, fixes
+
+
+def _logical_masked_fills(graph) -> int:
+    """x.masked_fill(mask, value) on a boolean x as x & ~mask (value False) or x | mask (value True)."""
+    import torch
+
+    aten, done = torch.ops.aten, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.masked_fill.Scalar:
+            continue
+        x, mask, value = node.args
+        if getattr(x.meta.get("val"), "dtype", None) != torch.bool:
+            continue
+        with graph.inserting_before(node):
+            if value:
+                new = graph.call_function(aten.logical_or.default, (x, mask))
+            else:
+                inverted = graph.call_function(aten.logical_not.default, (mask,))
+                inverted.meta["val"] = mask.meta.get("val")
+                new = graph.call_function(aten.logical_and.default, (x, inverted))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done += 1
+    return done
 
 
 @contextlib.contextmanager
@@ -383,7 +416,7 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
     except Exception as exc:  # the model's own error: the adapter does not fit it
         raise InputError(f"{adapter.class_name} does not run in PyTorch on the inputs kiln made from its config "
                          f"({where}): {_one_line(exc)}",
-                         hint=f"kiln has adapters for {', '.join(sorted(FAMILIES))}") from None  # fmt: skip
+                         hint=supported_hint()) from None  # fmt: skip
     dims = _export_dims(adapter, ranges, sizes)
     dynamic = [{a: dims[n] for a, n in enumerate(i.axes) if isinstance(n, str) and n in dims} for i in adapter.inputs]
     record = {"class": adapter.class_name, "family": adapter.family, "exporter": "dynamo", "fallback_reason": None,

@@ -44,7 +44,9 @@ class InputRule:
 
     name: str
     axes: tuple[str | int, ...]
-    kind: str = "normal"  # normal: N(0, 1) floats; uniform: floats in [0, high); int: int64 in [0, high)
+    # normal: N(0, 1) floats; uniform: floats in [0, high); int: int64 in [0, high); mask: int64 [batch, n]
+    # attention masks of the form a tokenizer gives (ones, then zeros for the padding; at least one token)
+    kind: str = "normal"
     high: float = 1.0
 
 
@@ -83,8 +85,10 @@ class Adapter:
         return [r for r in self.dims if r.fixed is None and r.same_as is None]
 
     def int_ranges(self) -> dict[str, list[int]]:
-        """Integer inputs and the [low, high) their values come from (an embedding table's size)."""
-        return {i.name: [0, int(i.high)] for i in self.inputs if i.kind == "int"}
+        """Integer inputs and the [low, high) their values come from (an embedding table's size); masks are
+        all ones in kiln's random inputs (verification against PyTorch takes padded ones too)."""
+        ranges = {i.name: [0, int(i.high)] for i in self.inputs if i.kind == "int"}
+        return ranges | {i.name: [1, 2] for i in self.inputs if i.kind == "mask"}
 
 
 def _align_up(value: int, multiple: int) -> int:
@@ -123,7 +127,7 @@ def _first(config: Mapping, *keys):
 
 
 def _text_width(config: Mapping) -> int | None:
-    return _first(config, "caption_channels", "joint_attention_dim", "text_embed_dim", "cross_attention_dim")
+    return _first(config, "caption_channels", "joint_attention_dim", "text_embed_dim", "text_dim", "cross_attention_dim")
 
 
 def _batch() -> DimRule:
@@ -349,7 +353,7 @@ def _generic_transformer(model, config) -> Adapter:
     import inspect
 
     cls = type(model).__name__
-    supported = f"kiln has adapters for {', '.join(sorted(FAMILIES))}"
+    supported = supported_hint()
     params = inspect.signature(model.forward).parameters
     required = [n for n, p in params.items()
                 if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
@@ -396,14 +400,25 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 }
 
 
+def all_families() -> dict[str, Callable[..., Adapter]]:
+    """Every class kiln has an adapter written for, and the function that makes it."""
+    from kiln.optimizer.importers import packed_adapters, video_adapters  # they build on this module
+
+    return {**FAMILIES, **packed_adapters.FAMILIES, **video_adapters.FAMILIES}
+
+
+def supported_hint() -> str:
+    return f"kiln has adapters for {', '.join(sorted(all_families()))}"
+
+
 def adapter_for(model) -> Adapter:
     """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why."""
-    config, name = dict(model.config), type(model).__name__
-    if name in FAMILIES:
-        return FAMILIES[name](model, config)
+    config, name, families = dict(model.config), type(model).__name__, all_families()
+    if name in families:
+        return families[name](model, config)
     if name.startswith("Autoencoder") or "UNet" in name or "ControlNet" in name:
         raise InputError(f"kiln has no adapter for {name} yet: its inputs and outputs are not a latent transformer's",
-                         hint=f"kiln has adapters for {', '.join(sorted(FAMILIES))}")  # fmt: skip
+                         hint=supported_hint())  # fmt: skip
     return _generic_transformer(model, config)
 
 
@@ -535,6 +550,9 @@ def make_inputs(adapter: Adapter, sizes: Mapping[str, int], seed: int) -> list:
     for rule, shape in zip(adapter.inputs, input_shapes(adapter, sizes).values(), strict=True):
         if rule.kind == "int":
             tensors.append(torch.randint(0, int(rule.high), shape, generator=generator, dtype=torch.int64))
+        elif rule.kind == "mask":
+            kept = torch.randint(1, shape[-1] + 1, (*shape[:-1], 1), generator=generator)
+            tensors.append((torch.arange(shape[-1]) < kept).to(torch.int64))
         elif rule.kind == "uniform":
             tensors.append(torch.rand(shape, generator=generator, dtype=torch.float32) * rule.high)
         else:

@@ -16,10 +16,7 @@ from kiln.optimizer.examples.tiny_diffusers import TINY, tiny_model  # noqa: E40
 from kiln.optimizer.importers import diffusion_adapters as A  # noqa: E402
 from kiln.targets import DimRange  # noqa: E402
 
-SUPPORTED = (
-    "kiln has adapters for AutoencoderKL, CogVideoXTransformer3DModel, DiTTransformer2DModel, "
-    "LatteTransformer3DModel, PixArtTransformer2DModel, SD3Transformer2DModel"
-)
+SUPPORTED = "kiln has adapters for " + ", ".join(sorted(A.all_families()))
 # Sizes unlike the defaults and unlike each other (height != width), so a swapped axis shows.
 SIZES = {"batch": 3, "height": 12, "width": 10, "text_len": 5, "frames": 2}
 # class -> (family, {input: (dtype, shape at SIZES)}, output shape). DiT's width follows its height, Latte's

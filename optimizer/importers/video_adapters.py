@@ -1,0 +1,211 @@
+"""Adapters for video transformers that take latents as [batch, channels, frames, height, width] (Wan and
+the models built on it, HunyuanVideo, Mochi, Allegro, EasyAnimate, Motif, Sana-Video) or packed into
+tokens with the grid given beside them (LTX-Video).
+
+Their rotary tables come from the latents' shape inside forward, so the export computes them from the
+dynamic sizes. A text attention mask, where the model takes one, is an input of the ONNX model, as the
+pipelines pass the tokenizer's mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+
+from kiln.optimizer.importers.diffusion_adapters import (
+    Adapter,
+    DimRule,
+    InputRule,
+    Patch,
+    _align_up,
+    _instance_method,
+    _batch,
+    _kwargs_call,
+    _spatial,
+    _text,
+    _text_width,
+)
+from kiln.targets import DimRange
+
+
+def patch_sizes(config) -> tuple[int, int]:
+    """(frames, height and width) of a latent patch: patch_size may be an int, with patch_size_t beside it,
+    or a list (1, 2, 2) as Wan's."""
+    patch = config.get("patch_size") or 1
+    if isinstance(patch, (list, tuple)):
+        return (int(patch[0]), int(patch[1])) if len(patch) == 3 else (1, int(patch[0]))
+    return int(config.get("patch_size_t") or 1), int(patch)
+
+
+def video_dims(config, rope_limit: int | None = None) -> tuple[DimRule, ...]:
+    """batch, frames, height, width in multiples of the patch, and text length."""
+    patch_t, patch = patch_sizes(config)
+    limit = rope_limit * patch if rope_limit else None
+    why = f"its patch is {patch_t}x{patch}x{patch} (frames x height x width)"
+    if limit:
+        why += f", and its rotary table covers {rope_limit} patches a side (rope_max_seq_len)"
+    height = DimRule("height", _spatial(patch, limit), multiple=patch, max=limit, why=why)
+    frames = DimRule("frames", DimRange(*(_align_up(v, patch_t) for v in (1, 2, 4))), multiple=patch_t, why=why)
+    return (_batch(), frames, height, dataclasses.replace(height, name="width"), _text())
+
+
+def _rotate(x, cos, sin):
+    """Rotary embedding on interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32."""
+    import torch
+
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class MochiMaskedAttention:
+    """Mochi's joint attention with the text mask applied as one masked attention over the batch.
+
+    diffusers' MochiAttnProcessor2_0 gathers each sample's valid text tokens (torch.nonzero), which fixes
+    the count when traced. With the tokenizer's masks (valid tokens first) both give the same outputs: the
+    valid tokens attend to each other, and the padding's outputs are zero."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        import torch
+        import torch.nn.functional as F
+
+        def heads(x, norm):
+            x = x.unflatten(2, (attn.heads, -1))
+            return norm(x) if norm is not None else x
+
+        q, k = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states), None)
+        if image_rotary_emb is not None:
+            q, k = _rotate(q, *image_rotary_emb), _rotate(k, *image_rotary_emb)
+        text_q = heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)
+        text_k = heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)
+        text_v = heads(attn.add_v_proj(encoder_hidden_states), None)
+        tokens, text = q.shape[1], text_q.shape[1]
+        q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((q, text_q), (k, text_k), (v, text_v)))
+        valid = torch.cat([attention_mask.new_ones(attention_mask.shape[0], tokens), attention_mask], dim=1).bool()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        out = (out * valid[:, None, :, None]).transpose(1, 2).flatten(2, 3)
+        hidden_states, encoder_hidden_states = out.split_with_sizes((tokens, text), dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if hasattr(attn, "to_add_out"):
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+@contextlib.contextmanager
+def _processors(model, processor) -> Iterator[None]:
+    """Every attention module of model computes with processor inside the block."""
+    saved = {m: m.processor for m in model.modules() if hasattr(m, "processor")}
+    for module in saved:
+        module.processor = processor
+    try:
+        yield
+    finally:
+        for module, old in saved.items():
+            module.processor = old
+
+
+MOCHI_PATCH = Patch(
+    "Mochi's text mask as one masked attention",
+    "MochiAttnProcessor2_0 gathers each sample's valid text tokens with torch.nonzero, which fixes their "
+    "count when traced; kiln exports an attention that masks the padding instead (the same outputs for "
+    "masks with the valid tokens first, as tokenizers make them)",
+    lambda m: _processors(m, MochiMaskedAttention()),
+)
+
+
+def _mochi_positions(self, num_frames, height, width, device=None, dtype=None):
+    """MochiRoPE._get_positions in tensor arithmetic: the bin centres of height (and width) bins over
+    [-height * scale / 2, height * scale / 2], scale = sqrt(target_area / (height * width))."""
+    import torch
+
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    n_rows, n_cols = torch.ones_like(rows).sum(), torch.ones_like(cols).sum()  # the sizes as tensors, not Python floats
+    scale = torch.sqrt(self.target_area / (n_rows * n_cols))
+    h, w = (rows + 0.5 - n_rows / 2) * scale, (cols + 0.5 - n_cols / 2) * scale
+    t = torch.arange(num_frames, device=device, dtype=torch.float32)
+    grid = torch.meshgrid(t, h, w, indexing="ij")
+    return torch.stack(grid, dim=-1).view(-1, 3).to(dtype or torch.float32)
+
+
+MOCHI_ROPE_PATCH = Patch(
+    "Mochi's rotary positions in tensor arithmetic",
+    "MochiRoPE places positions with torch.linspace over bounds computed as Python floats from the latent size, "
+    "which fixes the size when traced; kiln exports the same positions computed with tensors",
+    lambda m: _instance_method(m.rope, "_get_positions", _mochi_positions),
+)
+
+
+def _video(family: str, *, timestep: str = "int", mask: str | None = None, extra: Callable | None = None,
+           patches: tuple[Patch, ...] = ()):  # fmt: skip
+    """An adapter for a [batch, C, frames, H, W] video transformer called with keywords. mask: the name of
+    its text mask argument, if it takes one; extra(config) -> more InputRules (after the latents)."""
+
+    def adapter(model, config) -> Adapter:
+        params = inspect.signature(model.forward).parameters
+        channels = config["in_channels"]
+        inputs = [InputRule("hidden_states", ("batch", channels, "frames", "height", "width"))]
+        inputs += extra(config) if extra else []
+        inputs.append(InputRule("encoder_hidden_states", ("batch", "text_len", _text_width(config))))
+        if mask:
+            inputs.append(InputRule(mask, ("batch", "text_len"), "mask"))
+        if "pooled_projections" in params and config.get("pooled_projection_dim"):
+            inputs.append(InputRule("pooled_projections", ("batch", config["pooled_projection_dim"])))
+        inputs.append(InputRule("timestep", ("batch",), *(("int", 1000) if timestep == "int" else ("uniform", 1000.0))))
+        if "guidance" in params and config.get("guidance_embeds"):
+            inputs.append(InputRule("guidance", ("batch",), "uniform", 8.0))
+        return Adapter(
+            type(model).__name__, family, tuple(inputs), video_dims(config, config.get("rope_max_seq_len")),
+            call=_kwargs_call([i.name for i in inputs]),
+            output_axes=("batch", None, "frames", "height", "width"),
+            patches=patches,
+        )  # fmt: skip
+
+    return adapter
+
+
+# LTX-Video's pipeline scales rotary positions by the VAE's compression over the frame rate (8 / 25 for
+# time, 32 for space at its default 25 fps); kiln passes the same.
+LTX_ROPE_SCALE = (8 / 25, 32, 32)
+
+
+def _ltx_call(model, latents, text, mask, timestep):
+    """LTX-Video takes its latents as tokens, [batch, frames x height x width, C], and the grid beside them."""
+    b, c, f, h, w = latents.shape
+    tokens = latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+    out = model(hidden_states=tokens, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=timestep,
+                num_frames=f, height=h, width=w, rope_interpolation_scale=LTX_ROPE_SCALE, return_dict=False)[0]  # fmt: skip
+    return out.reshape(b, f, h, w, -1).permute(0, 4, 1, 2, 3)
+
+
+def _ltx(model, config) -> Adapter:
+    inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["caption_channels"])),
+              InputRule("encoder_attention_mask", ("batch", "text_len"), "mask"),
+              InputRule("timestep", ("batch",), "int", 1000))  # fmt: skip
+    return Adapter(
+        type(model).__name__, "ltx-video", inputs, video_dims(config), call=_ltx_call,
+        output_axes=("batch", None, "frames", "height", "width"),
+        notes=("latents are taken as [batch, C, frames, height, width] and made tokens inside the graph; rotary "
+               f"positions are scaled as LTX-Video's pipeline scales them at 25 fps {LTX_ROPE_SCALE}",),
+    )  # fmt: skip
+
+
+def _vace_control(config) -> list[InputRule]:
+    return [InputRule("control_hidden_states", ("batch", config["vace_in_channels"], "frames", "height", "width"))]
+
+
+FAMILIES: dict[str, Callable[..., Adapter]] = {
+    "WanTransformer3DModel": _video("wan"),
+    "SkyReelsV2Transformer3DModel": _video("wan"),
+    "HeliosTransformer3DModel": _video("wan"),
+    "WanVACETransformer3DModel": _video("wan", extra=_vace_control),
+    "HunyuanVideoTransformer3DModel": _video("hunyuan-video", timestep="float", mask="encoder_attention_mask"),
+    "MotifVideoTransformer3DModel": _video("motif-video", mask="encoder_attention_mask"),
+    "SanaVideoTransformer3DModel": _video("sana-video"),
+    "AllegroTransformer3DModel": _video("allegro"),
+    "LTXVideoTransformer3DModel": _ltx,
+    "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
+}
