@@ -144,9 +144,46 @@ def _lacks_type(node: ir.Node, low: ir.DataType, opset: int) -> bool:
     return False
 
 
+_LINEAR_ATTENTION = ("a linear attention's sums and their normalization (x / (sum + eps), eps <= 1e-6), which "
+                     "diffusers computes in float32 (Sana, DC-AE)")  # fmt: skip
+
+
+def _scalar(value: ir.Value) -> float | None:
+    data = value.const_value.numpy() if value.const_value is not None else None
+    if data is None and value.producer() is not None:
+        data = _constant_data(value.producer())
+    return float(data.reshape(-1)[0]) if data is not None and data.size == 1 else None
+
+
+def _linear_attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """A Div by (x + eps) with a tiny eps, and what makes its operands back to the MatMuls of two activations
+    (not projections: a MatMul by a weight ends the walk, and so does any op outside the cheap chain ops)."""
+    found: list[ir.Node] = []
+    for div in graph:
+        add = div.inputs[1].producer() if div.op_type == "Div" and div.domain == "" and div.inputs[1] is not None else None
+        if add is None or add.op_type != "Add" or add.domain != "":
+            continue
+        eps = [v for v in (_scalar(i) for i in add.inputs if i is not None) if v is not None]
+        if not eps or not 0 < abs(eps[0]) <= 1e-6:
+            continue
+        found += [div, add]
+        stack = [v for v in (*div.inputs, *add.inputs) if v is not None]
+        while stack:
+            producer = stack.pop().producer()
+            if producer is None or producer in found or producer.domain != "":
+                continue
+            if producer.op_type == "MatMul" and any(v.const_value is not None for v in producer.inputs):
+                continue
+            if producer.op_type not in CHAIN_OPS | {"MatMul", "Pad"}:
+                continue
+            found.append(producer)
+            stack.extend(v for v in producer.inputs if v is not None and _is_f32(v))
+    return found
+
+
 def fp32_nodes(graph: ir.Graph, low: ir.DataType = ir.DataType.FLOAT16, opset: int = 18) -> dict[ir.Node, str]:
     """The nodes of graph that stay float32, each with the reason."""
-    kept: dict[ir.Node, str] = {}
+    kept: dict[ir.Node, str] = dict.fromkeys(_linear_attention_nodes(graph), _LINEAR_ATTENTION)
     for node in graph:
         if node.domain not in ("", "com.microsoft") and any(_is_f32(v) for v in (*node.inputs, *node.outputs)):
             kept[node] = f"kiln does not know which types {node.domain or 'the'} {node.op_type} takes"
@@ -337,17 +374,17 @@ class ConvertPrecision(KilnPass):
     def _low_data(self, data: np.ndarray, key: str) -> np.ndarray:
         """data in the low type, its finite values clamped to the low type's range (noted when they were beyond).
 
-        A scalar too small for the low type's normal range is raised to its smallest normal: such a scalar
-        is an epsilon guarding a division (Sana's linear attention adds 1e-15 to its denominator), and as 0
-        it gives 0 / 0."""
+        A nonzero scalar that the low type would round to 0 is raised to its smallest subnormal: such a
+        scalar is an epsilon guarding a division (Sana's linear attention adds 1e-15 to its denominator),
+        and as 0 it gives 0 / 0. (Its smallest normal, 6.1e-5 in float16, would move Sana's outputs.)"""
         peak = self._beyond_range(data)
         if peak is not None:
             data = np.where(np.isfinite(data), np.clip(data, -self.finite_max, self.finite_max), data)
             self._note_out_of_range(key, peak, f"clamped to ±{self.finite_max:g}")
-        tiny = float(ml_dtypes.finfo(self.np_low).smallest_normal)
-        if data.size == 1 and 0 < abs(float(data.reshape(-1)[0])) < tiny:
-            self._out_of_range[key] = (f"|value| {abs(float(data.reshape(-1)[0])):g} is below {_TYPE_NAMES[self.low]}'s "
-                                       f"smallest normal; raised to {tiny:g}, as 0 it would give 0 / 0")  # fmt: skip
+        tiny = float(ml_dtypes.finfo(self.np_low).smallest_subnormal)
+        if data.size == 1 and 0 < abs(float(data.reshape(-1)[0])) < tiny / 2:
+            self._out_of_range[key] = (f"|value| {abs(float(data.reshape(-1)[0])):g} rounds to 0 in {_TYPE_NAMES[self.low]}; "
+                                       f"raised to {tiny:g}, as 0 it would give 0 / 0")  # fmt: skip
             data = np.copysign(np.full(data.shape, tiny, np.float32), data)
         return data.astype(self.np_low)
 

@@ -184,13 +184,15 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Keep the exporters' progress lines and warnings off stdout and stderr (`kiln --json` needs stdout clean)."""
+    """Keep the exporters' progress lines and warnings off stdout and stderr (`kiln --json` needs stdout clean;
+    kiln reports what fails itself)."""
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # stderr too: the TorchScript exporter prints the whole graph there when it fails
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

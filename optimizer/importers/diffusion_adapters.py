@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -127,7 +128,8 @@ def _first(config: Mapping, *keys):
 
 
 def _text_width(config: Mapping) -> int | None:
-    return _first(config, "caption_channels", "joint_attention_dim", "text_embed_dim", "text_dim", "cross_attention_dim")
+    return _first(config, "caption_channels", "joint_attention_dim", "text_embed_dim", "text_dim", "cap_feat_dim",
+                  "context_in_dim", "cross_attention_dim")  # fmt: skip
 
 
 def _batch() -> DimRule:
@@ -267,19 +269,45 @@ def _cog_positional_embeddings(self, sample_height, sample_width, sample_frames,
     return torch.cat([text, pos.flatten(0, 1)], dim=0)[None]
 
 
+def _cog_rotary_call(names, config):
+    """CogVideoX 1.5's call with its rotary embeddings made inside the graph as its pipeline makes them: a
+    table over the config's sample size, sliced to the latent grid."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    patch, patch_t = config["patch_size"], config["patch_size_t"]
+    table = (config["sample_height"] // patch, config["sample_width"] // patch)
+
+    def call(model, *tensors):
+        given = dict(zip(names, tensors, strict=True))
+        latents = given["hidden_states"]
+        frames, height, width = latents.shape[1], latents.shape[3], latents.shape[4]
+        rope = get_3d_rotary_pos_embed(config["attention_head_dim"], None, (height // patch, width // patch),
+                                       (frames + patch_t - 1) // patch_t, grid_type="slice", max_size=table,
+                                       device=latents.device)  # fmt: skip
+        return model(**given, image_rotary_emb=rope, return_dict=False)[0]
+
+    return call
+
+
 def _cogvideox(model, config) -> Adapter:
     cls = type(model).__name__
-    if config.get("use_rotary_positional_embeddings"):  # (learned positional embeddings come only with these)
+    rotary = bool(config.get("use_rotary_positional_embeddings"))
+    if rotary and not config.get("patch_size_t"):
         raise InputError(
-            f"{cls} with use_rotary_positional_embeddings takes rotary embeddings (image_rotary_emb) that the "
-            "CogVideoX pipeline computes from the latent grid; kiln cannot make them from the config yet",
-            hint="kiln exports CogVideoX models with sincos positional embeddings (such as CogVideoX-2b)",
+            f"{cls} with rotary embeddings and no patch_size_t (CogVideoX 1.0 at 5B) takes rotary embeddings that its "
+            "pipeline crops to a region rounded from the latent size in Python (get_resize_crop_region_for_grid); "
+            "kiln cannot make them inside the graph yet",
+            hint="kiln exports CogVideoX 1.5 (patch_size_t set) with rotary embeddings, and CogVideoX-2b with sincos ones",
         )
     patch, patch_t, text_len = config["patch_size"], config.get("patch_size_t") or 1, config["max_text_seq_length"]
     latent_frames = (config["sample_frames"] - 1) // config["temporal_compression_ratio"] + 1
-    why = f"its patch_size is {patch}"
-    height = DimRule("height", _spatial(patch), multiple=patch, avoid=(config["sample_height"],), why=why)
-    width = dataclasses.replace(height, name="width", avoid=(config["sample_width"],))
+    why, limit = f"its patch_size is {patch}", None
+    if rotary:  # the pipeline's rotary table covers the config's sample size
+        limit = config["sample_height"]
+        why += f", and its rotary table covers sample_height = {limit} latent pixels"
+    height = DimRule("height", _spatial(patch, limit), multiple=patch, max=limit, avoid=(config["sample_height"],), why=why)
+    width = dataclasses.replace(height, name="width", max=config["sample_width"] if rotary else None,
+                                avoid=(config["sample_width"],))  # fmt: skip
     frames = DimRule("frames", DimRange(*(_align_up(v, patch_t) for v in (1, 2, 4))), multiple=patch_t,
                      avoid=(latent_frames,), why=f"its patch_size_t is {patch_t}")  # fmt: skip
     text = _text(text_len, f"its joint positional embedding covers max_text_seq_length = {text_len} text tokens")
@@ -295,9 +323,10 @@ def _cogvideox(model, config) -> Adapter:
         "CogVideoXPatchEmbed writes its positional table through .data, which torch.export cannot trace; kiln "
         "exports the same table built with torch.cat",
         lambda m: _instance_method(m.patch_embed, "_get_positional_embeddings", _cog_positional_embeddings)),)  # fmt: skip
+    names = [i.name for i in inputs]
     return Adapter(
         cls, "cogvideox", tuple(inputs), (_batch(), frames, height, width, text),
-        call=_kwargs_call([i.name for i in inputs]),
+        call=_cog_rotary_call(names, config) if rotary else _kwargs_call(names),
         output_axes=("batch", "frames", None, "height", "width"),
         patches=patches,
         notes=(f"text length is fixed at max_text_seq_length = {text_len}",),
@@ -328,9 +357,8 @@ def _latte(model, config) -> Adapter:
 # -- The VAE's decoder alone: latents -> image ----------------------------------------------------
 
 
-def _vae_decoder(model, config) -> Adapter:
-    cls, channels = type(model).__name__, config["latent_channels"]
-    factor = 2 ** (len(config["block_out_channels"]) - 1)  # a 2x upsampler in every decoder block but the last
+def _decoder(cls: str, channels: int, factor: int, out_channels: int, note: str = "") -> Adapter:
+    """A VAE's decoder alone: latent_sample [batch, channels, height, width] -> sample, factor times larger."""
     height = DimRule("height", _spatial(1))
     return Adapter(
         cls, "vae-decoder",
@@ -339,14 +367,48 @@ def _vae_decoder(model, config) -> Adapter:
         call=lambda model, z: model.decode(z, return_dict=False)[0],
         output_axes=("batch", None, f"{factor}*height", f"{factor}*width"),
         notes=(f"the decoder of {cls} alone: latent_sample [batch, {channels}, height, width] -> sample [batch, "
-               f"{config.get('out_channels', 3)}, {factor}*height, {factor}*width]; it does not scale latents (divide "
-               f"them by scaling_factor {config.get('scaling_factor')} first, as the pipeline does)",),
+               f"{out_channels}, {factor}*height, {factor}*width]{note}",),
     )  # fmt: skip
+
+
+def _vae_decoder(model, config) -> Adapter:
+    factor = 2 ** (len(config["block_out_channels"]) - 1)  # a 2x upsampler in every decoder block but the last
+    note = (f"; it does not scale latents (divide them by scaling_factor {config.get('scaling_factor')} first, as "
+            "the pipeline does)")  # fmt: skip
+    return _decoder(type(model).__name__, config["latent_channels"], factor, config.get("out_channels", 3), note)
+
+
+def _image_decoder(model, config) -> Adapter:
+    """The decoder of another image VAE (Tiny, VQ, Asymmetric, DC, KVAE); its upscale is measured by decoding
+    an 8x8 latent once."""
+    import torch
+
+    channels = _first(config, "latent_channels", "z_channels")
+    with torch.no_grad():
+        probe = model.decode(torch.zeros(1, channels, 8, 8), return_dict=False)[0]
+    return _decoder(type(model).__name__, channels, probe.shape[-1] // 8, probe.shape[1])
 
 
 # -- Other image transformers: inputs guessed from forward's parameters and the config ------------
 
-_GUESSABLE = {"hidden_states", "encoder_hidden_states", "timestep", "pooled_projections", "class_labels", "guidance"}
+# Micro-conditions some image models take beside the text ([batch, 2] each, as CogView's pipelines pass
+# them): the image's size before and after resizing, in pixels, and the crop's top-left corner.
+_SIZE_CONDITIONS = {"original_size": 2048.0, "target_size": 2048.0, "crop_coords": 512.0}
+_MASKS = ("encoder_attention_mask", "encoder_hidden_states_mask")
+_GUESSABLE = {"hidden_states", "encoder_hidden_states", "timestep", "pooled_projections", "class_labels", "guidance",
+              *_SIZE_CONDITIONS, *_MASKS}  # fmt: skip
+
+
+def timestep_high(model, config) -> float:
+    """The top of the timesteps model takes: 1000, or 1 where its timestep embedding scales by 1000 (AuraFlow,
+    QwenImage, PRX: their pipelines pass t / 1000). Beyond it, sin and cos take arguments of up to 10^6 radians,
+    where float32 PyTorch and ONNX Runtime differ by 1e-4 and more."""
+    from diffusers.models.embeddings import Timesteps
+
+    modules = model.modules() if hasattr(model, "modules") else ()
+    scales = [m.scale for m in modules if isinstance(m, Timesteps) and getattr(m, "scale", 1) != 1]
+    scales += [config["time_factor"]] if config.get("time_factor") else []  # PRX's
+    return 1000.0 / max(scales) if scales else 1000.0
 
 
 def _generic_transformer(model, config) -> Adapter:
@@ -365,15 +427,23 @@ def _generic_transformer(model, config) -> Adapter:
     if "hidden_states" not in params or not patch or not channels:
         raise InputError(f"kiln has no adapter for {cls}: it takes no hidden_states, or its config gives no "
                          "in_channels and patch_size to make latents from", hint=supported)  # fmt: skip
-    height, width = _sides(patch, (config.get("sample_size") or 0,))
+    if "3D" in cls or (isinstance(patch, (list, tuple)) and len(patch) == 3):
+        from kiln.optimizer.importers.video_adapters import guessed_video  # it builds on this module
+
+        return guessed_video(model, config, required)
+    table = config.get("pos_embed_max_size")
+    why = f", and its positional table covers {table} patches a side (pos_embed_max_size)" if table else ""
+    height, width = _sides(patch, (config.get("sample_size") or 0,), table * patch if table else None, why)
     inputs, dims = [InputRule("hidden_states", ("batch", channels, "height", "width"))], [_batch(), height, width]
     if "encoder_hidden_states" in params and _text_width(config):
         inputs.append(InputRule("encoder_hidden_states", ("batch", "text_len", _text_width(config))))
         dims.append(_text())
+        inputs += [InputRule(name, ("batch", "text_len"), "mask") for name in _MASKS if name in required]
+    inputs += [InputRule(name, ("batch", 2), "uniform", high) for name, high in _SIZE_CONDITIONS.items() if name in required]
     if "pooled_projections" in params and config.get("pooled_projection_dim"):
         inputs.append(InputRule("pooled_projections", ("batch", config["pooled_projection_dim"])))
     if "timestep" in params:
-        inputs.append(InputRule("timestep", ("batch",), "uniform", 1000.0))
+        inputs.append(InputRule("timestep", ("batch",), "uniform", timestep_high(model, config)))
     classes = _first(config, "num_classes", "num_embeds_ada_norm")
     if "class_labels" in params and classes:
         inputs.append(InputRule("class_labels", ("batch",), "int", classes))
@@ -397,7 +467,27 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "CogVideoXTransformer3DModel": _cogvideox,
     "LatteTransformer3DModel": _latte,
     "AutoencoderKL": _vae_decoder,
+    "AutoencoderTiny": _image_decoder,
+    "VQModel": _image_decoder,
+    "AsymmetricAutoencoderKL": _image_decoder,
+    "AutoencoderDC": _image_decoder,
+    "AutoencoderKLKVAE": _image_decoder,
 }
+
+
+# Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
+_COMPLEX_ROPE = ("its rotary embedding is computed in complex numbers, which ONNX has no type for, from {what}; "
+                 "torch.export cannot trace it at dynamic sizes")  # fmt: skip
+NOT_YET = {
+    "QwenImageTransformer2DModel": _COMPLEX_ROPE.format(what="img_shapes, a Python list of grid sizes, through a cache keyed on them"),
+    "NucleusMoEImageTransformer2DModel": _COMPLEX_ROPE.format(what="img_shapes, a Python list of grid sizes, through a cache keyed on them"),
+    "Lumina2Transformer2DModel": _COMPLEX_ROPE.format(what="each sample's text length, read from the mask with .tolist()"),
+    "EasyAnimateTransformer3DModel": ("its rotary grid is cropped with Python round() of the latent size "
+                                      "(get_resize_crop_region_for_grid), which fixes the size when traced"),
+    "ChronoEditTransformer3DModel": ("2 frames (an image and its edit) take a rotary path of their own (temporal_skip_len), "
+                                     "so one graph cannot serve 2 frames and other counts"),
+}
+NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")
 
 
 def all_families() -> dict[str, Callable[..., Adapter]]:
@@ -416,7 +506,20 @@ def adapter_for(model) -> Adapter:
     config, name, families = dict(model.config), type(model).__name__, all_families()
     if name in families:
         return families[name](model, config)
-    if name.startswith("Autoencoder") or "UNet" in name or "ControlNet" in name:
+    if name in NOT_YET:
+        raise InputError(f"kiln cannot export {name} yet: {NOT_YET[name]}", hint=supported_hint())
+    if name == "CosmosTransformer3DModel" and importlib.util.find_spec("torchvision") is None:
+        raise InputError(f"{name} needs torchvision to run (it resizes its padding mask with torchvision.transforms), "
+                         "and torchvision is not installed", hint="pip install torchvision, built for the installed torch")  # fmt: skip
+    if name in NOT_IMAGE:
+        raise InputError(f"kiln does not export {name}: it is not an image or video model (kiln optimizes image "
+                         "and video transformers and VAE decoders)", hint=supported_hint())  # fmt: skip
+    if name.startswith("Autoencoder") or name in ("ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel"):
+        decoders = ", ".join(n for n in sorted(families) if "Autoencoder" in n or n == "VQModel")
+        raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; video VAEs' "
+                         "decoders (chunked, with a cache carried between chunks) and diffusion decoders are not "
+                         "exported yet", hint=supported_hint())  # fmt: skip
+    if "UNet" in name or "ControlNet" in name:
         raise InputError(f"kiln has no adapter for {name} yet: its inputs and outputs are not a latent transformer's",
                          hint=supported_hint())  # fmt: skip
     return _generic_transformer(model, config)

@@ -1,6 +1,6 @@
 """Adapters for video transformers that take latents as [batch, channels, frames, height, width] (Wan and
-the models built on it, HunyuanVideo, Mochi, Allegro, EasyAnimate, Motif, Sana-Video) or packed into
-tokens with the grid given beside them (LTX-Video).
+the models built on it, HunyuanVideo, Mochi, Allegro, Motif, Sana-Video, and any other 3D transformer,
+guessed) or packed into tokens with the grid given beside them (LTX-Video).
 
 Their rotary tables come from the latents' shape inside forward, so the export computes them from the
 dynamic sizes. A text attention mask, where the model takes one, is an input of the ONNX model, as the
@@ -14,18 +14,21 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
     DimRule,
     InputRule,
+    _MASKS,
     Patch,
     _align_up,
-    _instance_method,
     _batch,
+    _instance_method,
     _kwargs_call,
     _spatial,
     _text,
     _text_width,
+    supported_hint,
 )
 from kiln.targets import DimRange
 
@@ -191,6 +194,20 @@ def _ltx(model, config) -> Adapter:
         notes=("latents are taken as [batch, C, frames, height, width] and made tokens inside the graph; rotary "
                f"positions are scaled as LTX-Video's pipeline scales them at 25 fps {LTX_ROPE_SCALE}",),
     )  # fmt: skip
+
+
+def guessed_video(model, config, required: list[str]) -> Adapter:
+    """The adapter for a video transformer kiln has none written for: [batch, C, frames, H, W] latents and the
+    inputs its forward requires, guessed from their names and the config."""
+    cls = type(model).__name__
+    mask = next((name for name in _MASKS if name in required), None)
+    adapter = _video("generic", timestep="float", mask=mask)(model, config) if _text_width(config) else None
+    missing = [n for n in required if n not in adapter.input_names] if adapter else ["encoder_hidden_states"]
+    if missing:
+        raise InputError(f"kiln has no adapter for {cls}: its forward needs {', '.join(missing)}, and its config "
+                         "does not give their sizes", hint=supported_hint())  # fmt: skip
+    note = f"kiln has no adapter written for {cls}: its inputs were guessed from forward's parameters and the config"
+    return dataclasses.replace(adapter, notes=(note,))
 
 
 def _vace_control(config) -> list[InputRule]:

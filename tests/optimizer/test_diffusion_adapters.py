@@ -72,22 +72,32 @@ def test_every_tiny_class_has_its_family():
         assert (adapter.class_name, adapter.family) == (class_name, family)
 
 
-def test_rotary_cogvideox_is_refused():
+def test_rotary_cogvideox_without_patch_size_t_is_refused():
     error = refusal(A.adapter_for, tiny_model("CogVideoXTransformer3DModel", use_rotary_positional_embeddings=True))
     assert error.message == (
-        "CogVideoXTransformer3DModel with use_rotary_positional_embeddings takes rotary embeddings (image_rotary_emb) "
-        "that the CogVideoX pipeline computes from the latent grid; kiln cannot make them from the config yet"
+        "CogVideoXTransformer3DModel with rotary embeddings and no patch_size_t (CogVideoX 1.0 at 5B) takes rotary "
+        "embeddings that its pipeline crops to a region rounded from the latent size in Python "
+        "(get_resize_crop_region_for_grid); kiln cannot make them inside the graph yet"
     )
-    assert error.hint == "kiln exports CogVideoX models with sincos positional embeddings (such as CogVideoX-2b)"
+    assert error.hint == "kiln exports CogVideoX 1.5 (patch_size_t set) with rotary embeddings, and CogVideoX-2b with sincos ones"
 
 
-@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "AutoencoderKLCogVideoX", "ControlNetModel"])
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "ControlNetModel"])
 def test_non_transformers_are_refused(class_name):
     error = refusal(A.adapter_for, fake(class_name, lambda self, sample, timestep: None, in_channels=4, patch_size=2))
     assert error.message == (
         f"kiln has no adapter for {class_name} yet: its inputs and outputs are not a latent transformer's"
     )
     assert error.hint == SUPPORTED
+
+
+def test_video_vaes_are_refused():
+    error = refusal(A.adapter_for, fake("AutoencoderKLCogVideoX", lambda self, sample: None, in_channels=3))
+    assert error.message == (
+        "kiln has no adapter for AutoencoderKLCogVideoX yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
+        "AutoencoderDC, AutoencoderKL, AutoencoderKLKVAE, AutoencoderTiny, VQModel; video VAEs' decoders (chunked, "
+        "with a cache carried between chunks) and diffusion decoders are not exported yet"
+    )
 
 
 def test_unknown_transformer_refused_when_its_inputs_cannot_be_made():

@@ -323,6 +323,23 @@ def test_fp16_keeps_an_add_and_sub_of_1e5_in_float32():
     assert_idempotent(ConvertToFloat16, model)
 
 
+def test_fp16_raises_a_division_epsilon_that_would_round_to_zero():
+    # Sana's linear attention: y / (y + 1e-15); at y = 0, float16's 1e-15 would be 0 and give 0 / 0.
+    model = parse("""
+        g (float[2,3] x) => (float[2,3] y) <float eps = {1e-15}> {
+          [relu] r = Relu(x)
+          [add] d = Add(r, eps)
+          [div] y = Div(r, d)
+        }""")
+    feeds = {"x": np.array([[-1.0, 0.0, 2.0], [0.5, -3.0, 0.0]], np.float32)}
+    pass_, expected, actual = _convert(model, feeds)
+    assert pass_.details["out_of_range"] == {"eps": "|value| 1e-15 rounds to 0 in float16; raised to 5.96046e-08, as 0 it would give 0 / 0"}
+    assert model.graph.initializers["eps"].const_value.numpy().item() == np.float16(2**-24)
+    np.testing.assert_allclose(actual["y"], [[0, 0, 1], [1, 0, 0]], atol=1e-3)  # not NaN where x <= 0
+    assert_outputs_close(expected, actual, **TOL)
+    assert_idempotent(ConvertToFloat16, model)
+
+
 def test_fp16_keeps_a_constant_node_beyond_its_range_and_its_readers_in_float32():
     model = parse("""
         g (float[2,3] x) => (float[2,3] y) {
