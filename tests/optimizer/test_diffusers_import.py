@@ -185,6 +185,25 @@ def test_pickle_weights_refused_unless_trusted(tmp_path):
         assert torch.equal(got, want)
 
 
+def test_without_accelerate_the_hint_says_to_install_it(tmp_path, monkeypatch):
+    # Wan keeps modules in float32, which diffusers loads only through accelerate; without it (diffusers'
+    # own availability flag off, as in an environment without it) the load fails, and kiln says why.
+    import importlib.util
+
+    from diffusers.models import modeling_utils
+
+    suite = {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4, "out_channels": 4,
+             "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 1, "qk_norm": "rms_norm_across_heads"}  # fmt: skip
+    directory = write_model("WanTransformer3DModel", tmp_path / "wan", config=suite)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    with pytest.raises(InputError) as info:
+        D.load(directory)
+    assert info.value.message.startswith(f"diffusers could not load WanTransformer3DModel from {directory}: ValueError")
+    assert info.value.hint == "install accelerate (pip install accelerate; kiln-ml[torch] includes it)"
+
+
 def test_ranges_checked_before_export(tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("exported despite a bad range")
