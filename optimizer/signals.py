@@ -4,7 +4,6 @@ first import of a framework (torch's C++ start-up aborts the process if Ctrl-C l
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -29,4 +28,4 @@ def signals_deferred() -> Iterator[None]:
             if callable(handler):
                 handler(caught[0], None)
             elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
+                signal.raise_signal(caught[0])  # to this thread, at once (os.kill may land on another)

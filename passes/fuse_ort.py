@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 
 import onnx_ir as ir
+from onnxscript.rewriter import _fusion_utils, pattern
 from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
+from onnxscript.rewriter.ort_fusions.mha_bias import FuseBiasMHA
 
 from kiln.passes.fuse_rules import kiln_ort_rules, standard_rules
 from kiln.passes.fusion import FusionPass
@@ -33,12 +35,36 @@ class FuseForOnnxRuntime(FusionPass):
 
     def fuse(self, model: ir.Model) -> dict[str, int]:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_vector_biases_only())
             if not self.pack_qkv:
                 stack.enter_context(_no_packed_attention())
             fused, counts = optimize_for_ort(model)
         if fused is not model:  # onnxscript works in place; keep the onnx-ir in-place contract explicit
             raise ir.passes.PostconditionError("optimize_for_ort returned a new model")
         return {name: n for name, n in counts.items() if n}
+
+
+class _VectorBiasMHA(FuseBiasMHA):
+    """onnxscript's FuseBiasMHA where every bias it folds is a vector. Alone it also takes the last Add of a
+    rotary embedding (q cos + rotated(q) sin, LTX-Video) for a bias add, and concatenates activations into
+    MultiHeadAttention's bias, which ONNX Runtime then cannot load."""
+
+    def check(self, context, **bindings) -> pattern.MatchResult:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            bias = bindings.get(name)
+            if bias is not None and (bias.shape is None or len(bias.shape) != 1):
+                return pattern.MatchResult().fail(f"{name} is not a vector", bias)
+        return super().check(context, **bindings)
+
+
+@contextlib.contextmanager
+def _vector_biases_only():
+    original = ort_fusions_core.fuse_mha_bias
+    ort_fusions_core.fuse_mha_bias = _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet([_VectorBiasMHA.rule()]))
+    try:
+        yield
+    finally:
+        ort_fusions_core.fuse_mha_bias = original
 
 
 @contextlib.contextmanager

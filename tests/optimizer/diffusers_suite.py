@@ -123,7 +123,8 @@ VAES = [
 
 def run(case: Case, work, fp16: bool = True) -> dict:
     """Write the case's model, import it (export and check against PyTorch in fp32), then build and verify
-    it in fp16 on the cpu target. Returns {"fp32": "ok" | error, "fp16": "ok" | error | None, "seconds"}."""
+    it in fp16 on the cpu target. Returns {"fp32": "ok" | error, "fp16": "ok" | error | None, "onnx": the
+    export's path (in work) | None, "seconds"}."""
     import io
     import json
     import time
@@ -138,11 +139,11 @@ def run(case: Case, work, fp16: bool = True) -> dict:
 
     work = Path(work)
     started = time.perf_counter()
-    result = {"case": case.name, "fp32": None, "fp16": None}
+    result = {"case": case.name, "fp32": None, "fp16": None, "onnx": None}
     try:
         model_dir = write_model(case.class_name, work / "model", config=case.config)
         onnx_path, _, _ = import_diffusers(model_dir, work, types.SimpleNamespace(shapes=[], seed=0))
-        result["fp32"] = "ok"
+        result["fp32"], result["onnx"] = "ok", str(onnx_path)
     except KilnError as exc:
         result["fp32"] = str(exc)
     except Exception as exc:  # a crash is a result too: the suite names it

@@ -323,8 +323,22 @@ def test_fp16_keeps_an_add_and_sub_of_1e5_in_float32():
     assert_idempotent(ConvertToFloat16, model)
 
 
-def test_fp16_raises_a_division_epsilon_that_would_round_to_zero():
-    # Sana's linear attention: y / (y + 1e-15); at y = 0, float16's 1e-15 would be 0 and give 0 / 0.
+def test_fp16_raises_a_scalar_that_would_round_to_zero():
+    model = parse("""
+        g (float[2,3] x) => (float[2,3] y) <float eps = {1e-15}> {
+          [add] d = Add(x, eps)
+          [relu] y = Relu(d)
+        }""")
+    pass_, expected, actual = _convert(model, random_feeds(model, seed=3))
+    assert pass_.details["out_of_range"] == {"eps": "|value| 1e-15 rounds to 0 in float16; raised to 5.96046e-08, as 0 it would give 0 / 0"}
+    assert model.graph.initializers["eps"].const_value.numpy().item() == np.float16(2**-24)
+    assert_outputs_close(expected, actual, **TOL)
+    assert_idempotent(ConvertToFloat16, model)
+
+
+def test_fp16_keeps_a_linear_attention_normalization_float32():
+    # Sana's linear attention divides by (sum + 1e-15), in float32 in diffusers; at a zero sum, float16
+    # would give 0 / 0.
     model = parse("""
         g (float[2,3] x) => (float[2,3] y) <float eps = {1e-15}> {
           [relu] r = Relu(x)
@@ -333,9 +347,8 @@ def test_fp16_raises_a_division_epsilon_that_would_round_to_zero():
         }""")
     feeds = {"x": np.array([[-1.0, 0.0, 2.0], [0.5, -3.0, 0.0]], np.float32)}
     pass_, expected, actual = _convert(model, feeds)
-    assert pass_.details["out_of_range"] == {"eps": "|value| 1e-15 rounds to 0 in float16; raised to 5.96046e-08, as 0 it would give 0 / 0"}
-    assert model.graph.initializers["eps"].const_value.numpy().item() == np.float16(2**-24)
-    np.testing.assert_allclose(actual["y"], [[0, 0, 1], [1, 0, 0]], atol=1e-3)  # not NaN where x <= 0
+    assert {name for name, why in pass_.details["kept_fp32"].items() if "linear attention" in why} == {"add", "div"}
+    np.testing.assert_allclose(actual["y"], [[0, 0, 1], [1, 0, 0]], atol=1e-6)  # not NaN where x <= 0
     assert_outputs_close(expected, actual, **TOL)
     assert_idempotent(ConvertToFloat16, model)
 
