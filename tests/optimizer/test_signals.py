@@ -12,6 +12,15 @@ from kiln.optimizer.signals import signals_deferred
 
 # signal.raise_signal reaches this thread at once; os.kill may land on any of the process's threads (ONNX
 # Runtime's and torch's pools), and the main thread then sees it only later.
+@pytest.fixture(autouse=True)
+def python_default_sigint():
+    """These tests are about Python's own SIGINT handler (KeyboardInterrupt). In the full CI run an earlier test
+    leaves another in place (which one is not found yet), so each test starts from Python's default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 PROBE = """import signal
 signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of the import
 for _ in range(1000):
