@@ -8,9 +8,9 @@ as Q/DQ (without the GemmFloat8 lowering), as benchmarks/quant_gpu.py measured i
 eager and torch.compile in bf16, the latter with and without CUDA graphs. --small runs the tiny example DiT on the cpu target instead (to try
 the script anywhere).
 
-Then a cross-check of compare's latencies, each in a fresh process: `kiln bench` on the points built
-from 32 calibration samples (or none), and the PyTorch baselines called as benchmarks/quant_gpu.py
-calls them, under torch.no_grad and under torch.inference_mode.
+Then a cross-check of compare's latencies: `kiln bench` in a fresh process on the points built from 32
+calibration samples (or none). benchmarks/baseline_state.py times the compiled baselines as the
+process's state changes.
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--grid", help="one compare --grid OPTION=V1,V2 in place of the full grid")
     parser.add_argument("--no-cross-check", action="store_true")
-    parser.add_argument("--torch-modes", action="store_true", help=argparse.SUPPRESS)  # the cross-check's child
     args = parser.parse_args()
-    if args.torch_modes:
-        return torch_modes(args.work / "dit-xl-2", args.runs)
 
     from kiln.optimizer.cli import main as kiln
 
@@ -72,10 +69,10 @@ def main() -> None:
     for row in result["points"]:
         print(f"{row['label']:<60} {row['status']:<20} {row.get('seconds', 0):>8.1f}")
     if not args.no_cross_check:
-        cross_check(result, args.work, args.runs, args.small)
+        cross_check(result, args.work, args.runs)
 
 
-def cross_check(result: dict, work: Path, runs: int, small: bool) -> None:
+def cross_check(result: dict, work: Path, runs: int) -> None:
     kiln = [sys.executable, "-c", "import sys; from kiln.optimizer.cli import main; sys.exit(main(sys.argv[1:]))"]
     print(f"\n{'cross-check: fresh process':<60} {'compare ms':>10} {'fresh ms':>9} {'ratio':>6}")
     for row in result["points"]:
@@ -89,37 +86,6 @@ def cross_check(result: dict, work: Path, runs: int, small: bool) -> None:
         fresh = json.loads(done.stdout)["results"][0]["median_ms"]
         ours = row["latency"]["median_ms"]
         print(f"{row['label']:<60} {ours:>10.3f} {fresh:>9.3f} {ours / fresh:>6.2f}")
-    if small:
-        return
-    for row in result["points"]:
-        if row["kind"] == "baseline" and row["status"] == "ok":
-            print(f"{row['label'] + ' (in compare)':<60} {row['latency']['median_ms']:>10.3f}")
-    done = subprocess.run([sys.executable, __file__, str(work), "--runs", str(runs), "--torch-modes"], capture_output=True, text=True)
-    print(done.stdout.strip() or done.stderr.strip()[-1500:])
-
-
-def torch_modes(model_dir: Path, runs: int) -> None:
-    """DiT-XL/2 in bf16 at 256² b8, eager and torch.compile, called as quant_gpu.py calls it, timed
-    under no_grad and under inference_mode."""
-    import torch
-    from diffusers import DiTTransformer2DModel
-
-    from kiln.optimizer.bench import median_ms
-
-    model = DiTTransformer2DModel.from_pretrained(model_dir).to("cuda", torch.bfloat16).eval()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(8, 4, 32, 32, device="cuda", generator=g, dtype=torch.bfloat16)
-    t = torch.randint(0, 1000, (8,), device="cuda", generator=g)
-    c = torch.randint(0, 1000, (8,), device="cuda", generator=g)
-    for name, module in (("eager", model), ("torch.compile", torch.compile(model))):
-        for mode in (torch.no_grad, torch.inference_mode):
-            def call(module=module, mode=mode):
-                with mode():
-                    module(x, timestep=t, class_labels=c, return_dict=False)
-                torch.cuda.synchronize()
-
-            call()
-            print(f"{f'{name} bf16 under {mode.__name__} (fresh process)':<60} {median_ms(call, runs, 5):>10.3f}")
 
 
 if __name__ == "__main__":
