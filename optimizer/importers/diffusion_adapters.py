@@ -153,6 +153,17 @@ def _sides(patch: int, avoid: tuple[int, ...], limit: int | None = None, why: st
 
 
 @contextlib.contextmanager
+def _module_attribute(module, name: str, value) -> Iterator[None]:
+    """module.name is value inside the block."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+@contextlib.contextmanager
 def _instance_method(obj, name: str, function) -> Iterator[None]:
     """obj.name is function bound to obj, on this instance only, inside the block."""
     had, old = name in vars(obj), vars(obj).get(name)
@@ -479,8 +490,6 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 _COMPLEX_ROPE = ("its rotary embedding is computed in complex numbers, which ONNX has no type for, from {what}; "
                  "torch.export cannot trace it at dynamic sizes")  # fmt: skip
 NOT_YET = {
-    "QwenImageTransformer2DModel": _COMPLEX_ROPE.format(what="img_shapes, a Python list of grid sizes, through a cache keyed on them"),
-    "NucleusMoEImageTransformer2DModel": _COMPLEX_ROPE.format(what="img_shapes, a Python list of grid sizes, through a cache keyed on them"),
     "Lumina2Transformer2DModel": _COMPLEX_ROPE.format(what="each sample's text length, read from the mask with .tolist()"),
     "EasyAnimateTransformer3DModel": ("its rotary grid is cropped with Python round() of the latent size "
                                       "(get_resize_crop_region_for_grid), which fixes the size when traced"),
@@ -492,9 +501,9 @@ NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTr
 
 def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
-    from kiln.optimizer.importers import packed_adapters, video_adapters  # they build on this module
+    from kiln.optimizer.importers import packed_adapters, qwen_adapters, video_adapters  # they build on this module
 
-    return {**FAMILIES, **packed_adapters.FAMILIES, **video_adapters.FAMILIES}
+    return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **video_adapters.FAMILIES}
 
 
 def supported_hint() -> str:
