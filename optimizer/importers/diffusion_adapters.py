@@ -487,10 +487,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 
 
 # Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
-_COMPLEX_ROPE = ("its rotary embedding is computed in complex numbers, which ONNX has no type for, from {what}; "
-                 "torch.export cannot trace it at dynamic sizes")  # fmt: skip
 NOT_YET = {
-    "Lumina2Transformer2DModel": _COMPLEX_ROPE.format(what="each sample's text length, read from the mask with .tolist()"),
     "EasyAnimateTransformer3DModel": ("its rotary grid is cropped with Python round() of the latent size "
                                       "(get_resize_crop_region_for_grid), which fixes the size when traced"),
     "ChronoEditTransformer3DModel": ("2 frames (an image and its edit) take a rotary path of their own (temporal_skip_len), "
@@ -501,9 +498,15 @@ NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTr
 
 def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
-    from kiln.optimizer.importers import packed_adapters, qwen_adapters, video_adapters  # they build on this module
+    from kiln.optimizer.importers import (  # they build on this module
+        lumina_adapters,
+        packed_adapters,
+        qwen_adapters,
+        video_adapters,
+    )
 
-    return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **video_adapters.FAMILIES}
+    return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
+            **video_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
