@@ -300,6 +300,17 @@ def _cog_rotary_call(names, config):
     return call
 
 
+def _scales_listed(call, index: int):
+    """call, with the input at index ([scales, ...], one ONNX input) passed as the list of its scales."""
+
+    def listed(model, *tensors):
+        tensors = list(tensors)
+        tensors[index] = list(tensors[index].unbind(0))
+        return call(model, *tensors)
+
+    return listed
+
+
 def _cogvideox(model, config) -> Adapter:
     cls = type(model).__name__
     rotary = bool(config.get("use_rotary_positional_embeddings"))
@@ -329,15 +340,23 @@ def _cogvideox(model, config) -> Adapter:
     ]
     if config.get("ofs_embed_dim"):  # CogVideoX 1.5 image-to-video
         inputs.append(InputRule("ofs", ("batch",), "uniform", 4.0))
+    dims = [_batch(), frames, height, width, text]
+    if config.get("is_train_face"):  # ConsisID: the face's identity embedding and its ViT features at each scale
+        inputs += [InputRule("id_cond", ("batch", config["LFE_id_dim"])),
+                   InputRule("id_vit_hidden", (config["LFE_num_scale"], "batch", "vit_tokens", config["LFE_vit_dim"]))]
+        dims.append(DimRule("vit_tokens", DimRange(1, 2, 4)))
     patches = (Patch(
         "CogVideoX positional table built with torch.cat",
         "CogVideoXPatchEmbed writes its positional table through .data, which torch.export cannot trace; kiln "
         "exports the same table built with torch.cat",
         lambda m: _instance_method(m.patch_embed, "_get_positional_embeddings", _cog_positional_embeddings)),)  # fmt: skip
     names = [i.name for i in inputs]
+    call = _cog_rotary_call(names, config) if rotary else _kwargs_call(names)
+    if config.get("is_train_face"):
+        call = _scales_listed(call, names.index("id_vit_hidden"))
     return Adapter(
-        cls, "cogvideox", tuple(inputs), (_batch(), frames, height, width, text),
-        call=_cog_rotary_call(names, config) if rotary else _kwargs_call(names),
+        cls, "cogvideox", tuple(inputs), tuple(dims),
+        call=call,
         output_axes=("batch", "frames", None, "height", "width"),
         patches=patches,
         notes=(f"text length is fixed at max_text_seq_length = {text_len}",),
@@ -476,6 +495,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "PixArtTransformer2DModel": _pixart,
     "SD3Transformer2DModel": _sd3,
     "CogVideoXTransformer3DModel": _cogvideox,
+    "ConsisIDTransformer3DModel": _cogvideox,
     "LatteTransformer3DModel": _latte,
     "AutoencoderKL": _vae_decoder,
     "AutoencoderTiny": _image_decoder,

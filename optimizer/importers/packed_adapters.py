@@ -1,5 +1,5 @@
 """Adapters for transformers that take their latents packed into a token sequence, with the tokens'
-positions beside them as ids (Flux and the families built on it: Chroma, Bria, Ovis, LongCat, Flux.2).
+positions beside them as ids (Flux and the families built on it: Chroma, Bria, Fibo, Ovis, LongCat, Flux.2).
 
 The pipelines pack each 2x2 block of latent pixels into one token and make the position ids for one image
 size. kiln's ONNX takes the latents as an image, [batch, channels, height, width], as every other image
@@ -50,40 +50,43 @@ LONGCAT_IDS = Ids(OVIS_IDS.text, lambda t, r, c: _stack(t, r * 0 + 1, r + 512, c
 FLUX2_IDS = Ids(lambda t, i: _stack(t, i * 0, i * 0, i * 0, i), lambda t, r, c: _stack(t, r * 0, r, c, r * 0))
 
 
-def pack(latents):
-    """[batch, C, H, W] -> [batch, (H/2)(W/2), 4C], as the pipelines' _pack_latents."""
+def pack(latents, size: int = PACK):
+    """[batch, C, H, W] -> [batch, (H/size)(W/size), C size^2], as the pipelines' _pack_latents (size 2) and
+    _pack_latents_no_patch (size 1)."""
     b, c, h, w = latents.shape
-    tokens = latents.reshape(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5)
-    return tokens.reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
+    tokens = latents.reshape(b, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(b, (h // size) * (w // size), c * size * size)
 
 
-def unpack(tokens, height: int, width: int):
-    """pack's inverse: [batch, (H/2)(W/2), 4C] -> [batch, C, H, W]."""
+def unpack(tokens, height: int, width: int, size: int = PACK):
+    """pack's inverse: [batch, (H/size)(W/size), C size^2] -> [batch, C, H, W]."""
     b, _, d = tokens.shape
-    c = d // (PACK * PACK)
-    grid = tokens.reshape(b, height // PACK, width // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5)
+    c = d // (size * size)
+    grid = tokens.reshape(b, height // size, width // size, c, size, size).permute(0, 3, 1, 4, 2, 5)
     return grid.reshape(b, c, height, width)
 
 
-def position_ids(ids: Ids, text_len: int, height: int, width: int, device) -> tuple:
-    """(text ids [text_len, axes], image ids [(H/2)(W/2), axes]) for latents of height x width."""
+def position_ids(ids: Ids, text_len: int, height: int, width: int, device, size: int = PACK) -> tuple:
+    """(text ids [text_len, axes], image ids [(H/size)(W/size), axes]) for latents of height x width."""
     import torch
 
-    rows, cols = height // PACK, width // PACK
+    rows, cols = height // size, width // size
     i = torch.arange(text_len, device=device)
     row = torch.arange(rows, device=device)[:, None].expand(rows, cols).reshape(-1)
     col = torch.arange(cols, device=device)[None, :].expand(rows, cols).reshape(-1)
     return ids.text(torch, i), ids.image(torch, row, col)
 
 
-def _packed_call(names: tuple[str, ...], ids: Ids):
+def _packed_call(names: tuple[str, ...], ids: Ids, size: int):
     def call(model, *tensors):
         given = dict(zip(names, tensors, strict=True))
         latents, text = given.pop("hidden_states"), given["encoder_hidden_states"]
         height, width = latents.shape[-2], latents.shape[-1]
-        txt_ids, img_ids = position_ids(ids, text.shape[1], height, width, latents.device)
-        out = model(hidden_states=pack(latents), img_ids=img_ids, txt_ids=txt_ids, **given, return_dict=False)[0]
-        return unpack(out, height, width)
+        txt_ids, img_ids = position_ids(ids, text.shape[1], height, width, latents.device, size)
+        if "text_encoder_layers" in given:  # Fibo's: one ONNX input, [layers, batch, text_len, width]
+            given["text_encoder_layers"] = list(given["text_encoder_layers"].unbind(0))
+        out = model(hidden_states=pack(latents, size), img_ids=img_ids, txt_ids=txt_ids, **given, return_dict=False)[0]
+        return unpack(out, height, width, size)
 
     return call
 
@@ -108,14 +111,17 @@ CHROMA_PATCH = Patch(
 )
 
 
-def _packed(ids: Ids, family: str, patches: tuple[Patch, ...] = ()):
+def _packed(ids: Ids, family: str, patches: tuple[Patch, ...] = (), size: int = PACK):
     def adapter(model, config) -> Adapter:
         params = inspect.signature(model.forward).parameters
-        channels = config["in_channels"] // (PACK * PACK)
-        why = f"a token packs {PACK}x{PACK} latent pixels"
-        height = DimRule("height", _spatial(PACK), multiple=PACK, why=why)
+        channels = config["in_channels"] // (size * size)
+        why = f"a token packs {size}x{size} latent pixels"
+        height = DimRule("height", _spatial(size), multiple=size, why=why)
         inputs = [InputRule("hidden_states", ("batch", channels, "height", "width")),
                   InputRule("encoder_hidden_states", ("batch", "text_len", config["joint_attention_dim"]))]  # fmt: skip
+        if "text_encoder_layers" in params:  # Fibo: a text encoder layer's states for each block
+            layers = config["num_layers"] + config["num_single_layers"]
+            inputs.append(InputRule("text_encoder_layers", (layers, "batch", "text_len", config["text_encoder_dim"])))
         if "pooled_projections" in params and config.get("pooled_projection_dim"):
             inputs.append(InputRule("pooled_projections", ("batch", config["pooled_projection_dim"])))
         inputs.append(InputRule("timestep", ("batch",), "uniform", 1.0))  # the pipelines pass t / 1000
@@ -125,11 +131,11 @@ def _packed(ids: Ids, family: str, patches: tuple[Patch, ...] = ()):
         return Adapter(
             type(model).__name__, family, tuple(inputs),
             dims=(_batch(), height, dataclasses.replace(height, name="width"), _text()),
-            call=_packed_call(names, ids),
+            call=_packed_call(names, ids, size),
             output_axes=("batch", None, "height", "width"),
             patches=patches,
             notes=(f"latents are taken as [batch, {channels}, height, width] and packed into tokens inside the graph "
-                   f"({PACK}x{PACK} pixels a token), with the position ids made there from the sizes, as the "
+                   f"({size}x{size} pixels a token), with the position ids made there from the sizes, as the "
                    f"pipeline makes them",),
         )  # fmt: skip
 
@@ -140,6 +146,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "FluxTransformer2DModel": _packed(FLUX_IDS, "flux"),
     "ChromaTransformer2DModel": _packed(FLUX_IDS, "flux", (CHROMA_PATCH,)),
     "BriaTransformer2DModel": _packed(FLUX_IDS, "flux"),
+    "BriaFiboTransformer2DModel": _packed(FLUX_IDS, "flux", size=1),  # its pipeline packs no 2x2 patches
     "OvisImageTransformer2DModel": _packed(OVIS_IDS, "flux"),
     "LongCatImageTransformer2DModel": _packed(LONGCAT_IDS, "flux"),
     "Flux2Transformer2DModel": _packed(FLUX2_IDS, "flux2"),
