@@ -519,6 +519,7 @@ NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTr
 def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
     from kiln.optimizer.importers import (  # they build on this module
+        hidream_adapters,
         lumina_adapters,
         packed_adapters,
         qwen_adapters,
@@ -526,7 +527,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     )
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
-            **video_adapters.FAMILIES}  # fmt: skip
+            **hidream_adapters.FAMILIES, **video_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
