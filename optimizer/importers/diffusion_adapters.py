@@ -490,8 +490,25 @@ def _generic_transformer(model, config) -> Adapter:
     )
 
 
+def _ernie_call(model, latents, timestep, text, mask):
+    """ERNIE-Image takes each sample's text length (text_lens), which kiln counts from the tokenizer's mask."""
+    return model(hidden_states=latents, timestep=timestep, text_bth=text, text_lens=mask.sum(dim=1), return_dict=False)[0]
+
+
+def _ernie(model, config) -> Adapter:
+    height, width = _sides(config["patch_size"], ())
+    inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "height", "width")),
+              InputRule("timestep", ("batch",), "uniform", timestep_high(model, config)),
+              InputRule("text_bth", ("batch", "text_len", config["text_in_dim"])),
+              InputRule("text_mask", ("batch", "text_len"), "mask"))  # fmt: skip
+    return Adapter(type(model).__name__, "ernie-image", inputs, (_batch(), height, width, _text()), call=_ernie_call,
+                   output_axes=("batch", None, "height", "width"),
+                   notes=("text_mask is the tokenizer's mask; the text lengths are counted from it inside the graph",))  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[..., Adapter]] = {
     "DiTTransformer2DModel": _dit,
+    "ErnieImageTransformer2DModel": _ernie,
     "PixArtTransformer2DModel": _pixart,
     "SD3Transformer2DModel": _sd3,
     "CogVideoXTransformer3DModel": _cogvideox,

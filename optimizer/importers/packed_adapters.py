@@ -23,6 +23,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _instance_method,
     _spatial,
     _text,
+    timestep_high,
 )
 
 PACK = 2  # latent pixels per token, each way (the pipelines' _pack_latents)
@@ -142,6 +143,32 @@ def _packed(ids: Ids, family: str, patches: tuple[Patch, ...] = (), size: int = 
     return adapter
 
 
+def _krea2_call(model, latents, text, mask, timestep):
+    """Krea 2 takes the text and image ids as one position_ids [text_len + tokens, 3], and a boolean mask."""
+    import torch
+
+    height, width = latents.shape[-2], latents.shape[-1]
+    txt_ids, img_ids = position_ids(FLUX_IDS, text.shape[1], height, width, latents.device)
+    out = model(hidden_states=pack(latents), encoder_hidden_states=text, timestep=timestep,
+                position_ids=torch.cat([txt_ids, img_ids]), encoder_attention_mask=mask.bool(), return_dict=False)[0]  # fmt: skip
+    return unpack(out, height, width)
+
+
+def _krea2(model, config) -> Adapter:
+    channels = config["in_channels"] // (PACK * PACK)
+    height = DimRule("height", _spatial(PACK), multiple=PACK, why=f"a token packs {PACK}x{PACK} latent pixels")
+    inputs = (InputRule("hidden_states", ("batch", channels, "height", "width")),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["num_text_layers"], config["text_hidden_dim"])),
+              InputRule("encoder_attention_mask", ("batch", "text_len"), "mask"),
+              InputRule("timestep", ("batch",), "uniform", timestep_high(model, config)))  # fmt: skip
+    return Adapter(
+        type(model).__name__, "krea2", inputs, (_batch(), height, dataclasses.replace(height, name="width"), _text()),
+        call=_krea2_call, output_axes=("batch", None, "height", "width"),
+        notes=(f"latents are taken as [batch, {channels}, height, width] and packed into tokens inside the graph; "
+               f"encoder_hidden_states holds the text encoder's {config['num_text_layers']} selected layers",),
+    )  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[..., Adapter]] = {
     "FluxTransformer2DModel": _packed(FLUX_IDS, "flux"),
     "ChromaTransformer2DModel": _packed(FLUX_IDS, "flux", (CHROMA_PATCH,)),
@@ -150,4 +177,5 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "OvisImageTransformer2DModel": _packed(OVIS_IDS, "flux"),
     "LongCatImageTransformer2DModel": _packed(LONGCAT_IDS, "flux"),
     "Flux2Transformer2DModel": _packed(FLUX2_IDS, "flux2"),
+    "Krea2Transformer2DModel": _krea2,
 }

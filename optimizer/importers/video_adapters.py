@@ -196,6 +196,25 @@ def _ltx(model, config) -> Adapter:
     )  # fmt: skip
 
 
+def _anyflow_call(model, latents, text, timestep, r_timestep):
+    """AnyFlow takes latents as [batch, frames, C, H, W] (and returns them so), and a timestep per frame."""
+    out = model(hidden_states=latents.transpose(1, 2), timestep=timestep, r_timestep=r_timestep,
+                encoder_hidden_states=text, return_dict=False)[0]  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _anyflow(model, config) -> Adapter:
+    inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["text_dim"])),
+              InputRule("timestep", ("batch", "frames"), "uniform", 1000.0),
+              InputRule("r_timestep", ("batch", "frames"), "uniform", 1000.0))  # fmt: skip
+    return Adapter(
+        type(model).__name__, "anyflow", inputs, video_dims(config, config.get("rope_max_seq_len")), call=_anyflow_call,
+        output_axes=("batch", None, "frames", "height", "width"),
+        notes=("timestep and r_timestep (the flow map's two times) are given per frame",),
+    )  # fmt: skip
+
+
 def guessed_video(model, config, required: list[str]) -> Adapter:
     """The adapter for a video transformer kiln has none written for: [batch, C, frames, H, W] latents and the
     inputs its forward requires, guessed from their names and the config."""
@@ -224,5 +243,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "SanaVideoTransformer3DModel": _video("sana-video"),
     "AllegroTransformer3DModel": _video("allegro"),
     "LTXVideoTransformer3DModel": _ltx,
+    "AnyFlowTransformer3DModel": _anyflow,
+    "AnyFlowFARTransformer3DModel": _anyflow,
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }
