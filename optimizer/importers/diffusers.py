@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.importers.complex_lowering import lower_complex
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
     adapter_for,
@@ -253,6 +254,9 @@ def _fix_exported_program(ep) -> tuple[object, list[str]]:
     import torch
 
     aten, fixes = torch.ops.aten, []
+    if lowered := lower_complex(ep):
+        fixes.append(f"{lowered} op(s) on complex tensors (rotary tables) rewritten as real arithmetic "
+                     "(ONNX has no complex type; torch.onnx translates few complex ops)")  # fmt: skip
     if any(n.target == aten.repeat_interleave.self_int for n in ep.graph.nodes):
         # torchlib puts a dynamic repeat count on the wrong axis of its Expand (Latte, CogVideoX).
         ep = ep.run_decompositions({aten.repeat_interleave.self_int: _repeat_interleave_int})

@@ -525,8 +525,8 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 
 # Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
 NOT_YET = {
-    "EasyAnimateTransformer3DModel": ("its rotary grid is cropped with Python round() of the latent size "
-                                      "(get_resize_crop_region_for_grid), which fixes the size when traced"),
+    "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
+                                     "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
     "ChronoEditTransformer3DModel": ("2 frames (an image and its edit) take a rotary path of their own (temporal_skip_len), "
                                      "so one graph cannot serve 2 frames and other counts"),
 }
@@ -536,6 +536,7 @@ NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTr
 def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
     from kiln.optimizer.importers import (  # they build on this module
+        cropped_rope,
         hidream_adapters,
         lumina_adapters,
         packed_adapters,
@@ -544,7 +545,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     )
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
-            **hidream_adapters.FAMILIES, **video_adapters.FAMILIES}  # fmt: skip
+            **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:

@@ -244,6 +244,5 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "AllegroTransformer3DModel": _video("allegro"),
     "LTXVideoTransformer3DModel": _ltx,
     "AnyFlowTransformer3DModel": _anyflow,
-    "AnyFlowFARTransformer3DModel": _anyflow,
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }
