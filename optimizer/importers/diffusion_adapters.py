@@ -538,6 +538,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     from kiln.optimizer.importers import (  # they build on this module
         cropped_rope,
         hidream_adapters,
+        hunyuan15_adapters,
         lumina_adapters,
         packed_adapters,
         qwen_adapters,
@@ -545,7 +546,8 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     )
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
-            **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES}  # fmt: skip
+            **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
+            **hunyuan15_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
