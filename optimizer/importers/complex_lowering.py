@@ -30,16 +30,17 @@ def _op_name(target) -> str:
     return f"{target._opname}.{target._overloadname}" if hasattr(target, "_overloadname") else ""
 
 
-def lower_complex(ep) -> int:
-    """Rewrite the complex values of ep (torch.export.ExportedProgram) in place; returns how many ops were
-    rewritten (0: the program has none)."""
+def lower_complex(ep) -> tuple[object, int]:
+    """(ep with its complex values rewritten, how many ops were rewritten: 0 where it has none)."""
     import torch
     from torch._guards import detect_fake_mode
 
+    if not any(_is_complex(n.meta.get("val")) for n in ep.graph.nodes):
+        return ep, 0
+    if any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes):
+        ep = ep.run_decompositions({})  # inlines regions (autocast) whose ops would otherwise hide in submodules
     graph = ep.graph_module.graph
     nodes = list(graph.nodes)
-    if not any(_is_complex(n.meta.get("val")) for n in nodes):
-        return 0
     aten = torch.ops.aten
     fake_mode = detect_fake_mode([n.meta.get("val") for n in nodes if n.op == "placeholder"])
     real: dict = {}  # a complex node -> the node holding its real layout
@@ -121,4 +122,4 @@ def lower_complex(ep) -> int:
             graph.erase_node(node)
     graph.lint()
     ep.graph_module.recompile()
-    return done
+    return ep, done

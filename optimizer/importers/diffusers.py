@@ -254,7 +254,8 @@ def _fix_exported_program(ep) -> tuple[object, list[str]]:
     import torch
 
     aten, fixes = torch.ops.aten, []
-    if lowered := lower_complex(ep):
+    ep, lowered = lower_complex(ep)
+    if lowered:
         fixes.append(f"{lowered} op(s) on complex tensors (rotary tables) rewritten as real arithmetic "
                      "(ONNX has no complex type; torch.onnx translates few complex ops)")  # fmt: skip
     if any(n.target == aten.repeat_interleave.self_int for n in ep.graph.nodes):

@@ -543,11 +543,12 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
         packed_adapters,
         qwen_adapters,
         video_adapters,
+        z_image_adapters,
     )
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
-            **hunyuan15_adapters.FAMILIES}  # fmt: skip
+            **hunyuan15_adapters.FAMILIES, **z_image_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
