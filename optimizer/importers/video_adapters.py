@@ -215,6 +215,59 @@ def _anyflow(model, config) -> Adapter:
     )  # fmt: skip
 
 
+def _temporal_call(model, latents):
+    """TransformerTemporalModel (a video UNet's temporal block) takes the frames folded into the batch."""
+    b, c, f, h, w = latents.shape
+    out = model(latents.transpose(1, 2).reshape(b * f, c, h, w), num_frames=f, return_dict=False)[0]
+    return out.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+def _temporal(model, config) -> Adapter:
+    frames = DimRule("frames", DimRange(1, 2, 4))
+    height = DimRule("height", _spatial(1))
+    return Adapter(
+        type(model).__name__, "temporal-block",
+        (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),),
+        (_batch(), frames, height, dataclasses.replace(height, name="width")), call=_temporal_call,
+        output_axes=("batch", None, "frames", "height", "width"),
+        notes=("a video UNet's temporal transformer block alone: attention across frames at each pixel",),
+    )  # fmt: skip
+
+
+def _joy_rope(self, vis_rope_size, txt_rope_size=None):
+    """JoyImageEditTransformer3DModel.get_rotary_pos_embed with its grid from arange (linspace(0, s, s + 1)[:s]
+    gives the same integers) and the text's start from sym_max (not .item()), so the sizes stay symbolic."""
+    import torch
+
+    sizes = [1] * (3 - len(vis_rope_size)) + list(vis_rope_size)
+    dims = self.rope_dim_list or [self.hidden_size // self.num_attention_heads // 3] * 3
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in sizes], indexing="ij"))
+
+    def embed(positions):
+        cos, sin = [], []
+        for i, dim in enumerate(dims):
+            inverse = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32)[: (dim // 2)] / dim))
+            angles = torch.outer(positions[i].float(), inverse)
+            cos.append(angles.cos().repeat_interleave(2, dim=1))
+            sin.append(angles.sin().repeat_interleave(2, dim=1))
+        return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
+
+    image = embed([grid[i].reshape(-1) for i in range(3)])
+    if txt_rope_size is None:
+        return image, None
+    text = torch.arange(txt_rope_size) + torch.sym_max(*sizes)  # the largest grid index, plus one
+    return image, embed([text] * 3)
+
+
+JOY_ROPE_PATCH = Patch(
+    "JoyImage's rotary grid from arange",
+    "get_rotary_pos_embed spreads its grid with torch.linspace over the Python sizes and starts the text after "
+    ".item() of the grid's maximum, which fix the sizes when traced; kiln exports the same positions from arange "
+    "and the sizes",
+    lambda m: _instance_method(m, "get_rotary_pos_embed", _joy_rope),
+)
+
+
 def guessed_video(model, config, required: list[str]) -> Adapter:
     """The adapter for a video transformer kiln has none written for: [batch, C, frames, H, W] latents and the
     inputs its forward requires, guessed from their names and the config."""
@@ -244,5 +297,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "AllegroTransformer3DModel": _video("allegro"),
     "LTXVideoTransformer3DModel": _ltx,
     "AnyFlowTransformer3DModel": _anyflow,
+    "TransformerTemporalModel": _temporal,
+    "JoyImageEditTransformer3DModel": _video("joyimage", timestep="float", patches=(JOY_ROPE_PATCH,)),
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }

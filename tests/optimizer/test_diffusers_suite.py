@@ -34,8 +34,8 @@ IMPORTED = {
     "PRXTransformer2DModel", "PixArtTransformer2DModel", "QwenImageTransformer2DModel",
     "QwenImageTransformer2DModel[layered]", "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]",
     "SanaVideoTransformer3DModel", "SkyReelsV2Transformer3DModel", "WanTransformer3DModel",
-    "WanVACETransformer3DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLKVAE", "AutoencoderTiny",
-    "VQModel",
+    "WanVACETransformer3DModel", "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL",
+    "AutoencoderKLKVAE", "AutoencoderTiny", "VQModel",
 }  # fmt: skip
 # Imported and verified in fp32; the fp16 engine misses fp16's tolerance (the reason, for the README).
 FP32_ONLY = {
@@ -61,7 +61,6 @@ REFUSED = {
     "OmniGenTransformer2DModel": "kiln has no adapter for OmniGenTransformer2DModel: its forward needs input_ids",
     "TransformerTemporalModel": "kiln has no adapter for TransformerTemporalModel: it takes no hidden_states, or its config",
     "WanAnimate2Transformer3DModel": "kiln has no adapter for WanAnimate2Transformer3DModel: its forward needs condition_latents",
-    "ZImageTransformer2DModel": "kiln has no adapter for ZImageTransformer2DModel: its forward needs x, t, cap_feats",
     "JoyImageEditPlusTransformer3DModel": "JoyImageEditPlusTransformer3DModel does not run in PyTorch on the inputs kiln made",
     "WanAnimateTransformer3DModel": "WanAnimateTransformer3DModel does not run in PyTorch on the inputs kiln made",
     "JoyImageEditTransformer3DModel": "neither ONNX exporter could export JoyImageEditTransformer3DModel",
