@@ -531,8 +531,6 @@ NOT_YET = {
                                      "pose video, the face video 4 times the pose's less 3), dims kiln cannot derive yet"),
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
-    "ChronoEditTransformer3DModel": ("2 frames (an image and its edit) take a rotary path of their own (temporal_skip_len), "
-                                     "so one graph cannot serve 2 frames and other counts"),
 }
 NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")
 

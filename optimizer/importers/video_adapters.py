@@ -268,6 +268,38 @@ JOY_ROPE_PATCH = Patch(
 )
 
 
+def _chrono_rope(self, hidden_states):
+    """ChronoEditRotaryPosEmbed.forward with its frame positions chosen in tensor arithmetic: an image and its
+    edit (2 frames) sit at frames 0 and temporal_skip_len - 1, other clips at 0, 1, 2, ..."""
+    import torch
+
+    _, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = self.patch_size
+    ppf, pph, ppw = frames // p_t, height // p_h, width // p_w
+    third = self.attention_head_dim // 3
+    sizes = [self.attention_head_dim - 2 * third, third, third]
+    pair = torch.ones(frames).sum() == 2  # the frame count as a tensor: a Python == would fix it when traced
+    positions = torch.arange(ppf) * torch.where(pair, self.temporal_skip_len - 1, 1)
+
+    def grid(table):
+        f, h, w = table.split(sizes, dim=1)
+        shape = (ppf, pph, ppw, -1)
+        parts = [f[positions].view(ppf, 1, 1, -1).expand(*shape), h[:pph].view(1, pph, 1, -1).expand(*shape),
+                 w[:ppw].view(1, 1, ppw, -1).expand(*shape)]  # fmt: skip
+        return torch.cat(parts, dim=-1).reshape(1, ppf * pph * ppw, 1, -1)
+
+    return grid(self.freqs_cos), grid(self.freqs_sin)
+
+
+CHRONO_ROPE_PATCH = Patch(
+    "ChronoEdit's frame positions chosen in tensor arithmetic",
+    "ChronoEditRotaryPosEmbed places 2 frames (an image and its edit) at 0 and temporal_skip_len - 1 and other "
+    "clips at 0, 1, 2, ..., chosen by a Python if on the frame count, which fixes it when traced; kiln exports "
+    "the same choice made with tensors",
+    lambda m: _instance_method(m.rope, "forward", _chrono_rope),
+)
+
+
 def guessed_video(model, config, required: list[str]) -> Adapter:
     """The adapter for a video transformer kiln has none written for: [batch, C, frames, H, W] latents and the
     inputs its forward requires, guessed from their names and the config."""
@@ -298,6 +330,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "LTXVideoTransformer3DModel": _ltx,
     "AnyFlowTransformer3DModel": _anyflow,
     "TransformerTemporalModel": _temporal,
+    "ChronoEditTransformer3DModel": _video("wan", patches=(CHRONO_ROPE_PATCH,)),
     "JoyImageEditTransformer3DModel": _video("joyimage", timestep="float", patches=(JOY_ROPE_PATCH,)),
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }
