@@ -20,7 +20,16 @@ from kiln.calibration import CalibrationSet, DataError, Sample, check_calibratio
 from kiln.optimizer.config import DEFAULT_CALIB_SAMPLES, Options
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.lazy import require
-from kiln.optimizer.sampling import STEPS, is_diffusion, quality_loops, sample_loop, scheduler_name, starting_inputs, timestep_dtype
+from kiln.optimizer.sampling import (
+    STEPS,
+    is_diffusion,
+    quality_loops,
+    sample_loop,
+    scheduler_name,
+    starting_inputs,
+    timestep_dtype,
+    timestep_max,
+)
 from kiln.passes.fallback import METRICS, Fallback, parse_budget, search
 from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
 
@@ -99,7 +108,8 @@ def calibration_set(options: Options, profile: targets.Profile, model_path: Path
             return data, [f"quality is measured on random inputs: --calib holds fewer than {HOLD_OUT_FROM} samples, none to hold out"]
         return data, []
     if is_diffusion(profile, source):
-        data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count, providers)
+        data = diffusion_trajectory(model_path, profile, options.seed + CALIB_SEED_OFFSET, count, providers,
+                                    timestep_max(source))
         return data, [f"calibrated along a sampling loop ({data.source}); give recorded inputs with --calib"]
     sizes = profile.sizes("opt") if profile.dims else {}
     shapes = profile.shapes(sizes)
@@ -164,7 +174,8 @@ def film_pairs(path: Path, profile: targets.Profile, alignment: targets.Alignmen
 
 
 def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, count: int,
-                         providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> CalibrationSet:  # fmt: skip
+                         providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                         top: float = 1000.0) -> CalibrationSet:  # fmt: skip
     """count samples: the inputs of STEPS-step loops of the fp32 model on ONNX Runtime (the calibration
     providers: a GPU target's loops run on its GPU), one loop per seed, conditioning (class labels, text
     embeddings) drawn once per loop."""
@@ -183,7 +194,7 @@ def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, 
     samples: list[Sample] = []
     loops = starting_inputs(profile, seed, math.ceil(count / STEPS))
     for i, feeds in enumerate(loops):
-        sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, STEPS, samples, f"seed {seed + i}, ")
+        sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, STEPS, samples, f"seed {seed + i}, ", top)
     return CalibrationSet(samples[:count], f"{len(loops)} loop(s) of {STEPS} {scheduler_name(dtype)} steps "
                                            f"from seed {seed}, {min(count, len(samples))} samples")  # fmt: skip
 
@@ -230,7 +241,9 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
             if diffusion:
                 output = session.get_outputs()[0].name
                 dtype = timestep_dtype(profile)
-                return [{"latents": sample_loop(lambda f: run_session(session, f)[output], feeds, dtype)} for feeds in held_out]
+                top = timestep_max(source)
+                return [{"latents": sample_loop(lambda f: run_session(session, f)[output], feeds, dtype, timestep_max=top)}
+                        for feeds in held_out]  # fmt: skip
             return [run_session(session, feeds) for feeds in held_out]
 
         # The inputs the final quality check uses: its sampling loops, the held-out samples, or the corners.

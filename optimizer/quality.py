@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln import targets
 from kiln.calibration import Sample, quality
-from kiln.optimizer.sampling import STEPS, is_diffusion, quality_loops, sample_loop, timestep_dtype
+from kiln.optimizer.sampling import STEPS, is_diffusion, quality_loops, sample_loop, timestep_dtype, timestep_max
 
 QUALITY_SEED_OFFSET = 20_000  # away from calibration's seeds
 LPIPS = "not computed: LPIPS needs pretrained network weights, and no installed package ships them"
@@ -42,6 +42,7 @@ class QualityReference:
     output: str  # the model's first output: the prediction a sampling loop steps with
     timestep_dtype: str | None
     seed: int
+    timestep_max: float = 1000.0
 
     @classmethod
     def compute(cls, model_path: Path, expected: Sequence, profile: targets.Profile, source: dict, seed: int,
@@ -57,6 +58,7 @@ class QualityReference:
             cases=[e.feeds for e in known], held_out=[s.feeds for s in held_out],
             loops=quality_loops(profile, seed) if diffusion else [], want=Outputs([e.want for e in known], [], []),
             output=session.get_outputs()[0].name, timestep_dtype=timestep_dtype(profile) if diffusion else None, seed=seed,
+            timestep_max=timestep_max(source),
         )  # fmt: skip
         reference.want.held_out = [run(feeds) for feeds in reference.held_out]
         reference.want.latents = reference._latents(run)
@@ -66,7 +68,8 @@ class QualityReference:
         return Outputs([run(f) for f in self.cases], [run(f) for f in self.held_out], self._latents(run))
 
     def _latents(self, run: Run) -> list[np.ndarray]:
-        return [sample_loop(lambda f: run(f)[self.output], feeds, self.timestep_dtype) for feeds in self.loops]
+        return [sample_loop(lambda f: run(f)[self.output], feeds, self.timestep_dtype, timestep_max=self.timestep_max)
+                for feeds in self.loops]  # fmt: skip
 
     def metrics(self, got: Outputs) -> dict:
         """Per output on the verification inputs and on the held-out samples (each metric's mean), and on

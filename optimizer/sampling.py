@@ -30,6 +30,12 @@ def timestep_dtype(profile: targets.Profile) -> str:
     return next(s.dtype for s in profile.inputs if s.name == TIMESTEP)
 
 
+def timestep_max(source: dict) -> float:
+    """The top of the timesteps the model takes, as its importer recorded it: 1000, or 1 where the pipeline
+    passes t / 1000 (Flux, QwenImage, AuraFlow, Z-Image, ...)."""
+    return float(source.get("timestep_max") or 1000.0)
+
+
 def _scheduler(timestep_dtype: str):
     """DDIM over 1000 training steps for integer timesteps (epsilon-predicting DiTs, PixArt, Latte,
     CogVideoX), flow-matching Euler for float ones (SD3)."""
@@ -54,17 +60,19 @@ def _prediction(output: np.ndarray, latents: np.ndarray) -> np.ndarray:
 
 
 def sample_loop(run: Callable[[dict], np.ndarray], feeds: dict, timestep_dtype: str, steps: int = STEPS,
-                record: list | None = None, label: str = "") -> np.ndarray:  # fmt: skip
+                record: list | None = None, label: str = "", timestep_max: float = 1000.0) -> np.ndarray:  # fmt: skip
     """The final latents of `steps` scheduler steps from feeds[LATENTS] (noise); run(feeds) gives the
-    model's output. Each step's inputs are appended to record."""
+    model's output, its timestep the scheduler's (over 1000) scaled to timestep_max. Each step's inputs are
+    appended to record."""
     import torch
 
     scheduler = _scheduler(timestep_dtype)
     scheduler.set_timesteps(steps)
-    latents = feeds[LATENTS] * float(scheduler.init_noise_sigma)
-    batch = latents.shape[0]
+    latents = feeds[LATENTS] * float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching starts at unit noise
+    batch, scale = latents.shape[0], timestep_max / 1000.0
     for i, t in enumerate(scheduler.timesteps):
-        step = dict(feeds, **{LATENTS: latents.astype(np.float32), TIMESTEP: np.full(batch, float(t)).astype(timestep_dtype)})
+        given = np.full(batch, float(t) * scale).astype(timestep_dtype)
+        step = dict(feeds, **{LATENTS: latents.astype(np.float32), TIMESTEP: given})
         if record is not None:
             record.append(Sample(f"{label}step {i + 1} of {steps} (t={float(t):g})", step))
         prediction = _prediction(run(step), latents)

@@ -558,6 +558,7 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
         "path": str(directory), "format": SOURCE_FORMAT, "hash": hash_directory(directory),
         "diffusers": diffusers.__version__, "inputs": adapter.input_names, "outputs": [OUTPUT],
         "ranges": {k: str(v) for k, v in ranges.items()}, "int_ranges": adapter.int_ranges(),
+        "timestep_max": next((i.high for i in adapter.inputs if i.name == "timestep"), None),
         "converter": f"torch.onnx ({record['exporter']} exporter)", **record,
         "torch_parity": {"rule": PARITY_RULE, "shapes": checks},
     }  # fmt: skip

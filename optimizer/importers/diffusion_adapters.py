@@ -525,6 +525,21 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 
 # Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
 NOT_YET = {
+    "Cosmos3OmniTransformer": ("it takes one packed multimodal sequence: text token ids, vision tokens and each one's "
+                               "index in the sequence, with its lengths as Python ints (und_len, sequence_length)"),
+    "GlmImageTransformer2DModel": ("its prior tokens come one per latent patch (prior_token_id [batch, (height/2)(width/2)]), "
+                                   "a dim kiln cannot derive from height and width yet"),
+    "Ideogram4Transformer2DModel": ("it takes one packed sequence of text and image slots with per-token position, segment "
+                                    "and indicator ids, which kiln has no adapter to build yet"),
+    "LTX2VideoTransformer3DModel": "it generates audio beside the video (two outputs); kiln exports one output yet",
+    "LuminaNextDiT2DModel": ("its pipeline makes rotary embeddings at each step, scaled by a factor picked from the timestep "
+                             "and the image size, and scales attention by math.log of the sequence length; kiln has no "
+                             "adapter that makes them in the graph yet"),
+    "MiniMaxH3Transformer3DModel": "it generates audio beside the video (two outputs); kiln exports one output yet",
+    "OmniGenTransformer2DModel": ("it takes a prompt's token ids with input images interleaved (input_ids, "
+                                  "input_img_latents and input_image_sizes as Python lists)"),
+    "WanAnimate2Transformer3DModel": ("its generation step reads a key-value cache that a reference pass over the driving "
+                                      "video fills (kv_cache, kv_cache_mode)"),
     "JoyImageEditPlusTransformer3DModel": ("it takes latents already cut into patches for several images (the target and "
                                            "its references), with their grids as a Python list (shape_list)"),
     "WanAnimateTransformer3DModel": ("its inputs' frame counts are tied to one another (latents one frame more than the "
@@ -540,7 +555,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     from kiln.optimizer.importers import (  # they build on this module
         cropped_rope,
         hidream_adapters,
-        hunyuan15_adapters,
+        hunyuan_adapters,
         lumina_adapters,
         packed_adapters,
         qwen_adapters,
@@ -550,7 +565,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
-            **hunyuan15_adapters.FAMILIES, **z_image_adapters.FAMILIES}  # fmt: skip
+            **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:

@@ -134,6 +134,7 @@ def test_import_diffusers_source_and_notes(tmp_path):
     assert source["format"] == "diffusers" and source["class"] == "DiTTransformer2DModel"
     assert source["exporter"] == "dynamo" and source["ranges"] == {"batch": "1..2..3", "height": "8..12..16"}
     assert source["int_ranges"] == {"class_labels": [0, 10], "timestep": [0, 1000]}
+    assert source["timestep_max"] == 1000  # what sampling loops scale their timesteps to
     assert len(source["hash"]) == 64
     assert [c["label"] for c in source["torch_parity"]["shapes"]] == ["min", "opt", "max", "off-corner"]
     assert source["torch_parity"]["shapes"][-1]["sizes"] == {"batch": 2, "height": 10, "width": 10}

@@ -8,7 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffusers_suite as suite  # noqa: E402
 
-from kiln.optimizer.importers.hunyuan15_adapters import CONTEXT_PATCH  # noqa: E402
+from kiln.optimizer.importers.hunyuan_adapters import CONTEXT_PATCH  # noqa: E402
 
 
 def test_hunyuan_video15_text_to_video_matches_diffusers():
