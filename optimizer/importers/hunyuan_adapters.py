@@ -15,8 +15,7 @@ valid tokens' results are the same either way.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from kiln.optimizer.importers.diffusion_adapters import Adapter, DimRule, InputRule, Patch, _instance_method
 from kiln.optimizer.importers.video_adapters import video_dims
@@ -45,6 +44,12 @@ def _joined_context(image, image_valid, byt5, byt5_mask, mllm, mllm_mask):
     return joined, k < valid
 
 
+def _unpatchify(tokens, frames, rows, cols, p_t, p):
+    """[B, frames x rows x cols, C p_t p p] -> [B, C, frames p_t, rows p, cols p], as both forwards end."""
+    grid = tokens.reshape(tokens.shape[0], frames, rows, cols, -1, p_t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return grid.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
 def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, timestep_r=None,
              encoder_hidden_states_2=None, encoder_attention_mask_2=None, image_embeds=None, attention_kwargs=None,
              return_dict=True):  # fmt: skip
@@ -68,16 +73,8 @@ def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_atten
                                     mllm, encoder_attention_mask.bool().long())  # fmt: skip
     for block in self.transformer_blocks:
         hidden_states, context = block(hidden_states, context, temb, mask, rope)
-    hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
-    hidden_states = hidden_states.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
-    output = hidden_states.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    output = _unpatchify(self.proj_out(self.norm_out(hidden_states, temb)), frames // p_t, height // p, width // p, p_t, p)
     return (output,) if not return_dict else {"sample": output}
-
-
-@contextlib.contextmanager
-def _joined(model) -> Iterator[None]:
-    with _instance_method(model, "forward", _forward):
-        yield
 
 
 CONTEXT_PATCH = Patch(
@@ -85,7 +82,7 @@ CONTEXT_PATCH = Patch(
     "forward joins its image, ByT5 and MLLM tokens, valid ones first, by boolean indexing in a Python loop over "
     "the batch, and takes text-to-video from a Python if on image_embeds; kiln exports a forward that puts each "
     "token in the same place with gathers from the masks' lengths",
-    _joined,
+    lambda m: _instance_method(m, "forward", _forward),
 )
 
 
@@ -119,7 +116,7 @@ def _framepack_forward(self, hidden_states, timestep, encoder_hidden_states, enc
     """HunyuanVideoFramepackTransformer3DModel.forward with its attention mask from a comparison."""
     import torch
 
-    batch, _, frames, height, width = hidden_states.shape
+    _, _, frames, height, width = hidden_states.shape
     p, p_t = self.config.patch_size, self.config.patch_size_t
     rows, cols = height // p, width // p
     tokens = frames // p_t * rows * cols
@@ -141,16 +138,8 @@ def _framepack_forward(self, hidden_states, timestep, encoder_hidden_states, enc
     mask = (torch.arange(length)[None] < hidden_states.shape[1] + valid)[:, None, None, :]
     for block in (*self.transformer_blocks, *self.single_transformer_blocks):
         hidden_states, context = block(hidden_states, context, temb, mask, image_rotary_emb)
-    hidden_states = self.proj_out(self.norm_out(hidden_states[:, -tokens:], temb))
-    hidden_states = hidden_states.reshape(batch, frames // p_t, rows, cols, -1, p_t, p, p)
-    output = hidden_states.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    output = _unpatchify(self.proj_out(self.norm_out(hidden_states[:, -tokens:], temb)), frames // p_t, rows, cols, p_t, p)
     return (output,) if not return_dict else {"sample": output}
-
-
-@contextlib.contextmanager
-def _masked(model) -> Iterator[None]:
-    with _instance_method(model, "forward", _framepack_forward):
-        yield
 
 
 FRAMEPACK_MASK_PATCH = Patch(
@@ -158,7 +147,7 @@ FRAMEPACK_MASK_PATCH = Patch(
     "forward masks each sample's padding by slicing with its length in a Python loop over the batch (and for one "
     "sample cuts the text instead), which tracing fixes; kiln exports the same mask made by comparing positions "
     "with the lengths",
-    _masked,
+    lambda m: _instance_method(m, "forward", _framepack_forward),
 )
 
 # FramePack's context: clean frames beside the latents, and history at 2x and 4x less resolution, each with

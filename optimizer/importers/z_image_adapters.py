@@ -12,8 +12,7 @@ The check against PyTorch calls the original forward with the lists the pipeline
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from kiln.optimizer.importers.diffusion_adapters import Adapter, InputRule, Patch, _batch, _instance_method, _sides, _text
 
@@ -82,18 +81,12 @@ def _forward(self, latents, t, captions, mask, patch_size=2, f_patch_size=1):
     return out.permute(0, 6, 3, 1, 4, 2, 5).reshape(batch, -1, height, width)
 
 
-@contextlib.contextmanager
-def _batched(model) -> Iterator[None]:
-    with _instance_method(model, "forward", _forward):
-        yield
-
-
 BATCHED_PATCH = Patch(
     "Z-Image's sequences laid out on batched tensors",
     "forward takes lists of latents and of captions (each its valid tokens), pads and joins them in Python loops "
     "and numbers positions from Python lengths, which tracing fixes; kiln exports a forward that lays out the "
     "same sequences on batched tensors from the mask's lengths",
-    _batched,
+    lambda m: _instance_method(m, "forward", _forward),
 )
 
 
