@@ -105,6 +105,22 @@ def _spatial(multiple: int, limit: int | None = None) -> DimRange:
     return DimRange(lo, opt, hi)
 
 
+def grid_positions(torch, rows, cols, device=None):
+    """(row, col) of each cell of a rows x cols grid, row by row: the order patch tokens take."""
+    row = torch.arange(rows, device=device)[:, None].expand(rows, cols).reshape(-1)
+    col = torch.arange(cols, device=device)[None, :].expand(rows, cols).reshape(-1)
+    return row, col
+
+
+def rotate_pairs(x, cos, sin):
+    """Rotary embedding on interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32: the
+    complex product (x0 + i x1)(cos + i sin) in real arithmetic."""
+    import torch
+
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
 def _kwargs_call(names: Sequence[str], grouped: Mapping[str, str] | None = None):
     """call(model, *tensors) -> model(name=tensor, ..., return_dict=False)[0].
 

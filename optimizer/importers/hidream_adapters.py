@@ -23,6 +23,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _kwargs_call,
     _sides,
     _text,
+    grid_positions,
 )
 
 
@@ -33,8 +34,7 @@ def _patchify(self, hidden_states):
     batch, channels, height, width = hidden_states.shape
     p = self.config.patch_size
     rows, cols = height // p, width // p
-    row = torch.arange(rows)[:, None].expand(rows, cols).reshape(-1)
-    col = torch.arange(cols)[None, :].expand(rows, cols).reshape(-1)
+    row, col = grid_positions(torch, rows, cols)
     # float64 ids: the rope multiplies them by float64 frequencies, which PyTorch promotes and ONNX must be told
     ids = torch.stack([torch.zeros_like(row), row, col], dim=-1).double()[None].expand(batch, -1, -1)
     tokens = hidden_states.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1)

@@ -22,6 +22,8 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _generic_transformer,
     _instance_method,
     _module_attribute,
+    grid_positions,
+    rotate_pairs,
 )
 
 
@@ -38,13 +40,9 @@ def _lookup(rope, ids):
 
 
 def _rotate(x, freqs, use_real=False, use_real_unbind_dim=-1, sequence_dim=2):
-    """apply_rotary_emb with use_real=False, in real arithmetic: each pair (a, b) of x [B, S, H, D] turned
-    by (cos, sin) [B, S, D/2], as the complex product (a + ib)(cos + i sin) turns it."""
-    import torch
-
-    cos, sin = (f[:, :, None] for f in freqs)
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+    """apply_rotary_emb with use_real=False, in real arithmetic: x [B, S, H, D] turned by freqs = (cos, sin),
+    [B, S, D/2] each."""
+    return rotate_pairs(x, *(f[:, :, None] for f in freqs))
 
 
 def _lumina2_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
@@ -65,8 +63,7 @@ def _lumina2_forward(self, hidden_states, timestep, encoder_hidden_states, encod
     text_cos, text_sin = _lookup(self.rope_embedder, torch.stack([text, zeros, zeros], dim=-1))
     valid = (text[None] < caption)[..., None]  # padded caption tokens take angle 0 with length 0, as PyTorch's
     text_rope = (text_cos * valid, text_sin * valid)
-    row = torch.arange(rows)[:, None].expand(rows, cols).reshape(-1)
-    col = torch.arange(cols)[None, :].expand(rows, cols).reshape(-1)
+    row, col = grid_positions(torch, rows, cols)
     image_ids = torch.stack([caption.expand(batch, image_len), row[None].expand(batch, -1), col[None].expand(batch, -1)], -1)
     image_rope = _lookup(self.rope_embedder, image_ids)
 

@@ -23,6 +23,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _instance_method,
     _spatial,
     _text,
+    grid_positions,
     timestep_high,
 )
 
@@ -73,8 +74,7 @@ def position_ids(ids: Ids, text_len: int, height: int, width: int, device, size:
 
     rows, cols = height // size, width // size
     i = torch.arange(text_len, device=device)
-    row = torch.arange(rows, device=device)[:, None].expand(rows, cols).reshape(-1)
-    col = torch.arange(cols, device=device)[None, :].expand(rows, cols).reshape(-1)
+    row, col = grid_positions(torch, rows, cols, device)
     return ids.text(torch, i), ids.image(torch, row, col)
 
 

@@ -23,6 +23,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _batch,
     _instance_method,
     _module_attribute,
+    rotate_pairs,
     _spatial,
     _text,
     timestep_high,
@@ -73,13 +74,10 @@ def _rope(self, video_fhw, device=None, max_txt_seq_len=None):
 
 
 def _rotate(x, angles, use_real=False, use_real_unbind_dim=-1):
-    """apply_rotary_emb_qwen with use_real=False, in real arithmetic: each pair (a, b) of x [B, S, H, D]
-    turned by its angle (angles [S, D/2]), as the complex product (a + ib)(cos + i sin) turns it."""
+    """apply_rotary_emb_qwen with use_real=False, in real arithmetic: x [B, S, H, D] turned by angles [S, D/2]."""
     import torch
 
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+    return rotate_pairs(x, torch.cos(angles)[:, None], torch.sin(angles)[:, None])
 
 
 @dataclasses.dataclass(frozen=True)

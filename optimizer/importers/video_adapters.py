@@ -28,6 +28,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _spatial,
     _text,
     _text_width,
+    rotate_pairs,
     supported_hint,
 )
 from kiln.targets import DimRange
@@ -54,14 +55,6 @@ def video_dims(config, rope_limit: int | None = None) -> tuple[DimRule, ...]:
     return (_batch(), frames, height, dataclasses.replace(height, name="width"), _text())
 
 
-def _rotate(x, cos, sin):
-    """Rotary embedding on interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32."""
-    import torch
-
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
-
-
 class MochiMaskedAttention:
     """Mochi's joint attention with the text mask applied as one masked attention over the batch.
 
@@ -80,7 +73,7 @@ class MochiMaskedAttention:
         q, k = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k)
         v = heads(attn.to_v(hidden_states), None)
         if image_rotary_emb is not None:
-            q, k = _rotate(q, *image_rotary_emb), _rotate(k, *image_rotary_emb)
+            q, k = rotate_pairs(q, *image_rotary_emb), rotate_pairs(k, *image_rotary_emb)
         text_q = heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)
         text_k = heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)
         text_v = heads(attn.add_v_proj(encoder_hidden_states), None)

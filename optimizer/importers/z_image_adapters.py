@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.optimizer.importers.diffusion_adapters import Adapter, InputRule, Patch, _batch, _instance_method, _sides, _text
+from kiln.optimizer.importers.diffusion_adapters import (
+    Adapter,
+    InputRule,
+    Patch,
+    _batch,
+    _instance_method,
+    _sides,
+    _text,
+    grid_positions,
+)
 
 _MULTIPLE = 32  # Z-Image pads every sequence to a multiple of this (SEQ_MULTI_OF)
 
@@ -51,8 +60,7 @@ def _forward(self, latents, t, captions, mask, patch_size=2, f_patch_size=1):
     x = self.all_x_embedder[f"{patch_size}-{f_patch_size}"](tokens.reshape(batch, image_len, -1))
     x = torch.cat([x, self.x_pad_token.to(x.dtype).expand(batch, image_padded - image_len, -1)], dim=1)
     pads = torch.zeros(image_padded - image_len, dtype=torch.int64)
-    row = torch.cat([torch.arange(rows)[:, None].expand(rows, cols).reshape(-1), pads])
-    col = torch.cat([torch.arange(cols)[None, :].expand(rows, cols).reshape(-1), pads])
+    row, col = (torch.cat([axis, pads]) for axis in grid_positions(torch, rows, cols))
     first = (padded + 1) * (torch.arange(image_padded) < image_len)  # [B, image_padded]; pads at (0, 0, 0)
     x_positions = torch.stack([first, row.expand(batch, -1), col.expand(batch, -1)], dim=-1)
     x_freqs = _angles(self, x_positions)
