@@ -576,12 +576,13 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
         packed_adapters,
         qwen_adapters,
         video_adapters,
+        video_decoders,
         z_image_adapters,
     )
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
-            **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES}  # fmt: skip
+            **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -603,9 +604,9 @@ def adapter_for(model) -> Adapter:
                          "and video transformers and VAE decoders)", hint=supported_hint())  # fmt: skip
     if name.startswith("Autoencoder") or name in ("ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel"):
         decoders = ", ".join(n for n in sorted(families) if "Autoencoder" in n or n == "VQModel")
-        raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; video VAEs' "
-                         "decoders (chunked, with a cache carried between chunks) and diffusion decoders are not "
-                         "exported yet", hint=supported_hint())  # fmt: skip
+        raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; decoders "
+                         "that decode chunk by chunk with a cache or state carried between chunks, and diffusion "
+                         "decoders, are not exported yet", hint=supported_hint())  # fmt: skip
     if "UNet" in name or "ControlNet" in name:
         raise InputError(f"kiln has no adapter for {name} yet: its inputs and outputs are not a latent transformer's",
                          hint=supported_hint())  # fmt: skip

@@ -123,6 +123,15 @@ VAES = [
 
 # Batch up to 2 (the import's default reaches 4): the checks' largest shapes cost half as much, for CI's time.
 SHAPES = [("--shapes", "batch=1..2..2")]
+# Video VAEs decode 1..3 latent frames of 4..8 a side (the import's defaults reach 4 frames of 32 a side: 16 times
+# the pixels), for CI's time.
+VIDEO_DECODER_SHAPES = [("--shapes", "frames=1..2..3"), ("--shapes", "height=4..6..8"), ("--shapes", "width=4..6..8")]
+
+
+def shapes(case: Case) -> list[tuple[str, str]]:
+    from kiln.optimizer.importers.video_decoders import FAMILIES as VIDEO_DECODERS
+
+    return SHAPES + (VIDEO_DECODER_SHAPES if case.class_name in VIDEO_DECODERS else [])
 
 
 def run(case: Case, work, fp16: bool = True) -> dict:
@@ -146,7 +155,7 @@ def run(case: Case, work, fp16: bool = True) -> dict:
     result = {"case": case.name, "fp32": None, "fp16": None, "onnx": None}
     try:
         model_dir = write_model(case.class_name, work / "model", config=case.config)
-        onnx_path, _, _ = import_diffusers(model_dir, work, types.SimpleNamespace(shapes=SHAPES, seed=0))
+        onnx_path, _, _ = import_diffusers(model_dir, work, types.SimpleNamespace(shapes=shapes(case), seed=0))
         result["fp32"], result["onnx"] = "ok", str(onnx_path)
     except KilnError as exc:
         result["fp32"] = str(exc)

@@ -91,12 +91,14 @@ def test_non_transformers_are_refused(class_name):
     assert error.hint == SUPPORTED
 
 
-def test_video_vaes_are_refused():
+def test_chunked_video_vaes_are_refused():
     error = refusal(A.adapter_for, fake("AutoencoderKLCogVideoX", lambda self, sample: None, in_channels=3))
     assert error.message == (
         "kiln has no adapter for AutoencoderKLCogVideoX yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
-        "AutoencoderDC, AutoencoderKL, AutoencoderKLKVAE, AutoencoderTiny, VQModel; video VAEs' decoders (chunked, "
-        "with a cache carried between chunks) and diffusion decoders are not exported yet"
+        "AutoencoderDC, AutoencoderKL, AutoencoderKLCosmos, AutoencoderKLHunyuanVideo, AutoencoderKLKVAE, "
+        "AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLTemporalDecoder, "
+        "AutoencoderKLWan, AutoencoderTiny, VQModel; decoders that decode chunk by chunk with a cache or state "
+        "carried between chunks, and diffusion decoders, are not exported yet"
     )
 
 

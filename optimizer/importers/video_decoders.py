@@ -1,0 +1,186 @@
+"""Adapters for video VAEs' decoders that decode a whole clip in one call: latent_sample [batch, C, frames,
+height, width] -> sample [batch, 3, first + step (frames - 1), f height, f width].
+
+Their decoders are causal 3D convolutions over the whole clip (HunyuanVideo, LTX-Video, Mochi, Magvit,
+Cosmos, KVAE), so one graph takes any number of frames. diffusers' framewise and tiled decoding split a long
+clip into overlapping chunks and blend them, to save memory; kiln's graph decodes the clip whole, and the
+check against PyTorch calls the decoder the same way. How many frames come out of the first latent frame
+and of each one after it, and the spatial scale, are measured by decoding a small probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.importers.diffusion_adapters import (
+    Adapter,
+    DimRule,
+    InputRule,
+    Patch,
+    _batch,
+    _first,
+    _instance_method,
+    _module_attribute,
+    _spatial,
+)
+from kiln.targets import DimRange
+
+# diffusers' switches that split a decode into chunks: off, for one whole-clip graph
+_CHUNKING = ("use_tiling", "use_framewise_decoding", "use_slicing")
+
+
+def _decoded(output):
+    """The video of a decode, which returns a DecoderOutput, a tuple or the tensor itself (VidTok)."""
+    if isinstance(output, tuple):
+        return output[0]
+    return getattr(output, "sample", output)
+
+
+def _whole_clip(model, decode: Callable):
+    """decode() with the model's chunking switches off."""
+    with contextlib.ExitStack() as stack:
+        for name in _CHUNKING:
+            if isinstance(getattr(model, name, None), bool):
+                stack.enter_context(_module_attribute(model, name, False))
+        return _decoded(decode())
+
+
+def _clip_call(model, latents, *timestep):
+    kwargs = {"temb": timestep[0]} if timestep else {}
+    return _whole_clip(model, lambda: model.decode(latents, return_dict=False, **kwargs))
+
+
+def _folded_call(model, latents):
+    """Stable Video Diffusion's decoder takes frames folded into the batch, with num_frames beside them."""
+    b, c, f, h, w = latents.shape
+    folded = latents.transpose(1, 2).reshape(b * f, c, h, w)
+    video = _whole_clip(model, lambda: model.decode(folded, num_frames=f, return_dict=False))
+    return video.reshape(b, f, *video.shape[1:]).transpose(1, 2)
+
+
+def _framewise_norm(self, x):
+    """MochiChunkedGroupNorm3D in one call: a group norm of each frame, all frames at once."""
+    b = x.shape[0]
+    frames = self.norm_layer(x.permute(0, 2, 1, 3, 4).flatten(0, 1))
+    return frames.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)
+
+
+@contextlib.contextmanager
+def _unchunked_norms(model):
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            if type(module).__name__ == "MochiChunkedGroupNorm3D":
+                stack.enter_context(_instance_method(module, "forward", _framewise_norm))
+        yield
+
+
+MOCHI_NORM_PATCH = Patch(
+    "Mochi's frame norms in one call",
+    "MochiChunkedGroupNorm3D normalises frames in chunks of 8 with a Python loop over split, which fixes "
+    "the chunk count when traced; the frames are independent, so kiln exports one group norm over them all",
+    _unchunked_norms,
+)
+
+
+def _wan_upsample(self, x, feat_cache=None, feat_idx=(0,)):
+    """WanResample over a whole clip, as its frame loop computes it: the first latent frame is not doubled
+    in time (its chunk skips time_conv); the others go through time_conv causally, seeing zeros before
+    frame 1 (the loop's "Rep" cache), and each becomes two frames. Zeroing frame 0 gives time_conv exactly
+    that window, and keeps one graph for any number of frames, 1 included."""
+    import torch
+
+    if self.mode == "upsample3d":
+        b, c, t, h, w = x.shape
+        later = (torch.arange(t, device=x.device) > 0).to(x.dtype)[:, None, None]  # masks, not slices: no size-1 guards
+        doubled = self.time_conv(x * later).reshape(b, 2, c, t, h, w)
+        doubled = torch.stack((doubled[:, 0], doubled[:, 1]), 3).reshape(b, c, 2 * t, h, w)[:, :, 1:]
+        first = (torch.arange(2 * t - 1, device=x.device) == 0)[:, None, None]
+        x = torch.where(first, x[:, :, :1], doubled)
+    b, c, t, h, w = x.shape
+    x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _wan_decode(self, z, return_dict=True):
+    """AutoencoderKLWan._decode over the whole clip in one call: every causal convolution pads with zeros
+    where the frame loop's cache is empty, which is what the cache amounts to over a whole clip."""
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl_wan import DecoderOutput, unpatchify
+
+    # first_chunk: Wan 2.2's DupUp3D shortcut drops the copies before frame 0, over a whole clip the first ones
+    out = self.decoder(self.post_quant_conv(z), first_chunk=True)
+    if self.config.patch_size is not None:
+        out = unpatchify(out, patch_size=self.config.patch_size)
+    out = torch.clamp(out, min=-1.0, max=1.0)
+    return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+@contextlib.contextmanager
+def _wan_whole_clip(model):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instance_method(model, "_decode", _wan_decode))
+        for module in model.decoder.modules():
+            if type(module).__name__ == "WanResample":
+                stack.enter_context(_instance_method(module, "forward", _wan_upsample))
+        yield
+
+
+WAN_PATCH = Patch(
+    "Wan's frame loop as one whole-clip decode",
+    "AutoencoderKLWan decodes one latent frame at a time in a Python loop, carrying each causal "
+    "convolution's last two input frames in a cache; kiln exports the same decode over the whole clip, "
+    "each causal convolution zero-padded as the empty cache is, so one graph takes any number of frames",
+    _wan_whole_clip,
+)
+
+
+def _probe(model, call, channels: int, timestep: bool) -> tuple[int, int, int, int]:
+    """(frames out of the first latent frame, frames out of each next one, spatial scale, output channels),
+    from decoding 8x8 latents of 2 and 3 frames."""
+    import torch
+
+    sizes = []
+    with torch.no_grad():
+        for frames in (2, 3):
+            extra = (torch.zeros(1),) if timestep else ()
+            sizes.append(call(model, torch.zeros(1, channels, frames, 8, 8), *extra).shape)
+    step = sizes[1][2] - sizes[0][2]
+    return sizes[0][2] - step, step, sizes[0][-1] // 8, sizes[0][1]
+
+
+def _video_decoder(model, config) -> Adapter:
+    cls = type(model).__name__
+    if any(config.get("decoder_inject_noise") or ()):
+        raise InputError(f"kiln cannot export {cls} with decoder_inject_noise: its decoder adds fresh random noise "
+                         "in its blocks at every decode (LTX-Video 0.9.1), so no export can be checked against PyTorch",
+                         hint="kiln exports LTX-Video VAEs without decoder noise (0.9.0, LTX-2)")  # fmt: skip
+    channels = _first(config, "latent_channels", "z_channels", "z_dim")
+    folded = cls == "AutoencoderKLTemporalDecoder"
+    timestep = bool(config.get("timestep_conditioning"))  # LTX-Video 0.9.1 decodes at a timestep
+    call = _folded_call if folded else _clip_call
+    first, step, scale, out_channels = _probe(model, call, channels, timestep)
+    height = DimRule("height", _spatial(1))
+    frames = DimRule("frames", DimRange(1, 2, 4))
+    inputs = [InputRule("latent_sample", ("batch", channels, "frames", "height", "width"))]
+    if timestep:
+        inputs.append(InputRule("timestep", ("batch",), "uniform", 1.0))
+    out_frames = "frames" if (first, step) == (1, 1) else f"{first}+{step}*(frames-1)"
+    return Adapter(
+        cls, "video-vae-decoder", tuple(inputs), (_batch(), frames, height, dataclasses.replace(height, name="width")),
+        call=call, patches=PATCHES.get(cls, ()), output_axes=("batch", None, out_frames, f"{scale}*height", f"{scale}*width"),
+        notes=(f"the decoder of {cls} alone: latent_sample [batch, {channels}, frames, height, width] -> sample "
+               f"[batch, {out_channels}, {out_frames}, {scale}*height, {scale}*width], the whole clip in one call "
+               "(diffusers' tiled and framewise decoding, which blend overlapping chunks to save memory, are off)",
+               *(("timestep is the decode timestep LTX-Video's pipeline passes (decode_timestep)",) if timestep else ())),
+    )  # fmt: skip
+
+
+PATCHES = {"AutoencoderKLMochi": (MOCHI_NORM_PATCH,), "AutoencoderKLWan": (WAN_PATCH,)}
+FAMILIES: dict[str, Callable[..., Adapter]] = {
+    name: _video_decoder
+    for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLMochi",
+                 "AutoencoderKLCosmos", "AutoencoderKLTemporalDecoder", "AutoencoderKLWan")
+}  # fmt: skip
