@@ -202,6 +202,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     all, and `kiln compare` takes them as the settings every point shares (its grid varies some)."""
     p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
+    p.add_argument("--force-precision", action="store_true", help="build --precision even for a model kiln refuses it for (fp16 for Flux, whose activations overflow float16)")
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
     p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
@@ -246,7 +247,7 @@ def options_from_args(args) -> "Options":
     """kiln optimize's options from its arguments: the recipe first, then the command line."""
     from kiln.optimizer.config import Options, load_recipe, validate
 
-    options = Options()
+    options = Options(precision=None)  # None until a recipe or --precision chooses one
     if args.config:
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout",
@@ -260,6 +261,9 @@ def options_from_args(args) -> "Options":
     options.keep += args.keep
     options.verify_each |= args.verify_each
     options.trust_pickle |= args.trust_pickle
+    options.force_precision |= args.force_precision
+    options.precision_chosen = options.precision is not None
+    options.precision = options.precision or Options.precision
     options.verify &= not args.no_verify
     validate(options)
     return options

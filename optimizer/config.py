@@ -41,6 +41,8 @@ DEFAULT_CALIB_SAMPLES = 16
 class Options:
     target: str = "cpu"
     precision: str = "fp32"
+    precision_chosen: bool = False  # set by --precision or a recipe: no per-model default replaces it
+    force_precision: bool = False  # build the precision even where kiln refuses it for the model (precision_policy)
     io_dtype: str = "float32"  # float16: the engine takes and returns fp16 (no boundary casts)
     shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
     # Value ranges of integer inputs for test data, as (source, 'NAME=LO..HI'); default [1, 8).

@@ -22,6 +22,7 @@ from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
+from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
 from kiln.optimizer.report import new_report, write_reports
@@ -63,6 +64,10 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     check_outdir(outdir, model_arg, force)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
         prepared = prepare(model_arg, Path(work), options, progress)
+        note = apply_precision_policy(options, target.precisions, prepared.source.get("class"))
+        if note:
+            prepared.notes.append(note)
+            progress.line(f"note: {note}")
         with staged_dir(outdir) as stage:
             point = build_point(prepared, stage, outdir, target, options, progress)
     if point.failure:
@@ -123,6 +128,8 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         model = load_model(model_path, notes)
         check_io(model)
         source = imported_from or {"path": str(model_path), "format": "onnx", "hash": content_hash(model)}
+        if CLASS_METADATA_KEY in model.metadata_props:  # exported by kiln's diffusers importer
+            source.setdefault("class", model.metadata_props[CLASS_METADATA_KEY])
         source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
         profile, shape_notes = build_profile(

@@ -45,6 +45,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     supported_hint,
 )
 from kiln.optimizer.lazy import check_installed, require
+from kiln.optimizer.precision_policy import CLASS_METADATA_KEY
 from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
 from kiln.targets import DimRange
 
@@ -250,18 +251,19 @@ def _repeat_interleave_int(self, repeats, dim=None, output_size=None):
     return expanded.reshape(shape)
 
 
-def _fix_exported_program(ep) -> tuple[object, list[str]]:
-    """Rewrite what torch.onnx translates into graphs that fail at sizes other than the traced ones."""
+def _fix_exported_program(ep) -> tuple[object, list[str], dict]:
+    """Rewrite what torch.onnx translates into graphs that fail at sizes other than the traced ones; returns
+    (program, fixes, decompositions for torch.onnx's own decomposition of the program)."""
     import torch
 
-    aten, fixes = torch.ops.aten, []
+    aten, fixes, decompositions = torch.ops.aten, [], {}
     ep, lowered = lower_complex(ep)
     if lowered:
         fixes.append(f"{lowered} op(s) on complex tensors (rotary tables) rewritten as real arithmetic "
                      "(ONNX has no complex type; torch.onnx translates few complex ops)")  # fmt: skip
     if any(n.target == aten.repeat_interleave.self_int for n in ep.graph.nodes):
         # torchlib puts a dynamic repeat count on the wrong axis of its Expand (Latte, CogVideoX).
-        ep = ep.run_decompositions({aten.repeat_interleave.self_int: _repeat_interleave_int})
+        decompositions[aten.repeat_interleave.self_int] = _repeat_interleave_int
         fixes.append("repeat_interleave by a dynamic count exported as unsqueeze-expand-reshape "
                      "(torch.onnx expands on the wrong axis)")  # fmt: skip
     graph, dropped = ep.graph_module.graph, 0
@@ -283,7 +285,21 @@ def _fix_exported_program(ep) -> tuple[object, list[str]]:
     if logical:
         ep.graph_module.recompile()
         fixes.append(f"{logical} masked_fill(s) of a boolean tensor as logical ops (ONNX Runtime has no boolean Where)")
-    return ep, fixes
+    return ep, fixes, decompositions
+
+
+@contextlib.contextmanager
+def _onnx_decompositions(extra: dict) -> Iterator[None]:
+    """torch.onnx decomposes the exported program once, before translating it; extra joins its table there,
+    so a fix costs no retrace of its own (about 10 s for a video transformer on 2 cores)."""
+    from torch.onnx._internal.exporter import _decomp
+
+    original = _decomp.create_onnx_friendly_decomposition_table
+    _decomp.create_onnx_friendly_decomposition_table = lambda ops: {**original(ops), **extra}
+    try:
+        yield
+    finally:
+        _decomp.create_onnx_friendly_decomposition_table = original
 
 
 def _logical_masked_fills(graph) -> int:
@@ -343,8 +359,8 @@ def _dynamo_export(wrapper, args, dynamic_shapes, adapter: Adapter):
     import torch
 
     ep = torch.export.export(wrapper, tuple(args), dynamic_shapes=(tuple(dynamic_shapes),), strict=False)
-    ep, fixes = _fix_exported_program(ep)
-    with _exact_rewrites() as done:
+    ep, fixes, decompositions = _fix_exported_program(ep)
+    with _exact_rewrites() as done, _onnx_decompositions(decompositions):
         program = torch.onnx.export(ep, input_names=adapter.input_names, output_names=[OUTPUT], dynamo=True,
                                     optimize=True, verbose=False)  # fmt: skip
     return program, fixes + done
@@ -447,6 +463,7 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
     _name_dims(onnx_model, adapter)
     onnx_model.metadata_props.update({
         "kiln.source": SOURCE_FORMAT,
+        CLASS_METADATA_KEY: adapter.class_name,
         SHAPES_METADATA_KEY: shapes_spec(ranges),
         INT_RANGES_METADATA_KEY: json.dumps(adapter.int_ranges(), sort_keys=True),
     })  # fmt: skip

@@ -1,11 +1,13 @@
 """Adapters for video VAEs' decoders that decode a whole clip in one call: latent_sample [batch, C, frames,
 height, width] -> sample [batch, 3, first + step (frames - 1), f height, f width].
 
-Their decoders are causal 3D convolutions over the whole clip (HunyuanVideo, LTX-Video, Mochi, Magvit,
-Cosmos, KVAE), so one graph takes any number of frames. diffusers' framewise and tiled decoding split a long
-clip into overlapping chunks and blend them, to save memory; kiln's graph decodes the clip whole, and the
-check against PyTorch calls the decoder the same way. How many frames come out of the first latent frame
-and of each one after it, and the spatial scale, are measured by decoding a small probe.
+Their decoders are causal 3D convolutions over the whole clip (HunyuanVideo, LTX-Video, LTX-2, Mochi,
+Cosmos, Stable Video Diffusion's temporal decoder), so one graph takes any number of frames. Wan's decodes
+one latent frame at a time with a cache, which over a whole clip is zero padding: kiln exports that decode
+(WAN_PATCH), and the check compares it with diffusers' loop. diffusers' framewise and tiled decoding split
+a long clip into overlapping chunks and blend them, to save memory; kiln's graph decodes the clip whole,
+and the check against PyTorch calls the decoder the same way. How many frames come out of the first latent
+frame and of each one after it, and the spatial scale, are measured by decoding a small probe.
 """
 
 from __future__ import annotations
@@ -32,20 +34,13 @@ from kiln.targets import DimRange
 _CHUNKING = ("use_tiling", "use_framewise_decoding", "use_slicing")
 
 
-def _decoded(output):
-    """The video of a decode, which returns a DecoderOutput, a tuple or the tensor itself (VidTok)."""
-    if isinstance(output, tuple):
-        return output[0]
-    return getattr(output, "sample", output)
-
-
 def _whole_clip(model, decode: Callable):
     """decode() with the model's chunking switches off."""
     with contextlib.ExitStack() as stack:
         for name in _CHUNKING:
             if isinstance(getattr(model, name, None), bool):
                 stack.enter_context(_module_attribute(model, name, False))
-        return _decoded(decode())
+        return decode()[0]
 
 
 def _clip_call(model, latents, *timestep):

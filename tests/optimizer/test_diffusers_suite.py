@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+
+from kiln.optimizer.precision_policy import CLASS_METADATA_KEY
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -85,6 +88,8 @@ def test_every_case_has_an_expected_outcome():
 def test_imports_and_verifies(name, tmp_path):
     result = suite.run(CASES[name], tmp_path)
     assert result["fp32"] == "ok", result["fp32"]
+    labels = {p.key: p.value for p in onnx.load(result["onnx"], load_external_data=False).metadata_props}
+    assert labels[CLASS_METADATA_KEY] == CASES[name].class_name  # what kiln optimize's precision rules read
     if name in FP32_ONLY:
         assert result["fp16"].startswith("exit 3: verification failed"), result["fp16"]
     else:

@@ -1,7 +1,7 @@
 """Video VAE decoders exported whole-clip: Wan's frame loop (a cache carried from latent frame to latent frame)
 rewritten as one decode of the whole clip computes what diffusers' loop does, for Wan 2.1 and Wan 2.2 (its
-residual up blocks and patched output), at frame counts of 1 to 5; and a Wan 2.2 decoder imports and
-verifies against diffusers end to end."""
+residual up blocks and patched output), at frame counts of 1 to 5; a Wan 2.2 decoder, and an LTX-Video
+decoder that takes the decode timestep, import and verify against diffusers end to end."""
 
 import types
 
@@ -37,9 +37,18 @@ def test_wan_whole_clip_decode_matches_the_frame_loop(config):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_wan22_decoder_imports_and_verifies(tmp_path):
-    model_dir = write_model("AutoencoderKLWan", tmp_path / "model", config=WAN_22)
+# LTX-Video 0.9.1's layout without its decoder noise: the decoder takes the decode timestep
+LTX_TIMESTEP = {**next(c for c in suite.VAES if c.label == "ltx_0.9.1").config, "decoder_inject_noise": [False] * 4}
+
+
+@pytest.mark.parametrize(("class_name", "config", "inputs", "layout"), [
+    ("AutoencoderKLWan", WAN_22, ["latent_sample"], "1+4*(frames-1)"),
+    ("AutoencoderKLLTXVideo", LTX_TIMESTEP, ["latent_sample", "timestep"], "1+8*(frames-1)"),
+], ids=["wan2.2", "ltx-timestep"])  # fmt: skip
+def test_decoder_imports_and_verifies(class_name, config, inputs, layout, tmp_path):
+    model_dir = write_model(class_name, tmp_path / "model", config=config)
     shapes = [("--shapes", "batch=1..1"), ("--shapes", "frames=1..2..3"), ("--shapes", "height=4..6")]
     _, source, notes = import_diffusers(model_dir, tmp_path, types.SimpleNamespace(shapes=shapes, seed=0))
-    assert source["family"] == "video-vae-decoder" and len(source["torch_parity"]["shapes"]) >= 3
-    assert any("1+4*(frames-1)" in note and "8*height" in note for note in notes), notes
+    assert source["family"] == "video-vae-decoder" and source["inputs"] == inputs
+    assert len(source["torch_parity"]["shapes"]) >= 3
+    assert any(f"{layout}, 8*height" in note for note in notes), notes
