@@ -247,7 +247,7 @@ def options_from_args(args) -> "Options":
     """kiln optimize's options from its arguments: the recipe first, then the command line."""
     from kiln.optimizer.config import Options, load_recipe, validate
 
-    options = Options(precision=None)  # None until a recipe or --precision chooses one
+    options = Options()
     if args.config:
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout",
@@ -262,8 +262,7 @@ def options_from_args(args) -> "Options":
     options.verify_each |= args.verify_each
     options.trust_pickle |= args.trust_pickle
     options.force_precision |= args.force_precision
-    options.precision_chosen = options.precision is not None
-    options.precision = options.precision or Options.precision
+    options.precision_chosen |= args.precision is not None
     options.verify &= not args.no_verify
     validate(options)
     return options

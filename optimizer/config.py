@@ -174,6 +174,7 @@ def load_recipe(path: Path, options: Options) -> None:
     options.verify_inputs = [str(path.parent / p) for p in options.verify_inputs]
     if "calib" in data.get("quantize", {}):
         options.calib = str(path.parent / options.calib)
+    options.precision_chosen |= "precision" in data
     validate(options)
 
 

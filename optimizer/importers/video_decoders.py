@@ -63,12 +63,17 @@ def _framewise_norm(self, x):
     return frames.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)
 
 
+def _replace_forwards(stack: contextlib.ExitStack, modules, class_name: str, forward) -> None:
+    """Every module of class_name among modules runs forward instead of its own, until stack closes."""
+    for module in modules:
+        if type(module).__name__ == class_name:
+            stack.enter_context(_instance_method(module, "forward", forward))
+
+
 @contextlib.contextmanager
 def _unchunked_norms(model):
     with contextlib.ExitStack() as stack:
-        for module in model.modules():
-            if type(module).__name__ == "MochiChunkedGroupNorm3D":
-                stack.enter_context(_instance_method(module, "forward", _framewise_norm))
+        _replace_forwards(stack, model.modules(), "MochiChunkedGroupNorm3D", _framewise_norm)
         yield
 
 
@@ -117,9 +122,7 @@ def _wan_decode(self, z, return_dict=True):
 def _wan_whole_clip(model):
     with contextlib.ExitStack() as stack:
         stack.enter_context(_instance_method(model, "_decode", _wan_decode))
-        for module in model.decoder.modules():
-            if type(module).__name__ == "WanResample":
-                stack.enter_context(_instance_method(module, "forward", _wan_upsample))
+        _replace_forwards(stack, model.decoder.modules(), "WanResample", _wan_upsample)
         yield
 
 

@@ -243,6 +243,8 @@ def test_options_defaults():
     assert dataclasses.asdict(Options()) == {
         "target": "cpu",
         "precision": "fp32",
+        "precision_chosen": False,
+        "force_precision": False,
         "io_dtype": "float32",
         "shapes": [],
         "int_ranges": [],

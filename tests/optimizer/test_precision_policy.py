@@ -65,3 +65,14 @@ def test_optimize_refuses_fp16_for_flux_and_builds_it_when_forced(capsys, flux_l
     report = json.loads(capsys.readouterr().out)
     assert report["precision"] == "fp16" and report["source"]["class"] == FLUX
     assert any(note.startswith(f"fp16 forced for {FLUX}") for note in report["notes"])
+
+
+@pytest.mark.parametrize(("recipe", "flags", "chosen"), [
+    ("", [], False), ("", ["--precision", "fp32"], True), ('precision = "fp16"\n', [], True),
+])  # fmt: skip
+def test_a_precision_counts_as_chosen_from_the_command_line_or_a_recipe(tmp_path, recipe, flags, chosen):
+    from kiln.optimizer.cli import build_parser, options_from_args
+
+    (tmp_path / "recipe.toml").write_text(recipe)
+    args = build_parser().parse_args(["optimize", "m.onnx", "-o", "out", "--config", str(tmp_path / "recipe.toml"), *flags])
+    assert options_from_args(args).precision_chosen is chosen
