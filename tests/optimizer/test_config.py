@@ -59,6 +59,7 @@ def test_full_recipe(tmp_path):
     assert options == Options(
         target="cpu",
         precision="fp16",
+        precision_chosen=True,
         shapes=[("recipe recipe.toml", "batch=1..8"), ("recipe recipe.toml", "x:1=16..32..128"),
                 ("recipe recipe.toml", "seq=4")],
         disable_passes=["fuse-attention", "fold-constants"],
