@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, pattern
 from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
@@ -34,6 +35,7 @@ class FuseForOnnxRuntime(FusionPass):
         return [*standard_rules(), *kiln_ort_rules()]
 
     def fuse(self, model: ir.Model) -> dict[str, int]:
+        renamed = last_axis_as_minus_one(model.graph)
         with contextlib.ExitStack() as stack:
             stack.enter_context(_vector_biases_only())
             if not self.pack_qkv:
@@ -41,7 +43,29 @@ class FuseForOnnxRuntime(FusionPass):
             fused, counts = optimize_for_ort(model)
         if fused is not model:  # onnxscript works in place; keep the onnx-ir in-place contract explicit
             raise ir.passes.PostconditionError("optimize_for_ort returned a new model")
-        return {name: n for name, n in counts.items() if n}
+        return {**({"last_axis_as_minus_one": renamed} if renamed else {}), **{name: n for name, n in counts.items() if n}}
+
+
+def last_axis_as_minus_one(graph: ir.Graph) -> int:
+    """ReduceMean over the last axis named as axis -1, as onnxscript's RMSNorm fusion matches it: torch.export
+    writes RMSNorm's mean over a 3-D tensor as axes [2] (Wan's q and k norms), which the fusion passes over.
+    Returns how many were renamed."""
+    minus_one, renamed = None, 0
+    for node in graph:
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, axes = node.inputs[0], node.inputs[1] and ir.convenience.get_const_tensor(node.inputs[1])  # or a Constant's
+        rank = None if x.shape is None else len(x.shape)
+        if axes is None or rank is None or axes.numpy().reshape(-1).tolist() != [rank - 1]:
+            continue
+        if minus_one is None:
+            tensor = ir.tensor(np.array([-1], dtype=np.int64), name="kiln_last_axis")
+            minus_one = ir.Value(name="kiln_last_axis", type=ir.TensorType(tensor.dtype), shape=tensor.shape,
+                                 const_value=tensor)  # fmt: skip
+            graph.register_initializer(minus_one)
+        node.replace_input_with(1, minus_one)
+        renamed += 1
+    return renamed
 
 
 class _VectorBiasMHA(FuseBiasMHA):

@@ -74,7 +74,8 @@ REFUSED = {
 
 
 # Attention fused into ONNX Runtime's kernel by the ort-fusions pass (the GPU targets'), the rotary arithmetic
-# left as an elementwise prologue: every Softmax becomes a MultiHeadAttention.
+# left as an elementwise prologue: every Softmax becomes a MultiHeadAttention, and every RMSNorm (of q and k)
+# a SimplifiedLayerNormalization.
 FUSED_ATTENTION = {"FluxTransformer2DModel", "WanTransformer3DModel", "HunyuanVideoTransformer3DModel[t2v_guidance_embeds]",
                    "LTXVideoTransformer3DModel"}  # fmt: skip
 
@@ -99,7 +100,8 @@ def test_imports_and_verifies(name, tmp_path):
 
 
 def _attention_fuses(path: Path, tmp_path: Path) -> None:
-    """Cleanup, then ort-fusions: every Softmax becomes a MultiHeadAttention, with ORT CPU parity at the opt shape."""
+    """Cleanup, then ort-fusions: every Softmax becomes a MultiHeadAttention and every RMSNorm (x * rsqrt(mean(x²) +
+    eps) * w) a SimplifiedLayerNormalization, with ORT CPU parity at the opt shape."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -116,9 +118,12 @@ def _attention_fuses(path: Path, tmp_path: Path) -> None:
         return ort.InferenceSession(str(saved), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
     attention, want = op_counts(model)["Softmax"], run("cleaned")
+    rms_norms = sum(n.op_type == "ReduceMean" and n.inputs[0].producer() is not None
+                    and n.inputs[0].producer().op_type == "Pow" for n in model.graph)  # fmt: skip
     assert FuseForOnnxRuntime()(model).modified
     counts = op_counts(model)
     assert "Softmax" not in counts and counts["com.microsoft::MultiHeadAttention"] == attention, counts
+    assert rms_norms and counts["SimplifiedLayerNormalization"] == rms_norms, (rms_norms, counts)  # q/k RMSNorms
     np.testing.assert_allclose(run("fused"), want, rtol=1e-4, atol=1e-4)
 
 

@@ -72,3 +72,27 @@ def test_conv_relu_fuses_and_leaky_relu_is_refused_with_the_reason():
     pass_ = FuseForOnnxRuntime()
     assert not pass_(model).modified
     assert pass_.details["refused"] == {"conv-leakyrelu": {"cuDNN's fused convolution has no LeakyRelu; TensorRT fuses it itself": 1}}
+
+
+def test_rms_norm_over_a_positive_last_axis_becomes_simplified_layer_normalization():
+    """x * rsqrt(mean(x², axes=[2]) + eps) * w on a 3-D x, as torch.export writes Wan's q and k norms: the
+    axis is renamed -1 and the RMSNorm fuses into one SimplifiedLayerNormalization, with ORT CPU parity."""
+    model = with_weights("""
+        rms (float[B, S, 8] x, float[8] w) => (float[B, S, 8] y) {
+            two = Constant <value = float {2.0}> ()
+            axes = Constant <value = int64[1] {2}> ()
+            eps = Constant <value = float {1e-6}> ()
+            square = Pow (x, two)
+            mean = ReduceMean <keepdims = 1, noop_with_empty_axes = 0> (square, axes)
+            shifted = Add (mean, eps)
+            rms = Sqrt (shifted)
+            inverse = Reciprocal (rms)
+            normalized = Mul (x, inverse)
+            y = Mul (normalized, w)
+        }
+    """, ("w",))
+    model, _ = PassManager(cleanup_passes()).run(model)  # shapes inferred, as in the pipeline
+    pass_ = fuse_and_check(model, FuseForOnnxRuntime, {"x": np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)})
+    counts = op_counts(model)
+    assert counts == {"SimplifiedLayerNormalization": 1}, counts
+    assert pass_.stats["last_axis_as_minus_one"] == 1
