@@ -50,7 +50,7 @@ def last_axis_as_minus_one(graph: ir.Graph) -> int:
     """ReduceMean over the last axis named as axis -1, as onnxscript's RMSNorm fusion matches it: torch.export
     writes RMSNorm's mean over a 3-D tensor as axes [2] (Wan's q and k norms), which the fusion passes over.
     Returns how many were renamed."""
-    minus_one, renamed = None, 0
+    minus_one, renamed = graph.initializers.get("kiln_last_axis"), 0  # an earlier run's
     for node in graph:
         if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
