@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.calibration.samples import CalibrationSet
+from kiln.targets.engine import session_options
 
 METHODS = ("max", "percentile", "entropy")
 BINS = 2048
@@ -53,9 +54,7 @@ def collect(
             ir.save(model, path, external_data="augmented.onnx.data", size_threshold_bytes=1024)
         finally:
             model.graph.outputs[:] = outputs
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.log_severity_level = 3
+        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         session = ort.InferenceSession(os.fspath(path), options, providers=list(providers))
         names = [v.name for v in values]
         stats: dict[str, TensorStats] = {}

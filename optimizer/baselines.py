@@ -131,11 +131,9 @@ def _onnxruntime(name: str, model_path: Path, target: targets.Target) -> Baselin
     import onnxruntime as ort
 
     from kiln.optimizer.calibrate import calibration_providers
-    from kiln.targets.engine import Engine
+    from kiln.targets.engine import Engine, session_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     providers = list(calibration_providers(target))  # the target's GPU, with ONNX Runtime's own kernels
     session = ort.InferenceSession(str(model_path), options, providers=providers)
     engine = Engine.from_session(session, "cuda" if "CUDAExecutionProvider" in providers else "cpu")

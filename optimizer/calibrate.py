@@ -31,6 +31,7 @@ from kiln.optimizer.sampling import (
     timestep_max,
 )
 from kiln.passes.fallback import METRICS, Fallback, parse_budget, search
+from kiln.targets.engine import session_options
 from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
 
 # Seeds of made calibration samples start here, away from verification's (options.seed + check index).
@@ -186,8 +187,7 @@ def diffusion_trajectory(model_path: Path, profile: targets.Profile, seed: int, 
     else:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         session = ort.InferenceSession(str(model_path), options, providers=list(providers))
     output = session.get_outputs()[0].name
     dtype = timestep_dtype(profile)
@@ -233,8 +233,7 @@ def quality_fallback(model, quantize: passes.Quantize, options: Options, profile
         def session_of(m) -> object:
             path = Path(tmp) / "candidate.onnx"
             ir.save(m, path, external_data="candidate.onnx.data", size_threshold_bytes=1024)
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
+            options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             return ort.InferenceSession(str(path), options, providers=providers)
 
         def outputs_of(session) -> list[dict[str, np.ndarray]]:

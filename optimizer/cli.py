@@ -482,6 +482,15 @@ def _fail(json_out: bool, exc: BaseException, code: int, label: str, message: st
     return code
 
 
+def _check_thread_cap() -> None:
+    from kiln.targets.engine import EngineError, thread_cap
+
+    try:
+        thread_cap()
+    except EngineError as exc:
+        raise InputError(exc.message, hint=exc.hint) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `kiln` command, not a caller in the same process
     argv = sys.argv[1:] if argv is None else argv
@@ -492,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = {signum: signal.signal(signum, _Signals.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = build_parser().parse_args(argv)
+        _check_thread_cap()
         code = args.handler(args)
         _Signals.settled = True
         return code

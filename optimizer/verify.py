@@ -18,6 +18,7 @@ from kiln.optimizer.errors import InputError, first_line
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
 from kiln.targets import Engine, Profile
+from kiln.targets.engine import session_options
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
 
@@ -35,9 +36,7 @@ class ShapeCheck:
 
 
 def reference_session(model_path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
 
 

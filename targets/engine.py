@@ -30,11 +30,31 @@ CUDA_GRAPH_RUNS = 3  # ONNX Runtime captures its CUDA graph on the third run of 
 ANY_SIZE = 2**31 - 1
 
 
-def session_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+THREADS_VARIABLE = "KILN_THREADS"
+
+
+def session_options(level: ort.GraphOptimizationLevel, log_level: int = 3) -> ort.SessionOptions:
+    """Options for every ONNX Runtime session kiln makes. $KILN_THREADS caps each session's threads
+    (ONNX Runtime's default is one per core), for several kiln processes sharing a machine."""
     options = ort.SessionOptions()
     options.graph_optimization_level = level
-    options.log_severity_level = 3
+    options.log_severity_level = log_level
+    threads = thread_cap()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return options
+
+
+def thread_cap() -> int | None:
+    """$KILN_THREADS as a number, None when unset."""
+    threads = os.environ.get(THREADS_VARIABLE)
+    if threads is None:
+        return None
+    if not threads.isdigit() or int(threads) < 1:
+        raise EngineError(f"{THREADS_VARIABLE}={threads!r} is not a positive whole number",
+                          hint=f"set {THREADS_VARIABLE} to the threads each ONNX Runtime session may use, or unset it")  # fmt: skip
+    return int(threads)
 
 
 def session_specs(args) -> tuple[TensorSpec, ...]:

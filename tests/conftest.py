@@ -11,6 +11,17 @@ import pytest
 
 from kiln.optimizer.cli import main
 
+# Under pytest-xdist (README's `-n 2 --dist loadfile`: each file on one worker, so its module fixtures are
+# built once), each worker runs one thread: two workers on CI's two cores, with ONNX Runtime's, PyTorch's
+# and TensorFlow's pools sized for every core, would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("KILN_THREADS", "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(variable, "1")
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _calibration_cache(tmp_path_factory):
@@ -55,3 +66,4 @@ def block_engine(tmp_path_factory) -> Path:
     out = root / "engine"
     assert quiet("optimize", root / "ex" / "model.onnx", "-o", out, "--bench-runs", "0") == 0
     return out
+

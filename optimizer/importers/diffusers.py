@@ -48,6 +48,7 @@ from kiln.optimizer.lazy import check_installed, require
 from kiln.optimizer.precision_policy import CLASS_METADATA_KEY
 from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
 from kiln.targets import DimRange
+from kiln.targets.engine import session_options
 
 CONFIG = "config.json"
 PIPELINE_INDEX = "model_index.json"
@@ -511,9 +512,7 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
     import onnxruntime as ort
 
     torch = require("torch", EXTRA, f"checking the export of {adapter.class_name}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
+    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
     try:
         session = ort.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -214,3 +214,25 @@ def test_an_engine_for_a_provider_this_runtime_lacks_is_refused(built):
         pytest.skip("this runtime has CUDA")
     with pytest.raises(EngineError, match="was built for target 'cuda', which needs CUDAExecutionProvider"):
         targets.load_engine(engine_dir)
+
+
+def test_kiln_threads_caps_every_session(monkeypatch):
+    import onnxruntime as ort
+
+    from kiln.targets.engine import session_options
+
+    monkeypatch.setenv("KILN_THREADS", "3")
+    options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    monkeypatch.delenv("KILN_THREADS")
+    assert session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL).intra_op_num_threads == 0  # ORT's default
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", ""])
+def test_a_bad_kiln_threads_is_refused_before_any_work(monkeypatch, tmp_path, capsys, value):
+    from kiln.optimizer.cli import main
+
+    monkeypatch.setenv("KILN_THREADS", value)
+    assert main(["example", "block", str(tmp_path / "ex")]) == 2
+    assert f"error: KILN_THREADS={value!r} is not a positive whole number" in capsys.readouterr().err
+    assert not (tmp_path / "ex").exists()
