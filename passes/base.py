@@ -34,6 +34,14 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of graph named name, holding array."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def dim_name(value: ir.Value, axis: int) -> str:
     """A dynamic dim's name, or INPUT:AXIS for one without a name (as kiln's profiles call it)."""
     dim = value.shape[axis]

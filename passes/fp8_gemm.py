@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes.base import KilnPass, constant_array
+from kiln.passes.base import KilnPass, add_initializer, constant_array
 from kiln.passes.qdq import Names
 
 MS = "com.microsoft"
@@ -115,10 +115,7 @@ class LowerFp8Gemm(KilnPass):
             return "the activation's rank is unknown"
 
         def const(base: str, array: np.ndarray) -> ir.Value:
-            v = ir.Value(name=names(base), shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array))  # fmt: skip
-            graph.register_initializer(v)
-            return v
+            return add_initializer(graph, names(base), array)
 
         def add(op: str, inputs, domain: str = "", **attributes) -> ir.Value:
             new = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()],

@@ -14,7 +14,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes.base import KilnPass, constant_array
+from kiln.passes.base import KilnPass, add_initializer, constant_array
 
 
 def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
@@ -25,13 +25,6 @@ def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
     attr = node.attributes.get("axes")
     return None if attr is None else list(attr.as_ints())
-
-
-def _initializer(graph: ir.Graph, name: str, data: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(data, name=name)
-    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _adds_one(node: ir.Node, value: ir.Value) -> bool:
@@ -83,7 +76,7 @@ class FuseAdaLnModulation(KilnPass):
     def rewrite(self, graph: ir.Graph, split: ir.Node) -> int:
         """Rewire split's consumers to a channel-axis split of the unsqueezed vector; return the 1+'s folded."""
         source = split.inputs[0]
-        axes = _initializer(graph, f"{split.name}_axes", np.array([1], np.int64))
+        axes = add_initializer(graph, f"{split.name}_axes", np.array([1], np.int64))
         wide = ir.node("Unsqueeze", [source, axes], name=f"{split.name}_unsqueeze")
         attributes = {k: v for k, v in split.attributes.items() if k != "axis"}
         chunks = ir.node(
@@ -114,7 +107,7 @@ class FuseAdaLnModulation(KilnPass):
             dead.append(unsqueeze)
         graph.remove([*dead, split], safe=True)
         if folded:
-            value = _initializer(graph, f"{gemm.name}_bias_plus_one", new_bias.astype(bias.dtype))
+            value = add_initializer(graph, f"{gemm.name}_bias_plus_one", new_bias.astype(bias.dtype))
             old_bias = gemm.inputs[2]
             gemm.replace_input_with(2, value)
             if not old_bias.uses() and old_bias.name in graph.initializers:

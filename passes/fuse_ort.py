@@ -17,6 +17,7 @@ from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from onnxscript.rewriter.ort_fusions.mha_bias import FuseBiasMHA
 
+from kiln.passes.base import add_initializer
 from kiln.passes.fuse_rules import kiln_ort_rules, standard_rules
 from kiln.passes.fusion import FusionPass
 
@@ -59,10 +60,7 @@ def last_axis_as_minus_one(graph: ir.Graph) -> int:
         if axes is None or rank is None or axes.numpy().reshape(-1).tolist() != [rank - 1]:
             continue
         if minus_one is None:
-            tensor = ir.tensor(np.array([-1], dtype=np.int64), name="kiln_last_axis")
-            minus_one = ir.Value(name="kiln_last_axis", type=ir.TensorType(tensor.dtype), shape=tensor.shape,
-                                 const_value=tensor)  # fmt: skip
-            graph.register_initializer(minus_one)
+            minus_one = add_initializer(graph, "kiln_last_axis", np.array([-1], dtype=np.int64))
         node.replace_input_with(1, minus_one)
         renamed += 1
     return renamed

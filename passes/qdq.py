@@ -14,6 +14,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from kiln.passes.base import add_initializer
+
 QMAX = {"int8": 127.0, "fp8": 448.0}
 _STORAGE = {"int8": (ir.DataType.INT8, np.int8), "fp8": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn)}
 MIN_OPSET = {"int8": 19, "fp8": 19}  # float16 scales (fp16 engines) and float8 types both need opset 19
@@ -79,13 +81,6 @@ class Names:
         return name
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))  # fmt: skip
-    graph.register_initializer(value)
-    return value
-
-
 def insert_qdq(
     model: ir.Model, layers: list[Layer], thresholds: dict[str, float], fmt: str, weights_per_channel: bool = True
 ) -> dict[str, dict]:
@@ -97,8 +92,8 @@ def insert_qdq(
     for layer in layers:
         act = layer.activation
         if act.name not in dq_of:
-            s = _initializer(graph, names(f"{act.name}_act_scale"), np.array(_scale(thresholds[act.name], fmt), np.float32))
-            z = _initializer(graph, names(f"{act.name}_act_zero"), _zero(fmt, ()))
+            s = add_initializer(graph, names(f"{act.name}_act_scale"), np.array(_scale(thresholds[act.name], fmt), np.float32))
+            z = add_initializer(graph, names(f"{act.name}_act_zero"), _zero(fmt, ()))
             q = ir.Node("", "QuantizeLinear", [act, s, z], name=names(f"{act.name}_QuantizeLinear"), num_outputs=1)
             q.outputs[0].name = names(f"{act.name}_quantized")
             q.outputs[0].dtype, q.outputs[0].shape = _STORAGE[fmt][0], act.shape
@@ -112,9 +107,9 @@ def insert_qdq(
         weight = layer.weight
         axis = layer.axis if weights_per_channel else None
         wq, ws = quantize_weight(weight.const_value.numpy(), fmt, axis)
-        wq_v = _initializer(graph, names(f"{weight.name}_quantized"), wq)
-        ws_v = _initializer(graph, names(f"{weight.name}_weight_scale"), ws)
-        wz_v = _initializer(graph, names(f"{weight.name}_weight_zero"), _zero(fmt, ws.shape))
+        wq_v = add_initializer(graph, names(f"{weight.name}_quantized"), wq)
+        ws_v = add_initializer(graph, names(f"{weight.name}_weight_scale"), ws)
+        wz_v = add_initializer(graph, names(f"{weight.name}_weight_zero"), _zero(fmt, ws.shape))
         attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
         dq = ir.Node("", "DequantizeLinear", [wq_v, ws_v, wz_v], attributes=attrs, name=names(f"{weight.name}_DequantizeLinear"), num_outputs=1)
         dq.outputs[0].name = names(f"{weight.name}_dequantized")

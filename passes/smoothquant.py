@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from kiln.passes.base import add_initializer
 from kiln.passes.qdq import Layer, Names
 
 _LIMIT = 1e4  # factors are clipped to [1/_LIMIT, _LIMIT]: a dead channel must not blow up its weights
@@ -42,9 +43,7 @@ def smooth(model: ir.Model, layers: list[Layer], channel_amax: dict[str, np.ndar
             continue
         s = np.where((a > 0) & (w > 0), a**alpha / np.maximum(w, 1e-12) ** (1 - alpha), 1.0)
         s = np.clip(s, 1 / _LIMIT, _LIMIT).astype(np.float32)
-        inverse = ir.Value(name=names(f"{act_name}_smooth"), shape=ir.Shape(s.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                           const_value=ir.tensor((1.0 / s).astype(np.float32)))  # fmt: skip
-        graph.register_initializer(inverse)
+        inverse = add_initializer(graph, names(f"{act_name}_smooth"), (1.0 / s).astype(np.float32))
         mul = ir.Node("", "Mul", [act, inverse], name=names(f"{act_name}_SmoothQuant"), num_outputs=1)
         mul.outputs[0].name = names(f"{act_name}_smoothed")
         mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, act.shape
@@ -53,9 +52,7 @@ def smooth(model: ir.Model, layers: list[Layer], channel_amax: dict[str, np.ndar
             axis = _input_axis(layer)
             w_old = layer.weight
             scaled = layer.weight.const_value.numpy() * np.expand_dims(s, 1 - axis)
-            w_new = ir.Value(name=names(f"{w_old.name}_smoothed"), shape=w_old.shape, type=w_old.type,
-                             const_value=ir.tensor(scaled.astype(np.float32)))  # fmt: skip
-            graph.register_initializer(w_new)
+            w_new = add_initializer(graph, names(f"{w_old.name}_smoothed"), scaled.astype(np.float32))
             layer.node.replace_input_with(0, mul.outputs[0])
             layer.node.replace_input_with(1, w_new)
             if not w_old.uses() and w_old.name in graph.initializers:
