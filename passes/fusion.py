@@ -15,12 +15,15 @@ from kiln.passes.fuse_rules import apply_rules, standard_rules
 
 
 class FusionPass(KilnPass):
-    """Runs the adaLN rewrite, then `fuse`, then the rule lists; stats count rewrites per rule."""
+    """Runs the adaLN rewrite, then `fuse`, then the rule lists, then `after_rules`; stats count rewrites per rule."""
 
     def rules(self) -> list:
         return standard_rules()
 
     def fuse(self, model: ir.Model) -> dict[str, int]:
+        return {}
+
+    def after_rules(self, model: ir.Model) -> dict[str, int]:
         return {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -31,9 +34,26 @@ class FusionPass(KilnPass):
         stats.update(self.fuse(model))
         counts, refusals = apply_rules(model, self.rules())
         stats.update(counts)
+        stats.update(self.after_rules(model))
+        _initializers_in_use_order(model.graph)
         self.stats = stats
         self.details["refused"] = {**refusals, **({"fuse-adaln": adaln.details["refused"]} if adaln.details["refused"] else {})}
         return ir.passes.PassResult(model, op_counts(model) != before)
+
+
+def _initializers_in_use_order(graph: ir.Graph) -> None:
+    """Order the initializers as the nodes first read them, so that the order follows from the graph alone
+    and a second run writes the same bytes (onnxscript's rewriter re-registers some it touches)."""
+    first_use: dict[str, int] = {}
+    for index, node in enumerate(graph):
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                first_use.setdefault(value.name, index)
+    ordered = sorted(graph.initializers.values(), key=lambda v: first_use.get(v.name, len(graph)))
+    if [v.name for v in ordered] != list(graph.initializers):
+        graph.initializers.clear()
+        for value in ordered:
+            graph.register_initializer(value)
 
 
 class FuseStandardOnnx(FusionPass):
