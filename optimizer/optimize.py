@@ -22,7 +22,7 @@ from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
-from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy
+from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy, declared_class
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
 from kiln.optimizer.report import new_report, write_reports
@@ -62,9 +62,10 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
+    # Before the import: a refusal costs no export and no reference run.
+    note = apply_precision_policy(options, target.precisions, declared_class(model_arg))
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
         prepared = prepare(model_arg, Path(work), options, progress)
-        note = apply_precision_policy(options, target.precisions, prepared.source.get("class"))
         if note:
             prepared.notes.append(note)
             progress.line(f"note: {note}")

@@ -7,6 +7,8 @@ exported ONNX's metadata (CLASS_METADATA_KEY) when an ONNX file is optimized lat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kiln.optimizer.config import Options
 from kiln.optimizer.errors import InputError
 
@@ -19,6 +21,24 @@ FP16_OVERFLOWS = {
         "(diffusers issue 9096; ComfyUI clamps Flux's activations when it runs float16, ComfyUI PR 8495)"
     ),
 }
+
+
+def declared_class(model_arg: Path) -> str | None:
+    """The model's class as its files declare it, read before any import or load: a diffusers directory's
+    config.json, or the class kiln's importer wrote into an ONNX file's metadata. None when neither says
+    (or the files are unreadable: the import reports that)."""
+    import onnx
+
+    from kiln.optimizer.importers.diffusers import is_diffusers_dir, read_model_config
+    from kiln.optimizer.onnx_files import find_model
+
+    try:
+        if is_diffusers_dir(model_arg):
+            return read_model_config(model_arg)["_class_name"]
+        proto = onnx.load(find_model(model_arg), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable input is the import's to report, with its own message
+        return None
+    return {p.key: p.value for p in proto.metadata_props}.get(CLASS_METADATA_KEY)
 
 
 def apply_precision_policy(options: Options, target_precisions, model_class: str | None) -> str | None:

@@ -67,6 +67,17 @@ def test_optimize_refuses_fp16_for_flux_and_builds_it_when_forced(capsys, flux_l
     assert any(note.startswith(f"fp16 forced for {FLUX}") for note in report["notes"])
 
 
+def test_fp16_is_refused_for_flux_before_its_import(capsys, tmp_path):
+    """The class comes from config.json before any export: a Flux directory without its weights is refused for
+    fp16, not for the weights, and nothing is written."""
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "config.json").write_text(json.dumps({"_class_name": FLUX, "in_channels": 64}))
+    args = ["optimize", str(tmp_path / "flux"), "-o", str(tmp_path / "out"), "--target", "cpu", "--precision", "fp16", "-q"]
+    assert main(args) == 2
+    assert f"kiln: error: kiln does not build {FLUX} in fp16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("recipe", "flags", "chosen"), [
     ("", [], False), ("", ["--precision", "fp32"], True), ('precision = "fp16"\n', [], True),
 ])  # fmt: skip
