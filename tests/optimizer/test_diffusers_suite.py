@@ -97,6 +97,16 @@ def test_imports_and_verifies(name, tmp_path):
         assert result["fp16"] == "ok", result["fp16"]
     if name in FUSED_ATTENTION:
         _attention_fuses(Path(result["onnx"]), tmp_path)
+        _standard_onnx_only(tmp_path / "fp16" / "model.onnx")
+
+
+def _standard_onnx_only(path: Path) -> None:
+    """The cpu target's fp16 model, built with the standard-ONNX fusions only as a TensorRT target's will be,
+    holds no contrib op: its attention stays MatMul and Softmax, for TensorRT's own fusion."""
+    model = onnx.load(path, load_external_data=False)
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+    assert {domain for domain, _ in ops} == {"ai.onnx"}, sorted(ops)
+    assert ("ai.onnx", "Softmax") in ops
 
 
 def _attention_fuses(path: Path, tmp_path: Path) -> None:
