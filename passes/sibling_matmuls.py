@@ -13,17 +13,17 @@ import onnx_ir as ir
 from kiln.passes.base import add_initializer, constant_array
 
 
-def _weight(node: ir.Node) -> np.ndarray | None:
-    """The node's 2-D constant weight, if it is a MatMul by one."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+def _weight(node: ir.Node) -> ir.TensorProtocol | None:
+    """The node's 2-D float32 constant weight, if it is a MatMul by one (its data not read yet)."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    weight = constant_array(node.inputs[1])
-    return weight if weight is not None and weight.ndim == 2 and weight.dtype == np.float32 else None
+    weight = node.inputs[1].const_value
+    return weight if weight is not None and len(weight.shape) == 2 and weight.dtype == ir.DataType.FLOAT else None
 
 
-def _bias(node: ir.Node) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+def _bias(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
     """(the Add, its constant, the constant's data) when the MatMul's only use is an Add of one value per
-    output column."""
+    output column (n of them)."""
     uses = list(node.outputs[0].uses())
     if len(uses) != 1 or node.outputs[0] in node.graph.outputs:
         return None
@@ -32,7 +32,6 @@ def _bias(node: ir.Node) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
         return None
     other = add.inputs[1 - uses[0][1]]
     vector = constant_array(other)
-    n = constant_array(node.inputs[1]).shape[1]
     return (add, other, vector) if vector is not None and vector.shape == (n,) and vector.dtype == np.float32 else None
 
 
@@ -45,14 +44,15 @@ def merge_sibling_matmuls(graph: ir.Graph) -> int:
             groups[id(node.inputs[0])].append(node)
     merged = 0
     for nodes in groups.values():
-        weights, biases = [_weight(node) for node in nodes], [_bias(node) for node in nodes]
-        if len(nodes) < 2 or len({w.shape[0] for w in weights}) != 1:
+        if len(nodes) < 2 or len({_weight(node).shape[0] for node in nodes}) != 1:
             continue
-        first, name = nodes[0], f"kiln_merged_{merged}_{nodes[0].name}"
+        # Read only now, once: a large model's weights are in external data.
+        weights = [_weight(node).numpy() for node in nodes]
+        biases = [_bias(node, w.shape[1]) for node, w in zip(nodes, weights, strict=True)]
+        first, name, x = nodes[0], f"kiln_merged_{merged}_{nodes[0].name}", nodes[0].inputs[0]
         sizes = add_initializer(graph, f"{name}_split", np.array([w.shape[1] for w in weights], dtype=np.int64))
-        product = ir.node("MatMul", [first.inputs[0], add_initializer(graph, f"{name}_weight", np.concatenate(weights, 1))])
+        product = ir.node("MatMul", [x, add_initializer(graph, f"{name}_weight", np.concatenate(weights, 1))])
         new_nodes, wide = [product], product.outputs[0]
-        x = first.inputs[0]
         width = sum(w.shape[1] for w in weights)
         wide.type, wide.shape = x.type, None if x.shape is None else ir.Shape([*list(x.shape)[:-1], width])
         if any(b is not None for b in biases):  # zeros where a projection has no bias of its own (Flux's MLP: in FastGelu)

@@ -66,4 +66,3 @@ def block_engine(tmp_path_factory) -> Path:
     out = root / "engine"
     assert quiet("optimize", root / "ex" / "model.onnx", "-o", out, "--bench-runs", "0") == 0
     return out
-
