@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from kiln.optimizer import __version__
-from kiln.optimizer.config import BACKENDS, CALIB_METHODS, DEFAULT_CALIB_SAMPLES, FORMATS, IO_DTYPES, PRECISIONS, check_seed
+from kiln.optimizer.config import BACKENDS, CALIB_METHODS, DEFAULT_CALIB_SAMPLES, FORMATS, IO_DTYPES, PRECISIONS, VIDEO_DECODERS, check_seed
 from kiln.optimizer.compare_grid import MAX_POINTS, OR
 from kiln.optimizer.errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, KilnError
 
@@ -232,6 +232,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--import-timeout", type=float, metavar="SECONDS", help="stop the conversion after this long (default 1800)")
     g = p.add_argument_group("diffusers model import")
     g.add_argument("--trust-pickle", action="store_true", help="load pickle (.bin/.ckpt) weights; they can run code when loaded, so only for files you trust")
+    g.add_argument("--video-decoder", choices=VIDEO_DECODERS, help="a video VAE's decoder as one graph over the whole clip (clip, the default) "
+                   "or as a step function, one latent frame in and its causal convolutions' caches in and out, for `kiln decode` "
+                   "to run chunk after chunk in one chunk's memory (step; AutoencoderKLWan)")
 
 
 def _warn(warnings: list[str]) -> None:
@@ -250,7 +253,7 @@ def options_from_args(args) -> "Options":
     options = Options()
     if args.config:
         load_recipe(args.config, options)
-    for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout",
+    for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout", "video_decoder",
                   "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))

@@ -38,7 +38,7 @@ _SHARED = {
     "bench-runs": "every point is measured the same way", "verify-each": "every point is measured the same way",
     "no-verify": "every point is measured the same way",
     **{k: "the model is imported once for every point" for k in
-       ("signature", "outputs", "opset", "layout", "align", "import-timeout", "trust-pickle")},
+       ("signature", "outputs", "opset", "layout", "align", "import-timeout", "trust-pickle", "video-decoder")},
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from kiln.optimizer.errors import InputError
 PRECISIONS = ("fp32", "fp16", "bf16")
 IO_DTYPES = ("float32", "float16")
 LAYOUTS = ("nhwc", "nchw")
+VIDEO_DECODERS = ("clip", "step")
 MAX_IMPORT_OPSET = 18  # the newest opset tf2onnx 1.16/1.17 emits
 # The choices of kiln.passes.quantize and kiln.calibration.stats, here so that `kiln --help` need not
 # import them (tests check they agree).
@@ -65,6 +66,7 @@ class Options:
     align: int | None = None  # None: 64 for FILM signatures, else no padding
     import_timeout: float = 1800.0
     trust_pickle: bool = False  # diffusers: load pickle checkpoints (they can run code)
+    video_decoder: str = "clip"  # diffusers video VAEs: the whole clip in one graph, or a step function (step_decoders)
     # Quantization (None: none).
     quantize: str | None = None  # int8 | fp8
     quant_backend: str | None = None  # None: kiln's own Q/DQ, ONNX Runtime's for INT8 on the CPU
@@ -126,6 +128,7 @@ _RECIPE = {
         "align": ("align", int),
         "timeout": ("import_timeout", (int, float)),
         "trust_pickle": ("trust_pickle", bool),
+        "video_decoder": ("video_decoder", str),
     },
 }
 
@@ -207,6 +210,8 @@ def validate(options: Options) -> None:
     check_seed(options.seed, "seed")
     if options.layout not in LAYOUTS:
         raise InputError(f"unknown layout {options.layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
+    if options.video_decoder not in VIDEO_DECODERS:
+        raise InputError(f"unknown video decoder form {options.video_decoder!r}", hint=f"choose one of {', '.join(VIDEO_DECODERS)}")
     if not 16 <= options.opset <= MAX_IMPORT_OPSET:
         raise InputError(f"--opset {options.opset} (the opset of imported models) is unsupported", hint=f"choose 16..{MAX_IMPORT_OPSET} (GridSample needs 16)")
     if options.align is not None and options.align < 1:

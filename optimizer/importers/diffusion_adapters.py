@@ -68,10 +68,13 @@ class Adapter:
     family: str
     inputs: tuple[InputRule, ...]
     dims: tuple[DimRule, ...]
-    call: Callable  # (model, *tensors in input order) -> the output tensor
-    output_axes: tuple[str | int | None, ...] = ()  # names for the output's dims; None: as exported
+    call: Callable  # (model, *tensors in input order) -> the output tensor, or a tuple of them in outputs' order
+    outputs: tuple[str, ...] = ("sample",)
+    output_axes: tuple[str | int | None, ...] = ()  # names for the first output's dims; None: as exported
     patches: tuple[Patch, ...] = ()
     notes: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)  # written into the ONNX model's
+    check: Callable | None = None  # (model, onnx path, sizes) -> results: a check beyond the per-shape parity
 
     def rule(self, name: str) -> DimRule:
         return next(r for r in self.dims if r.name == name)
@@ -589,9 +592,17 @@ def supported_hint() -> str:
     return f"kiln has adapters for {', '.join(sorted(all_families()))}"
 
 
-def adapter_for(model) -> Adapter:
-    """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why."""
+def adapter_for(model, step: bool = False) -> Adapter:
+    """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why.
+    step: a video VAE's decoder as a step function, its caches as inputs and outputs (step_decoders)."""
     config, name, families = dict(model.config), type(model).__name__, all_families()
+    if step:
+        from kiln.optimizer.importers.step_decoders import STEP_FAMILIES
+
+        if name not in STEP_FAMILIES:
+            raise InputError(f"kiln exports a step decoder for {', '.join(STEP_FAMILIES)}, not for {name}",
+                             hint="leave out --video-decoder step: kiln exports whole-clip decoders of video VAEs")  # fmt: skip
+        return STEP_FAMILIES[name](model, config)
     if name in families:
         return families[name](model, config)
     if name in NOT_YET:

@@ -34,7 +34,7 @@ from kiln.targets import DimRange
 _CHUNKING = ("use_tiling", "use_framewise_decoding", "use_slicing")
 
 
-def _whole_clip(model, decode: Callable):
+def whole_clip(model, decode: Callable):
     """decode() with the model's chunking switches off."""
     with contextlib.ExitStack() as stack:
         for name in _CHUNKING:
@@ -45,14 +45,14 @@ def _whole_clip(model, decode: Callable):
 
 def _clip_call(model, latents, *timestep):
     kwargs = {"temb": timestep[0]} if timestep else {}
-    return _whole_clip(model, lambda: model.decode(latents, return_dict=False, **kwargs))
+    return whole_clip(model, lambda: model.decode(latents, return_dict=False, **kwargs))
 
 
 def _folded_call(model, latents):
     """Stable Video Diffusion's decoder takes frames folded into the batch, with num_frames beside them."""
     b, c, f, h, w = latents.shape
     folded = latents.transpose(1, 2).reshape(b * f, c, h, w)
-    video = _whole_clip(model, lambda: model.decode(folded, num_frames=f, return_dict=False))
+    video = whole_clip(model, lambda: model.decode(folded, num_frames=f, return_dict=False))
     return video.reshape(b, f, *video.shape[1:]).transpose(1, 2)
 
 

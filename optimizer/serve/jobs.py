@@ -2,12 +2,14 @@
 
 interpolate: FILM's recursive mid-point scheme (the authors' `times_to_interpolate`): each level puts a
 frame at t = 0.5 between every two neighbours, so factor 2^k gives (n - 1) * factor + 1 frames.
-decode: a VAE decoder over a sequence of latents, a chunk at a time.
+decode: a VAE decoder over a sequence of latents, a chunk at a time; or a video VAE's step decoder over
+one clip's latents, a latent frame at a time, its caches carried from step to step on the device.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.importers.step_decoders import STEP_METADATA_KEY
 from kiln.optimizer.progress import FrameCounter
 from kiln.optimizer.outdir import cannot_write, check_not_link
 from kiln.optimizer.serve.frames import IMAGE_SUFFIXES, FrameFolderSink, frame_paths, read_frames
@@ -250,8 +253,14 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
            fmt: str = "png", fps: float = 24.0, force: bool = False, progress: bool = False) -> dict:  # fmt: skip
     """A VAE decoder engine (latent_sample [B, C, h, w] -> sample [B, 3, H, W] in [-1, 1]) over latents
     [N, C, h, w] from an .npy file, chunk frames at a time. An engine built for one batch size (a static
-    profile) decodes exactly that many per run; the last chunk is filled up with copies of its last latent."""
+    profile) decodes exactly that many per run; the last chunk is filled up with copies of its last latent.
+    A step decoder's engine (`kiln optimize --video-decoder step`) goes to decode_steps."""
     engine = backend.engine
+    if STEP_METADATA_KEY in engine.session.get_modelmeta().custom_metadata_map:
+        if chunk is not None:
+            raise InputError("--chunk does not apply to a step decoder: it decodes one latent frame per run",
+                             hint="leave out --chunk")  # fmt: skip
+        return decode_steps(backend, latents_path, output, workers, serial, fmt, fps, force, progress)
     names = [spec.name for spec in engine.inputs]
     if names != ["latent_sample"]:
         raise InputError(f"{engine.directory or 'the engine'}: the engine takes {names}, not a VAE decoder's latent_sample", hint="build one with `kiln optimize` from a diffusers AutoencoderKL")
@@ -286,6 +295,57 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
         _clear_frames(output)
     metrics = run_job(backend, compute, range(0, len(latents), chunk), output, fmt, fps, len(latents), workers, serial, progress, per_frame_s, [sample])
     return {"job": "decode", "chunk": chunk, "input": str(latents_path), "output": str(output), "warnings": warnings, **metrics}
+
+
+def decode_steps(backend, latents_path: Path, output: Path, workers: int | None = None, serial: bool = False,
+                 fmt: str = "png", fps: float = 24.0, force: bool = False, progress: bool = False) -> dict:  # fmt: skip
+    """One clip's latents [C, frames, h, w] (or [1, C, frames, h, w], as a pipeline returns them) through a
+    step decoder's engine, a latent frame per run: the first run gets first=1 and zero caches, each next
+    one the caches the run before gave, never leaving the device; the first run's last frames and every
+    frame of the others are the clip."""
+    engine = backend.engine
+    layout = json.loads(engine.session.get_modelmeta().custom_metadata_map[STEP_METADATA_KEY])
+    specs = {spec.name: spec for spec in engine.inputs}
+    latents = read_latents(latents_path)
+    channels = specs["latent_sample"].shape[1]
+    if latents.ndim == 5 and len(latents) == 1:
+        latents = latents[0]
+    if latents.ndim != 4 or latents.shape[0] != channels:
+        raise InputError(f"{latents_path} holds shape {list(latents.shape)}; the step decoder takes one clip's latents "
+                         f"[{channels}, frames, height, width] (or [1, {channels}, frames, height, width])",
+                         hint="decode one clip per run")  # fmt: skip
+    latents = latents[None].astype(specs["latent_sample"].dtype, copy=False)
+    _, _, count, h, w = latents.shape
+
+    def zeros(name: str) -> np.ndarray:
+        spec = specs[name]
+        return np.zeros((1, spec.shape[1], spec.shape[2], h, w), spec.dtype)
+
+    with engine_errors():
+        feeds = {"latent_sample": latents[:, :, :1], "first": np.ones(1, np.int64), **{n: zeros(n) for n in layout["inputs"]}}
+        warnings = engine.check_feeds(feeds, f"{latents_path} a latent frame at a time")
+    state: dict = {}
+
+    def compute(i: int) -> list[tuple[int, object]]:
+        if i == 0:  # also when the warm-up ran step 0 before: a clip starts from empty caches
+            state.update({n: backend.upload_array(zeros(n)) for n in layout["inputs"]})
+        feeds = {"latent_sample": backend.upload_array(latents[:, :, i : i + 1]),
+                 "first": backend.upload_array(np.array([int(i == 0)], np.int64)), **state}  # fmt: skip
+        out = backend.run(feeds)
+        state.update(zip(layout["inputs"], (out[n] for n in layout["outputs"]), strict=True))
+        frames = range(layout["frames"] - layout["first_frames"], layout["frames"]) if i == 0 else range(layout["frames"])
+        start = 0 if i == 0 else layout["first_frames"] + (i - 1) * layout["frames"]
+        return [(start + n, backend.to_frame(out["sample"][0, :, k], channels_first=True, low=-1.0)) for n, k in enumerate(frames)]
+
+    check_output(output, force)
+    if count > 1:  # time a later step: the first gives fewer frames
+        backend.launch(compute, 0)
+    per_frame_s, sample = timed_warm_up(backend, compute, min(1, count - 1))
+    if force:
+        _clear_frames(output)
+    total = layout["first_frames"] + (count - 1) * layout["frames"]
+    metrics = run_job(backend, compute, range(count), output, fmt, fps, total, workers, serial, progress, per_frame_s, [sample])
+    return {"job": "decode", "steps": count, "input": str(latents_path), "output": str(output), "warnings": warnings, **metrics}
 
 
 def read_latents(path: Path) -> np.ndarray:

@@ -1,0 +1,216 @@
+"""Wan's video VAE decoder as a step function: one latent frame in, its frames out, and every causal
+convolution's cache as an explicit input and output, so a long clip decodes chunk after chunk in the
+memory of one chunk, with the cache left on the device between steps.
+
+    latent_sample [batch, C, 1, height, width], first [1] (1 on the clip's first step, else 0),
+    cache_in_00 ... -> sample [batch, 3, 4, 8 height, 8 width], cache_out_00 ...
+
+This is diffusers' own frame loop (AutoencoderKLWan._decode), one iteration per call. Each cache holds the
+last two input frames of one causal convolution (a zero cache is the loop's empty one: zero padding).
+The loop's first iteration differs in shape: its time upsamplers do not double the frame, so it yields 1
+frame, not 4. The step graph keeps one shape: on the first step each upsampler repeats its frames, and
+every causal convolution zeroes all but the last frame of its input (the one real frame) and of its
+cache, and the upsamplers' caches stay empty; out of the 4 frames the first step returns, the last is
+the clip's frame 0. A cache at s times the latent size is stored with its s x s pixel blocks folded into
+channels, [batch, C s², 2, height, width], so every input and output shares the latent's batch, height
+and width, and no dim is a multiple of another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.importers.diffusion_adapters import Adapter, DimRule, InputRule, _batch, _instance_method, _spatial
+
+STEP_METADATA_KEY = "kiln.decoder_step"  # JSON: what `kiln decode` needs to drive the step graph
+FIRST = "first"
+CACHE_FRAMES = 2  # diffusers' CACHE_T: a causal convolution's kernel reaches two frames back
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """What a step graph takes and gives, beside the latent frame."""
+
+    frames: int  # frames out of each step
+    first_frames: int  # of those, the last first_frames are real on the clip's first step
+    caches: tuple[tuple[int, int], ...]  # (channels, spatial scale) of each cache, in the decoder's order
+
+    def cache_names(self, direction: str) -> list[str]:
+        return [f"cache_{direction}_{k:02d}" for k in range(len(self.caches))]
+
+    def to_json(self) -> str:
+        return json.dumps({"frames": self.frames, "first_frames": self.first_frames,
+                           "inputs": self.cache_names("in"), "outputs": self.cache_names("out")})  # fmt: skip
+
+
+def fold(cache, scale: int):
+    """[b, c, t, s h, s w] -> [b, c s², t, h, w]."""
+    if scale == 1:
+        return cache
+    b, c, t, h, w = cache.shape
+    blocks = cache.reshape(b, c, t, h // scale, scale, w // scale, scale).permute(0, 1, 4, 6, 2, 3, 5)
+    return blocks.reshape(b, c * scale * scale, t, h // scale, w // scale)
+
+
+def unfold(cache, scale: int):
+    """fold's inverse."""
+    if scale == 1:
+        return cache
+    b, cs, t, h, w = cache.shape
+    blocks = cache.reshape(b, cs // (scale * scale), scale, scale, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return blocks.reshape(b, cs // (scale * scale), t, h * scale, w * scale)
+
+
+def _real_frames(first, frames: int, dtype):
+    """[frames, 1, 1]: 1 for frames that hold data. On the first step only the last does; the ones before it
+    stand where the loop's first iteration has no frame at all, and must read as its zero padding."""
+    import torch
+
+    before_last = (torch.arange(frames, device=first.device) < frames - 1).to(dtype)
+    return (1 - first.to(dtype) * before_last)[:, None, None]
+
+
+@contextlib.contextmanager
+def _stepping(model, first):
+    """The decoder's causal convolutions and time upsamplers run one step of the loop, first given."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    def conv(self, x, cache_x=None):
+        return WanCausalConv3d.forward(self, x * _real_frames(first, x.shape[2], x.dtype), cache_x)
+
+    def resample(self, x, feat_cache=None, feat_idx=(0,)):
+        import torch
+
+        if self.mode == "upsample3d":
+            b, c, t, h, w = x.shape
+            idx, cache = feat_idx[0], feat_cache[feat_idx[0]]
+            feat_cache[idx] = torch.cat([cache, x], 2)[:, :, -CACHE_FRAMES:] * (1 - first.to(x.dtype))
+            feat_idx[0] += 1
+            doubled = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
+            doubled = torch.stack((doubled[:, 0], doubled[:, 1]), 3).reshape(b, c, 2 * t, h, w)
+            x = torch.where(first.bool(), x.repeat_interleave(2, dim=2), doubled)
+        b, c, t, h, w = x.shape
+        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    with contextlib.ExitStack() as stack:
+        for module in model.decoder.modules():
+            if isinstance(module, WanCausalConv3d):
+                stack.enter_context(_instance_method(module, "forward", conv))
+            elif isinstance(module, WanResample):
+                stack.enter_context(_instance_method(module, "forward", resample))
+        yield
+
+
+def step(model, layout: StepLayout, latent, first, *caches):
+    """One iteration of AutoencoderKLWan's decode loop: (sample, *caches after it), caches folded."""
+    import torch
+
+    feat_cache = [unfold(c, scale) for c, (_, scale) in zip(caches, layout.caches, strict=True)]
+    with _stepping(model, first):
+        out = model.decoder(model.post_quant_conv(latent), feat_cache=feat_cache, feat_idx=[0])
+    # After the first step a cache holds its convolution's one real input frame, after a zero one.
+    kept = _real_frames(first, CACHE_FRAMES, latent.dtype)
+    after = [fold(c * kept, scale) for c, (_, scale) in zip(feat_cache, layout.caches, strict=True)]
+    return (torch.clamp(out, min=-1.0, max=1.0), *after)
+
+
+def _layout(model, channels: int) -> StepLayout:
+    """The caches diffusers' loop keeps, from two iterations of it on 6x5 latents."""
+    import torch
+
+    model.clear_cache()
+    try:
+        with torch.no_grad():
+            x = model.post_quant_conv(torch.zeros(1, channels, 2, 6, 5))
+            frames = model.decoder(x[:, :, 1:], feat_cache=model._feat_map, feat_idx=[0], first_chunk=True).shape[2]
+            frames = model.decoder(x[:, :, 1:], feat_cache=model._feat_map, feat_idx=[0]).shape[2]
+        shapes = [tuple(c.shape) for c in model._feat_map if c is not None]
+    finally:
+        model.clear_cache()
+    return StepLayout(frames, 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
+
+
+def decode_steps(run, latents, layout: StepLayout):
+    """Decode latents [batch, C, frames, h, w] (numpy) one step at a time through run(feeds) -> outputs, as
+    `kiln decode` does: the whole clip [batch, 3, frames out, H, W]."""
+    import numpy as np
+
+    b, _, count, h, w = latents.shape
+    caches = {name: np.zeros((b, c, CACHE_FRAMES, h, w), latents.dtype)
+              for name, (c, _) in zip(layout.cache_names("in"), layout.caches, strict=True)}  # fmt: skip
+    clip = []
+    for i in range(count):
+        out = run({"latent_sample": latents[:, :, i : i + 1], FIRST: np.array([int(i == 0)], np.int64), **caches})
+        clip.append(out["sample"][:, :, -layout.first_frames :] if i == 0 else out["sample"])
+        caches = dict(zip(layout.cache_names("in"), (out[n] for n in layout.cache_names("out")), strict=True))
+    return np.concatenate(clip, axis=2)
+
+
+def check_against_decode(model, layout: StepLayout, onnx_path, sizes, frame_counts=(2, 3), seed: int = 0) -> list[dict]:
+    """The step graph on ONNX Runtime, chunk after chunk, against diffusers' own decode of the same latents
+    (of sizes' batch, height and width), at each frame count; InputError at the first that misses
+    1e-4 · max(1, max |torch|)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from kiln.optimizer.importers.video_decoders import whole_clip
+    from kiln.targets.engine import session_options
+
+    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for count in frame_counts:
+        shape = (sizes["batch"], model.config.z_dim, count, sizes["height"], sizes["width"])
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed + count))
+        with torch.no_grad():
+            want = whole_clip(model, lambda: model.decode(latents, return_dict=False)).numpy()
+        got = decode_steps(lambda feeds: dict(zip(names, session.run(None, feeds), strict=True)), latents.numpy(), layout)
+        limit = 1e-4 * max(1.0, float(np.abs(want).max()))
+        result = {"frames": count, "shape": list(shape), "max_abs": None, "limit": limit}
+        if got.shape == want.shape:
+            result["max_abs"] = float(np.abs(got - want).max())
+        results.append(result)
+        if result["max_abs"] is None or result["max_abs"] > limit:
+            what = (f"max |onnx - torch| = {result['max_abs']:.3g} > {limit:.3g}" if result["max_abs"] is not None
+                    else f"{list(got.shape)} frames from the steps, {list(want.shape)} from diffusers")  # fmt: skip
+            raise InputError(f"the step decoder of {type(model).__name__}, run chunk after chunk, does not match "
+                             f"diffusers' decode of {count} latent frames: {what}",
+                             hint="decode whole clips (leave out --video-decoder step), or report the class to kiln")  # fmt: skip
+    return results
+
+
+def wan_step_decoder(model, config) -> Adapter:
+    cls = type(model).__name__
+    if config.get("is_residual"):
+        raise InputError(f"kiln exports the step decoder of Wan 2.1's {cls}, not yet Wan 2.2's (is_residual: its "
+                         "upsamplers' shortcut drops frames on the first chunk)",
+                         hint="decode whole clips: leave out --video-decoder step")  # fmt: skip
+    channels = config["z_dim"]
+    layout = _layout(model, channels)
+    scale = 8 * (config.get("patch_size") or 1)
+    height = DimRule("height", _spatial(1))
+    caches = tuple(InputRule(name, ("batch", c, CACHE_FRAMES, "height", "width"))
+                   for name, (c, _) in zip(layout.cache_names("in"), layout.caches, strict=True))  # fmt: skip
+    return Adapter(
+        cls, "video-vae-step-decoder",
+        (InputRule("latent_sample", ("batch", channels, 1, "height", "width")), InputRule(FIRST, (1,), "int", 2), *caches),
+        (_batch(), height, dataclasses.replace(height, name="width")),
+        call=lambda m, latent, first, *c: step(m, layout, latent, first, *c),
+        outputs=("sample", *layout.cache_names("out")),
+        output_axes=("batch", None, layout.frames, f"{scale}*height", f"{scale}*width"),
+        metadata={STEP_METADATA_KEY: layout.to_json()},
+        check=lambda m, path, sizes: check_against_decode(m, layout, path, sizes),
+        notes=(f"the decoder of {cls} as a step function: latent_sample [batch, {channels}, 1, height, width] and "
+               f"{len(caches)} caches -> sample [batch, 3, {layout.frames}, {scale}*height, {scale}*width] and the "
+               f"caches after it; `kiln decode` runs it chunk after chunk (first=1 on a clip's first step, whose "
+               f"last frame alone is real)",),
+    )  # fmt: skip
+
+
+STEP_FAMILIES = {"AutoencoderKLWan": wan_step_decoder}
