@@ -60,22 +60,23 @@ def open_baseline(name: str, model: Path, model_path: Path, target: targets.Targ
     """The baseline `name` (from baseline_names) of the model; model_path is its imported ONNX form."""
     if name.startswith("PyTorch") or name.startswith("torch.compile"):
         mode = "reduce-overhead" if name == CUDA_GRAPHS else None
-        yield _torch(name, model, gpu=getattr(target, "device", "cpu") == "cuda", compiled=name.startswith("torch.compile"), mode=mode)
+        yield _torch(name, model, gpu=getattr(target, "device", "cpu") == "cuda", compiled=name.startswith("torch.compile"), mode=mode,
+                     step=getattr(options, "video_decoder", "clip") == "step")
     elif name.startswith("TensorFlow"):
         yield _tensorflow(name, model, model_path, options)
     else:
         yield _onnxruntime(name, model_path, target)
 
 
-def _torch(name: str, directory: Path, gpu: bool, compiled: bool, mode: str | None = None) -> Baseline:
+def _torch(name: str, directory: Path, gpu: bool, compiled: bool, mode: str | None = None, step: bool = False) -> Baseline:
     import torch
 
-    from kiln.optimizer.importers.diffusers import OUTPUT, adapter_for, load, quiet_libraries, wrapped_model
+    from kiln.optimizer.importers.diffusers import adapter_for, load, quiet_libraries, wrapped_model
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     with quiet_libraries():  # diffusers warns about casting with to(); the whole model in one dtype is what is measured
         model = load(directory).to(device, dtype)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, step)
     module = wrapped_model(model, adapter)
     if compiled:
         module = torch.compile(module, mode=mode)
@@ -87,7 +88,8 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool, mode: str | No
     # no_grad, as diffusers' pipelines run
     def run(feeds):
         with torch.no_grad():
-            return {OUTPUT: module(*tensors(feeds)).float().cpu().numpy()}
+            out = module(*tensors(feeds))
+        return {name: o.float().cpu().numpy() for name, o in zip(adapter.outputs, out if isinstance(out, tuple) else (out,), strict=True)}
 
     def timer(feeds):
         resident = tensors(feeds)
