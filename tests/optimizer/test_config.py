@@ -265,6 +265,7 @@ def test_options_defaults():
         "align": None,
         "import_timeout": 1800.0,
         "trust_pickle": False,
+        "video_decoder": "clip",
         "quantize": None,
         "quant_backend": None,
         "calib": None,

@@ -122,4 +122,7 @@ def test_step_decoders_of_other_classes_are_refused(capsys, tmp_path):
     wan22 = write_model(WAN.class_name, tmp_path / "wan22", config={**WAN.config, "is_residual": True})
     code, _, err = run_cli(capsys, "optimize", wan22, "-o", tmp_path / "out", "--video-decoder", "step")
     assert code == 2 and "kiln exports the step decoder of Wan 2.1's AutoencoderKLWan, not yet Wan 2.2's" in err
+    (tmp_path / "recipe.toml").write_text('[import]\nvideo_decoder = "stream"\n')
+    code, _, err = run_cli(capsys, "optimize", wan22, "-o", tmp_path / "out", "--config", tmp_path / "recipe.toml")
+    assert code == 2 and "unknown video decoder form 'stream'" in err and "choose one of clip, step" in err
     assert not (tmp_path / "out").exists()
