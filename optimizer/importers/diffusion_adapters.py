@@ -605,11 +605,12 @@ def _torchvision_problem() -> str | None:
 
 def adapter_for(model, step: bool = False) -> Adapter:
     """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why.
-    step: a video VAE's decoder as a step function, its caches as inputs and outputs (step_decoders)."""
-    config, name, families = dict(model.config), type(model).__name__, all_families()
-    if step:
-        from kiln.optimizer.importers.step_decoders import STEP_FAMILIES
+    step: a video VAE's decoder as a step function, its caches as inputs and outputs (step_decoders); the
+    only form of a decoder with no whole-clip one."""
+    from kiln.optimizer.importers.step_decoders import STEP_FAMILIES
 
+    config, name, families = dict(model.config), type(model).__name__, all_families()
+    if step or (name in STEP_FAMILIES and name not in families):
         if name not in STEP_FAMILIES:
             raise InputError(f"kiln exports a step decoder for {', '.join(STEP_FAMILIES)}, not for {name}",
                              hint="leave out --video-decoder step: kiln exports whole-clip decoders of video VAEs")  # fmt: skip

@@ -1,11 +1,12 @@
-"""Wan's video VAE decoder as a step function: one latent frame in, its frames out, and every causal
-convolution's cache as an explicit input and output, so a long clip decodes chunk after chunk in the
-memory of one chunk, with the cache left on the device between steps.
+"""Video VAE decoders as step functions (Wan 2.1's, and Magvit's, EasyAnimate's): one latent frame in, its
+frames out, and every causal convolution's cache as an explicit input and output, so a long clip decodes
+chunk after chunk in the memory of one chunk, with the cache left on the device between steps.
 
     latent_sample [batch, C, 1, height, width], first [1] (1 on the clip's first step, else 0),
     cache_in_00 ... -> sample [batch, 3, 4, 8 height, 8 width], cache_out_00 ...
 
-This is diffusers' own frame loop (AutoencoderKLWan._decode), one iteration per call. Each cache holds the
+This is diffusers' own frame loop (AutoencoderKLWan._decode), one iteration per call; Magvit's differs where
+_magvit_step says. Each cache holds the
 last two input frames of one causal convolution (a zero cache is the loop's empty one: zero padding).
 The loop's first iteration differs in shape: its time upsamplers do not double the frame, so it yields 1
 frame, not 4. The step graph keeps one shape: on the first step each upsampler repeats its frames, and
@@ -35,6 +36,7 @@ class StepLayout:
     """What a step graph takes and gives, beside the latent frame."""
 
     frames: int  # frames out of each step
+    scale: int  # sample pixels per latent pixel
     first_frames: int  # of those, the last first_frames are real on the clip's first step
     caches: tuple[tuple[int, int], ...]  # (channels, spatial scale) of each cache, in the decoder's order
 
@@ -105,20 +107,67 @@ def _stepping(model, first):
         yield
 
 
-def step(model, layout: StepLayout, latent, first, *caches):
-    """One iteration of AutoencoderKLWan's decode loop: (sample, *caches after it), caches folded."""
+def _wan_step(model, latent, first, caches: list):
+    """One iteration of AutoencoderKLWan's decode loop: (sample, caches after it), unfolded."""
     import torch
 
-    feat_cache = [unfold(c, scale) for c, (_, scale) in zip(caches, layout.caches, strict=True)]
     with _stepping(model, first):
-        out = model.decoder(model.post_quant_conv(latent), feat_cache=feat_cache, feat_idx=[0])
+        out = model.decoder(model.post_quant_conv(latent), feat_cache=caches, feat_idx=[0])
     # After the first step a cache holds its convolution's one real input frame, after a zero one.
     kept = _real_frames(first, CACHE_FRAMES, latent.dtype)
-    after = [fold(c * kept, scale) for c, (_, scale) in zip(feat_cache, layout.caches, strict=True)]
-    return (torch.clamp(out, min=-1.0, max=1.0), *after)
+    return torch.clamp(out, min=-1.0, max=1.0), [c * kept for c in caches]
 
 
-def _layout(model, channels: int) -> StepLayout:
+def _magvit_step(model, latent, first, caches: list | None):
+    """One iteration of AutoencoderKLMagvit's decode loop: (sample, caches after it), unfolded; caches None: a
+    first step with no cache inputs (to learn their shapes). Its causal convolutions pad a chunk with the
+    cache, and the first chunk with copies of its first frame; its time upsamplers skip the first chunk. The
+    step graph always upsamples: on the first step that makes copies of the one frame, which the copies
+    padding it leave unchanged, so each of the 4 frames out is the clip's frame 0."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_magvit import EasyAnimateCausalConv3d, EasyAnimateUpsampler3D
+
+    after = []
+
+    def conv(self, x):
+        if self.temporal_padding == 0:
+            return torch.nn.Conv3d.forward(self, x)
+        copies = x[:, :, :1].expand(-1, -1, self.temporal_padding, -1, -1)
+        cache = copies if caches is None else torch.where(first.bool(), copies, caches[len(after)])
+        x = torch.cat([cache, x], 2)
+        after.append(x[:, :, -self.temporal_padding :])
+        return torch.nn.Conv3d.forward(self, x)  # the loop's sliding windows, at the decoder's time stride of 1
+
+    def upsample(self, x):
+        x = self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
+        if self.temporal_upsample:
+            x = F.interpolate(x, scale_factor=(2, 1, 1), mode="nearest" if self.spatial_group_norm else "trilinear")
+        return x
+
+    with contextlib.ExitStack() as stack:
+        for module in model.decoder.modules():
+            if isinstance(module, EasyAnimateCausalConv3d):
+                if module.t_stride != 1 or module.temporal_padding not in (0, CACHE_FRAMES):
+                    raise InputError(f"kiln's step decoder of {type(model).__name__} takes causal convolutions of time "
+                                     f"stride 1 reaching {CACHE_FRAMES} frames back; this one has stride "
+                                     f"{module.t_stride}, reach {module.temporal_padding}",
+                                     hint="decode whole clips: leave out --video-decoder step")  # fmt: skip
+                stack.enter_context(_instance_method(module, "forward", conv))
+            elif isinstance(module, EasyAnimateUpsampler3D):
+                stack.enter_context(_instance_method(module, "forward", upsample))
+        out = model.decoder(model.post_quant_conv(latent))
+    return out, after
+
+
+def step(model, run, layout: StepLayout, latent, first, *caches):
+    """One iteration of the family's decode loop, run: (sample, *caches after it), caches folded."""
+    unfolded = [unfold(c, scale) for c, (_, scale) in zip(caches, layout.caches, strict=True)]
+    out, after = run(model, latent, first, unfolded)
+    return (out, *(fold(c, scale) for c, (_, scale) in zip(after, layout.caches, strict=True)))
+
+
+def _wan_layout(model, channels: int) -> StepLayout:
     """The caches diffusers' loop keeps, from two iterations of it on 6x5 latents."""
     import torch
 
@@ -131,7 +180,16 @@ def _layout(model, channels: int) -> StepLayout:
         shapes = [tuple(c.shape) for c in model._feat_map if c is not None]
     finally:
         model.clear_cache()
-    return StepLayout(frames, 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
+    return StepLayout(frames, 8 * (model.config.patch_size or 1), 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
+
+
+def _magvit_layout(model, channels: int) -> StepLayout:
+    """The caches of one first step on 6x5 latents."""
+    import torch
+
+    with torch.no_grad():
+        out, caches = _magvit_step(model, torch.zeros(1, channels, 1, 6, 5), torch.ones(1, dtype=torch.int64), None)
+    return StepLayout(out.shape[2], out.shape[-1] // 5, 1, tuple((c.shape[1] * (c.shape[-1] // 5) ** 2, c.shape[-1] // 5) for c in caches))
 
 
 def decode_steps(run, latents, layout: StepLayout):
@@ -150,7 +208,8 @@ def decode_steps(run, latents, layout: StepLayout):
     return np.concatenate(clip, axis=2)
 
 
-def check_against_decode(model, layout: StepLayout, onnx_path, sizes, frame_counts=(2, 3), seed: int = 0) -> list[dict]:
+def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, sizes, frame_counts=(2, 3),
+                         seed: int = 0) -> list[dict]:  # fmt: skip
     """The step graph on ONNX Runtime, chunk after chunk, against diffusers' own decode of the same latents
     (of sizes' batch, height and width), at each frame count; InputError at the first that misses
     1e-4 · max(1, max |torch|)."""
@@ -166,7 +225,7 @@ def check_against_decode(model, layout: StepLayout, onnx_path, sizes, frame_coun
     names = [o.name for o in session.get_outputs()]
     results = []
     for count in frame_counts:
-        shape = (sizes["batch"], model.config.z_dim, count, sizes["height"], sizes["width"])
+        shape = (sizes["batch"], channels, count, sizes["height"], sizes["width"])
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed + count))
         with torch.no_grad():
             want = whole_clip(model, lambda: model.decode(latents, return_dict=False)).numpy()
@@ -185,15 +244,8 @@ def check_against_decode(model, layout: StepLayout, onnx_path, sizes, frame_coun
     return results
 
 
-def wan_step_decoder(model, config) -> Adapter:
+def _step_decoder(model, channels: int, run, layout: StepLayout) -> Adapter:
     cls = type(model).__name__
-    if config.get("is_residual"):
-        raise InputError(f"kiln exports the step decoder of Wan 2.1's {cls}, not yet Wan 2.2's (is_residual: its "
-                         "upsamplers' shortcut drops frames on the first chunk)",
-                         hint="decode whole clips: leave out --video-decoder step")  # fmt: skip
-    channels = config["z_dim"]
-    layout = _layout(model, channels)
-    scale = 8 * (config.get("patch_size") or 1)
     height = DimRule("height", _spatial(1))
     caches = tuple(InputRule(name, ("batch", c, CACHE_FRAMES, "height", "width"))
                    for name, (c, _) in zip(layout.cache_names("in"), layout.caches, strict=True))  # fmt: skip
@@ -201,16 +253,28 @@ def wan_step_decoder(model, config) -> Adapter:
         cls, "video-vae-step-decoder",
         (InputRule("latent_sample", ("batch", channels, 1, "height", "width")), InputRule(FIRST, (1,), "int", 2), *caches),
         (_batch(), height, dataclasses.replace(height, name="width")),
-        call=lambda m, latent, first, *c: step(m, layout, latent, first, *c),
+        call=lambda m, latent, first, *c: step(m, run, layout, latent, first, *c),
         outputs=("sample", *layout.cache_names("out")),
-        output_axes=("batch", None, layout.frames, f"{scale}*height", f"{scale}*width"),
+        output_axes=("batch", None, layout.frames, f"{layout.scale}*height", f"{layout.scale}*width"),
         metadata={STEP_METADATA_KEY: layout.to_json()},
-        check=lambda m, path, sizes: check_against_decode(m, layout, path, sizes),
+        check=lambda m, path, sizes: check_against_decode(m, layout, channels, path, sizes),
         notes=(f"the decoder of {cls} as a step function: latent_sample [batch, {channels}, 1, height, width] and "
-               f"{len(caches)} caches -> sample [batch, 3, {layout.frames}, {scale}*height, {scale}*width] and the "
-               f"caches after it; `kiln decode` runs it chunk after chunk (first=1 on a clip's first step, whose "
-               f"last frame alone is real)",),
+               f"{len(caches)} caches -> sample [batch, 3, {layout.frames}, {layout.scale}*height, {layout.scale}*width] "
+               f"and the caches after it; `kiln decode` runs it chunk after chunk (first=1 on a clip's first step, "
+               f"whose last frame alone is the clip's)",),
     )  # fmt: skip
 
 
-STEP_FAMILIES = {"AutoencoderKLWan": wan_step_decoder}
+def _wan(model, config) -> Adapter:
+    if config.get("is_residual"):
+        raise InputError(f"kiln exports the step decoder of Wan 2.1's {type(model).__name__}, not yet Wan 2.2's "
+                         "(is_residual: its upsamplers' shortcut drops frames on the first chunk)",
+                         hint="decode whole clips: leave out --video-decoder step")  # fmt: skip
+    return _step_decoder(model, config["z_dim"], _wan_step, _wan_layout(model, config["z_dim"]))
+
+
+def _magvit(model, config) -> Adapter:
+    return _step_decoder(model, config["latent_channels"], _magvit_step, _magvit_layout(model, config["latent_channels"]))
+
+
+STEP_FAMILIES = {"AutoencoderKLWan": _wan, "AutoencoderKLMagvit": _magvit}

@@ -129,9 +129,12 @@ VIDEO_DECODER_SHAPES = [("--shapes", "frames=1..2..3"), ("--shapes", "height=4..
 
 
 def shapes(case: Case) -> list[tuple[str, str]]:
+    from kiln.optimizer.importers.step_decoders import STEP_FAMILIES
     from kiln.optimizer.importers.video_decoders import FAMILIES as VIDEO_DECODERS
 
-    return SHAPES + (VIDEO_DECODER_SHAPES if case.class_name in VIDEO_DECODERS else [])
+    if case.class_name in VIDEO_DECODERS:
+        return SHAPES + VIDEO_DECODER_SHAPES
+    return SHAPES + (VIDEO_DECODER_SHAPES[1:] if case.class_name in STEP_FAMILIES else [])  # a step decoder: no frames dim
 
 
 def run(case: Case, work, fp16: bool = True) -> dict:

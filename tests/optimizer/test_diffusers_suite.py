@@ -39,7 +39,7 @@ IMPORTED = {
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCosmos",
-    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
+    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]", "AutoencoderKLMagvit",
     "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "VQModel",
 }  # fmt: skip
 # Imported and verified in fp32; the fp16 engine misses fp16's tolerance (the reason, for the README).
@@ -68,7 +68,7 @@ REFUSED = {
     "WanAnimateTransformer3DModel": "kiln cannot export WanAnimateTransformer3DModel yet: its inputs' frame counts",
     "AutoencoderKLLTXVideo[ltx_0.9.1]": "kiln cannot export AutoencoderKLLTXVideo with decoder_inject_noise",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
-        "AutoencoderKLCogVideoX", "AutoencoderKLKVAEVideo", "AutoencoderKLMagvit", "AutoencoderKLMiniMaxH3",
+        "AutoencoderKLCogVideoX", "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
         "AutoencoderVidTok", "ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel")},
 }  # fmt: skip
 

@@ -118,7 +118,7 @@ def test_step_decoders_of_other_classes_are_refused(capsys, tmp_path):
     vae = next(case for case in suite.VAES if case.class_name == "AutoencoderKLHunyuanVideo")
     model = write_model(vae.class_name, tmp_path / "model", config=vae.config)
     code, _, err = run_cli(capsys, "optimize", model, "-o", tmp_path / "out", "--video-decoder", "step")
-    assert code == 2 and "kiln exports a step decoder for AutoencoderKLWan, not for AutoencoderKLHunyuanVideo" in err
+    assert code == 2 and "kiln exports a step decoder for AutoencoderKLWan, AutoencoderKLMagvit, not for AutoencoderKLHunyuanVideo" in err
     wan22 = write_model(WAN.class_name, tmp_path / "wan22", config={**WAN.config, "is_residual": True})
     code, _, err = run_cli(capsys, "optimize", wan22, "-o", tmp_path / "out", "--video-decoder", "step")
     assert code == 2 and "kiln exports the step decoder of Wan 2.1's AutoencoderKLWan, not yet Wan 2.2's" in err
