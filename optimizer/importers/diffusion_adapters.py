@@ -525,7 +525,27 @@ def _ernie(model, config) -> Adapter:
                    notes=("text_mask is the tokenizer's mask; the text lengths are counted from it inside the graph",))  # fmt: skip
 
 
+# -- The unCLIP / Kandinsky prior --------------------------------------------------------------------
+
+
+def _prior(model, config) -> Adapter:
+    """PriorTransformer diffuses a CLIP image embedding from the text's (Kandinsky 2.x, unCLIP): embeddings in and
+    out, the text's token states at their fixed count (its positional table holds exactly num_embeddings)."""
+    width, tokens = config["embedding_dim"], config["num_embeddings"]
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    text_width = width if config.get("encoder_hid_proj_type") == "linear" else inner
+    names = ("hidden_states", "timestep", "proj_embedding", "encoder_hidden_states", "attention_mask")
+    inputs = (InputRule("hidden_states", ("batch", width)), InputRule("timestep", ("batch",), "int", 1000),
+              InputRule("proj_embedding", ("batch", config.get("embedding_proj_dim") or width)),
+              InputRule("encoder_hidden_states", ("batch", tokens, text_width)),
+              InputRule("attention_mask", ("batch", tokens), "mask"))  # fmt: skip
+    return Adapter(type(model).__name__, "prior", inputs, (_batch(),), call=_kwargs_call(names), output_axes=("batch", None),
+                   notes=(f"the noisy image embedding, the text embedding (proj_embedding) and the text's {tokens} token "
+                          "states in; the predicted image embedding out",))  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[..., Adapter]] = {
+    "PriorTransformer": _prior,
     "DiTTransformer2DModel": _dit,
     "ErnieImageTransformer2DModel": _ernie,
     "PixArtTransformer2DModel": _pixart,
@@ -566,7 +586,7 @@ NOT_YET = {
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
 }
-NOT_IMAGE = ("AceStepTransformer1DModel", "PriorTransformer", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")
+NOT_IMAGE = ("AceStepTransformer1DModel", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")
 
 
 def all_families() -> dict[str, Callable[..., Adapter]]:

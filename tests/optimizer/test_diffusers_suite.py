@@ -35,7 +35,7 @@ IMPORTED = {
     "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel",
     "Lumina2Transformer2DModel", "MochiTransformer3DModel", "MotifVideoTransformer3DModel",
     "NucleusMoEImageTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
-    "PixArtTransformer2DModel", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
+    "PixArtTransformer2DModel", "PriorTransformer", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCosmos",
@@ -51,7 +51,6 @@ FP32_ONLY = {
 # Refused: the start of the message.
 REFUSED = {
     "AceStepTransformer1DModel": "kiln does not export AceStepTransformer1DModel: it is not an image or video model",
-    "PriorTransformer": "kiln does not export PriorTransformer: it is not an image or video model",
     "CosmosTransformer3DModel[text_to_world]": "CosmosTransformer3DModel needs torchvision to run",
     "CosmosTransformer3DModel[video_to_world]": "CosmosTransformer3DModel needs torchvision to run",
     "AnyFlowFARTransformer3DModel": "kiln cannot export AnyFlowFARTransformer3DModel yet: it generates frame chunks",
