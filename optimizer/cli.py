@@ -175,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", parents=[common, serve], help="decode a sequence of latents through a VAE-decoder engine, chunk by chunk",
                        description="Decode latents through a VAE-decoder engine, a chunk at a time; or one clip through "
-                       "a video VAE's step decoder (kiln optimize --video-decoder step), a latent frame at a time, its caches "
-                       "carried from run to run on the device. " + where)  # fmt: skip
+                       "a video VAE's step decoder (kiln optimize --video-decoder step), a step at a time (1 latent frame for "
+                       "Wan and Magvit, 2 for CogVideoX), its caches carried from run to run on the device. " + where)  # fmt: skip
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from a diffusers AutoencoderKL, "
                    "or from a video VAE with --video-decoder step")
     p.add_argument("latents", type=Path, metavar="LATENTS.npy", help="float latents [frames, channels, height, width]; for a step "
                    "decoder one clip's [channels, frames, height, width] (or with a batch of 1 in front, as pipelines return them)")
     p.add_argument("--chunk", type=int, help="frames decoded per engine run (default: the engine's batch if its profile "
-                   "is static, else 8; a step decoder takes one latent frame per run)")
+                   "is static, else 8; a step decoder takes its own step)")
     p.add_argument("--fps", type=_positive(float), default=24.0, help="frame rate of a video OUTPUT (default 24)")
     p.set_defaults(handler=cmd_decode)
 

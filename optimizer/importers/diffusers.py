@@ -412,6 +412,10 @@ def _name_dims(model, adapter: Adapter) -> None:
         for value in node.outputs:
             if value.shape is not None and (new := renamed(value.shape)) is not None:
                 value.shape = new
+    inputs = {v.name: v for v in model.graph.inputs}
+    for value in model.graph.outputs:
+        if value.name in adapter.output_like:
+            value.shape = ir.Shape(list(inputs[adapter.output_like[value.name]].shape))
     value = model.graph.outputs[0]
     if value.shape is not None and len(adapter.output_axes) == len(value.shape):
         dims = list(value.shape)

@@ -71,6 +71,7 @@ class Adapter:
     call: Callable  # (model, *tensors in input order) -> the output tensor, or a tuple of them in outputs' order
     outputs: tuple[str, ...] = ("sample",)
     output_axes: tuple[str | int | None, ...] = ()  # names for the first output's dims; None: as exported
+    output_like: Mapping[str, str] = dataclasses.field(default_factory=dict)  # an output shaped as that input
     patches: tuple[Patch, ...] = ()
     notes: tuple[str, ...] = ()
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)  # written into the ONNX model's

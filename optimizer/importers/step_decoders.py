@@ -25,6 +25,7 @@ import json
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import Adapter, DimRule, InputRule, _batch, _instance_method, _spatial
+from kiln.targets import DimRange
 
 STEP_METADATA_KEY = "kiln.decoder_step"  # JSON: what `kiln decode` needs to drive the step graph
 FIRST = "first"
@@ -33,19 +34,35 @@ CACHE_FRAMES = 2  # diffusers' CACHE_T: a causal convolution's kernel reaches tw
 
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
-    """What a step graph takes and gives, beside the latent frame."""
+    """What a step graph takes and gives, beside the latent frames."""
 
-    frames: int  # frames out of each step
+    latent_frames: int  # latent frames a step takes; a clip's remainder joins its first step (chunks)
+    frames_out: dict[int, int]  # frames out of a step, by the latent frames it took
     scale: int  # sample pixels per latent pixel
-    first_frames: int  # of those, the last first_frames are real on the clip's first step
+    first_frames: int | None  # the clip's frames among the first step's: its last first_frames (None: all)
     caches: tuple[tuple[int, int], ...]  # (channels, spatial scale) of each cache, in the decoder's order
 
     def cache_names(self, direction: str) -> list[str]:
         return [f"cache_{direction}_{k:02d}" for k in range(len(self.caches))]
 
     def to_json(self) -> str:
-        return json.dumps({"frames": self.frames, "first_frames": self.first_frames,
-                           "inputs": self.cache_names("in"), "outputs": self.cache_names("out")})  # fmt: skip
+        return json.dumps({"latent_frames": self.latent_frames, "frames_out": self.frames_out,
+                           "first_frames": self.first_frames, "inputs": self.cache_names("in"),
+                           "outputs": self.cache_names("out")})  # fmt: skip
+
+
+def chunks(count: int, size: int) -> list[tuple[int, int]]:
+    """diffusers' split of a clip's latent frames into steps (CogVideoX's _decode): steps of size, the
+    remainder joining the first; one step when the clip is shorter."""
+    steps, extra = max(count // size, 1), count % size
+    return [(size * i + (0 if i == 0 else extra), min(size * (i + 1) + extra, count)) for i in range(steps)]
+
+
+def clip_frames(count: int, layout: dict) -> int:
+    """Frames out of a clip of count latent frames, from a step graph's metadata (StepLayout.to_json)."""
+    steps = [b - a for a, b in chunks(count, layout["latent_frames"])]
+    first = layout["first_frames"] or layout["frames_out"][str(steps[0])]
+    return first + sum(layout["frames_out"][str(n)] for n in steps[1:])
 
 
 def fold(cache, scale: int):
@@ -160,6 +177,73 @@ def _magvit_step(model, latent, first, caches: list | None):
     return out, after
 
 
+def _cogvideox_stepper(model):
+    """One iteration of AutoencoderKLCogVideoX's decode loop, as run(model, latent, first, caches) for step. Its
+    loop takes 2 latent frames a step, 3 on the first when a clip's count is odd (13, as CogVideoX samples), 1
+    for a one-frame clip; where its upsamplers and spatial norms branch in Python on the frame count's parity,
+    the step graph computes the same frames with the parity as a number, so one graph takes 1, 2 or 3 frames.
+    Its causal convolutions pad a clip's first chunk with copies of its first frame."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d, CogVideoXSpatialNorm3D
+    from diffusers.models.upsampling import CogVideoXUpsample3D
+
+    def framewise(x, resize):
+        b, c, t, h, w = x.shape
+        y = resize(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        return y.reshape(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    # The frames each spatial norm sees per latent frame (1, 2 or 4), from the decoder run on 2 latent frames.
+    repeats = {}
+    norms = [m for m in model.decoder.modules() if isinstance(m, CogVideoXSpatialNorm3D)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: repeats.__setitem__(m, args[0].shape[2] // args[1].shape[2]))
+             for m in norms]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model.decoder(torch.zeros(1, model.config.latent_channels, 2, 6, 5))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def run(model, latent, first, caches):
+        after = []
+
+        def conv(self, inputs, conv_cache=None):
+            k = self.time_kernel_size
+            if self.pad_mode == "replicate" or k == 1:  # no cache: kernel 1 reads none (its returned one is dead)
+                return CogVideoXCausalConv3d.forward(self, inputs)[0], None
+            copies = inputs[:, :, :1].expand(-1, -1, k - 1, -1, -1)
+            cache = copies if caches is None else torch.where(first.bool(), copies, caches[len(after)])
+            x = torch.cat([cache, inputs], 2)
+            after.append(x[:, :, 1 - k :])
+            return self.conv(x), None
+
+        def norm(self, f, zq, conv_cache=None):
+            # nearest resizing of the latents to f's frames: frame 0 once and the others k times when the count is
+            # odd, every frame k times when even
+            k = repeats[self]
+            zq = zq.repeat_interleave(k, dim=2)[:, :, (k - 1) * (zq.shape[2] % 2) :]
+            zq = framewise(zq, lambda x: F.interpolate(x, size=f.shape[-2:]))
+            return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0], None
+
+        def upsample(self, x):
+            frames = x.shape[2]
+            x = framewise(x, lambda x: F.interpolate(x, scale_factor=2.0))
+            if self.compress_time:  # each frame twice, frame 0 once when the count is odd
+                x = x.repeat_interleave(2, dim=2)[:, :, frames % 2 :]
+            return framewise(x, self.conv)
+
+        with contextlib.ExitStack() as stack:
+            for module in model.decoder.modules():
+                forward = {CogVideoXCausalConv3d: conv, CogVideoXSpatialNorm3D: norm, CogVideoXUpsample3D: upsample}.get(type(module))
+                if forward is not None:
+                    stack.enter_context(_instance_method(module, "forward", forward))
+            z = model.post_quant_conv(latent) if model.post_quant_conv is not None else latent
+            return model.decoder(z)[0], after
+
+    return run
+
+
 def step(model, run, layout: StepLayout, latent, first, *caches):
     """One iteration of the family's decode loop, run: (sample, *caches after it), caches folded."""
     unfolded = [unfold(c, scale) for c, (_, scale) in zip(caches, layout.caches, strict=True)]
@@ -180,16 +264,22 @@ def _wan_layout(model, channels: int) -> StepLayout:
         shapes = [tuple(c.shape) for c in model._feat_map if c is not None]
     finally:
         model.clear_cache()
-    return StepLayout(frames, 8 * (model.config.patch_size or 1), 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
+    scale = 8 * (model.config.patch_size or 1)
+    return StepLayout(1, {1: frames}, scale, 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
 
 
-def _magvit_layout(model, channels: int) -> StepLayout:
-    """The caches of one first step on 6x5 latents."""
+def _probed_layout(model, run, channels: int, latent_frames: int, first_frames: int | None) -> StepLayout:
+    """The caches and frame counts of first steps (no cache inputs) on 6x5 latents."""
     import torch
 
+    frames_out = {}
     with torch.no_grad():
-        out, caches = _magvit_step(model, torch.zeros(1, channels, 1, 6, 5), torch.ones(1, dtype=torch.int64), None)
-    return StepLayout(out.shape[2], out.shape[-1] // 5, 1, tuple((c.shape[1] * (c.shape[-1] // 5) ** 2, c.shape[-1] // 5) for c in caches))
+        for n in range(1, 2 * latent_frames):
+            out, caches = run(model, torch.zeros(1, channels, n, 6, 5), torch.ones(1, dtype=torch.int64), None)
+            frames_out[n] = out.shape[2]
+    scale = out.shape[-1] // 5
+    return StepLayout(latent_frames, frames_out, scale, first_frames,
+                      tuple((c.shape[1] * (c.shape[-1] // 5) ** 2, c.shape[-1] // 5) for c in caches))  # fmt: skip
 
 
 def decode_steps(run, latents, layout: StepLayout):
@@ -201,18 +291,17 @@ def decode_steps(run, latents, layout: StepLayout):
     caches = {name: np.zeros((b, c, CACHE_FRAMES, h, w), latents.dtype)
               for name, (c, _) in zip(layout.cache_names("in"), layout.caches, strict=True)}  # fmt: skip
     clip = []
-    for i in range(count):
-        out = run({"latent_sample": latents[:, :, i : i + 1], FIRST: np.array([int(i == 0)], np.int64), **caches})
-        clip.append(out["sample"][:, :, -layout.first_frames :] if i == 0 else out["sample"])
+    for i, (start, end) in enumerate(chunks(count, layout.latent_frames)):
+        out = run({"latent_sample": latents[:, :, start:end], FIRST: np.array([int(i == 0)], np.int64), **caches})
+        clip.append(out["sample"][:, :, -layout.first_frames :] if i == 0 and layout.first_frames else out["sample"])
         caches = dict(zip(layout.cache_names("in"), (out[n] for n in layout.cache_names("out")), strict=True))
     return np.concatenate(clip, axis=2)
 
 
-def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, sizes, frame_counts=(2, 3),
-                         seed: int = 0) -> list[dict]:  # fmt: skip
+def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, sizes, seed: int = 0) -> list[dict]:
     """The step graph on ONNX Runtime, chunk after chunk, against diffusers' own decode of the same latents
-    (of sizes' batch, height and width), at each frame count; InputError at the first that misses
-    1e-4 · max(1, max |torch|)."""
+    (of sizes' batch, height and width), at two frame counts that take two steps or more, one with a remainder
+    for the first; InputError at the first that misses 1e-4 · max(1, max |torch|)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -224,7 +313,7 @@ def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, si
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     results = []
-    for count in frame_counts:
+    for count in (2 * layout.latent_frames, 2 * layout.latent_frames + 1):
         shape = (sizes["batch"], channels, count, sizes["height"], sizes["width"])
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed + count))
         with torch.no_grad():
@@ -247,21 +336,30 @@ def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, si
 def _step_decoder(model, channels: int, run, layout: StepLayout) -> Adapter:
     cls = type(model).__name__
     height = DimRule("height", _spatial(1))
+    dims = [_batch(), height, dataclasses.replace(height, name="width")]
+    frames: str | int = 1
+    if layout.latent_frames > 1:  # a step takes latent_frames, or up to twice as many less one on a clip's first
+        frames = "frames"
+        dims.append(DimRule("frames", DimRange(1, layout.latent_frames, 2 * layout.latent_frames - 1)))
+    out_frames = layout.frames_out[1] if frames == 1 else None
     caches = tuple(InputRule(name, ("batch", c, CACHE_FRAMES, "height", "width"))
                    for name, (c, _) in zip(layout.cache_names("in"), layout.caches, strict=True))  # fmt: skip
+    first = (f"the last {layout.first_frames} of the first step's frames are the clip's" if layout.first_frames else
+             f"a clip's first step takes its first {layout.latent_frames} latent frames and the remainder")  # fmt: skip
     return Adapter(
         cls, "video-vae-step-decoder",
-        (InputRule("latent_sample", ("batch", channels, 1, "height", "width")), InputRule(FIRST, (1,), "int", 2), *caches),
-        (_batch(), height, dataclasses.replace(height, name="width")),
+        (InputRule("latent_sample", ("batch", channels, frames, "height", "width")), InputRule(FIRST, (1,), "int", 2), *caches),
+        tuple(dims),
         call=lambda m, latent, first, *c: step(m, run, layout, latent, first, *c),
         outputs=("sample", *layout.cache_names("out")),
-        output_axes=("batch", None, layout.frames, f"{layout.scale}*height", f"{layout.scale}*width"),
+        output_axes=("batch", None, out_frames, f"{layout.scale}*height", f"{layout.scale}*width"),
+        output_like=dict(zip(layout.cache_names("out"), layout.cache_names("in"), strict=True)),
         metadata={STEP_METADATA_KEY: layout.to_json()},
         check=lambda m, path, sizes: check_against_decode(m, layout, channels, path, sizes),
-        notes=(f"the decoder of {cls} as a step function: latent_sample [batch, {channels}, 1, height, width] and "
-               f"{len(caches)} caches -> sample [batch, 3, {layout.frames}, {layout.scale}*height, {layout.scale}*width] "
-               f"and the caches after it; `kiln decode` runs it chunk after chunk (first=1 on a clip's first step, "
-               f"whose last frame alone is the clip's)",),
+        notes=(f"the decoder of {cls} as a step function: latent_sample [batch, {channels}, {frames}, height, width], "
+               f"first and {len(caches)} caches -> sample [batch, 3, frames out {layout.frames_out}, {layout.scale}*height, "
+               f"{layout.scale}*width] and the caches after it; `kiln decode` runs it chunk after chunk, first=1 on a "
+               f"clip's first step ({first})",),
     )  # fmt: skip
 
 
@@ -274,7 +372,14 @@ def _wan(model, config) -> Adapter:
 
 
 def _magvit(model, config) -> Adapter:
-    return _step_decoder(model, config["latent_channels"], _magvit_step, _magvit_layout(model, config["latent_channels"]))
+    channels = config["latent_channels"]
+    return _step_decoder(model, channels, _magvit_step, _probed_layout(model, _magvit_step, channels, 1, 1))
 
 
-STEP_FAMILIES = {"AutoencoderKLWan": _wan, "AutoencoderKLMagvit": _magvit}
+def _cogvideox(model, config) -> Adapter:
+    channels = config["latent_channels"]
+    run = _cogvideox_stepper(model)
+    return _step_decoder(model, channels, run, _probed_layout(model, run, channels, model.num_latent_frames_batch_size, None))
+
+
+STEP_FAMILIES = {"AutoencoderKLWan": _wan, "AutoencoderKLMagvit": _magvit, "AutoencoderKLCogVideoX": _cogvideox}

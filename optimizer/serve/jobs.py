@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.importers.step_decoders import STEP_METADATA_KEY
+from kiln.optimizer.importers.step_decoders import STEP_METADATA_KEY, chunks, clip_frames
 from kiln.optimizer.progress import FrameCounter
 from kiln.optimizer.outdir import cannot_write, check_not_link
 from kiln.optimizer.serve.frames import IMAGE_SUFFIXES, FrameFolderSink, frame_paths, read_frames
@@ -258,7 +258,7 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
     engine = backend.engine
     if STEP_METADATA_KEY in engine.session.get_modelmeta().custom_metadata_map:
         if chunk is not None:
-            raise InputError("--chunk does not apply to a step decoder: it decodes one latent frame per run",
+            raise InputError("--chunk does not apply to a step decoder: it decodes diffusers' steps, one per run",
                              hint="leave out --chunk")  # fmt: skip
         return decode_steps(backend, latents_path, output, workers, serial, fmt, fps, force, progress)
     names = [spec.name for spec in engine.inputs]
@@ -300,9 +300,9 @@ def decode(backend, latents_path: Path, output: Path, chunk: int | None = None, 
 def decode_steps(backend, latents_path: Path, output: Path, workers: int | None = None, serial: bool = False,
                  fmt: str = "png", fps: float = 24.0, force: bool = False, progress: bool = False) -> dict:  # fmt: skip
     """One clip's latents [C, frames, h, w] (or [1, C, frames, h, w], as a pipeline returns them) through a
-    step decoder's engine, a latent frame per run: the first run gets first=1 and zero caches, each next
-    one the caches the run before gave, never leaving the device; the first run's last frames and every
-    frame of the others are the clip."""
+    step decoder's engine, a step's latent frames per run (chunks): the first run gets first=1 and zero
+    caches, each next one the caches the run before gave, never leaving the device; the first run's last
+    first_frames (all, if None) and every frame of the others are the clip."""
     engine = backend.engine
     layout = json.loads(engine.session.get_modelmeta().custom_metadata_map[STEP_METADATA_KEY])
     specs = {spec.name: spec for spec in engine.inputs}
@@ -321,31 +321,36 @@ def decode_steps(backend, latents_path: Path, output: Path, workers: int | None 
         spec = specs[name]
         return np.zeros((1, spec.shape[1], spec.shape[2], h, w), spec.dtype)
 
+    steps = chunks(count, layout["latent_frames"])
     with engine_errors():
-        feeds = {"latent_sample": latents[:, :, :1], "first": np.ones(1, np.int64), **{n: zeros(n) for n in layout["inputs"]}}
-        warnings = engine.check_feeds(feeds, f"{latents_path} a latent frame at a time")
+        for start, end in dict.fromkeys(steps[:2]):  # the first step's shape, and the others'
+            feeds = {"latent_sample": latents[:, :, start:end], "first": np.ones(1, np.int64), **{n: zeros(n) for n in layout["inputs"]}}
+            warnings = engine.check_feeds(feeds, f"{latents_path} in steps of {layout['latent_frames']} latent frame(s)")
     state: dict = {}
 
     def compute(i: int) -> list[tuple[int, object]]:
-        if i == 0:  # also when the warm-up ran step 0 before: a clip starts from empty caches
-            state.update({n: backend.upload_array(zeros(n)) for n in layout["inputs"]})
-        feeds = {"latent_sample": backend.upload_array(latents[:, :, i : i + 1]),
-                 "first": backend.upload_array(np.array([int(i == 0)], np.int64)), **state}  # fmt: skip
+        (start, end), first = steps[i], int(i == 0)
+        if first:  # also when the warm-up ran the first step before: a clip starts from empty caches
+            state.update({n: backend.upload_array(zeros(n)) for n in layout["inputs"]}, written=0)
+        feeds = {"latent_sample": backend.upload_array(latents[:, :, start:end]),
+                 "first": backend.upload_array(np.array([first], np.int64)), **{n: state[n] for n in layout["inputs"]}}  # fmt: skip
         out = backend.run(feeds)
         state.update(zip(layout["inputs"], (out[n] for n in layout["outputs"]), strict=True))
-        frames = range(layout["frames"] - layout["first_frames"], layout["frames"]) if i == 0 else range(layout["frames"])
-        start = 0 if i == 0 else layout["first_frames"] + (i - 1) * layout["frames"]
-        return [(start + n, backend.to_frame(out["sample"][0, :, k], channels_first=True, low=-1.0)) for n, k in enumerate(frames)]
+        sample = out["sample"][0]
+        kept = range(sample.shape[1] - layout["first_frames"], sample.shape[1]) if first and layout["first_frames"] else range(sample.shape[1])
+        index = state["written"]
+        state["written"] += len(kept)
+        return [(index + n, backend.to_frame(sample[:, k], channels_first=True, low=-1.0)) for n, k in enumerate(kept)]
 
     check_output(output, force)
-    if count > 1:  # time a later step: the first gives fewer frames
+    if len(steps) > 1:  # time a later step: the first may give fewer frames
         backend.launch(compute, 0)
-    per_frame_s, sample = timed_warm_up(backend, compute, min(1, count - 1))
+    per_frame_s, sample = timed_warm_up(backend, compute, min(1, len(steps) - 1))
     if force:
         _clear_frames(output)
-    total = layout["first_frames"] + (count - 1) * layout["frames"]
-    metrics = run_job(backend, compute, range(count), output, fmt, fps, total, workers, serial, progress, per_frame_s, [sample])
-    return {"job": "decode", "steps": count, "input": str(latents_path), "output": str(output), "warnings": warnings, **metrics}
+    total = clip_frames(count, layout)
+    metrics = run_job(backend, compute, range(len(steps)), output, fmt, fps, total, workers, serial, progress, per_frame_s, [sample])
+    return {"job": "decode", "steps": len(steps), "input": str(latents_path), "output": str(output), "warnings": warnings, **metrics}
 
 
 def read_latents(path: Path) -> np.ndarray:

@@ -38,7 +38,7 @@ IMPORTED = {
     "PixArtTransformer2DModel", "PriorTransformer", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
-    "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCosmos",
+    "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
     "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]", "AutoencoderKLMagvit",
     "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "VQModel",
 }  # fmt: skip
@@ -67,7 +67,7 @@ REFUSED = {
     "WanAnimateTransformer3DModel": "kiln cannot export WanAnimateTransformer3DModel yet: its inputs' frame counts",
     "AutoencoderKLLTXVideo[ltx_0.9.1]": "kiln cannot export AutoencoderKLLTXVideo with decoder_inject_noise",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
-        "AutoencoderKLCogVideoX", "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
+        "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
         "AutoencoderVidTok", "ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel")},
 }  # fmt: skip
 
