@@ -571,11 +571,12 @@ NOT_YET = {
                                    "a dim kiln cannot derive from height and width yet"),
     "Ideogram4Transformer2DModel": ("it takes one packed sequence of text and image slots with per-token position, segment "
                                     "and indicator ids, which kiln has no adapter to build yet"),
-    "LTX2VideoTransformer3DModel": "it generates audio beside the video (two outputs); kiln exports one output yet",
     "LuminaNextDiT2DModel": ("its pipeline makes rotary embeddings at each step, scaled by a factor picked from the timestep "
                              "and the image size, and scales attention by math.log of the sequence length; kiln has no "
                              "adapter that makes them in the graph yet"),
-    "MiniMaxH3Transformer3DModel": "it generates audio beside the video (two outputs); kiln exports one output yet",
+    "MiniMaxH3Transformer3DModel": ("it takes one packed sequence of video, audio and text rows with each row's "
+                                    "timestep index, modality tag and position, and the rows' places in it "
+                                    "(video_indices, audio_indices, text_indices), which kiln has no adapter to build yet"),
     "OmniGenTransformer2DModel": ("it takes a prompt's token ids with input images interleaved (input_ids, "
                                   "input_img_latents and input_image_sizes as Python lists)"),
     "WanAnimate2Transformer3DModel": ("its generation step reads a key-value cache that a reference pass over the driving "

@@ -189,6 +189,38 @@ def _ltx(model, config) -> Adapter:
     )  # fmt: skip
 
 
+# LTX-2's pipeline default frame rate, which its rotary positions for video are scaled by.
+LTX2_FPS = 24.0
+
+
+def _ltx2_call(model, latents, audio, text, audio_text, mask, timestep):
+    """LTX-2 takes video latents as tokens beside the grid, and audio latents [batch, audio frames, C]; it returns
+    both, denoised. Its pipeline passes one text mask for both streams, and the timestep as sigma too."""
+    b, c, f, h, w = latents.shape
+    tokens = latents.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
+    video, audio = model(hidden_states=tokens, audio_hidden_states=audio, encoder_hidden_states=text,
+                         audio_encoder_hidden_states=audio_text, timestep=timestep, sigma=timestep,
+                         encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=f, height=h,
+                         width=w, fps=LTX2_FPS, audio_num_frames=audio.shape[1], return_dict=False)  # fmt: skip
+    return video.reshape(b, f, h, w, -1).permute(0, 4, 1, 2, 3), audio
+
+
+def _ltx2(model, config) -> Adapter:
+    inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
+              InputRule("audio_hidden_states", ("batch", "audio_len", config["audio_in_channels"])),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["caption_channels"])),
+              InputRule("audio_encoder_hidden_states", ("batch", "text_len", config["caption_channels"])),
+              InputRule("encoder_attention_mask", ("batch", "text_len"), "mask"),
+              InputRule("timestep", ("batch",), "uniform", 1000.0))  # fmt: skip
+    return Adapter(
+        type(model).__name__, "ltx2", inputs, (*video_dims(config), DimRule("audio_len", DimRange(4, 8, 16))),
+        call=_ltx2_call, outputs=("sample", "audio_sample"), output_axes=("batch", None, "frames", "height", "width"),
+        notes=("video latents are taken as [batch, C, frames, height, width] and made tokens inside the graph, audio "
+               "latents as [batch, audio_len, C]; two outputs, sample (video) and audio_sample; one text mask for both "
+               f"streams, as LTX-2's pipeline passes; video rotary positions at its default {LTX2_FPS:g} fps",),
+    )  # fmt: skip
+
+
 def _anyflow_call(model, latents, text, timestep, r_timestep):
     """AnyFlow takes latents as [batch, frames, C, H, W] (and returns them so), and a timestep per frame."""
     out = model(hidden_states=latents.transpose(1, 2), timestep=timestep, r_timestep=r_timestep,
@@ -321,6 +353,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "SanaVideoTransformer3DModel": _video("sana-video"),
     "AllegroTransformer3DModel": _video("allegro"),
     "LTXVideoTransformer3DModel": _ltx,
+    "LTX2VideoTransformer3DModel": _ltx2,
     "AnyFlowTransformer3DModel": _anyflow,
     "TransformerTemporalModel": _temporal,
     "ChronoEditTransformer3DModel": _video("wan", patches=(CHRONO_ROPE_PATCH,)),

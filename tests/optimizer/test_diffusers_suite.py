@@ -45,6 +45,8 @@ IMPORTED = {
 # Imported and verified in fp32; the fp16 engine misses fp16's tolerance (the reason, for the README).
 FP32_ONLY = {
     "SanaTransformer2DModel": "fp16 misses its tolerance at its larger shapes (max abs 0.056; PyTorch's own fp16 0.003)",
+    "LTX2VideoTransformer3DModel": "fp16 misses its tolerance at its largest shapes (video max abs 0.064, audio 0.016; "
+                                   "PyTorch's own fp16 on the CPU 0.010 and 0.012)",
     "AutoencoderDC": "fp16 misses its tolerance at the largest shapes (max abs 0.11; PyTorch's own fp16 is 0.44 off)",
     "AutoencoderKLWan": "fp16 misses its tolerance (max abs 0.20; PyTorch's own fp16 is 0.29 off)",
 }
@@ -58,9 +60,8 @@ REFUSED = {
     "Cosmos3OmniTransformer[action_workflow]": "kiln cannot export Cosmos3OmniTransformer yet: it takes one packed",
     "GlmImageTransformer2DModel": "kiln cannot export GlmImageTransformer2DModel yet: its prior tokens",
     "Ideogram4Transformer2DModel": "kiln cannot export Ideogram4Transformer2DModel yet: it takes one packed",
-    "LTX2VideoTransformer3DModel": "kiln cannot export LTX2VideoTransformer3DModel yet: it generates audio",
     "LuminaNextDiT2DModel": "kiln cannot export LuminaNextDiT2DModel yet: its pipeline makes rotary",
-    "MiniMaxH3Transformer3DModel": "kiln cannot export MiniMaxH3Transformer3DModel yet: it generates audio",
+    "MiniMaxH3Transformer3DModel": "kiln cannot export MiniMaxH3Transformer3DModel yet: it takes one packed",
     "OmniGenTransformer2DModel": "kiln cannot export OmniGenTransformer2DModel yet: it takes a prompt's",
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     "JoyImageEditPlusTransformer3DModel": "kiln cannot export JoyImageEditPlusTransformer3DModel yet: it takes latents",
