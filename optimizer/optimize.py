@@ -264,7 +264,8 @@ def _failure(built, checks, options: Options, outdir: Path) -> tuple[str, Verifi
     if options.verify and not all(c.passed for c in checks):
         failed = [c for c in checks if not c.passed]
         worst = failed[0]
-        detail = worst.error or ", ".join(f"{k}: max abs {v['max_abs']:.3g}" for k, v in worst.outputs.items())
+        ranked = sorted(worst.outputs.items(), key=lambda item: -item[1]["max_abs"])
+        detail = worst.error or _first_few([f"{k}: max abs {v['max_abs']:.3g}" for k, v in ranked], "outputs")
         return "verification-failed", VerificationFailed(
             f"verification failed at {len(failed)} of {len(checks)} shape(s); first at the {worst.corner} shape "
             f"({_fmt_shapes(worst.shapes)}): {detail}",
@@ -336,5 +337,11 @@ def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profi
     return alignment, dataclasses.replace(profile, dims=dims)
 
 
+def _first_few(items: list[str], what: str, few: int = 4) -> str:
+    """The first few items, and how many more (a step decoder has dozens of cache inputs and outputs)."""
+    more = f", and {len(items) - few} more {what}" if len(items) > few else ""
+    return ", ".join(items[:few]) + more
+
+
 def _fmt_shapes(shapes: dict) -> str:
-    return ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    return _first_few([f"{k} {list(v)}" for k, v in shapes.items()], "inputs")
