@@ -135,18 +135,50 @@ WAN_PATCH = Patch(
 )
 
 
-def _probe(model, call, channels: int, timestep: bool) -> tuple[int, int, int, int]:
+def _probe(model, call, channels: int, timestep: bool, multiple: int = 1) -> tuple[int, int, int, int]:
     """(frames out of the first latent frame, frames out of each next one, spatial scale, output channels),
-    from decoding 8x8 latents of 2 and 3 frames."""
+    from decoding 8x8 latents of 2 and 3 frames (or of the two smallest multiples of multiple)."""
     import torch
 
+    counts = (2, 3) if multiple == 1 else (multiple, 2 * multiple)
     sizes = []
     with torch.no_grad():
-        for frames in (2, 3):
+        for frames in counts:
             extra = (torch.zeros(1),) if timestep else ()
             sizes.append(call(model, torch.zeros(1, channels, frames, 8, 8), *extra).shape)
-    step = sizes[1][2] - sizes[0][2]
-    return sizes[0][2] - step, step, sizes[0][-1] // 8, sizes[0][1]
+    step = (sizes[1][2] - sizes[0][2]) // (counts[1] - counts[0])
+    return sizes[0][2] - step * (counts[0] - 1), step, sizes[0][-1] // 8, sizes[0][1]
+
+
+def _batched_upsample(self, x):
+    """VidTokUpsample3D, non-causal: its per-sample loop over the batch (which fixes the batch when traced) as
+    one interpolation of the batch, the same values."""
+    import torch.nn.functional as F
+
+    alpha = self.mix_factor.sigmoid()
+    x = F.interpolate(x.float(), scale_factor=[2.0, 1.0, 1.0], mode=self.interpolation_mode).to(x.dtype)
+    return alpha * x + (1 - alpha) * self.conv(x)
+
+
+@contextlib.contextmanager
+def _vidtok_batched(model):
+    with contextlib.ExitStack() as stack:
+        if not model.config.is_causal:
+            _replace_forwards(stack, model.decoder.modules(), "VidTokUpsample3D", _batched_upsample)
+        yield
+
+
+VIDTOK_PATCH = Patch(
+    "VidTok's upsampling over the batch at once",
+    "VidTokUpsample3D interpolates each sample of the batch in a Python loop, which fixes the batch size when "
+    "traced; kiln exports one interpolation of the whole batch, which computes the same",
+    _vidtok_batched,
+)
+
+
+def _vidtok_call(model, latents):
+    """VidTok's decode returns the tensor itself (and crops a causal model's first frames)."""
+    return whole_clip(model, lambda: (model.decode(latents),))
 
 
 def _video_decoder(model, config) -> Adapter:
@@ -156,12 +188,14 @@ def _video_decoder(model, config) -> Adapter:
                          "in its blocks at every decode (LTX-Video 0.9.1), so no export can be checked against PyTorch",
                          hint="kiln exports LTX-Video VAEs without decoder noise (0.9.0, LTX-2)")  # fmt: skip
     channels = _first(config, "latent_channels", "z_channels", "z_dim")
-    folded = cls == "AutoencoderKLTemporalDecoder"
     timestep = bool(config.get("timestep_conditioning"))  # LTX-Video 0.9.1 decodes at a timestep
-    call = _folded_call if folded else _clip_call
-    first, step, scale, out_channels = _probe(model, call, channels, timestep)
+    call = {"AutoencoderKLTemporalDecoder": _folded_call, "AutoencoderVidTok": _vidtok_call}.get(cls, _clip_call)
+    # VidTok's non-causal decoder takes latent frames in groups (it drops a remainder)
+    group = 1 if config.get("is_causal", True) else model.num_latent_frames_batch_size
+    first, step, scale, out_channels = _probe(model, call, channels, timestep, group)
     height = DimRule("height", _spatial(1))
-    frames = DimRule("frames", DimRange(1, 2, 4))
+    frames = DimRule("frames", DimRange(group, 2 * group, 4 * group), multiple=group,
+                     why=f"its decoder takes latent frames in groups of {group} (num_latent_frames_batch_size)")  # fmt: skip
     inputs = [InputRule("latent_sample", ("batch", channels, "frames", "height", "width"))]
     if timestep:
         inputs.append(InputRule("timestep", ("batch",), "uniform", 1.0))
@@ -176,9 +210,9 @@ def _video_decoder(model, config) -> Adapter:
     )  # fmt: skip
 
 
-PATCHES = {"AutoencoderKLMochi": (MOCHI_NORM_PATCH,), "AutoencoderKLWan": (WAN_PATCH,)}
+PATCHES = {"AutoencoderKLMochi": (MOCHI_NORM_PATCH,), "AutoencoderKLWan": (WAN_PATCH,), "AutoencoderVidTok": (VIDTOK_PATCH,)}
 FAMILIES: dict[str, Callable[..., Adapter]] = {
     name: _video_decoder
     for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLMochi",
-                 "AutoencoderKLCosmos", "AutoencoderKLTemporalDecoder", "AutoencoderKLWan")
+                 "AutoencoderKLCosmos", "AutoencoderKLTemporalDecoder", "AutoencoderKLWan", "AutoencoderVidTok")
 }  # fmt: skip
