@@ -1,20 +1,23 @@
-"""Video VAE decoders as step functions (Wan 2.1's, and Magvit's, EasyAnimate's): one latent frame in, its
-frames out, and every causal convolution's cache as an explicit input and output, so a long clip decodes
-chunk after chunk in the memory of one chunk, with the cache left on the device between steps.
+"""Video VAE decoders as step functions: one step of diffusers' own decode loop per call, its latent frames in
+and its frames out, every causal convolution's cache as an explicit input and output. A long clip decodes
+step after step in the memory of one, the caches left on the device between steps (`kiln decode`).
 
-    latent_sample [batch, C, 1, height, width], first [1] (1 on the clip's first step, else 0),
-    cache_in_00 ... -> sample [batch, 3, 4, 8 height, 8 width], cache_out_00 ...
+    latent_sample [batch, C, frames, height, width], first [1] (1 on a clip's first step, else 0),
+    cache_in_00 ... -> sample [batch, 3, frames out, f height, f width], cache_out_00 ...
 
-This is diffusers' own frame loop (AutoencoderKLWan._decode), one iteration per call; Magvit's differs where
-_magvit_step says. Each cache holds the
-last two input frames of one causal convolution (a zero cache is the loop's empty one: zero padding).
-The loop's first iteration differs in shape: its time upsamplers do not double the frame, so it yields 1
-frame, not 4. The step graph keeps one shape: on the first step each upsampler repeats its frames, and
-every causal convolution zeroes all but the last frame of its input (the one real frame) and of its
-cache, and the upsamplers' caches stay empty; out of the 4 frames the first step returns, the last is
-the clip's frame 0. A cache at s times the latent size is stored with its s x s pixel blocks folded into
-channels, [batch, C s², 2, height, width], so every input and output shares the latent's batch, height
-and width, and no dim is a multiple of another.
+Each cache holds the last two input frames of one causal convolution. A cache at s times the latent size is
+stored with its s x s pixel blocks folded into channels, [batch, C s², 2, height, width], so every input and
+output shares the latent's batch, height and width, and no dim is a multiple of another. A clip's first step
+differs in each family's loop; `first` selects it inside the one graph:
+- Wan 2.1 (1 latent frame a step, 4 frames out): the loop's first step does not double frames in its time
+  upsamplers and yields 1 frame. The graph keeps one shape: with first=1 each upsampler repeats its frames,
+  every causal convolution zeroes all but the last frame of its input and of its cache (an empty cache is
+  zero padding), the upsamplers' caches stay empty, and the last of the 4 frames out is the clip's frame 0.
+- Magvit (1 latent frame a step): the first step pads with copies of its first frame and skips the time
+  upsamplers; the graph always upsamples, which makes copies the copy padding leaves unchanged.
+- CogVideoX (2 latent frames a step, 3 on the first when the count is odd): the first step pads with copies
+  of its first frame; the parity branches of its upsamplers and spatial norms become arithmetic, so one graph
+  takes 1, 2 or 3 latent frames.
 """
 
 from __future__ import annotations
