@@ -598,6 +598,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
         hidream_adapters,
         hunyuan_adapters,
         lumina_adapters,
+        noisy_decoders,
         packed_adapters,
         qwen_adapters,
         video_adapters,
@@ -607,7 +608,8 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
 
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
-            **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES}  # fmt: skip
+            **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
+            **noisy_decoders.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -647,11 +649,11 @@ def adapter_for(model, step: bool = False) -> Adapter:
     if name in NOT_IMAGE:
         raise InputError(f"kiln does not export {name}: it is not an image or video model (kiln optimizes image "
                          "and video transformers and VAE decoders)", hint=supported_hint())  # fmt: skip
-    if name.startswith("Autoencoder") or name in ("ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel"):
-        decoders = ", ".join(n for n in sorted(families) if "Autoencoder" in n or n == "VQModel")
-        raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; decoders "
-                         "that decode chunk by chunk with a cache or state carried between chunks, and diffusion "
-                         "decoders, are not exported yet", hint=supported_hint())  # fmt: skip
+    if name.startswith("Autoencoder") or name == "LTX2VideoDiffusionDecoderModel":
+        decoders = ", ".join(n for n in sorted({*families, *STEP_FAMILIES}) if "Autoencoder" in n or "Decoder" in n or n == "VQModel")
+        raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; this one "
+                         "carries state between chunks differently, blends overlapping windows or runs a diffusion "
+                         "loop of its own", hint=supported_hint())  # fmt: skip
     if "UNet" in name or "ControlNet" in name:
         raise InputError(f"kiln has no adapter for {name} yet: its inputs and outputs are not a latent transformer's",
                          hint=supported_hint())  # fmt: skip

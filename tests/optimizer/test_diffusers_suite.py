@@ -40,7 +40,8 @@ IMPORTED = {
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
     "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]", "AutoencoderKLMagvit",
-    "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "AutoencoderVidTok", "VQModel",
+    "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "AutoencoderVidTok", "ConsistencyDecoderVAE",
+    "VQModel",
 }  # fmt: skip
 # Imported and verified in fp32; the fp16 engine misses fp16's tolerance (the reason, for the README).
 FP32_ONLY = {
@@ -69,7 +70,7 @@ REFUSED = {
     "AutoencoderKLLTXVideo[ltx_0.9.1]": "kiln cannot export AutoencoderKLLTXVideo with decoder_inject_noise",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
-        "ConsistencyDecoderVAE", "LTX2VideoDiffusionDecoderModel")},
+        "LTX2VideoDiffusionDecoderModel")},
 }  # fmt: skip
 
 

@@ -92,13 +92,14 @@ def test_non_transformers_are_refused(class_name):
 
 
 def test_chunked_video_vaes_are_refused():
-    error = refusal(A.adapter_for, fake("AutoencoderKLCogVideoX", lambda self, sample: None, in_channels=3))
+    error = refusal(A.adapter_for, fake("AutoencoderKLKVAEVideo", lambda self, sample: None, in_channels=3))
     assert error.message == (
-        "kiln has no adapter for AutoencoderKLCogVideoX yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
-        "AutoencoderDC, AutoencoderKL, AutoencoderKLCosmos, AutoencoderKLHunyuanVideo, AutoencoderKLKVAE, "
-        "AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLTemporalDecoder, "
-        "AutoencoderKLWan, AutoencoderTiny, VQModel; decoders that decode chunk by chunk with a cache or state "
-        "carried between chunks, and diffusion decoders, are not exported yet"
+        "kiln has no adapter for AutoencoderKLKVAEVideo yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
+        "AutoencoderDC, AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLCosmos, AutoencoderKLHunyuanVideo, "
+        "AutoencoderKLKVAE, AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMagvit, AutoencoderKLMochi, "
+        "AutoencoderKLTemporalDecoder, AutoencoderKLWan, AutoencoderTiny, AutoencoderVidTok, ConsistencyDecoderVAE, "
+        "VQModel; this one carries state between chunks differently, blends overlapping windows or runs a diffusion "
+        "loop of its own"
     )
 
 
@@ -250,3 +251,25 @@ def test_static_and_fixed_dims_take_no_range():
     assert error.message == ("--shapes 'frames=3': LatteTransformer3DModel takes frames 3 only (its temporal "
                              "positional embedding covers video_length = 3 frames), so it is not a dynamic dim")  # fmt: skip
     assert error.hint == "leave frames out of --shapes"
+
+
+def test_consistency_decoder_noise_input_holds_diffusers_draws():
+    """The consistency decoder's noise input is its two draws, each [batch, 3, 2h, 2w] with 2x2 pixel blocks folded
+    into channels: folding the draws a seeded generator makes gives diffusers' own decode with that generator."""
+    import diffusers_suite as suite
+    from diffusers import ConsistencyDecoderVAE
+    from diffusers.utils.torch_utils import randn_tensor
+
+    case = next(c for c in suite.VAES if c.class_name == "ConsistencyDecoderVAE")
+    torch.manual_seed(0)
+    model = ConsistencyDecoderVAE(**case.config).eval()
+    adapter = A.adapter_for(model)
+    assert adapter.input_names == ["latent_sample", "noise"]
+    latents = torch.randn(2, 4, 5, 6)
+    generator = torch.Generator().manual_seed(7)
+    draws = [randn_tensor((2, 3, 10, 12), generator=generator) for _ in range(2)]
+    folded = torch.stack(draws, 1).reshape(2, 2, 3, 5, 2, 6, 2).permute(0, 1, 2, 4, 6, 3, 5).reshape(2, 24, 5, 6)
+    with torch.no_grad():
+        want = model.decode(latents, generator=torch.Generator().manual_seed(7)).sample
+        got = adapter.call(model, latents, folded)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
