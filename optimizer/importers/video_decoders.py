@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
-from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
     DimRule,
@@ -181,17 +180,53 @@ def _vidtok_call(model, latents):
     return whole_clip(model, lambda: (model.decode(latents),))
 
 
+@contextlib.contextmanager
+def _randn(draw: Callable):
+    """torch.randn is draw(size) inside the block: LTX-Video 0.9.1's decoder calls it for its noise."""
+    import torch
+
+    original = torch.randn
+    torch.randn = lambda *size, **kwargs: draw(size[0] if len(size) == 1 else size)
+    try:
+        yield
+    finally:
+        torch.randn = original
+
+
+def _noise_scales(model, call, channels: int, timestep: bool) -> list[int]:
+    """The spatial scale of each noise draw of one decode (of 8x8 latents), in order."""
+    import torch
+
+    sizes = []
+    with torch.no_grad(), _randn(lambda size: sizes.append(tuple(size)) or torch.zeros(size)):
+        call(model, torch.zeros(1, channels, 2, 8, 8), *((torch.zeros(1),) if timestep else ()))
+    return [w // 8 for _, w in sizes]
+
+
+def _noise_input(call, scales: list[int]):
+    """call(model, latents[, timestep]) with its noise draws taken from noise [Σ s², height, width]: each draw of
+    [s height, s width] with its s x s pixel blocks folded into channels, shared by the batch as diffusers draws it."""
+
+    def noisy(model, latents, *rest):
+        *timestep, noise = rest
+        _, h, w = noise.shape
+        parts = noise.split([s * s for s in scales])
+        draws = iter(p.reshape(s, s, h, w).permute(2, 0, 3, 1).reshape(h * s, w * s) for p, s in zip(parts, scales, strict=True))
+        with _randn(lambda size: next(draws)):
+            return call(model, latents, *timestep)
+
+    return noisy
+
+
 def _video_decoder(model, config) -> Adapter:
     cls = type(model).__name__
-    if any(config.get("decoder_inject_noise") or ()):
-        raise InputError(f"kiln cannot export {cls} with decoder_inject_noise: its decoder adds fresh random noise "
-                         "in its blocks at every decode (LTX-Video 0.9.1), so no export can be checked against PyTorch",
-                         hint="kiln exports LTX-Video VAEs without decoder noise (0.9.0, LTX-2)")  # fmt: skip
     channels = _first(config, "latent_channels", "z_channels", "z_dim")
     timestep = bool(config.get("timestep_conditioning"))  # LTX-Video 0.9.1 decodes at a timestep
     call = {"AutoencoderKLTemporalDecoder": _folded_call, "AutoencoderVidTok": _vidtok_call}.get(cls, _clip_call)
     # VidTok's non-causal decoder takes latent frames in groups (it drops a remainder)
     group = 1 if config.get("is_causal", True) else model.num_latent_frames_batch_size
+    noise = any(config.get("decoder_inject_noise") or ())  # LTX-Video 0.9.1 adds fresh noise in its blocks
+    scales = _noise_scales(model, call, channels, timestep) if noise else []
     first, step, scale, out_channels = _probe(model, call, channels, timestep, group)
     height = DimRule("height", _spatial(1))
     frames = DimRule("frames", DimRange(group, 2 * group, 4 * group), multiple=group,
@@ -199,6 +234,9 @@ def _video_decoder(model, config) -> Adapter:
     inputs = [InputRule("latent_sample", ("batch", channels, "frames", "height", "width"))]
     if timestep:
         inputs.append(InputRule("timestep", ("batch",), "uniform", 1.0))
+    if noise:
+        inputs.append(InputRule("noise", (sum(s * s for s in scales), "height", "width")))
+        call = _noise_input(call, scales)
     out_frames = "frames" if (first, step) == (1, 1) else f"{first}+{step}*(frames-1)"
     return Adapter(
         cls, "video-vae-decoder", tuple(inputs), (_batch(), frames, height, dataclasses.replace(height, name="width")),
@@ -206,7 +244,9 @@ def _video_decoder(model, config) -> Adapter:
         notes=(f"the decoder of {cls} alone: latent_sample [batch, {channels}, frames, height, width] -> sample "
                f"[batch, {out_channels}, {out_frames}, {scale}*height, {scale}*width], the whole clip in one call "
                "(diffusers' tiled and framewise decoding, which blend overlapping chunks to save memory, are off)",
-               *(("timestep is the decode timestep LTX-Video's pipeline passes (decode_timestep)",) if timestep else ())),
+               *(("timestep is the decode timestep LTX-Video's pipeline passes (decode_timestep)",) if timestep else ()),
+               *((f"noise holds the {len(scales)} draws of noise its decoder adds (any N(0, 1) values), each of "
+                  "[s height, s width] with its s x s pixel blocks folded into channels",) if noise else ())),
     )  # fmt: skip
 
 

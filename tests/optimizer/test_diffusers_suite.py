@@ -39,7 +39,8 @@ IMPORTED = {
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
-    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]", "AutoencoderKLMagvit",
+    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
+    "AutoencoderKLLTXVideo[ltx_0.9.1]", "AutoencoderKLMagvit",
     "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "AutoencoderVidTok", "ConsistencyDecoderVAE",
     "VQModel",
 }  # fmt: skip
@@ -67,7 +68,6 @@ REFUSED = {
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     "JoyImageEditPlusTransformer3DModel": "kiln cannot export JoyImageEditPlusTransformer3DModel yet: it takes latents",
     "WanAnimateTransformer3DModel": "kiln cannot export WanAnimateTransformer3DModel yet: its inputs' frame counts",
-    "AutoencoderKLLTXVideo[ltx_0.9.1]": "kiln cannot export AutoencoderKLLTXVideo with decoder_inject_noise",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},

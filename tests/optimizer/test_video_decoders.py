@@ -1,7 +1,8 @@
 """Video VAE decoders exported whole-clip: Wan's frame loop (a cache carried from latent frame to latent frame)
 rewritten as one decode of the whole clip computes what diffusers' loop does, for Wan 2.1 and Wan 2.2 (its
 residual up blocks and patched output), at frame counts of 1 to 5; a Wan 2.2 decoder, and an LTX-Video
-decoder that takes the decode timestep, import and verify against diffusers end to end."""
+decoder that takes the decode timestep, import and verify against diffusers end to end; LTX-Video 0.9.1's noise
+input holds diffusers' own draws."""
 
 import types
 
@@ -52,3 +53,27 @@ def test_decoder_imports_and_verifies(class_name, config, inputs, layout, tmp_pa
     assert source["family"] == "video-vae-decoder" and source["inputs"] == inputs
     assert len(source["torch_parity"]["shapes"]) >= 3
     assert any(f"{layout}, 8*height" in note for note in notes), notes
+
+
+def test_ltx_decoder_noise_input_holds_diffusers_draws():
+    """LTX-Video 0.9.1's decoder adds torch.randn noise in its blocks; kiln's noise input holds those draws, each
+    [s h, s w] with its s x s pixel blocks folded into channels: folding the draws a seeded torch.randn makes gives
+    diffusers' own decode after the same seed."""
+    from kiln.optimizer.importers.diffusion_adapters import adapter_for
+
+    case = next(c for c in suite.VAES if c.name == "AutoencoderKLLTXVideo[ltx_0.9.1]")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLLTXVideo(**case.config).eval()
+    adapter = adapter_for(model)
+    assert adapter.input_names == ["latent_sample", "timestep", "noise"]
+    latents, timestep, (h, w) = torch.randn(2, 8, 2, 5, 6), torch.tensor([0.05, 0.5]), (5, 6)
+    scales = [2, 2, 4, 4, 8, 8]  # two draws per noisy resnet, at each up block's size (it upsamples first)
+    assert adapter.inputs[2].axes == (sum(s * s for s in scales), "height", "width")
+    with torch.no_grad():
+        torch.manual_seed(3)
+        want = model.decode(latents, temb=timestep).sample
+        torch.manual_seed(3)
+        draws = [torch.randn(s * h, s * w) for s in scales]
+        noise = torch.cat([d.reshape(h, s, w, s).permute(1, 3, 0, 2).reshape(s * s, h, w) for d, s in zip(draws, scales)])
+        got = adapter.call(model, latents, timestep, noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
