@@ -6,7 +6,8 @@ A class with several configurations its tests build differently (CogVideoX 1.0 a
 HunyuanVideo's image conditions) has a case for each. Kiln's own changes: "guidance" (Flux with guidance
 embeds, as FLUX.1-dev) is added; CogVideoX 1.5 has attention_head_dim 16, not 8 (its rotary table splits
 the head into quarters and eighths, and diffusers' test passes no rotary embeddings); PRX is 32 wide, 2
-heads and 2 blocks deep (diffusers' test builds it 1792 wide: 300 million parameters). AutoencoderRAE is
+heads and 2 blocks deep (diffusers' test builds it 1792 wide: 300 million parameters); VidTok is 32 wide, not
+128 (200 million parameters at diffusers' width, 12 million at 32). AutoencoderRAE is
 left out: its encoders come from transformers, and its test registers an encoder of its own.
 """
 
@@ -113,7 +114,7 @@ VAES = [
     Case("AutoencoderKLTemporalDecoder", "default", dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D', 'DownEncoderBlock2D'], latent_channels=4, layers_per_block=2)),
     Case("AutoencoderKLWan", "default", dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])),
     Case("AutoencoderTiny", "default", dict(in_channels=3, out_channels=3, encoder_block_out_channels=[32, 32], decoder_block_out_channels=[32, 32], num_encoder_blocks=[1, 1], num_decoder_blocks=[1, 1])),
-    Case("AutoencoderVidTok", "default", dict(is_causal=False, in_channels=3, out_channels=3, ch=128, ch_mult=[1, 2, 4, 4, 4], z_channels=6, double_z=False, num_res_blocks=2, regularizer='fsq', codebook_size=262144)),
+    Case("AutoencoderVidTok", "default", dict(is_causal=False, in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2, 4, 4, 4], z_channels=6, double_z=False, num_res_blocks=2, regularizer='fsq', codebook_size=262144)),
     Case("ConsistencyDecoderVAE", "default", dict(encoder_block_out_channels=[2, 4], encoder_in_channels=3, encoder_out_channels=4, encoder_down_block_types=['DownEncoderBlock2D', 'DownEncoderBlock2D'], decoder_add_attention=False, decoder_block_out_channels=[2, 4], decoder_down_block_types=['ResnetDownsampleBlock2D', 'ResnetDownsampleBlock2D'], decoder_downsample_padding=1, decoder_in_channels=7, decoder_layers_per_block=1, decoder_norm_eps=1e-05, decoder_norm_num_groups=2, encoder_norm_num_groups=2, decoder_num_train_timesteps=1024, decoder_out_channels=6, decoder_resnet_time_scale_shift='scale_shift', decoder_time_embedding_type='learned', decoder_up_block_types=['ResnetUpsampleBlock2D', 'ResnetUpsampleBlock2D'], scaling_factor=1, latent_channels=4)),
     Case("LTX2VideoDiffusionDecoderModel", "default", dict(out_channels=3, latent_channels=8, patch_size=2, decoder_head_dim=16, decoder_stage_channels=[64, 32, 16, 16, 16], decoder_stage_depths=[1, 1, 1, 1, 2], decoder_stage_kernels=[[3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], decoder_upsample_strides=[[1, 2, 2], [2, 1, 1], [2, 2, 2], [2, 2, 2]], decoder_upsample_channel_reductions=[2, 2, 1, 1], decoder_stage5_kernel=[3, 3, 3], decoder_t_emb_dim=32, spatial_compression_ratio=16, temporal_compression_ratio=8)),
     Case("VQModel", "default", dict(block_out_channels=[8, 16], norm_num_groups=8, in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D', 'DownEncoderBlock2D'], up_block_types=['UpDecoderBlock2D', 'UpDecoderBlock2D'], latent_channels=3)),
@@ -132,7 +133,7 @@ def shapes(case: Case) -> list[tuple[str, str]]:
     from kiln.optimizer.importers.step_decoders import STEP_FAMILIES
     from kiln.optimizer.importers.video_decoders import FAMILIES as VIDEO_DECODERS
 
-    if case.class_name == "AutoencoderVidTok":  # 200 million parameters at diffusers' test size; frames in fours
+    if case.class_name == "AutoencoderVidTok":  # frames in fours; its 5 levels make a 2x2 latent 32x32 pixels
         return [("--shapes", "batch=1..1..1"), ("--shapes", "frames=4..4..8"), ("--shapes", "height=2..2..3"),
                 ("--shapes", "width=2..2..3")]  # fmt: skip
     if case.class_name in VIDEO_DECODERS:
