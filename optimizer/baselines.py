@@ -74,9 +74,11 @@ def _torch(name: str, directory: Path, gpu: bool, compiled: bool, mode: str | No
     from kiln.optimizer.importers.diffusers import adapter_for, load, quiet_libraries, wrapped_model
 
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    with quiet_libraries():
+        model = load(directory)
+    adapter = adapter_for(model, step)  # on the CPU in fp32: some adapters probe the model
     with quiet_libraries():  # diffusers warns about casting with to(); the whole model in one dtype is what is measured
-        model = load(directory).to(device, dtype)
-    adapter = adapter_for(model, step)
+        model = model.to(device, dtype)
     module = wrapped_model(model, adapter)
     if compiled:
         module = torch.compile(module, mode=mode)

@@ -237,8 +237,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusers model import")
     g.add_argument("--trust-pickle", action="store_true", help="load pickle (.bin/.ckpt) weights; they can run code when loaded, so only for files you trust")
     g.add_argument("--video-decoder", choices=VIDEO_DECODERS, help="a video VAE's decoder as one graph over the whole clip (clip, the default) "
-                   "or as a step function, one latent frame in and its causal convolutions' caches in and out, for `kiln decode` "
-                   "to run chunk after chunk in one chunk's memory (step; AutoencoderKLWan)")
+                   "or as a step function, one step of diffusers' decode loop with its causal convolutions' caches in and out, for "
+                   "`kiln decode` to run step after step in one step's memory (step: AutoencoderKLWan; CogVideoX's and Magvit's "
+                   "decoders take this form without it)")
 
 
 def _warn(warnings: list[str]) -> None:

@@ -264,7 +264,7 @@ def _failure(built, checks, options: Options, outdir: Path) -> tuple[str, Verifi
     if options.verify and not all(c.passed for c in checks):
         failed = [c for c in checks if not c.passed]
         worst = failed[0]
-        ranked = sorted(worst.outputs.items(), key=lambda item: -item[1]["max_abs"])
+        ranked = sorted(worst.outputs.items(), key=lambda item: -item[1]["max_rel"])  # relative: caches can be large
         detail = worst.error or _first_few([f"{k}: max abs {v['max_abs']:.3g}" for k, v in ranked], "outputs")
         return "verification-failed", VerificationFailed(
             f"verification failed at {len(failed)} of {len(checks)} shape(s); first at the {worst.corner} shape "

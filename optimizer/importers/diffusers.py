@@ -54,7 +54,6 @@ CONFIG = "config.json"
 PIPELINE_INDEX = "model_index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 EXTRA = "torch"
-OUTPUT = "sample"
 SOURCE_FORMAT = "diffusers"
 # Parity with PyTorch: max |onnx - torch| <= PARITY_ATOL * max(1, max |torch|), fp32.
 PARITY_ATOL = 1e-4

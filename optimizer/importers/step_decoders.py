@@ -33,6 +33,7 @@ from kiln.targets import DimRange
 STEP_METADATA_KEY = "kiln.decoder_step"  # JSON: what `kiln decode` needs to drive the step graph
 FIRST = "first"
 CACHE_FRAMES = 2  # diffusers' CACHE_T: a causal convolution's kernel reaches two frames back
+REPORT = "report the class to kiln, with this message"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,8 @@ def _stepping(model, first):
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
     def conv(self, x, cache_x=None):
+        if cache_x is not None:  # a clip's first step starts from the loop's empty caches, whatever is passed
+            cache_x = cache_x * (1 - first.to(x.dtype))
         return WanCausalConv3d.forward(self, x * _real_frames(first, x.shape[2], x.dtype), cache_x)
 
     def resample(self, x, feat_cache=None, feat_idx=(0,)):
@@ -108,7 +111,7 @@ def _stepping(model, first):
 
         if self.mode == "upsample3d":
             b, c, t, h, w = x.shape
-            idx, cache = feat_idx[0], feat_cache[feat_idx[0]]
+            idx, cache = feat_idx[0], feat_cache[feat_idx[0]] * (1 - first.to(x.dtype))
             feat_cache[idx] = torch.cat([cache, x], 2)[:, :, -CACHE_FRAMES:] * (1 - first.to(x.dtype))
             feat_idx[0] += 1
             doubled = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
@@ -171,8 +174,7 @@ def _magvit_step(model, latent, first, caches: list | None):
                 if module.t_stride != 1 or module.temporal_padding not in (0, CACHE_FRAMES):
                     raise InputError(f"kiln's step decoder of {type(model).__name__} takes causal convolutions of time "
                                      f"stride 1 reaching {CACHE_FRAMES} frames back; this one has stride "
-                                     f"{module.t_stride}, reach {module.temporal_padding}",
-                                     hint="decode whole clips: leave out --video-decoder step")  # fmt: skip
+                                     f"{module.t_stride}, reach {module.temporal_padding}", hint=REPORT)  # fmt: skip
                 stack.enter_context(_instance_method(module, "forward", conv))
             elif isinstance(module, EasyAnimateUpsampler3D):
                 stack.enter_context(_instance_method(module, "forward", upsample))
@@ -215,6 +217,9 @@ def _cogvideox_stepper(model):
             k = self.time_kernel_size
             if self.pad_mode == "replicate" or k == 1:  # no cache: kernel 1 reads none (its returned one is dead)
                 return CogVideoXCausalConv3d.forward(self, inputs)[0], None
+            if k != CACHE_FRAMES + 1:
+                raise InputError(f"kiln's step decoder of {type(model).__name__} takes causal convolutions reaching "
+                                 f"{CACHE_FRAMES} frames back; this one reaches {k - 1}", hint=REPORT)  # fmt: skip
             copies = inputs[:, :, :1].expand(-1, -1, k - 1, -1, -1)
             cache = copies if caches is None else torch.where(first.bool(), copies, caches[len(after)])
             x = torch.cat([cache, inputs], 2)
@@ -257,18 +262,21 @@ def step(model, run, layout: StepLayout, latent, first, *caches):
 def _wan_layout(model, channels: int) -> StepLayout:
     """The caches diffusers' loop keeps, from two iterations of it on 6x5 latents."""
     import torch
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     model.clear_cache()
     try:
         with torch.no_grad():
             x = model.post_quant_conv(torch.zeros(1, channels, 2, 6, 5))
-            frames = model.decoder(x[:, :, 1:], feat_cache=model._feat_map, feat_idx=[0], first_chunk=True).shape[2]
-            frames = model.decoder(x[:, :, 1:], feat_cache=model._feat_map, feat_idx=[0]).shape[2]
+            model.decoder(x[:, :, :1], feat_cache=model._feat_map, feat_idx=[0], first_chunk=True)
+            out = model.decoder(x[:, :, 1:], feat_cache=model._feat_map, feat_idx=[0])
         shapes = [tuple(c.shape) for c in model._feat_map if c is not None]
     finally:
         model.clear_cache()
-    scale = 8 * (model.config.patch_size or 1)
-    return StepLayout(1, {1: frames}, scale, 1, tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes))
+    if model.config.patch_size:
+        out = unpatchify(out, patch_size=model.config.patch_size)
+    caches = tuple((c * (w // 5) ** 2, w // 5) for _, c, _, _, w in shapes)
+    return StepLayout(1, {1: out.shape[2]}, out.shape[-1] // 5, 1, caches)
 
 
 def _probed_layout(model, run, channels: int, latent_frames: int, first_frames: int | None) -> StepLayout:
@@ -331,8 +339,7 @@ def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, si
             what = (f"max |onnx - torch| = {result['max_abs']:.3g} > {limit:.3g}" if result["max_abs"] is not None
                     else f"{list(got.shape)} frames from the steps, {list(want.shape)} from diffusers")  # fmt: skip
             raise InputError(f"the step decoder of {type(model).__name__}, run chunk after chunk, does not match "
-                             f"diffusers' decode of {count} latent frames: {what}",
-                             hint="decode whole clips (leave out --video-decoder step), or report the class to kiln")  # fmt: skip
+                             f"diffusers' decode of {count} latent frames: {what}", hint=REPORT)  # fmt: skip
     return results
 
 
@@ -376,7 +383,8 @@ def _wan(model, config) -> Adapter:
 
 def _magvit(model, config) -> Adapter:
     channels = config["latent_channels"]
-    return _step_decoder(model, channels, _magvit_step, _probed_layout(model, _magvit_step, channels, 1, 1))
+    layout = _probed_layout(model, _magvit_step, channels, model.num_latent_frames_batch_size, 1)
+    return _step_decoder(model, channels, _magvit_step, layout)
 
 
 def _cogvideox(model, config) -> Adapter:

@@ -182,7 +182,8 @@ def _vidtok_call(model, latents):
 
 @contextlib.contextmanager
 def _randn(draw: Callable):
-    """torch.randn is draw(size) inside the block: LTX-Video 0.9.1's decoder calls it for its noise."""
+    """torch.randn is draw(size) inside the block: LTX-Video 0.9.1's decoder calls it for its noise. The swap is
+    process-wide while the block runs (an import is one thread)."""
     import torch
 
     original = torch.randn
@@ -212,7 +213,14 @@ def _noise_input(call, scales: list[int]):
         _, h, w = noise.shape
         parts = noise.split([s * s for s in scales])
         draws = iter(p.reshape(s, s, h, w).permute(2, 0, 3, 1).reshape(h * s, w * s) for p, s in zip(parts, scales, strict=True))
-        with _randn(lambda size: next(draws)):
+
+        def draw(size):
+            value = next(draws, None)
+            if value is None:
+                raise RuntimeError(f"{type(model).__name__} drew noise more than the {len(scales)} times kiln counted")
+            return value
+
+        with _randn(draw):
             return call(model, latents, *timestep)
 
     return noisy

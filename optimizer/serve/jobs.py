@@ -3,7 +3,7 @@
 interpolate: FILM's recursive mid-point scheme (the authors' `times_to_interpolate`): each level puts a
 frame at t = 0.5 between every two neighbours, so factor 2^k gives (n - 1) * factor + 1 frames.
 decode: a VAE decoder over a sequence of latents, a chunk at a time; or a video VAE's step decoder over
-one clip's latents, a latent frame at a time, its caches carried from step to step on the device.
+one clip's latents, a step of its decode loop at a time, its caches carried from step to step on the device.
 """
 
 from __future__ import annotations
@@ -322,10 +322,12 @@ def decode_steps(backend, latents_path: Path, output: Path, workers: int | None 
         return np.zeros((1, spec.shape[1], spec.shape[2], h, w), spec.dtype)
 
     steps = chunks(count, layout["latent_frames"])
+    warnings: list[str] = []
     with engine_errors():
-        for start, end in dict.fromkeys(steps[:2]):  # the first step's shape, and the others'
+        for start, end in steps[:2]:  # the first step's shape, and the others'
             feeds = {"latent_sample": latents[:, :, start:end], "first": np.ones(1, np.int64), **{n: zeros(n) for n in layout["inputs"]}}
-            warnings = engine.check_feeds(feeds, f"{latents_path} in steps of {layout['latent_frames']} latent frame(s)")
+            warnings += engine.check_feeds(feeds, f"{latents_path} in steps of {layout['latent_frames']} latent frame(s)")
+    warnings = list(dict.fromkeys(warnings))
     state: dict = {}
 
     def compute(i: int) -> list[tuple[int, object]]:

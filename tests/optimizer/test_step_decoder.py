@@ -150,3 +150,23 @@ def test_step_decoders_of_other_classes_are_refused(capsys, tmp_path):
     code, _, err = run_cli(capsys, "optimize", wan22, "-o", tmp_path / "out", "--config", tmp_path / "recipe.toml")
     assert code == 2 and "unknown video decoder form 'stream'" in err and "choose one of clip, step" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLMagvit"])
+def test_a_first_step_reads_no_cache(name):
+    """first=1 starts a clip: the caches passed in do not matter, as diffusers' loop starts from none."""
+    import diffusers
+
+    from kiln.optimizer.importers.diffusion_adapters import adapter_for
+
+    torch.manual_seed(0)
+    model = getattr(diffusers, name)(**CASES[name].config).eval()
+    adapter = adapter_for(model, step=True)
+    sizes = {"batch": 1, "frames": 2, "height": 4, "width": 5}
+    latent = torch.randn(*(sizes[a] if isinstance(a, str) else a for a in adapter.inputs[0].axes))
+    shapes = [[sizes[a] if isinstance(a, str) else a for a in rule.axes] for rule in adapter.inputs[2:]]
+    with torch.no_grad():
+        empty = adapter.call(model, latent, torch.ones(1, dtype=torch.int64), *[torch.zeros(s) for s in shapes])
+        stale = adapter.call(model, latent, torch.ones(1, dtype=torch.int64), *[torch.randn(s) for s in shapes])
+    for a, b in zip(empty, stale, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
