@@ -62,6 +62,11 @@ def chunks(count: int, size: int) -> list[tuple[int, int]]:
     return [(size * i + (0 if i == 0 else extra), min(size * (i + 1) + extra, count)) for i in range(steps)]
 
 
+def kept_frames(frames: int, first: bool, first_frames: int | None) -> range:
+    """Which of a step's frames are the clip's: the last first_frames of the first step's (all if None), all after."""
+    return range(frames - first_frames if first and first_frames else 0, frames)
+
+
 def clip_frames(count: int, layout: dict) -> int:
     """Frames out of a clip of count latent frames, from a step graph's metadata (StepLayout.to_json)."""
     steps = [b - a for a, b in chunks(count, layout["latent_frames"])]
@@ -304,7 +309,8 @@ def decode_steps(run, latents, layout: StepLayout):
     clip = []
     for i, (start, end) in enumerate(chunks(count, layout.latent_frames)):
         out = run({"latent_sample": latents[:, :, start:end], FIRST: np.array([int(i == 0)], np.int64), **caches})
-        clip.append(out["sample"][:, :, -layout.first_frames :] if i == 0 and layout.first_frames else out["sample"])
+        kept = kept_frames(out["sample"].shape[2], i == 0, layout.first_frames)
+        clip.append(out["sample"][:, :, kept.start :])
         caches = dict(zip(layout.cache_names("in"), (out[n] for n in layout.cache_names("out")), strict=True))
     return np.concatenate(clip, axis=2)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.importers.step_decoders import STEP_METADATA_KEY, chunks, clip_frames
+from kiln.optimizer.importers.step_decoders import STEP_METADATA_KEY, chunks, clip_frames, kept_frames
 from kiln.optimizer.progress import FrameCounter
 from kiln.optimizer.outdir import cannot_write, check_not_link
 from kiln.optimizer.serve.frames import IMAGE_SUFFIXES, FrameFolderSink, frame_paths, read_frames
@@ -339,7 +339,7 @@ def decode_steps(backend, latents_path: Path, output: Path, workers: int | None 
         out = backend.run(feeds)
         state.update(zip(layout["inputs"], (out[n] for n in layout["outputs"]), strict=True))
         sample = out["sample"][0]
-        kept = range(sample.shape[1] - layout["first_frames"], sample.shape[1]) if first and layout["first_frames"] else range(sample.shape[1])
+        kept = kept_frames(sample.shape[1], first, layout["first_frames"])
         index = state["written"]
         state["written"] += len(kept)
         return [(index + n, backend.to_frame(sample[:, k], channels_first=True, low=-1.0)) for n, k in enumerate(kept)]
