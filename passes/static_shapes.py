@@ -14,6 +14,7 @@ import onnx_ir as ir
 from kiln.passes.base import KilnPass, count_nodes, dim_name
 from kiln.passes.cleanup import FoldConstants, InferShapes, RemoveDeadNodes
 from kiln.passes.manager import PassManager
+from kiln.targets.profile import base_dim, dim_size
 
 MAX_ROUNDS = 4
 
@@ -65,7 +66,7 @@ class FreezeShapes(KilnPass):
         self.sizes = dict(sizes or {})  # dim name -> size
 
     def requires(self, model: ir.Model) -> None:
-        used = {dim_name(v, axis) for v in model.graph.inputs if v.shape for axis, d in enumerate(v.shape) if not isinstance(d, int)}
+        used = {base_dim(dim_name(v, axis)) for v in model.graph.inputs if v.shape for axis, d in enumerate(v.shape) if not isinstance(d, int)}
         unset = sorted(used - set(self.sizes))
         if unset:
             raise ir.passes.PreconditionError(f"no size for dynamic dim(s) {', '.join(unset)}")
@@ -76,7 +77,7 @@ class FreezeShapes(KilnPass):
         for value in graph.inputs:
             if value.shape is None or value.shape.is_static():
                 continue
-            value.shape = ir.Shape([d if isinstance(d, int) else self.sizes[dim_name(value, axis)] for axis, d in enumerate(value.shape)])
+            value.shape = ir.Shape([d if isinstance(d, int) else dim_size(dim_name(value, axis), self.sizes) for axis, d in enumerate(value.shape)])
             frozen += 1
         self.stats = {"inputs_frozen": frozen, "nodes_removed": 0}
         if not frozen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,6 +35,35 @@ def _extreme_combinations(k: int) -> list[tuple[str, ...]]:
     return [tuple("max" if row in column else "min" for column in columns) for row in range(n)]
 
 
+# A dim derived from another, as an input's axis may be named: [A*]NAME[/K][+B or -B], A*size/K + B (GLM-Image's
+# prior tokens, one per 2x2 patch: height/2; Wan-Animate's pose video, a frame shorter: frames-1).
+_DERIVED = re.compile(r"(?:(\d+)\*)?([A-Za-z_]\w*)(?:/(\d+))?(?:([+-]\d+))?")
+
+
+def derived_dim(dim: str) -> tuple[str, int, int, int] | None:
+    """(base, A, K, B) of a derived dim's name; None for a dim of its own."""
+    match = _DERIVED.fullmatch(dim)
+    if not match or match.group(2) == dim:
+        return None
+    scale, base, divisor, offset = match.groups()
+    return base, int(scale or 1), int(divisor or 1), int(offset or 0)
+
+
+def base_dim(dim: str) -> str:
+    """The dim a profile gives a range for: the dim itself, or the one a derived dim is made from."""
+    derived = derived_dim(dim)
+    return derived[0] if derived else dim
+
+
+def dim_size(dim: str, sizes: Mapping[str, int]) -> int:
+    """The size of a dim, derived or not, given its base dim's size."""
+    derived = derived_dim(dim)
+    if derived is None:
+        return sizes[dim]
+    base, scale, divisor, offset = derived
+    return scale * sizes[base] // divisor + offset
+
+
 @dataclasses.dataclass(frozen=True)
 class DimRange:
     """The range one dynamic dimension may take, with the size to tune for."""
@@ -60,10 +90,11 @@ class TensorSpec:
 
     @property
     def dynamic_dims(self) -> tuple[str, ...]:
-        return tuple(d for d in self.shape if isinstance(d, str))
+        """The profile's dims this spec's shape uses (a derived dim's base)."""
+        return tuple(dict.fromkeys(base_dim(d) for d in self.shape if isinstance(d, str)))
 
     def concrete(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+        return tuple(dim_size(d, sizes) if isinstance(d, str) else d for d in self.shape)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -136,7 +167,7 @@ class Profile:
         for spec in self.inputs:
             shape = shapes[spec.name]
             for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
-                if isinstance(want, str):
+                if isinstance(want, str) and want in self.dims:  # a derived dim follows its base's range
                     r = self.dims[want]
                     if not r.min <= got <= r.max:
                         return f"{spec.name} axis {axis} ({want}) is {got}, outside the profile {r.min}..{r.max}"

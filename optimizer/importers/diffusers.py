@@ -49,6 +49,7 @@ from kiln.optimizer.precision_policy import CLASS_METADATA_KEY
 from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
 from kiln.targets import DimRange
 from kiln.targets.engine import session_options
+from kiln.targets.profile import base_dim, derived_dim
 
 CONFIG = "config.json"
 PIPELINE_INDEX = "model_index.json"
@@ -237,7 +238,22 @@ def _export_dims(adapter: Adapter, ranges: Mapping[str, DimRange], sizes: Mappin
         # can take a transposed tensor for a contiguous one and write a view that fails (LTX-Video, batch=1..2)
         dims[rule.name] = Dim(rule.name, min=lo, max=hi) if m == 1 else m * Dim(f"{rule.name}_over_{m}", min=lo, max=hi)
     dims.update({r.name: dims[r.same_as] for r in adapter.dims if r.same_as is not None})
+    for axis in {a for i in adapter.inputs for a in i.axes if isinstance(a, str) and a not in dims}:
+        if base_dim(axis) in dims:
+            dims[axis] = _derived_export_dim(adapter, axis, dims)
     return dims
+
+
+def _derived_export_dim(adapter: Adapter, axis: str, dims: Mapping[str, object]):
+    """torch.export's Dim for an axis derived from a dynamic dim (height/2: a*root + b, where root is the dim
+    or, for one in multiples of m, the dim over m)."""
+    base, scale, divisor, offset = derived_dim(axis)
+    rule = adapter.rule(base)
+    step = scale * rule.multiple
+    if step % divisor:
+        raise ValueError(f"{adapter.class_name}: axis {axis} is not whole for every size of {base}")
+    root = dims[base] if rule.multiple == 1 else dims[base].root  # m * Dim(base_over_m)'s Dim
+    return step // divisor * root + offset if (step // divisor, offset) != (1, 0) else root
 
 
 def _repeat_interleave_int(self, repeats, dim=None, output_size=None):
@@ -377,7 +393,7 @@ def _torchscript_export(wrapper, args, adapter: Adapter, path: Path) -> None:
 
 
 def _is_dynamic(adapter: Adapter, name: str) -> bool:
-    return adapter.rule(name).fixed is None
+    return adapter.rule(base_dim(name)).fixed is None
 
 
 def _onnx_dim_name(adapter: Adapter, name: str) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.shapes import parse_shape_spec
 from kiln.targets import DimRange
+from kiln.targets.profile import dim_size
 
 BATCH_DEFAULT = DimRange(1, 2, 4)
 TEXT_DEFAULT = DimRange(4, 8, 16)
@@ -46,7 +47,8 @@ class InputRule:
     name: str
     axes: tuple[str | int, ...]
     # normal: N(0, 1) floats; uniform: floats in [0, high); int: int64 in [0, high); mask: int64 [batch, n]
-    # attention masks of the form a tokenizer gives (ones, then zeros for the padding; at least one token)
+    # attention masks of the form a tokenizer gives (ones, then zeros for the padding; at least one token);
+    # bool: booleans, each true or false with even odds
     kind: str = "normal"
     high: float = 1.0
 
@@ -567,8 +569,6 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 NOT_YET = {
     "Cosmos3OmniTransformer": ("it takes one packed multimodal sequence: text token ids, vision tokens and each one's "
                                "index in the sequence, with its lengths as Python ints (und_len, sequence_length)"),
-    "GlmImageTransformer2DModel": ("its prior tokens come one per latent patch (prior_token_id [batch, (height/2)(width/2)]), "
-                                   "a dim kiln cannot derive from height and width yet"),
     "Ideogram4Transformer2DModel": ("it takes one packed sequence of text and image slots with per-token position, segment "
                                     "and indicator ids, which kiln has no adapter to build yet"),
     "LuminaNextDiT2DModel": ("its pipeline makes rotary embeddings at each step, scaled by a factor picked from the timestep "
@@ -595,6 +595,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
     from kiln.optimizer.importers import (  # they build on this module
         cropped_rope,
+        glm_adapters,
         hidream_adapters,
         hunyuan_adapters,
         lumina_adapters,
@@ -609,7 +610,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
             **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
-            **noisy_decoders.FAMILIES}  # fmt: skip
+            **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -776,7 +777,7 @@ def check_sizes(adapter: Adapter, ranges: Mapping[str, DimRange]) -> list[tuple[
 
 def input_shapes(adapter: Adapter, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     full = all_sizes(adapter, sizes)
-    return {i.name: tuple(full[a] if isinstance(a, str) else a for a in i.axes) for i in adapter.inputs}
+    return {i.name: tuple(dim_size(a, full) if isinstance(a, str) else a for a in i.axes) for i in adapter.inputs}
 
 
 def make_inputs(adapter: Adapter, sizes: Mapping[str, int], seed: int) -> list:
@@ -791,6 +792,8 @@ def make_inputs(adapter: Adapter, sizes: Mapping[str, int], seed: int) -> list:
         elif rule.kind == "mask":
             kept = torch.randint(1, shape[-1] + 1, (*shape[:-1], 1), generator=generator)
             tensors.append((torch.arange(shape[-1]) < kept).to(torch.int64))
+        elif rule.kind == "bool":
+            tensors.append(torch.randint(0, 2, shape, generator=generator) == 1)
         elif rule.kind == "uniform":
             tensors.append(torch.rand(shape, generator=generator, dtype=torch.float32) * rule.high)
         else:

@@ -66,6 +66,13 @@ def test_freeze_shapes_folds_the_shape_arithmetic():
     assert second.stats == {"inputs_frozen": 0, "nodes_removed": 0}
 
 
+def test_freeze_shapes_sizes_an_axis_derived_from_a_dim():
+    model = parse("g (float[N, 4] x, float[M, 4] z) => (float[N, 4] y) { [add] y = Relu(x) }")
+    model.graph.inputs[1].shape = ir.Shape([ir.SymbolicDim("N/2"), 4])  # the text format takes no such name
+    FreezeShapes({"N": 6})(model)
+    assert [list(v.shape) for v in model.graph.inputs] == [[6, 4], [3, 4]]
+
+
 def test_freeze_shapes_needs_a_size_for_every_dynamic_dim():
     model = parse(SHAPE_ARITHMETIC)
     with pytest.raises(ir.passes.PreconditionError, match="no size for dynamic dim"):

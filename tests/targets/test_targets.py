@@ -41,6 +41,20 @@ def test_profile_corners_contains_and_json_round_trip():
         DimRange(4, 2, 8)
 
 
+def test_an_axis_derived_from_a_dim_follows_it():
+    # GLM-Image's prior tokens, one per 2x2 patch; a clip's tied frame counts.
+    profile = Profile(
+        (TensorSpec("x", "float32", ("b", 4, "h", "w")), TensorSpec("ids", "int64", ("b", "h/2", "w/2")),
+         TensorSpec("pose", "float32", ("f-1", "4*f-7", "3*h/2+1"))),
+        {"b": DimRange(1, 1, 2), "h": DimRange(8, 16, 32), "w": DimRange(8, 8, 8), "f": DimRange(2, 3, 5)},
+    )  # fmt: skip
+    assert profile.inputs[1].dynamic_dims == ("b", "h", "w") and profile.inputs[2].dynamic_dims == ("f", "h")
+    assert profile.shapes(profile.sizes("max")) == {"x": (2, 4, 32, 8), "ids": (2, 16, 4), "pose": (4, 13, 49)}
+    assert profile.contains(profile.shapes(profile.sizes("opt"))) is None
+    with pytest.raises(ValueError, match="do not match the inputs' dims"):  # a derived dim's base needs a range
+        Profile((TensorSpec("ids", "int64", ("h/2",)),), {"h/2": DimRange(1, 1, 1)})
+
+
 def test_verification_checks_every_combination_of_extremes():
     profile = Profile(
         (TensorSpec("a", "float32", ("b", "s", 8)), TensorSpec("m", "int64", ("b", 1))),
