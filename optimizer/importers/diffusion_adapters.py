@@ -583,8 +583,6 @@ NOT_YET = {
                                       "video fills (kv_cache, kv_cache_mode)"),
     "JoyImageEditPlusTransformer3DModel": ("it takes latents already cut into patches for several images (the target and "
                                            "its references), with their grids as a Python list (shape_list)"),
-    "WanAnimateTransformer3DModel": ("its inputs' frame counts are tied to one another (latents one frame more than the "
-                                     "pose video, the face video 4 times the pose's less 3), dims kiln cannot derive yet"),
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
 }

@@ -343,6 +343,65 @@ def _vace_control(config) -> list[InputRule]:
     return [InputRule("control_hidden_states", ("batch", config["vace_in_channels"], "frames", "height", "width"))]
 
 
+# The reference image's CLIP features Wan's image-to-video pipelines pass: ViT-H/14's 257 tokens at 224².
+CLIP_IMAGE_TOKENS = 257
+
+
+@contextlib.contextmanager
+def _constant_qr(model) -> Iterator[None]:
+    """torch.linalg.qr, the one call in Wan-Animate, answers with the QR of its motion encoder's weight, computed
+    once before the export."""
+    import torch
+
+    with torch.no_grad():
+        q, r = torch.linalg.qr((model.motion_encoder.motion_synthesis_weight + 1e-8).float())
+    original = torch.linalg.qr
+    torch.linalg.qr = lambda matrix, mode="reduced": (q, r)
+    try:
+        yield
+    finally:
+        torch.linalg.qr = original
+
+
+CONSTANT_QR_PATCH = Patch(
+    "Wan-Animate's motion basis as a constant",
+    "its motion encoder orthogonalises a weight with torch.linalg.qr at every call, which ONNX has no op for; the "
+    "basis depends on the weight alone, so kiln computes it once and exports it as a constant",
+    _constant_qr,
+)
+
+
+ONE_MOTION_BATCH = 2**31 - 1  # more face frames than any batch holds
+
+
+def _wan_animate_call(model, latents, image, pose, face, text, timestep):
+    # One motion-encoder batch for the whole face video (the encoder treats each frame alone): torch.split into
+    # the config's batch size over a dynamic count of frames cannot be exported.
+    return model(hidden_states=latents, encoder_hidden_states_image=image, pose_hidden_states=pose,
+                 face_pixel_values=face, encoder_hidden_states=text, timestep=timestep,
+                 motion_encode_batch_size=ONE_MOTION_BATCH, return_dict=False)[0]  # fmt: skip
+
+
+def _wan_animate(model, config) -> Adapter:
+    """Wan-Animate: latents one frame longer than the pose video (the reference image's frame first), the face
+    video in pixels 4(frames - 1) - 3 frames long, as its pipeline cuts segments (77 face frames, 21 latent)."""
+    side = config["motion_encoder_size"]
+    inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
+              InputRule("encoder_hidden_states_image", ("batch", CLIP_IMAGE_TOKENS, config["image_dim"])),
+              InputRule("pose_hidden_states", ("batch", config["latent_channels"], "frames-1", "height", "width")),
+              InputRule("face_pixel_values", ("batch", 3, "4*frames-7", side, side)),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["text_dim"])),
+              InputRule("timestep", ("batch",), "int", 1000))  # fmt: skip
+    batch, frames, *rest = video_dims(config, config.get("rope_max_seq_len"))
+    frames = dataclasses.replace(frames, default=DimRange(2, 3, 5), why="the pose video is a frame shorter than the latents")
+    return Adapter(
+        type(model).__name__, "wan-animate", inputs, (batch, frames, *rest), call=_wan_animate_call,
+        output_axes=("batch", None, "frames", "height", "width"), patches=(CONSTANT_QR_PATCH,),
+        notes=(f"frames counts the latents' frames; the pose video has frames - 1, the face video (pixels, {side}²) "
+               f"4·frames − 7; the reference image's CLIP features are {CLIP_IMAGE_TOKENS} tokens",),
+    )  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[..., Adapter]] = {
     "WanTransformer3DModel": _video("wan"),
     "SkyReelsV2Transformer3DModel": _video("wan"),
@@ -358,5 +417,6 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "TransformerTemporalModel": _temporal,
     "ChronoEditTransformer3DModel": _video("wan", patches=(CHRONO_ROPE_PATCH,)),
     "JoyImageEditTransformer3DModel": _video("joyimage", timestep="float", patches=(JOY_ROPE_PATCH,)),
+    "WanAnimateTransformer3DModel": _wan_animate,
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }

@@ -37,7 +37,7 @@ IMPORTED = {
     "NucleusMoEImageTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
     "PixArtTransformer2DModel", "PriorTransformer", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
-    "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
+    "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
     "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
     "AutoencoderKLLTXVideo[ltx_0.9.1]", "AutoencoderKLMagvit",
@@ -66,7 +66,6 @@ REFUSED = {
     "OmniGenTransformer2DModel": "kiln cannot export OmniGenTransformer2DModel yet: it takes a prompt's",
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     "JoyImageEditPlusTransformer3DModel": "kiln cannot export JoyImageEditPlusTransformer3DModel yet: it takes latents",
-    "WanAnimateTransformer3DModel": "kiln cannot export WanAnimateTransformer3DModel yet: its inputs' frame counts",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},
