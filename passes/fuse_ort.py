@@ -20,7 +20,6 @@ from onnxscript.rewriter.ort_fusions.mha_bias import FuseBiasMHA
 from kiln.passes.base import add_initializer
 from kiln.passes.fuse_rules import kiln_ort_rules, standard_rules
 from kiln.passes.fusion import FusionPass
-from kiln.passes.sibling_matmuls import merge_sibling_matmuls
 
 
 class FuseForOnnxRuntime(FusionPass):
@@ -46,12 +45,6 @@ class FuseForOnnxRuntime(FusionPass):
         if fused is not model:  # onnxscript works in place; keep the onnx-ir in-place contract explicit
             raise ir.passes.PostconditionError("optimize_for_ort returned a new model")
         return {**({"last_axis_as_minus_one": renamed} if renamed else {}), **{name: n for name, n in counts.items() if n}}
-
-    def after_rules(self, model: ir.Model) -> dict[str, int]:
-        """Sibling projections merged last, once the bias rules have taken their adds (a model to be quantized
-        keeps its projections apart, as it keeps q, k and v)."""
-        merged = merge_sibling_matmuls(model.graph) if self.pack_qkv else 0
-        return {"sibling_matmuls": merged} if merged else {}
 
 
 def last_axis_as_minus_one(graph: ir.Graph) -> int:

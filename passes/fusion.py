@@ -15,15 +15,12 @@ from kiln.passes.fuse_rules import apply_rules, standard_rules
 
 
 class FusionPass(KilnPass):
-    """Runs the adaLN rewrite, then `fuse`, then the rule lists, then `after_rules`; stats count rewrites per rule."""
+    """Runs the adaLN rewrite, then `fuse`, then the rule lists; stats count rewrites per rule."""
 
     def rules(self) -> list:
         return standard_rules()
 
     def fuse(self, model: ir.Model) -> dict[str, int]:
-        return {}
-
-    def after_rules(self, model: ir.Model) -> dict[str, int]:
         return {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -34,7 +31,6 @@ class FusionPass(KilnPass):
         stats.update(self.fuse(model))
         counts, refusals = apply_rules(model, self.rules())
         stats.update(counts)
-        stats.update(self.after_rules(model))
         _initializers_in_use_order(model.graph)
         self.stats = stats
         self.details["refused"] = {**refusals, **({"fuse-adaln": adaln.details["refused"]} if adaln.details["refused"] else {})}

@@ -96,28 +96,3 @@ def test_rms_norm_over_a_positive_last_axis_becomes_simplified_layer_normalizati
     counts = op_counts(model)
     assert counts == {"SimplifiedLayerNormalization": 1}, counts
     assert pass_.stats["last_axis_as_minus_one"] == 1
-
-
-def test_sibling_projections_become_one_matmul():
-    """Three projections of one activation (two with a bias, as q, k, v and an MLP input in Flux's single
-    blocks) become one MatMul, one Add and a Split whose outputs keep the graph outputs' names."""
-    model = with_weights("""
-        proj (float[B, S, 8] x, float[8, 4] wq, float[4] bq, float[8, 4] wk, float[8, 6] wm, float[6] bm)
-            => (float[B, S, 4] q, float[B, S, 4] k, float[B, S, 6] m) {
-            q_raw = MatMul (x, wq)
-            q = Add (q_raw, bq)
-            k = MatMul (x, wk)
-            m_raw = MatMul (x, wm)
-            m = Add (bm, m_raw)
-        }
-    """, ("wq", "bq", "wk", "wm", "bm"))
-    model, _ = PassManager(cleanup_passes()).run(model)
-    pass_ = fuse_and_check(model, FuseForOnnxRuntime, {"x": np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)})
-    assert op_counts(model) == {"MatMul": 1, "Add": 1, "Split": 1}
-    assert pass_.stats["sibling_matmuls"] == 1 and [v.name for v in model.graph.outputs] == ["q", "k", "m"]
-    assert FuseForOnnxRuntime(pack_qkv=False)(PassManager(cleanup_passes()).run(with_weights("""
-        proj (float[B, 8] x, float[8, 4] wq, float[8, 4] wk) => (float[B, 4] q, float[B, 4] k) {
-            q = MatMul (x, wq)
-            k = MatMul (x, wk)
-        }
-    """, ("wq", "wk")))[0]).modified is False  # a model to be quantized keeps them apart
