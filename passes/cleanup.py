@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
-from kiln.passes.base import KilnPass, check_topological_order, op_counts
+from kiln.passes.base import KilnPass, add_initializer, check_topological_order, op_counts
 
 # Ops with effects beyond their outputs, never removed as dead.
 _SIDE_EFFECT_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"})
@@ -56,16 +56,48 @@ class InferShapes(KilnPass):
         return ir.passes.PassResult(model, result.modified)
 
 
+# Elements a folded node may read or write. onnxscript's defaults (8192 in, 262,144 out) leave a static graph's
+# rotary tables computed at run time (Flux at 1024²: 4608 tokens x 128), where kiln's rotary fusion needs them
+# as constants; 2^22 float32 elements are 16 MB.
+FOLD_SIZE_LIMIT = 1 << 22
+
+
 class FoldConstants(KilnPass):
     name = "fold-constants"
     summary = "evaluate subgraphs whose inputs are all constant and store their results"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = sum(op_counts(model).values())
-        result = fold_constants(model)
+        split = _split_constants(model.graph)
+        result = fold_constants(model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT)
         self.stats["nodes_folded"] = before - sum(op_counts(model).values())
         _make_contiguous(model.graph)
-        return ir.passes.PassResult(model, bool(result.modified))
+        return ir.passes.PassResult(model, bool(result.modified) or split > 0)
+
+
+def _split_constants(graph: ir.Graph) -> int:
+    """Split a constant into constants: onnxscript folds no node of several outputs, so what Wan's rotary
+    tables are made from (one table split per axis) would stay computed. Returns how many Splits went."""
+    done = 0
+    for node in list(graph):
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or node.inputs[0].const_value is None:
+            continue
+        sizes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if len(node.inputs) > 1 and node.inputs[1] is not None and sizes is None:
+            continue
+        data, axis = node.inputs[0].const_value.numpy(), node.attributes.get_int("axis", 0)
+        if sizes is not None:
+            parts = np.split(data, np.cumsum(sizes.numpy())[:-1], axis=axis)
+        elif data.shape[axis] % len(node.outputs) == 0:
+            parts = np.split(data, len(node.outputs), axis=axis)
+        else:
+            continue  # opset 18's uneven split by num_outputs: left to ONNX Runtime
+        for out, part in zip(node.outputs, parts, strict=True):
+            value = add_initializer(graph, f"{out.name}_folded", np.ascontiguousarray(part))
+            out.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        done += 1
+    return done
 
 
 def _make_contiguous(graph: ir.Graph) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, matmul_add_to_gemm_rule
@@ -99,6 +100,113 @@ class BiasTanhGelu(KilnRule):
         return op.FastGelu(x, bias, _domain=MS)
 
 
+class _Rotary(KilnRule):
+    """Rotary embedding on interleaved pairs into one com.microsoft.RotaryEmbedding (interleaved), in place of
+    seven or more kernels over the activation. The tables must be constants, one row per token: a static
+    graph's, folded. Subclasses match how a model family writes it."""
+
+    def check_pairs(self, pairs, even_slice, odd_slice, stacked) -> pattern.MatchResult:
+        """pairs is x as [batch, tokens, heads, dim/2, 2], even and odd its last axis' elements, and stacked the
+        two results interleaved back as [..., dim/2, 2]."""
+        if pairs.shape is None or len(pairs.shape) != 5 or not all(isinstance(d, int) for d in pairs.shape[1:]):
+            return self.refuse("the input is not [batch, tokens, heads, pairs, 2] with its sizes known (only a static graph's are)")
+        if pairs.shape[-1] != 2 or [_slice_index(s) for s in (even_slice, odd_slice)] != [0, 1]:
+            return self.refuse("the slices do not take a pair's first and second element")
+        if stacked.shape is None or list(stacked.shape)[1:] != list(pairs.shape)[1:]:
+            return self.refuse("the results are not interleaved back into pairs")
+        return pattern.MatchResult()
+
+    def half_tables(self, pairs, cos, sin, full: bool) -> list[np.ndarray] | None:
+        """cos and sin as [tokens, dim/2] tables, or None. full: the tables hold each value twice, once per
+        element of its pair."""
+        _, tokens, _, half, _ = pairs.shape
+        tables = [constant_array(v) for v in (cos, sin)]
+        width = 2 * half if full else half
+        if any(t is None or t.shape != (1, tokens, 1, width) for t in tables):
+            return None
+        if full and any(not np.array_equal(t[..., 0::2], t[..., 1::2]) for t in tables):
+            return None
+        return [np.ascontiguousarray(t[0, :, 0, 0::2] if full else t[0, :, 0, :]) for t in tables]
+
+    def rotary(self, op, x, pairs, tables, out):
+        """RotaryEmbedding over x seen as [batch, tokens, heads x dim], reshaped as out."""
+        _, _, heads, half, _ = pairs.shape
+        flat = op.Reshape(x, op.Constant(value_ints=[0, 0, heads * 2 * half]))
+        start = op.Constant(value=ir.tensor(np.zeros(1, np.int64)))  # positions 0 .. tokens - 1
+        cos, sin = (op.Constant(value=ir.tensor(t)) for t in tables)
+        rotated = op.RotaryEmbedding(flat, start, cos, sin, interleaved=1, num_heads=heads, _domain=MS)
+        return op.Reshape(rotated, op.Constant(value_ints=[0, *list(out.shape)[1:]]))
+
+
+def _pairs(op, x):
+    """x's interleaved pairs and their first and second elements, as the exporters write unflatten and unbind."""
+    pairs = op.Reshape(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["pairs"])
+    first = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True, _outputs=["even_slice"]), _allow_other_inputs=True)
+    second = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True, _outputs=["odd_slice"]), _allow_other_inputs=True)
+    return first, second
+
+
+def _interleave(op, a, b):
+    stacked = op.Concat(op.Unsqueeze(a, _allow_other_inputs=True), op.Unsqueeze(b, _allow_other_inputs=True),
+                        _allow_other_attributes=True, _outputs=["stacked"])  # fmt: skip
+    return op.Reshape(stacked, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["rotated"])
+
+
+class RotateHalfPairs(_Rotary):
+    """Flux's form: x·cos + rotated(x)·sin, rotated(x) the pairs (x0, x1) turned to (−x1, x0), with full-width
+    tables holding each value twice."""
+
+    def __init__(self) -> None:
+        super().__init__("rotary-flux")
+
+    def pattern(self, op, x, cos, sin):
+        first, second = _pairs(op, x)
+        return op.Add(op.Mul(x, cos), op.Mul(_interleave(op, op.Neg(second), first), sin), _outputs=["out"])
+
+    def check(self, context, x, cos, sin, pairs, even_slice, odd_slice, stacked, **_) -> pattern.MatchResult:
+        if not (result := self.check_pairs(pairs, even_slice, odd_slice, stacked)):
+            return result
+        if self.half_tables(pairs, cos, sin, full=True) is None:
+            return self.refuse("cos and sin are not constant [1, tokens, 1, dim] tables, each value twice")
+        return pattern.MatchResult()
+
+    def rewrite(self, op, x, cos, sin, pairs, out, **_):
+        return self.rotary(op, x, pairs, self.half_tables(pairs, cos, sin, full=True), out)
+
+
+class RotatedPairs(_Rotary):
+    """Wan's form: the pairs (x0, x1) become (x0 cos − x1 sin, x0 sin + x1 cos), interleaved back, with
+    half-width tables."""
+
+    def __init__(self) -> None:
+        super().__init__("rotary-wan")
+
+    def pattern(self, op, x, cos, sin):
+        first, second = _pairs(op, x)
+        even = op.Sub(op.Mul(first, cos), op.Mul(second, sin))
+        odd = op.Add(op.Mul(first, sin), op.Mul(second, cos))
+        return _interleave(op, even, odd)
+
+    def check(self, context, x, cos, sin, pairs, even_slice, odd_slice, stacked, **_) -> pattern.MatchResult:
+        if not (result := self.check_pairs(pairs, even_slice, odd_slice, stacked)):
+            return result
+        if self.half_tables(pairs, cos, sin, full=False) is None:
+            return self.refuse("cos and sin are not constant [1, tokens, 1, dim/2] tables")
+        return pattern.MatchResult()
+
+    def rewrite(self, op, x, cos, sin, pairs, rotated, **_):
+        return self.rotary(op, x, pairs, self.half_tables(pairs, cos, sin, full=False), rotated)
+
+
+def _slice_index(value: ir.Value) -> int | None:
+    """i when value is Slice(t, [i], [i + 1], [-1]): element i of the last axis, kept as an axis of 1."""
+    bounds = [constant_array(v) for v in value.producer().inputs[1:4]]
+    if len(bounds) != 3 or any(b is None or b.size != 1 for b in bounds):
+        return None
+    start, end, axis = (int(b.reshape(-1)[0]) for b in bounds)
+    return start if end == start + 1 and axis == -1 else None
+
+
 # cuDNN's fused convolution (ONNX Runtime CUDA's FusedConv) has these activations and no others.
 CUDNN_ACTIVATIONS = ("Relu", "Sigmoid", "Tanh")
 
@@ -137,7 +245,7 @@ def standard_rules() -> list:
 
 
 def kiln_ort_rules() -> list[KilnRule]:
-    return [SkipLayerNorm(), BiasTanhGelu(), *(ConvActivation(a) for a in (*CUDNN_ACTIVATIONS, "LeakyRelu"))]
+    return [SkipLayerNorm(), BiasTanhGelu(), RotateHalfPairs(), RotatedPairs(), *(ConvActivation(a) for a in (*CUDNN_ACTIVATIONS, "LeakyRelu"))]
 
 
 def apply_rules(model: ir.Model, rules: list) -> tuple[dict[str, int], dict[str, dict[str, int]]]:

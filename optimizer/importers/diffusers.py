@@ -297,6 +297,10 @@ def _fix_exported_program(ep) -> tuple[object, list[str], dict]:
         ep.graph_module.recompile()
         fixes.append(f"{dropped} squeeze(s) of a dynamic dim, no-ops at the traced size, left out "
                      "(ONNX Squeeze fails whenever the dim is not 1)")  # fmt: skip
+    interleaved = _interleaved_writes(graph)
+    if interleaved:
+        ep.graph_module.recompile()
+        fixes.append(f"{interleaved} pair(s) of strided writes (out[..., 0::2], out[..., 1::2]) as one interleaving stack")
     logical = _logical_masked_fills(graph)
     if logical:
         ep.graph_module.recompile()
@@ -339,6 +343,47 @@ def _logical_masked_fills(graph) -> int:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        done += 1
+    return done
+
+
+def _interleaved_writes(graph) -> int:
+    """out = empty_like(x); out[..., 0::2] = a; out[..., 1::2] = b (Wan's rotary embedding) as
+    stack([a, b], -1).flatten(-2): torch.onnx writes the strided copies as ScatterNDs between transposes, which
+    cost a pass over the activation each and hide the rotary from kiln's fusion."""
+    import torch
+
+    aten, order, done = torch.ops.aten, {n: i for i, n in enumerate(graph.nodes)}, 0
+    for empty in [n for n in graph.nodes if n.op == "call_function" and n.target == aten.empty_like.default]:
+        rank, users = empty.meta["val"].dim(), list(empty.users)
+        writes = {}  # start -> (slice, copy_)
+        for user in users:
+            if user.target == aten.slice.Tensor and len(user.args) == 5 and user.args[1] in (-1, rank - 1) \
+                    and user.args[4] == 2 and user.args[3] >= 2**62 and len(user.users) == 1:
+                (copy,) = user.users
+                if copy.target == aten.copy_.default and copy.args[0] is user and not copy.users:
+                    writes[user.args[2]] = (user, copy)
+        if sorted(writes) != [0, 1]:
+            continue
+        (even_slice, even), (odd_slice, odd) = writes[0], writes[1]
+        a, b = even.args[1], odd.args[1]
+        if any(v.meta["val"].dtype != empty.meta["val"].dtype or v.meta["val"].shape != even_slice.meta["val"].shape for v in (a, b)):
+            continue
+        readers = [u for u in users if u not in (even_slice, odd_slice)]
+        last = max(even, odd, key=order.get)
+        if any(order[r] < order[last] for r in readers):
+            continue
+        with graph.inserting_after(last):
+            stacked = graph.call_function(aten.stack.default, ([a, b], rank))
+        with graph.inserting_after(stacked):
+            flat = graph.call_function(aten.flatten.using_ints, (stacked, rank - 1, rank))
+        with a.meta["val"].fake_mode:
+            stacked.meta["val"] = torch.stack([a.meta["val"], b.meta["val"]], rank)
+        flat.meta = dict(empty.meta)
+        for reader in readers:
+            reader.replace_input_with(empty, flat)
+        for node in (even, odd, even_slice, odd_slice, empty):
+            graph.erase_node(node)
         done += 1
     return done
 

@@ -210,6 +210,27 @@ def test_fold_constants_evaluates_constant_subgraphs():
     assert second.stats == {"nodes_folded": 0}
 
 
+SPLIT_MODEL = """
+g (float[2, 4] x) => (float[2, 4] y)
+<float[2, 6] table = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, int64[2] sizes = {2, 4}>
+{
+  [split] a, b = Split <axis = 1> (table, sizes)
+  [tile] wide = Concat <axis = 1> (a, a)
+  [mul] m = Mul(x, b)
+  [add] y = Add(m, wide)
+}
+"""
+
+
+def test_fold_constants_splits_a_constant_into_constants():
+    # onnxscript folds no node of several outputs; a Split of a table (Wan's rotary axes) is folded first.
+    model = parse(SPLIT_MODEL)
+    pass_, result = _apply(FoldConstants, model)
+    assert result.modified is True and op_counts(model) == {"Add": 1, "Mul": 1}
+    np.testing.assert_array_equal(node(model, "add").inputs[1].const_value.numpy(), [[1, 2, 1, 2], [7, 8, 7, 8]])
+    check(model)
+
+
 def test_fold_constants_folds_sqrt_of_a_constant_node_in_the_pipeline_order():
     """The example block's pattern: Constant -> Sqrt -> Div. lift-constants then fold-constants
     leave the Div reading a stored 4.0."""
