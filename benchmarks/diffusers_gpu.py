@@ -25,6 +25,7 @@ TF32 off. --profile adds the top CUDA kernels of kiln's first engine and of torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -58,6 +59,23 @@ MODELS = {
 }  # fmt: skip
 
 
+@contextlib.contextmanager
+def ort_without(optimizers: tuple[str, ...]):
+    """ONNX Runtime sessions made inside leave these graph optimizers out (a kiln engine's build and load)."""
+    import onnxruntime as ort
+
+    original = ort.InferenceSession.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs, **({"disabled_optimizers": list(optimizers)} if optimizers else {}))
+
+    ort.InferenceSession.__init__ = init
+    try:
+        yield
+    finally:
+        ort.InferenceSession.__init__ = original
+
+
 def build_model(name: str):
     import diffusers
 
@@ -74,6 +92,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of kiln and torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--work", type=Path, help="working folder; an export found there (model.onnx) is reused")
+    parser.add_argument("--ort-disable", help="also build kiln's engines with these ONNX Runtime graph optimizers "
+                        "left out (comma-separated, e.g. MatMulAddFusion), and time them beside the others")
     parser.add_argument("--export-only", action="store_true", help="stop after the export (to run it in its own call)")
     args = parser.parse_args()
 
@@ -140,14 +160,16 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     static = {name: DimRange(v, v, v) for name, v in sizes.items()}
-    for i, precision in enumerate(precisions):
-        name = f"kiln h100 {precision} static (CUDA graph)"
+    variants = [(p, ()) for p in precisions] + [(p, tuple(args.ort_disable.split(","))) for p in precisions if args.ort_disable]
+    for i, (precision, disabled) in enumerate(variants):
+        name = f"kiln h100 {precision} static (CUDA graph)" + (f", ORT without {'+'.join(disabled)}" if disabled else "")
         try:
-            engine, records = kiln_engine(ir.load(raw), Path(tempfile.mkdtemp(prefix=precision, dir=work)), H100, precision, static)
+            with ort_without(disabled):
+                engine, records = kiln_engine(ir.load(raw), Path(tempfile.mkdtemp(prefix=precision, dir=work)), H100, precision, static)
             print(f"  fusions: {next((r.stats for r in records if r.name == 'ort-fusions'), {})}", flush=True)
             output = engine.run(feeds)[engine.outputs[0].name]
             rows.append((case, name, median_ms(engine.device_runner(feeds), args.runs), rel_err(output, want)))
-            if args.profile and i == 0:
+            if args.profile and (i == 0 or disabled):
                 profile_kernels(f"kiln {precision}", engine.device_runner(feeds), runs=3)
             del engine
         except Exception as exc:  # report a precision ORT cannot run, and go on
