@@ -571,9 +571,6 @@ NOT_YET = {
                                "index in the sequence, with its lengths as Python ints (und_len, sequence_length)"),
     "Ideogram4Transformer2DModel": ("it takes one packed sequence of text and image slots with per-token position, segment "
                                     "and indicator ids, which kiln has no adapter to build yet"),
-    "LuminaNextDiT2DModel": ("its pipeline makes rotary embeddings at each step, scaled by a factor picked from the timestep "
-                             "and the image size, and scales attention by math.log of the sequence length; kiln has no "
-                             "adapter that makes them in the graph yet"),
     "MiniMaxH3Transformer3DModel": ("it takes one packed sequence of video, audio and text rows with each row's "
                                     "timestep index, modality tag and position, and the rows' places in it "
                                     "(video_indices, audio_indices, text_indices), which kiln has no adapter to build yet"),
@@ -597,6 +594,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
         hidream_adapters,
         hunyuan_adapters,
         lumina_adapters,
+        lumina_next_adapters,
         noisy_decoders,
         packed_adapters,
         qwen_adapters,
@@ -608,7 +606,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
             **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
-            **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES}  # fmt: skip
+            **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES, **lumina_next_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
