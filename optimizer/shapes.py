@@ -12,6 +12,7 @@ import onnx_ir as ir
 from kiln.optimizer.errors import InputError
 from kiln.passes.base import dim_name
 from kiln.targets import DimRange, Profile, TensorSpec
+from kiln.targets.profile import base_dim
 
 # Models may carry their own ranges, as "batch=1..2..8,seq=1..128" (set by kiln's importers and examples).
 SHAPES_METADATA_KEY = "kiln.shapes"
@@ -143,7 +144,8 @@ def _describe_dims(inputs: tuple[TensorSpec, ...]) -> str:
     for spec in inputs:
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, str):
-                where.setdefault(dim, []).append(f"{spec.name}:{axis}")
+                derived = f" as {dim}" if base_dim(dim) != dim else ""
+                where.setdefault(base_dim(dim), []).append(f"{spec.name}:{axis}{derived}")
     if not where:
         return "the model has no dynamic dims"
     return "dynamic dims: " + ", ".join(f"{d} ({', '.join(w)})" for d, w in where.items())
@@ -168,6 +170,9 @@ def _resolve_name(name: str, inputs: tuple[TensorSpec, ...], dims: list[str], so
                 f"{source} {text!r}: axis {axis_i} of input {input_name!r} is static ({dim}) and takes no range",
                 hint=_describe_dims(inputs),
             )
+        if base_dim(dim) != dim:
+            raise InputError(f"{source} {text!r}: axis {axis_i} of input {input_name!r} is {dim}, which follows "
+                             f"{base_dim(dim)!r}", hint=f"give {base_dim(dim)} a range instead")  # fmt: skip
         return dim
     if name in by_name:
         raise InputError(f"{source} {text!r} names input {name!r} but no axis", hint=f"write {name}:AXIS=MIN..MAX")

@@ -167,6 +167,17 @@ def test_build_profile_static_axis():
     assert err.hint == DIMS_HINT
 
 
+def test_build_profile_derived_axis_names_the_dim_it_follows():
+    inputs = (TensorSpec("x", "float32", ("batch", 4, "height", "width")), TensorSpec("ids", "int64", ("batch", "height/2", "width/2")))
+    err = input_error(build_profile, inputs, [("--shapes", "ids:1=2..8")])
+    assert err.message == "--shapes 'ids:1=2..8': axis 1 of input 'ids' is height/2, which follows 'height'"
+    assert err.hint == "give height a range instead"
+    err = input_error(build_profile, inputs, [("--shapes", "rows=2..8")])
+    assert err.hint == "dynamic dims: batch (x:0, ids:0), height (x:2, ids:1 as height/2), width (x:3, ids:2 as width/2)"
+    profile, _ = build_profile(inputs, [("--shapes", "height=4..8..16"), ("--shapes", "width=8")])
+    assert profile.shapes(profile.sizes("max"))["ids"] == (profile.dims["batch"].max, 8, 4)
+
+
 def test_build_profile_input_without_axis():
     err = input_error(build_profile, INPUTS, [("--shapes", "mask=1..8")])
     assert err.message == "--shapes 'mask=1..8' names input 'mask' but no axis"

@@ -151,6 +151,21 @@ def test_check_feeds_names_what_is_wrong(built):
     ]
 
 
+def test_check_feeds_holds_a_derived_axis_to_its_dim(tmp_path):
+    """z's rows are half x's (GLM-Image's prior tokens per 2x2 patch): another count is refused by name."""
+    x, z = (helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in (("x", ["n", 3]), ("z", ["n/2", 3])))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["z"], ["w"])], "halves",
+                              [x, z], [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "w")])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "m.onnx")
+    specs = (TensorSpec("x", "float32", ("n", 3)), TensorSpec("z", "float32", ("n/2", 3)))
+    (tmp_path / "e").mkdir()
+    targets.CPU.build(tmp_path / "m.onnx", tmp_path / "e", Profile(specs, {"n": DimRange(2, 4, 8)}))
+    engine = targets.load_engine(tmp_path / "e")
+    assert engine.check_feeds({"x": np.zeros((6, 3), np.float32), "z": np.zeros((3, 3), np.float32)}, "in.npz") == []
+    with pytest.raises(EngineError, match=r"in.npz: input 'z' axis 0 \(n/2\) is 4, but n is 6, so it must be 3"):
+        engine.check_feeds({"x": np.zeros((6, 3), np.float32), "z": np.zeros((4, 3), np.float32)}, "in.npz")
+
+
 def test_damaged_or_outdated_engines_are_refused(built, tmp_path):
     engine_dir, config = built
     with pytest.raises(EngineError, match="engine.json is missing"):
