@@ -19,7 +19,9 @@ shape (the rotary tables follow the sizes) and freezes them at the case's. Every
 device-resident inputs and writes device-resident outputs; the torch runners call the model as the
 pipelines do (packed latents and position ids for Flux), through kiln's adapter. The table gives the
 median, the speed-up against the fastest baseline, and the max relative error against PyTorch fp32 with
-TF32 off. --profile adds the top CUDA kernels of kiln's first engine and of torch.compile.
+TF32 off. --profile adds the top CUDA kernels of kiln's first engine and of torch.compile. --ort-disable
+MatMulAddFusion adds kiln's engines built and loaded with that ONNX Runtime optimizer left out (its Gemm
+broadcasts the bias into the output in a kernel of its own before the GEMM).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def ort_without(optimizers: tuple[str, ...]):
     original = ort.InferenceSession.__init__
 
     def init(self, *args, **kwargs):
-        original(self, *args, **kwargs, **({"disabled_optimizers": list(optimizers)} if optimizers else {}))
+        original(self, *args, **{**kwargs, **({"disabled_optimizers": list(optimizers)} if optimizers else {})})
 
     ort.InferenceSession.__init__ = init
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.calibration.arrays import DataError, read_npz
+from kiln.targets.profile import derived_mismatch
 
 
 @dataclasses.dataclass
@@ -93,6 +94,8 @@ def check_calibration(data: CalibrationSet, inputs: Sequence, dims: Mapping) -> 
             problem = check_array(sample.feeds[spec.name], spec, dims)
             if problem:
                 raise DataError(f"{where}: input {spec.name!r} {problem}")
+        if mismatch := derived_mismatch(inputs, {name: array.shape for name, array in sample.feeds.items()}):
+            raise DataError(f"{where}: {mismatch}")
     for spec in inputs:
         if np.dtype(spec.dtype).kind != "f":
             continue  # integer inputs (labels, steps) are not quantized: a constant one is fine

@@ -77,24 +77,28 @@ class FoldConstants(KilnPass):
 
 def _split_constants(graph: ir.Graph) -> int:
     """Split a constant into constants: onnxscript folds no node of several outputs, so what Wan's rotary
-    tables are made from (one table split per axis) would stay computed. Returns how many Splits went."""
+    tables are made from (one table split per axis) would stay computed. A graph input's initializer (which
+    a caller may override), a graph output, opset 12's split attribute and tables past the fold limit are left
+    as they are. Returns how many Splits went."""
     done = 0
     for node in list(graph):
-        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or node.inputs[0].const_value is None:
+        data = node.inputs[0] if node.op_type == "Split" and node.domain in ("", "ai.onnx") else None
+        if data is None or data.const_value is None or data.is_graph_input() or "split" in node.attributes:
             continue
-        sizes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        if len(node.inputs) > 1 and node.inputs[1] is not None and sizes is None:
+        sizes = node.inputs[1] if len(node.inputs) > 1 else None
+        if (sizes is not None and sizes.const_value is None) or any(out.is_graph_output() or not out.name for out in node.outputs):
             continue
-        data, axis = node.inputs[0].const_value.numpy(), node.attributes.get_int("axis", 0)
+        if data.const_value.size > FOLD_SIZE_LIMIT:
+            continue
+        array, axis = data.const_value.numpy(), node.attributes.get_int("axis", 0)
         if sizes is not None:
-            parts = np.split(data, np.cumsum(sizes.numpy())[:-1], axis=axis)
-        elif data.shape[axis] % len(node.outputs) == 0:
-            parts = np.split(data, len(node.outputs), axis=axis)
+            parts = np.split(array, np.cumsum(sizes.const_value.numpy())[:-1], axis=axis)
+        elif array.shape[axis] % len(node.outputs) == 0:
+            parts = np.split(array, len(node.outputs), axis=axis)
         else:
             continue  # opset 18's uneven split by num_outputs: left to ONNX Runtime
         for out, part in zip(node.outputs, parts, strict=True):
-            value = add_initializer(graph, f"{out.name}_folded", np.ascontiguousarray(part))
-            out.replace_all_uses_with(value, replace_graph_outputs=True)
+            out.replace_all_uses_with(add_initializer(graph, f"{out.name}_folded", np.ascontiguousarray(part)))
         graph.remove(node, safe=True)
         done += 1
     return done

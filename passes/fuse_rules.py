@@ -105,15 +105,24 @@ class _Rotary(KilnRule):
     seven or more kernels over the activation. The tables must be constants, one row per token: a static
     graph's, folded. Subclasses match how a model family writes it."""
 
-    def check_pairs(self, pairs, even_slice, odd_slice, stacked) -> pattern.MatchResult:
-        """pairs is x as [batch, tokens, heads, dim/2, 2], even and odd its last axis' elements, and stacked the
-        two results interleaved back as [..., dim/2, 2]."""
+    def check_pairs(self, x, pairs, first, second, stacked, out) -> pattern.MatchResult:
+        """x [batch, tokens, heads, dim] or [batch, tokens, heads x dim] seen as pairs [batch, tokens, heads, dim/2,
+        2]; first and second the pairs' elements; stacked the two results interleaved back on the last axis;
+        out the result, shaped as x's heads."""
         if pairs.shape is None or len(pairs.shape) != 5 or not all(isinstance(d, int) for d in pairs.shape[1:]):
             return self.refuse("the input is not [batch, tokens, heads, pairs, 2] with its sizes known (only a static graph's are)")
-        if pairs.shape[-1] != 2 or [_slice_index(s) for s in (even_slice, odd_slice)] != [0, 1]:
+        _, tokens, heads, half, two = pairs.shape
+        if x.shape is None or list(x.shape)[1:] not in ([tokens, heads, 2 * half], [tokens, heads * 2 * half]) or two != 2:
+            return self.refuse("the pairs are not the input's last axis, token by token")
+        if [_slice_index(v.producer().inputs[0]) for v in (first, second)] != [0, 1] or \
+                any(v.shape is None or list(v.shape)[1:] != [tokens, heads, half] for v in (first, second)):
             return self.refuse("the slices do not take a pair's first and second element")
-        if stacked.shape is None or list(stacked.shape)[1:] != list(pairs.shape)[1:]:
-            return self.refuse("the results are not interleaved back into pairs")
+        concat = stacked.producer()
+        axes = [constant_array(n.producer().inputs[1]) for n in concat.inputs]
+        if concat.attributes.get_int("axis", 0) not in (-1, 4) or any(a is None or a.tolist() not in ([-1], [4]) for a in axes):
+            return self.refuse("the results are not interleaved back on the last axis")
+        if out.shape is None or list(out.shape)[1:] != [tokens, heads, 2 * half]:
+            return self.refuse("the result is not [batch, tokens, heads, dim]")
         return pattern.MatchResult()
 
     def half_tables(self, pairs, cos, sin, full: bool) -> list[np.ndarray] | None:
@@ -141,8 +150,8 @@ class _Rotary(KilnRule):
 def _pairs(op, x):
     """x's interleaved pairs and their first and second elements, as the exporters write unflatten and unbind."""
     pairs = op.Reshape(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["pairs"])
-    first = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True, _outputs=["even_slice"]), _allow_other_inputs=True)
-    second = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True, _outputs=["odd_slice"]), _allow_other_inputs=True)
+    first = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True), _allow_other_inputs=True, _outputs=["first"])
+    second = op.Squeeze(op.Slice(pairs, _allow_other_inputs=True), _allow_other_inputs=True, _outputs=["second"])
     return first, second
 
 
@@ -163,8 +172,8 @@ class RotateHalfPairs(_Rotary):
         first, second = _pairs(op, x)
         return op.Add(op.Mul(x, cos), op.Mul(_interleave(op, op.Neg(second), first), sin), _outputs=["out"])
 
-    def check(self, context, x, cos, sin, pairs, even_slice, odd_slice, stacked, **_) -> pattern.MatchResult:
-        if not (result := self.check_pairs(pairs, even_slice, odd_slice, stacked)):
+    def check(self, context, x, cos, sin, pairs, first, second, stacked, out, **_) -> pattern.MatchResult:
+        if not (result := self.check_pairs(x, pairs, first, second, stacked, out)):
             return result
         if self.half_tables(pairs, cos, sin, full=True) is None:
             return self.refuse("cos and sin are not constant [1, tokens, 1, dim] tables, each value twice")
@@ -187,8 +196,8 @@ class RotatedPairs(_Rotary):
         odd = op.Add(op.Mul(first, sin), op.Mul(second, cos))
         return _interleave(op, even, odd)
 
-    def check(self, context, x, cos, sin, pairs, even_slice, odd_slice, stacked, **_) -> pattern.MatchResult:
-        if not (result := self.check_pairs(pairs, even_slice, odd_slice, stacked)):
+    def check(self, context, x, cos, sin, pairs, first, second, stacked, rotated, **_) -> pattern.MatchResult:
+        if not (result := self.check_pairs(x, pairs, first, second, stacked, rotated)):
             return result
         if self.half_tables(pairs, cos, sin, full=False) is None:
             return self.refuse("cos and sin are not constant [1, tokens, 1, dim/2] tables")
@@ -199,12 +208,12 @@ class RotatedPairs(_Rotary):
 
 
 def _slice_index(value: ir.Value) -> int | None:
-    """i when value is Slice(t, [i], [i + 1], [-1]): element i of the last axis, kept as an axis of 1."""
-    bounds = [constant_array(v) for v in value.producer().inputs[1:4]]
-    if len(bounds) != 3 or any(b is None or b.size != 1 for b in bounds):
+    """i when value is Slice(t, [i], [i + 1], [-1]) (step 1): element i of the last axis, kept as an axis of 1."""
+    bounds = [constant_array(v) for v in value.producer().inputs[1:]]
+    if len(bounds) not in (3, 4) or any(b is None or b.size != 1 for b in bounds):
         return None
-    start, end, axis = (int(b.reshape(-1)[0]) for b in bounds)
-    return start if end == start + 1 and axis == -1 else None
+    start, end, axis, *step = (int(b.reshape(-1)[0]) for b in bounds)
+    return start if end == start + 1 and axis == -1 and step in ([], [1]) else None
 
 
 # cuDNN's fused convolution (ONNX Runtime CUDA's FusedConv) has these activations and no others.

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from kiln.targets.align import CropBox
 from kiln.targets.buffers import Buffers, HostBuffers, OrtDeviceBuffers, numpy_type
 from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
-from kiln.targets.profile import DimRange, Profile, TensorSpec, base_dim, dim_size
+from kiln.targets.profile import DimRange, Profile, TensorSpec, derived_mismatch
 
 ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
 CUDA_GRAPH_RUNS = 3  # ONNX Runtime captures its CUDA graph on the third run of a shape
@@ -171,7 +171,7 @@ class Engine:
             if len(shape) != len(spec.shape) or any(isinstance(want, int) and want != got for want, got in zip(spec.shape, shape)):
                 note = f" (padded to {list(shape)})" if shape != tuple(array.shape) else ""
                 raise EngineError(f"{source}: input {spec.name!r} has shape {list(array.shape)}{note}, the engine takes {list(spec.shape)}")
-        if mismatch := _derived_mismatch(self.inputs, padded):
+        if mismatch := derived_mismatch(self.inputs, padded):
             raise EngineError(f"{source}: {mismatch}", hint=f"the engine takes {expected}")
         problem = self.profile.contains(padded)
         return [f"{problem}; the engine was not verified at this shape"] if problem else []
@@ -180,18 +180,6 @@ class Engine:
         """feeds cast to the engine's input dtypes (an fp16-IO engine takes the same data as its original)."""
         dtypes = {spec.name: spec.dtype for spec in self.inputs}
         return {k: v.astype(dtypes[k]) if dtypes.get(k, v.dtype.name) != v.dtype.name else v for k, v in feeds.items()}
-
-
-def _derived_mismatch(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why an axis derived from a dim (height/2) does not follow that dim's size in shapes, or None."""
-    sizes = {d: size for spec in inputs for d, size in zip(spec.shape, shapes[spec.name]) if isinstance(d, str) and base_dim(d) == d}
-    for spec in inputs:
-        for axis, (dim, got) in enumerate(zip(spec.shape, shapes[spec.name])):
-            if isinstance(dim, str) and base_dim(dim) != dim and base_dim(dim) in sizes and dim_size(dim, sizes) != got:
-                base = base_dim(dim)
-                return (f"input {spec.name!r} axis {axis} ({dim}) is {got}, but {base} is {sizes[base]}, "
-                        f"so it must be {dim_size(dim, sizes)}")  # fmt: skip
-    return None
 
 
 class Binding:

@@ -46,7 +46,8 @@ def derived_dim(dim: str) -> tuple[str, int, int, int] | None:
     if not match or match.group(2) == dim:
         return None
     scale, base, divisor, offset = match.groups()
-    return base, int(scale or 1), int(divisor or 1), int(offset or 0)
+    scale, divisor, offset = int(scale or 1), int(divisor or 1), int(offset or 0)
+    return (base, scale, divisor, offset) if scale and divisor else None  # 0*h and h/0 are names, not sizes
 
 
 def base_dim(dim: str) -> str:
@@ -62,6 +63,18 @@ def dim_size(dim: str, sizes: Mapping[str, int]) -> int:
         return sizes[dim]
     base, scale, divisor, offset = derived
     return scale * sizes[base] // divisor + offset
+
+
+def derived_mismatch(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why an axis derived from a dim (height/2) does not follow that dim's size in shapes, or None."""
+    sizes = {d: size for spec in inputs for d, size in zip(spec.shape, shapes[spec.name]) if isinstance(d, str) and base_dim(d) == d}
+    for spec in inputs:
+        for axis, (dim, got) in enumerate(zip(spec.shape, shapes[spec.name])):
+            if isinstance(dim, str) and base_dim(dim) != dim and base_dim(dim) in sizes and dim_size(dim, sizes) != got:
+                base = base_dim(dim)
+                return (f"input {spec.name!r} axis {axis} ({dim}) is {got}, but {base} is {sizes[base]}, "
+                        f"so it must be {dim_size(dim, sizes)}")  # fmt: skip
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

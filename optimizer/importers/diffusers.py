@@ -362,13 +362,14 @@ def _interleaved_writes(graph) -> int:
                     and user.args[4] == 2 and user.args[3] >= 2**62 and len(user.users) == 1:
                 (copy,) = user.users
                 if copy.target == aten.copy_.default and copy.args[0] is user and not copy.users:
-                    writes[user.args[2]] = (user, copy)
-        if sorted(writes) != [0, 1]:
+                    writes.setdefault(user.args[2], []).append((user, copy))
+        if sorted(writes) != [0, 1] or any(len(w) != 1 for w in writes.values()):
             continue
-        (even_slice, even), (odd_slice, odd) = writes[0], writes[1]
+        ((even_slice, even),), ((odd_slice, odd),) = writes[0], writes[1]
         a, b = even.args[1], odd.args[1]
-        if any(v.meta["val"].dtype != empty.meta["val"].dtype or v.meta["val"].shape != even_slice.meta["val"].shape for v in (a, b)):
-            continue
+        if any(len(v.users) != 1 or v.meta["val"].dtype != empty.meta["val"].dtype
+               or v.meta["val"].shape != even_slice.meta["val"].shape for v in (a, b)):  # fmt: skip
+            continue  # a value read elsewhere might be changed in place before the stack reads it
         readers = [u for u in users if u not in (even_slice, odd_slice)]
         last = max(even, odd, key=order.get)
         if any(order[r] < order[last] for r in readers):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.shapes import parse_shape_spec
 from kiln.targets import DimRange
-from kiln.targets.profile import dim_size
+from kiln.targets.profile import base_dim, dim_size
 
 BATCH_DEFAULT = DimRange(1, 2, 4)
 TEXT_DEFAULT = DimRange(4, 8, 16)
@@ -669,7 +669,11 @@ def _dim_name(adapter: Adapter, name: str, where: str) -> str:
     axes = next((i.axes for i in adapter.inputs if i.name == input_name), None)
     if axes is not None and re.fullmatch(r"-?\d+", axis):
         if -len(axes) <= int(axis) < len(axes) and isinstance(axes[int(axis)], str):
-            return axes[int(axis)]
+            dim = axes[int(axis)]
+            if base_dim(dim) != dim:
+                raise InputError(f"{where}: axis {axis} of {input_name} is {dim}, which follows {base_dim(dim)!r}",
+                                 hint=f"give {base_dim(dim)} a range instead")  # fmt: skip
+            return dim
         raise InputError(f"{where}: axis {axis} of {input_name} is not a dynamic dim of {adapter.class_name}", hint=dims)
     raise InputError(f"{where}: {adapter.class_name} has no dim {name!r}", hint=dims)
 
@@ -693,6 +697,12 @@ def check_range(adapter: Adapter, rule: DimRule, r: DimRange, where: str) -> Non
     if rule.max is not None and r.max > rule.max:
         raise InputError(f"{where}: {cls} takes {rule.name} up to {rule.max} ({rule.why}); {r.max} is more",
                          hint=f"keep {rule.name} at most {rule.max}")  # fmt: skip
+    for i in adapter.inputs:  # an axis derived from this dim (frames-1) must stay at least 1
+        for index, axis in enumerate(i.axes):
+            if isinstance(axis, str) and base_dim(axis) == rule.name != axis and dim_size(axis, {rule.name: r.min}) < 1:
+                least = next(v for v in range(r.min, r.min + 64) if dim_size(axis, {rule.name: v}) >= 1)
+                raise InputError(f"{where}: axis {index} of {cls}'s {i.name} is {axis}, which {rule.name}={r.min} makes "
+                                 f"{dim_size(axis, {rule.name: r.min})}", hint=f"keep {rule.name} at least {least}")  # fmt: skip
 
 
 def resolve_ranges(adapter: Adapter, specs: Sequence[tuple[str, str]]) -> tuple[dict[str, DimRange], list[str]]:

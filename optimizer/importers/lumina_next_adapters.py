@@ -56,7 +56,7 @@ class ProportionalAttention:
             key = rotate_pairs(key, key_rotary_emb[..., None, :, 0], key_rotary_emb[..., None, :, 1])
             scale = attn.scale
             if base_sequence_length is not None:
-                tokens = torch.ones_like(hidden_states[0, :, 0]).sum()  # the length, as a tensor
+                tokens = torch.ones_like(hidden_states[0, :, 0], dtype=torch.float32).sum()  # the length, as a tensor
                 query = query * torch.sqrt(torch.log(tokens) / math.log(base_sequence_length))
         repeats = attn.heads // kv_heads
         key, value = (t.unsqueeze(3).repeat(1, 1, 1, repeats, 1).flatten(2, 3) for t in (key, value))
@@ -101,7 +101,9 @@ def _base_sequence_length(config) -> int:
 def _lumina_next_call(model, latents, timestep, text, mask, table):
     import torch
 
-    table = table if torch.compiler.is_exporting() else torch.view_as_complex(table.contiguous())
+    # Exporting, PROPORTIONAL_PATCH's attention takes the (cos, sin) pairs; diffusers' own, the complex table.
+    exporting = "forward" in vars(model.patch_embedder)  # the patch's _patch_embed is in place
+    table = table if exporting else torch.view_as_complex(table.contiguous())
     return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, encoder_mask=mask,
                  image_rotary_emb=table, cross_attention_kwargs={"base_sequence_length": _base_sequence_length(model.config)},
                  return_dict=False)[0]  # fmt: skip

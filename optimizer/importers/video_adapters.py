@@ -349,14 +349,20 @@ CLIP_IMAGE_TOKENS = 257
 
 @contextlib.contextmanager
 def _constant_qr(model) -> Iterator[None]:
-    """torch.linalg.qr, the one call in Wan-Animate, answers with the QR of its motion encoder's weight, computed
-    once before the export."""
+    """torch.linalg.qr of Wan-Animate's motion encoder weight (the one call in its forward) answers with the QR
+    computed once before the export; any other matrix gets the real thing."""
     import torch
 
+    weight = model.motion_encoder.motion_synthesis_weight
     with torch.no_grad():
-        q, r = torch.linalg.qr((model.motion_encoder.motion_synthesis_weight + 1e-8).float())
+        q, r = torch.linalg.qr((weight + 1e-8).float())
     original = torch.linalg.qr
-    torch.linalg.qr = lambda matrix, mode="reduced": (q, r)
+
+    def constant_qr(matrix, mode="reduced"):
+        mine = mode == "reduced" and matrix.shape == weight.shape and matrix.dtype == torch.float32
+        return torch.return_types.linalg_qr((q, r)) if mine else original(matrix, mode)
+
+    torch.linalg.qr = constant_qr
     try:
         yield
     finally:

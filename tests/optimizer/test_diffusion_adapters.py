@@ -253,6 +253,22 @@ def test_static_and_fixed_dims_take_no_range():
     assert error.hint == "leave frames out of --shapes"
 
 
+def test_derived_axes_take_no_range_and_stay_at_least_one():
+    """Wan-Animate's pose video is a frame shorter than its latents (frames-1): frames=1 would make it empty."""
+    import diffusers_suite as suite
+    from diffusers import WanAnimateTransformer3DModel
+
+    case = next(c for c in suite.TRANSFORMERS if c.class_name == "WanAnimateTransformer3DModel")
+    adapter = A.adapter_for(WanAnimateTransformer3DModel(**case.config))
+    error = refusal(A.resolve_ranges, adapter, [("--shapes", "frames=1..2..3")])
+    assert error.message == ("--shapes 'frames=1..2..3': axis 2 of WanAnimateTransformer3DModel's pose_hidden_states "
+                             "is frames-1, which frames=1 makes 0")  # fmt: skip
+    assert error.hint == "keep frames at least 2"
+    error = refusal(A.resolve_ranges, adapter, [("--shapes", "face_pixel_values:2=5..9")])
+    assert error.message == "--shapes 'face_pixel_values:2=5..9': axis 2 of face_pixel_values is 4*frames-7, which follows 'frames'"
+    assert error.hint == "give frames a range instead"
+
+
 def test_consistency_decoder_noise_input_holds_diffusers_draws():
     """The consistency decoder's noise input is its two draws, each [batch, 3, 2h, 2w] with 2x2 pixel blocks folded
     into channels: folding the draws a seeded generator makes gives diffusers' own decode with that generator."""
