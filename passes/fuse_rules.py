@@ -105,10 +105,12 @@ class _Rotary(KilnRule):
     seven or more kernels over the activation. The tables must be constants, one row per token: a static
     graph's, folded. Subclasses match how a model family writes it."""
 
-    def check_pairs(self, x, pairs, first, second, stacked, out) -> pattern.MatchResult:
+    full: bool  # the tables are full width, each value twice (once per element of its pair), or half width
+
+    def check(self, context, x, cos, sin, pairs, first, second, stacked, out, **_) -> pattern.MatchResult:
         """x [batch, tokens, heads, dim] or [batch, tokens, heads x dim] seen as pairs [batch, tokens, heads, dim/2,
         2]; first and second the pairs' elements; stacked the two results interleaved back on the last axis;
-        out the result, shaped as x's heads."""
+        out the result, [batch, tokens, heads, dim]."""
         if pairs.shape is None or len(pairs.shape) != 5 or not all(isinstance(d, int) for d in pairs.shape[1:]):
             return self.refuse("the input is not [batch, tokens, heads, pairs, 2] with its sizes known (only a static graph's are)")
         _, tokens, heads, half, two = pairs.shape
@@ -123,22 +125,24 @@ class _Rotary(KilnRule):
             return self.refuse("the results are not interleaved back on the last axis")
         if out.shape is None or list(out.shape)[1:] != [tokens, heads, 2 * half]:
             return self.refuse("the result is not [batch, tokens, heads, dim]")
+        if self.half_tables(pairs, cos, sin) is None:
+            width = "dim] tables, each value twice" if self.full else "dim/2] tables"
+            return self.refuse(f"cos and sin are not constant [1, tokens, 1, {width}")
         return pattern.MatchResult()
 
-    def half_tables(self, pairs, cos, sin, full: bool) -> list[np.ndarray] | None:
-        """cos and sin as [tokens, dim/2] tables, or None. full: the tables hold each value twice, once per
-        element of its pair."""
+    def half_tables(self, pairs, cos, sin) -> list[np.ndarray] | None:
+        """cos and sin as [tokens, dim/2] tables, or None."""
         _, tokens, _, half, _ = pairs.shape
         tables = [constant_array(v) for v in (cos, sin)]
-        width = 2 * half if full else half
-        if any(t is None or t.shape != (1, tokens, 1, width) for t in tables):
+        if any(t is None or t.shape != (1, tokens, 1, 2 * half if self.full else half) for t in tables):
             return None
-        if full and any(not np.array_equal(t[..., 0::2], t[..., 1::2]) for t in tables):
+        if self.full and any(not np.array_equal(t[..., 0::2], t[..., 1::2]) for t in tables):
             return None
-        return [np.ascontiguousarray(t[0, :, 0, 0::2] if full else t[0, :, 0, :]) for t in tables]
+        return [np.ascontiguousarray(t[0, :, 0, 0::2] if self.full else t[0, :, 0, :]) for t in tables]
 
-    def rotary(self, op, x, pairs, tables, out):
+    def rewrite(self, op, x, cos, sin, pairs, out, **_):
         """RotaryEmbedding over x seen as [batch, tokens, heads x dim], reshaped as out."""
+        tables = self.half_tables(pairs, cos, sin)
         _, _, heads, half, _ = pairs.shape
         flat = op.Reshape(x, op.Constant(value_ints=[0, 0, heads * 2 * half]))
         start = op.Constant(value=ir.tensor(np.zeros(1, np.int64)))  # positions 0 .. tokens - 1
@@ -155,37 +159,31 @@ def _pairs(op, x):
     return first, second
 
 
-def _interleave(op, a, b):
+def _interleave(op, a, b, name: str):
     stacked = op.Concat(op.Unsqueeze(a, _allow_other_inputs=True), op.Unsqueeze(b, _allow_other_inputs=True),
                         _allow_other_attributes=True, _outputs=["stacked"])  # fmt: skip
-    return op.Reshape(stacked, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["rotated"])
+    return op.Reshape(stacked, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=[name])
 
 
 class RotateHalfPairs(_Rotary):
     """Flux's form: x·cos + rotated(x)·sin, rotated(x) the pairs (x0, x1) turned to (−x1, x0), with full-width
     tables holding each value twice."""
 
+    full = True
+
     def __init__(self) -> None:
         super().__init__("rotary-flux")
 
     def pattern(self, op, x, cos, sin):
         first, second = _pairs(op, x)
-        return op.Add(op.Mul(x, cos), op.Mul(_interleave(op, op.Neg(second), first), sin), _outputs=["out"])
-
-    def check(self, context, x, cos, sin, pairs, first, second, stacked, out, **_) -> pattern.MatchResult:
-        if not (result := self.check_pairs(x, pairs, first, second, stacked, out)):
-            return result
-        if self.half_tables(pairs, cos, sin, full=True) is None:
-            return self.refuse("cos and sin are not constant [1, tokens, 1, dim] tables, each value twice")
-        return pattern.MatchResult()
-
-    def rewrite(self, op, x, cos, sin, pairs, out, **_):
-        return self.rotary(op, x, pairs, self.half_tables(pairs, cos, sin, full=True), out)
+        return op.Add(op.Mul(x, cos), op.Mul(_interleave(op, op.Neg(second), first, "rotated"), sin), _outputs=["out"])
 
 
 class RotatedPairs(_Rotary):
     """Wan's form: the pairs (x0, x1) become (x0 cos − x1 sin, x0 sin + x1 cos), interleaved back, with
     half-width tables."""
+
+    full = False
 
     def __init__(self) -> None:
         super().__init__("rotary-wan")
@@ -194,17 +192,7 @@ class RotatedPairs(_Rotary):
         first, second = _pairs(op, x)
         even = op.Sub(op.Mul(first, cos), op.Mul(second, sin))
         odd = op.Add(op.Mul(first, sin), op.Mul(second, cos))
-        return _interleave(op, even, odd)
-
-    def check(self, context, x, cos, sin, pairs, first, second, stacked, rotated, **_) -> pattern.MatchResult:
-        if not (result := self.check_pairs(x, pairs, first, second, stacked, rotated)):
-            return result
-        if self.half_tables(pairs, cos, sin, full=False) is None:
-            return self.refuse("cos and sin are not constant [1, tokens, 1, dim/2] tables")
-        return pattern.MatchResult()
-
-    def rewrite(self, op, x, cos, sin, pairs, rotated, **_):
-        return self.rotary(op, x, pairs, self.half_tables(pairs, cos, sin, full=False), rotated)
+        return _interleave(op, even, odd, "out")
 
 
 def _slice_index(value: ir.Value) -> int | None:
