@@ -83,11 +83,13 @@ def test_every_case_has_an_expected_outcome():
     assert IMPORTED | set(FP32_ONLY) | set(REFUSED) == set(CASES)
 
 
-# The VAEs' cases run from test_diffusers_suite_vaes.py: a file of their own, so CI's two workers share the suite.
+# The VAEs' and the video transformers' cases run from files of their own (test_diffusers_suite_vaes.py,
+# test_diffusers_suite_video.py), so that CI's two workers, each taking whole files, share the suite.
 VAE_CASES = {case.name for case in suite.VAES}
+VIDEO_CASES = {case.name for case in suite.TRANSFORMERS if "3D" in case.class_name or "Temporal" in case.class_name}
 
 
-@pytest.mark.parametrize("name", sorted((IMPORTED | set(FP32_ONLY)) - VAE_CASES))
+@pytest.mark.parametrize("name", sorted((IMPORTED | set(FP32_ONLY)) - VAE_CASES - VIDEO_CASES))
 def test_imports_and_verifies(name, tmp_path):
     check_imports_and_verifies(name, tmp_path)
 
