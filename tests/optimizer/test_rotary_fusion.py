@@ -3,6 +3,9 @@ become ONNX Runtime's RotaryEmbedding: every q and k rotation, with the outputs 
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -28,18 +31,33 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_rotary_becomes_one_op_with_pytorch_outputs(name, tmp_path):
+@functools.cache
+def _export(name: str, folder: str) -> tuple:
+    """(model, adapter, export record, ONNX path) of a case, exported once for this module's tests."""
     from kiln.optimizer.importers.diffusers import export
-    from kiln.optimizer.importers.diffusion_adapters import adapter_for, make_inputs, resolve_ranges
+    from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
 
-    cls, config, sizes, rotations, rule = CASES[name]
+    cls, config, *_ = CASES[name]
     torch.manual_seed(0)
     model = getattr(diffusers, cls)(**config).eval()
     adapter = adapter_for(model)
-    ranges, _ = resolve_ranges(adapter, [])
-    record = export(model, adapter, ranges, tmp_path / "model.onnx")
-    graph = ir.load(tmp_path / "model.onnx")
+    path = Path(folder) / f"{name}.onnx"
+    return model, adapter, export(model, adapter, resolve_ranges(adapter, [])[0], path), path
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("exports"))
+    return lambda name: _export(name, folder)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rotary_becomes_one_op_with_pytorch_outputs(name, exports, tmp_path):
+    from kiln.optimizer.importers.diffusion_adapters import make_inputs
+
+    _, _, sizes, rotations, rule = CASES[name]
+    model, adapter, record, path = exports(name)
+    graph = ir.load(path)
     graph, _ = passes.PassManager([passes.FreezeShapes(sizes), *passes.cleanup_passes()]).run(graph)
     fusion = FuseForOnnxRuntime()
     fusion(graph)
@@ -48,7 +66,7 @@ def test_rotary_becomes_one_op_with_pytorch_outputs(name, tmp_path):
     assert "Neg" not in counts and "ScatterND" not in counts, counts
     if name == "wan":  # its strided writes (out[..., 0::2] = ...) were exported as one stack
         assert any(fix.startswith("2 pair(s) of strided writes") for fix in record["fixes"]), record["fixes"]
-    ir.save(graph, tmp_path / "fused.onnx")
+    ir.save(graph, tmp_path / "fused.onnx", external_data="fused.onnx.data")
 
     tensors = make_inputs(adapter, sizes, seed=1)
     with torch.no_grad():
@@ -58,17 +76,9 @@ def test_rotary_becomes_one_op_with_pytorch_outputs(name, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_rotary_tables_computed_at_run_time_are_left_alone(tmp_path):
+def test_rotary_tables_computed_at_run_time_are_left_alone(exports):
     """A dynamic graph's sizes and tables are known only at run time: no rotation is fused, and the rule says why."""
-    from kiln.optimizer.importers.diffusers import export
-    from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
-
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(**FLUX).eval()
-    adapter = adapter_for(model)
-    ranges, _ = resolve_ranges(adapter, [])
-    export(model, adapter, ranges, tmp_path / "model.onnx")
-    graph, _ = passes.PassManager(passes.cleanup_passes()).run(ir.load(tmp_path / "model.onnx"))
+    graph, _ = passes.PassManager(passes.cleanup_passes()).run(ir.load(exports("flux")[3]))
     fusion = FuseForOnnxRuntime()
     fusion(graph)
     assert "rotary-flux" not in fusion.stats
