@@ -8,6 +8,7 @@ distribution is the installed one whose files hold the imported module.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import platform
@@ -27,13 +28,14 @@ LIBRARIES = {
 
 def providing_distribution(module) -> str | None:
     """The installed distribution whose files hold the imported module (None if none does)."""
-    here = Path(module.__file__).resolve().parent
-    names = set(LIBRARIES[module.__name__][1])
-    for dist in importlib.metadata.distributions():
-        if dist.metadata["Name"] not in names:
-            continue
+    return _providing(module.__name__, Path(module.__file__).resolve().parent)
+
+
+@functools.cache  # every build reports it; reading the metadata of each installed distribution took 80 ms
+def _providing(module_name: str, here: Path) -> str | None:
+    for dist in (d for name in LIBRARIES[module_name][1] for d in importlib.metadata.distributions(name=name)):
         try:
-            if Path(dist.locate_file(module.__name__.replace(".", "/"))).resolve() == here:
+            if Path(dist.locate_file(module_name.replace(".", "/"))).resolve() == here:
                 return dist.metadata["Name"]
         except (OSError, TypeError):
             continue
