@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("example", parents=[common], help="write an example model that needs nothing downloaded")
     p.add_argument("name", metavar="NAME", help="block (ONNX transformer block), film (FILM SavedModel; needs [tf]), dit or vae (diffusers; need [torch]), "
-                   "dit-trained (a small DiT trained here for quantization quality; [torch], minutes the first time, then cached)")
+                   "dit-trained (a small DiT kiln trained, for quantization quality; [torch]; kiln ships its weights)")
     p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)

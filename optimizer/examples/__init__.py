@@ -128,8 +128,8 @@ EXAMPLES = {
     "film": (write_film, "a small FILM frame interpolator (seeded weights), as a TensorFlow SavedModel", "."),
     "dit": (write_dit, "a tiny class-conditional DiT (diffusers save_pretrained, seeded weights)", "."),
     "vae": (write_vae, "a tiny AutoencoderKL (diffusers save_pretrained); kiln imports its decoder", "."),
-    "dit-trained": (lambda d, progress=None: _trained(d, progress), "a small DiT trained here on drawn shapes, for quantization quality "
-                    "(about a minute on a CPU the first time, then cached)", "."),
+    "dit-trained": (lambda d, progress=None: _trained(d, progress), "a small DiT kiln trained on drawn shapes, for quantization quality "
+                    "(the shipped weights)", "."),
 }
 
 

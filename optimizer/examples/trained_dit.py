@@ -1,13 +1,15 @@
-"""A small DiT trained here, for quantization quality work: random weights lack the activation outliers
+"""A small DiT kiln trains, for quantization quality work: random weights lack the activation outliers
 that make 8-bit arithmetic hard, so quality figures on them say little.
 
 The data is drawn, not downloaded: 4-channel 16x16 images of ten classes of shapes (disc, square, ring,
 stripes three ways, checkerboard, cross, gradient, blob) at seeded positions, sizes and colours. The
 model (DiTTransformer2DModel, 4 layers, width 64, patch 2) learns to predict the noise of DDPM's 1000-step
-schedule, class-conditioned, with AdamW; about a minute on two CPU cores, seeded throughout.
+schedule, class-conditioned, with AdamW; about three minutes on two CPU cores, seeded throughout.
 
-It is trained on first use and cached under $KILN_CACHE_DIR/examples (else ~/.cache/kiln/examples) by a
-hash of its configuration; `kiln example dit-trained DIR` copies the cached save_pretrained folder.
+kiln ships the weights that training gave here (dit_trained/, its training.json naming the configuration's
+hash), so `kiln example dit-trained DIR` copies that save_pretrained folder at once. A configuration that
+differs from the shipped one is trained on first use and cached under $KILN_CACHE_DIR/examples (else
+~/.cache/kiln/examples) by its hash.
 """
 
 from __future__ import annotations
@@ -104,14 +106,28 @@ def train(directory: Path, progress=None) -> dict:
             progress.line(f"training dit-trained: step {step + 1} of {TRAINING['steps']}, loss {np.mean(losses[-50:]):.4f}")
     model.eval()
     model.save_pretrained(os.fspath(directory), safe_serialization=True)
-    record = {"steps": TRAINING["steps"], "first_loss": float(np.mean(losses[:50])), "final_loss": float(np.mean(losses[-100:]))}
+    record = {"key": _key(), "steps": TRAINING["steps"], "first_loss": float(np.mean(losses[:50])), "final_loss": float(np.mean(losses[-100:]))}
     (directory / "training.json").write_text(json.dumps({**record, "config": CONFIG, "training": TRAINING}, indent=2) + "\n")
     return record
 
 
+SHIPPED = Path(__file__).resolve().parent / "dit_trained"
+
+
+def shipped_key() -> str | None:
+    """The configuration hash of the weights kiln ships, None if they are missing."""
+    try:
+        return json.loads((SHIPPED / "training.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def trained_dir(progress=None) -> Path:
-    """The cached trained model, training it first if it is not there (written whole, then renamed)."""
+    """The trained model: the shipped weights if they are this configuration's, else the cached ones, training
+    them first if they are not there (written whole, then renamed)."""
     check_installed(["torch", "diffusers", "safetensors"], "torch", "the dit-trained example")
+    if shipped_key() == _key():
+        return SHIPPED
     final = cache_dir()
     if (final / "training.json").is_file():
         return final

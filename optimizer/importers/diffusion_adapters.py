@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -578,8 +577,6 @@ NOT_YET = {
                                   "input_img_latents and input_image_sizes as Python lists)"),
     "WanAnimate2Transformer3DModel": ("its generation step reads a key-value cache that a reference pass over the driving "
                                       "video fills (kv_cache, kv_cache_mode)"),
-    "JoyImageEditPlusTransformer3DModel": ("it takes latents already cut into patches for several images (the target and "
-                                           "its references), with their grids as a Python list (shape_list)"),
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
 }
@@ -613,17 +610,6 @@ def supported_hint() -> str:
     return f"kiln has adapters for {', '.join(sorted(all_families()))}"
 
 
-def _torchvision_problem() -> str | None:
-    """Why torchvision cannot run here (not installed, or built for another torch), or None."""
-    if importlib.util.find_spec("torchvision") is None:
-        return "is not installed"
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:  # a wheel for another torch fails on its C++ ops: "operator torchvision::nms does not exist"
-        return f"does not load ({type(exc).__name__}: {exc})"
-    return None
-
-
 def adapter_for(model, step: bool = False) -> Adapter:
     """The adapter for a loaded diffusers model: written for its family, else guessed, else an error saying why.
     step: a video VAE's decoder as a step function, its caches as inputs and outputs (step_decoders); the
@@ -640,9 +626,6 @@ def adapter_for(model, step: bool = False) -> Adapter:
         return families[name](model, config)
     if name in NOT_YET:
         raise InputError(f"kiln cannot export {name} yet: {NOT_YET[name]}", hint=supported_hint())
-    if name == "CosmosTransformer3DModel" and (problem := _torchvision_problem()):
-        raise InputError(f"{name} needs torchvision to run (it resizes its padding mask with torchvision.transforms), "
-                         f"and torchvision {problem}", hint="pip install torchvision, built for the installed torch")  # fmt: skip
     if name in NOT_IMAGE:
         raise InputError(f"kiln does not export {name}: it is not an image or video model (kiln optimizes image "
                          "and video transformers and VAE decoders)", hint=supported_hint())  # fmt: skip

@@ -293,6 +293,91 @@ JOY_ROPE_PATCH = Patch(
 )
 
 
+class _EverySample:
+    """JoyImage-Edit-Plus's shape_list where every sample has the same components: item i is the one list."""
+
+    def __init__(self, components):
+        self.components = components
+
+    def __getitem__(self, index):
+        return self.components
+
+
+def _joy_plus_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_mask=None,
+                      shape_list=None, return_dict=True):  # fmt: skip
+    """JoyImageEditPlusTransformer3DModel.forward for a batch whose samples share their components and hold no
+    padding: one rotary table for the whole batch (from symbolic sizes), every image token valid."""
+    import torch
+
+    batch, patches, *_, patch_t, patch_h, patch_w = hidden_states.shape
+    _, vec, txt = self.condition_embedder(timestep, encoder_hidden_states)
+    img = self.img_in(hidden_states.flatten(0, 1)).reshape(batch, patches, -1)
+    tables, offset = [], 0
+    for frames, rows, cols in shape_list[0]:
+        tables.append(self._get_rotary_pos_embed_for_range((offset, 0, 0), (offset + frames, rows, cols)))
+        offset = offset + frames
+    rotary = tuple(torch.cat(part).to(img.device).expand(batch, -1, -1) for part in zip(*tables, strict=True))
+    mask = None
+    if encoder_hidden_states_mask is not None:
+        image_mask = encoder_hidden_states_mask.new_ones(batch, patches)
+        mask = torch.cat([image_mask, encoder_hidden_states_mask], dim=1)[:, None, None].bool()
+    for block in self.double_blocks:
+        img, txt = block(hidden_states=img, encoder_hidden_states=txt, temb=vec.unflatten(1, (6, -1)),
+                         image_rotary_emb=rotary, attention_mask=mask)  # fmt: skip
+    out = self.proj_out(self.norm_out(img)).reshape(batch, patches, patch_t, patch_h, patch_w, self.out_channels)
+    return (out.permute(0, 1, 5, 2, 3, 4),)
+
+
+JOY_PLUS_PATCH = Patch(
+    "JoyImage-Edit-Plus's rotary table made once for the batch",
+    "its forward builds each sample's rotary table and image mask in Python loops over the batch and over "
+    "shape_list, padding to the longest sample, which fix the sizes when traced; kiln's samples share their "
+    "components and hold no padding, so kiln exports one table from the symbolic sizes and an all-valid image mask",
+    lambda m: _instance_method(m, "forward", _joy_plus_forward),
+)
+
+
+def _patches(latents, patch_t, patch_h, patch_w):
+    """[batch, C, T, H, W] latents -> [batch, tokens, C, pt, ph, pw], tokens in (t, h, w) order, as JoyImage-Edit-
+    Plus's pipeline cuts them."""
+    batch, channels, frames, height, width = latents.shape
+    grid = latents.reshape(batch, channels, frames // patch_t, patch_t, height // patch_h, patch_h, width // patch_w, patch_w)
+    return grid.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(1, 3)
+
+
+def _joy_plus_call(model, latents, reference, text, mask, timestep):
+    """The target latents and one reference image's, cut into patches and joined as the pipeline joins them; the
+    target's patches of the output, put back into [batch, C, frames, H, W]."""
+    import torch
+
+    patch_t, patch_h, patch_w = model.config.patch_size
+    items = (latents, reference)
+    components = [(x.shape[2] // patch_t, x.shape[3] // patch_h, x.shape[4] // patch_w) for x in items]
+    tokens = torch.cat([_patches(x, patch_t, patch_h, patch_w) for x in items], dim=1)
+    out = model(hidden_states=tokens, timestep=timestep, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+                shape_list=_EverySample(components), return_dict=False)[0]  # fmt: skip
+    batch, channels, frames, height, width = latents.shape
+    (t, h, w), target = components[0], out[:, : components[0][0] * components[0][1] * components[0][2]]
+    grid = target.reshape(batch, t, h, w, -1, patch_t, patch_h, patch_w).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return grid.reshape(batch, -1, frames, height, width)
+
+
+def _joy_plus(model, config) -> Adapter:
+    """JoyImage-Edit-Plus: the target latents and one reference image (a frame at the target's size)."""
+    channels = config["in_channels"]
+    inputs = (InputRule("hidden_states", ("batch", channels, "frames", "height", "width")),
+              InputRule("reference_latents", ("batch", channels, 1, "height", "width")),
+              InputRule("encoder_hidden_states", ("batch", "text_len", config["text_dim"])),
+              InputRule("encoder_hidden_states_mask", ("batch", "text_len"), "mask"),
+              InputRule("timestep", ("batch",), "uniform", 1000.0))  # fmt: skip
+    return Adapter(
+        type(model).__name__, "joyimage-plus", inputs, video_dims(config), call=_joy_plus_call,
+        output_axes=("batch", None, "frames", "height", "width"), patches=(JOY_PLUS_PATCH,),
+        notes=("one reference image, at the target's size, beside the target latents (the pipeline takes any "
+               "number, each at its own size); the output is the target's",),
+    )  # fmt: skip
+
+
 def _chrono_rope(self, hidden_states):
     """ChronoEditRotaryPosEmbed.forward with its frame positions chosen in tensor arithmetic: an image and its
     edit (2 frames) sit at frames 0 and temporal_skip_len - 1, other clips at 0, 1, 2, ..."""
@@ -408,7 +493,88 @@ def _wan_animate(model, config) -> Adapter:
     )  # fmt: skip
 
 
+# Cosmos's pipelines sample at 30 fps (the rotary positions scale time by base_fps / fps); kiln passes the same.
+COSMOS_FPS = 30
+
+
+class _NearestResize:
+    """torchvision.transforms' resize, for Cosmos's padding mask where torchvision is not installed: for nearest
+    interpolation torchvision calls torch's interpolate, as this does."""
+
+    class InterpolationMode:
+        NEAREST = "nearest"
+
+    class functional:  # noqa: N801 (torchvision's name)
+        @staticmethod
+        def resize(image, size, interpolation="nearest"):
+            import torch
+
+            return torch.nn.functional.interpolate(image, size=list(size), mode="nearest")
+
+
+def _cosmos_positions(self, hidden_states):
+    """CosmosLearnablePositionalEmbed.forward with its norm's scale from the width alone: the original reads
+    sqrt(numel ratio) through numpy, which fixes the token count when traced. The ratio is 1 / width."""
+    import torch
+
+    batch, _, frames, height, width = hidden_states.shape
+    patch_t, patch_h, patch_w = self.patch_size
+    emb_t, emb_h, emb_w = self.pos_emb_t[: frames // patch_t], self.pos_emb_h[: height // patch_h], self.pos_emb_w[: width // patch_w]
+    emb = (emb_t[:, None, None] + emb_h[None, :, None] + emb_w[None, None, :]).flatten(0, 2).expand(batch, -1, -1)
+    norm = torch.linalg.vector_norm(emb, dim=-1, keepdim=True, dtype=torch.float32)
+    return (emb / (self.eps + norm * emb.shape[-1] ** -0.5)).type_as(hidden_states)
+
+
+COSMOS_POSITIONS_PATCH = Patch(
+    "Cosmos's learnt positions normalised with the width's scale",
+    "its learnt position embedding scales the norm by sqrt(numel ratio) computed with numpy, which fixes the token "
+    "count when traced; the ratio is 1 / width, and kiln exports that",
+    lambda m: _instance_method(m.learnable_pos_embed, "forward", _cosmos_positions),
+)
+
+
+def _cosmos_call(model, latents, *rest):
+    """Cosmos concatenates a padding mask to the latents; its pipelines pass zeros (nothing padded), here at the
+    latents' size, which the model's resize keeps."""
+    condition, (text, timestep) = (rest[0] if len(rest) == 3 else None), rest[-2:]
+    padding = latents.new_zeros(1, 1, *latents.shape[-2:])
+    return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, fps=COSMOS_FPS,
+                 condition_mask=condition, padding_mask=padding, return_dict=False)[0]  # fmt: skip
+
+
+def _cosmos(model, config) -> Adapter:
+    """Cosmos 1.0 (text-to-world, and video-to-world with its condition mask: in_channels counts the mask's
+    channel); frames, height and width are bounded by its learnt position tables (max_size)."""
+    import diffusers.models.transformers.transformer_cosmos as module
+
+    notes = [f"fps is {COSMOS_FPS}, as Cosmos's pipelines pass; the padding mask is zeros (nothing padded), as they pass"]
+    if not hasattr(module, "transforms"):
+        module.transforms = _NearestResize
+        notes.append("torchvision is not installed: the padding mask's resize runs as torch's nearest interpolate, "
+                     "which torchvision's resize calls for nearest")  # fmt: skip
+    channels, mask_channels = config["out_channels"], config["in_channels"] - config["out_channels"]
+    inputs = [InputRule("hidden_states", ("batch", channels, "frames", "height", "width"))]
+    if mask_channels:
+        inputs.append(InputRule("condition_mask", ("batch", mask_channels, "frames", "height", "width"), "uniform"))
+    inputs += [InputRule("encoder_hidden_states", ("batch", "text_len", config["text_embed_dim"])),
+               InputRule("timestep", ("batch",), "uniform", 1000.0)]  # fmt: skip
+    batch, _, _, _, text = video_dims(config)
+    patch_t, patch_h, patch_w = config["patch_size"]
+    max_frames, max_height, max_width = (int(v) for v in config["max_size"])
+    why = f"its patch is {patch_t}x{patch_h}x{patch_w} and its position tables cover {max_frames}x{max_height}x{max_width} (max_size)"
+    frames = DimRule("frames", DimRange(*(min(_align_up(v, patch_t), max_frames) for v in (1, 2, 4))),
+                     multiple=patch_t, max=max_frames, why=why)  # fmt: skip
+    height = DimRule("height", _spatial(patch_h, max_height), multiple=patch_h, max=max_height, why=why)
+    width = DimRule("width", _spatial(patch_w, max_width), multiple=patch_w, max=max_width, why=why)
+    return Adapter(
+        type(model).__name__, "cosmos", tuple(inputs), (batch, frames, height, width, text), call=_cosmos_call,
+        output_axes=("batch", None, "frames", "height", "width"), notes=tuple(notes),
+        patches=(COSMOS_POSITIONS_PATCH,) if model.learnable_pos_embed is not None else (),
+    )  # fmt: skip
+
+
 FAMILIES: dict[str, Callable[..., Adapter]] = {
+    "CosmosTransformer3DModel": _cosmos,
     "WanTransformer3DModel": _video("wan"),
     "SkyReelsV2Transformer3DModel": _video("wan"),
     "HeliosTransformer3DModel": _video("wan"),
@@ -423,6 +589,7 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
     "TransformerTemporalModel": _temporal,
     "ChronoEditTransformer3DModel": _video("wan", patches=(CHRONO_ROPE_PATCH,)),
     "JoyImageEditTransformer3DModel": _video("joyimage", timestep="float", patches=(JOY_ROPE_PATCH,)),
+    "JoyImageEditPlusTransformer3DModel": _joy_plus,
     "WanAnimateTransformer3DModel": _wan_animate,
     "MochiTransformer3DModel": _video("mochi", mask="encoder_attention_mask", patches=(MOCHI_PATCH, MOCHI_ROPE_PATCH)),
 }

@@ -26,12 +26,14 @@ IMPORTED = {
     "BriaFiboTransformer2DModel", "BriaTransformer2DModel", "ChromaTransformer2DModel",
     "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel[cogvideox_1_0]",
     "CogVideoXTransformer3DModel[cogvideox_1_5]", "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
-    "ConsisIDTransformer3DModel", "DiTTransformer2DModel", "EasyAnimateTransformer3DModel",
+    "ConsisIDTransformer3DModel", "CosmosTransformer3DModel[text_to_world]", "CosmosTransformer3DModel[video_to_world]",
+    "DiTTransformer2DModel", "EasyAnimateTransformer3DModel",
     "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "GlmImageTransformer2DModel", "FluxTransformer2DModel",
     "FluxTransformer2DModel[guidance]", "HeliosTransformer3DModel", "HiDreamImageTransformer2DModel",
     "HunyuanDiT2DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
     "HunyuanVideoTransformer3DModel[i2v_latent_concat]", "HunyuanVideoTransformer3DModel[t2v_guidance_embeds]",
-    "HunyuanVideoTransformer3DModel[token_replace]", "JoyImageEditTransformer3DModel", "Krea2Transformer2DModel",
+    "HunyuanVideoTransformer3DModel[token_replace]", "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel",
+    "Krea2Transformer2DModel",
     "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
     "Lumina2Transformer2DModel", "MochiTransformer3DModel", "MotifVideoTransformer3DModel",
     "NucleusMoEImageTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
@@ -55,8 +57,6 @@ FP32_ONLY = {
 # Refused: the start of the message.
 REFUSED = {
     "AceStepTransformer1DModel": "kiln does not export AceStepTransformer1DModel: it is not an image or video model",
-    "CosmosTransformer3DModel[text_to_world]": "CosmosTransformer3DModel needs torchvision to run",
-    "CosmosTransformer3DModel[video_to_world]": "CosmosTransformer3DModel needs torchvision to run",
     "AnyFlowFARTransformer3DModel": "kiln cannot export AnyFlowFARTransformer3DModel yet: it generates frame chunks",
     "Cosmos3OmniTransformer[default_1x1]": "kiln cannot export Cosmos3OmniTransformer yet: it takes one packed",
     "Cosmos3OmniTransformer[action_workflow]": "kiln cannot export Cosmos3OmniTransformer yet: it takes one packed",
@@ -64,7 +64,6 @@ REFUSED = {
     "MiniMaxH3Transformer3DModel": "kiln cannot export MiniMaxH3Transformer3DModel yet: it takes one packed",
     "OmniGenTransformer2DModel": "kiln cannot export OmniGenTransformer2DModel yet: it takes a prompt's",
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
-    "JoyImageEditPlusTransformer3DModel": "kiln cannot export JoyImageEditPlusTransformer3DModel yet: it takes latents",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},

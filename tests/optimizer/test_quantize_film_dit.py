@@ -4,6 +4,8 @@ trained example DiT (its data, and a short training run)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +86,14 @@ def test_a_short_training_run_learns_and_saves(tmp_path, monkeypatch):
     model = DiTTransformer2DModel.from_pretrained(tmp_path)
     assert model.config.num_layers == trained_dit.CONFIG["num_layers"]
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == 60
+
+
+def test_the_shipped_trained_dit_is_this_configurations_and_example_copies_it(tmp_path):
+    from kiln.optimizer.cli import main
+    from kiln.optimizer.examples import trained_dit
+
+    assert trained_dit.shipped_key() == trained_dit._key()  # retrain and ship again when CONFIG or TRAINING change
+    assert main(["example", "dit-trained", str(tmp_path / "dit"), "-q"]) == 0
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "training.json"):
+        assert (tmp_path / "dit" / name).read_bytes() == (trained_dit.SHIPPED / name).read_bytes()
+    assert not (Path(os.environ["KILN_CACHE_DIR"]) / "examples").exists()  # nothing trained
