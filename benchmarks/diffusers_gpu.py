@@ -20,8 +20,8 @@ device-resident inputs and writes device-resident outputs; the torch runners cal
 pipelines do (packed latents and position ids for Flux), through kiln's adapter. The table gives the
 median, the speed-up against the fastest baseline, and the max relative error against PyTorch fp32 with
 TF32 off. --profile adds the top CUDA kernels of kiln's first engine and of torch.compile. --ort-disable
-MatMulAddFusion adds kiln's engines built and loaded with that ONNX Runtime optimizer left out (its Gemm
-broadcasts the bias into the output in a kernel of its own before the GEMM).
+OPT,... adds kiln's engines built and loaded with those ONNX Runtime optimizers left out in place of the
+target's own list (the CUDA targets leave out MatMulAddFusion); `--ort-disable none` leaves out none.
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ MODELS = {
 
 
 @contextlib.contextmanager
-def ort_without(optimizers: tuple[str, ...]):
-    """ONNX Runtime sessions made inside leave these graph optimizers out (a kiln engine's build and load)."""
+def ort_without(optimizers: tuple[str, ...] | None):
+    """ONNX Runtime sessions made inside leave these graph optimizers out (a kiln engine's build and load), in
+    place of the target's own list; None keeps the target's."""
     import onnxruntime as ort
 
     original = ort.InferenceSession.__init__
 
     def init(self, *args, **kwargs):
-        original(self, *args, **{**kwargs, **({"disabled_optimizers": list(optimizers)} if optimizers else {})})
+        original(self, *args, **{**kwargs, **({"disabled_optimizers": list(optimizers)} if optimizers is not None else {})})
 
     ort.InferenceSession.__init__ = init
     try:
@@ -94,8 +95,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of kiln and torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--work", type=Path, help="working folder; an export found there (model.onnx) is reused")
-    parser.add_argument("--ort-disable", help="also build kiln's engines with these ONNX Runtime graph optimizers "
-                        "left out (comma-separated, e.g. MatMulAddFusion), and time them beside the others")
+    parser.add_argument("--ort-disable", help="also build kiln's engines with these ONNX Runtime graph optimizers left out "
+                        "in place of the target's list (comma-separated, or none), and time them beside the others")
     parser.add_argument("--export-only", action="store_true", help="stop after the export (to run it in its own call)")
     args = parser.parse_args()
 
@@ -162,16 +163,19 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     static = {name: DimRange(v, v, v) for name, v in sizes.items()}
-    variants = [(p, ()) for p in precisions] + [(p, tuple(args.ort_disable.split(","))) for p in precisions if args.ort_disable]
+    other = None if args.ort_disable is None else tuple(n for n in args.ort_disable.split(",") if n not in ("", "none"))
+    variants = [(p, None) for p in precisions] + [(p, other) for p in precisions if other is not None]
     for i, (precision, disabled) in enumerate(variants):
-        name = f"kiln h100 {precision} static (CUDA graph)" + (f", ORT without {'+'.join(disabled)}" if disabled else "")
+        name = f"kiln h100 {precision} static (CUDA graph)"
+        if disabled is not None:
+            name += f", ORT without {'+'.join(disabled) or 'nothing'}"
         try:
             with ort_without(disabled):
                 engine, records = kiln_engine(ir.load(raw), Path(tempfile.mkdtemp(prefix=precision, dir=work)), H100, precision, static)
             print(f"  fusions: {next((r.stats for r in records if r.name == 'ort-fusions'), {})}", flush=True)
             output = engine.run(feeds)[engine.outputs[0].name]
             rows.append((case, name, median_ms(engine.device_runner(feeds), args.runs), rel_err(output, want)))
-            if args.profile and (i == 0 or disabled):
+            if args.profile and (i == 0 or disabled is not None):
                 profile_kernels(f"kiln {precision}", engine.device_runner(feeds), runs=3)
             del engine
         except Exception as exc:  # report a precision ORT cannot run, and go on

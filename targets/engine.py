@@ -88,7 +88,8 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
         preload_cuda()
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     try:
-        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream))
+        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream),
+                                       **config.session_kwargs())  # fmt: skip
     except Exception as exc:  # a damaged model file: ONNX Runtime says InvalidProtobuf or the like
         raise EngineError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}",
                           hint="the engine is damaged; rebuild it with `kiln optimize`") from None  # fmt: skip

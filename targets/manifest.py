@@ -46,6 +46,7 @@ class BuildConfig:
     outputs: tuple[TensorSpec, ...]
     alignment: Alignment | None = None
     built_with: Mapping[str, str] = dataclasses.field(default_factory=dict)  # runtime version, providers
+    disabled_optimizers: tuple[str, ...] = ()  # ONNX Runtime graph optimizers left out, at build and at load
 
     def session_providers(self, cuda_stream: int | None = None) -> list:
         """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given."""
@@ -54,6 +55,10 @@ class BuildConfig:
         if self.device == "cuda" and cuda_stream is not None:
             options["user_compute_stream"] = str(cuda_stream)
         return [(first, options), *rest]
+
+    def session_kwargs(self) -> dict:
+        """InferenceSession's keyword arguments beyond the options and providers."""
+        return {"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else {}
 
     def to_json(self) -> dict:
         return {
@@ -65,6 +70,7 @@ class BuildConfig:
             "outputs": [s.to_json() for s in self.outputs],
             "alignment": self.alignment.to_json() if self.alignment else None,
             "built_with": dict(self.built_with),
+            "disabled_optimizers": list(self.disabled_optimizers),
         }
 
     @classmethod
@@ -83,6 +89,7 @@ class BuildConfig:
             outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
             alignment=Alignment.from_json(data["alignment"]) if data.get("alignment") else None,
             built_with=dict(data.get("built_with", {})),
+            disabled_optimizers=tuple(str(name) for name in data.get("disabled_optimizers", ())),
         )
 
 

@@ -42,6 +42,8 @@ class OrtTarget(Target):
     device: str = "cpu"
     # Capture the run as one CUDA graph when the profile is static (one shape): no per-kernel launches.
     cuda_graphs: bool = False
+    # ONNX Runtime graph optimizers the engine's sessions leave out, at build and at load.
+    disabled_optimizers: tuple[str, ...] = ()
 
     def available(self) -> str | None:
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
@@ -65,7 +67,7 @@ class OrtTarget(Target):
         return BuildConfig(
             target=self.name, model=ENGINE_MODEL, device=self.device, providers=self.providers,
             provider_options=options, precision=precision, tf32=tf32, cuda_graph=cuda_graph, profile=profile,
-            inputs=(), outputs=(), alignment=alignment,
+            inputs=(), outputs=(), alignment=alignment, disabled_optimizers=self.disabled_optimizers,
         )  # fmt: skip
 
     def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
@@ -82,7 +84,7 @@ class OrtTarget(Target):
             )
         first, *rest = config.session_providers()
         first = (first[0], {k: v for k, v in first[1].items() if k != "enable_cuda_graph"})
-        session = ort.InferenceSession(os.fspath(model_path), options, providers=[first, *rest])
+        session = ort.InferenceSession(os.fspath(model_path), options, providers=[first, *rest], **config.session_kwargs())
         config = dataclasses.replace(
             config,
             inputs=session_specs(session.get_inputs()),

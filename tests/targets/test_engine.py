@@ -66,6 +66,38 @@ def test_build_writes_a_typed_manifest_and_load_reads_it(built):
         np.testing.assert_array_equal(value, want(x)[name])
 
 
+def test_an_optimizer_the_target_leaves_out_stays_out_at_build_and_load(tmp_path, monkeypatch):
+    """A 3-D MatMul + Add: ONNX Runtime's MatMulAddFusion makes it a Gemm between Reshapes; a target that leaves
+    the fusion out (as the CUDA targets do) keeps MatMul and Add in its engine, and records that in the manifest."""
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((8, 4), np.float32), rng.standard_normal(4, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "m.onnx")
+    profile = Profile((TensorSpec("x", "float32", (2, 3, 8)),), {})
+    ops = {}
+    for target in (targets.CPU, dataclasses.replace(targets.CPU, disabled_optimizers=("MatMulAddFusion",))):
+        engine_dir = tmp_path / str(len(ops))
+        engine_dir.mkdir()
+        config = target.build(tmp_path / "m.onnx", engine_dir, profile, "fp32")
+        ops[target.disabled_optimizers] = {n.op_type for n in onnx.load(engine_dir / config.model).graph.node}
+        assert json.loads((engine_dir / "engine.json").read_text())["disabled_optimizers"] == list(target.disabled_optimizers)
+        made = []
+        original = targets.engine.ort.InferenceSession
+        monkeypatch.setattr(targets.engine.ort, "InferenceSession", lambda *a, **k: made.append(k) or original(*a, **k))
+        engine = targets.load_engine(engine_dir)
+        monkeypatch.undo()
+        assert made[0].get("disabled_optimizers", []) == list(target.disabled_optimizers)
+        x = rng.standard_normal((2, 3, 8), np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["y"], x @ weight + bias, rtol=1e-5, atol=1e-5)
+    assert "Gemm" in ops[()] and "MatMul" not in ops[()]
+    assert ops[("MatMulAddFusion",)] == {"MatMul", "Add"}
+    assert targets.CUDA.disabled_optimizers == targets.H100.disabled_optimizers == ("MatMulAddFusion",)
+
+
 @pytest.mark.parametrize("buffers", [HostBuffers(), OrtDeviceBuffers("cpu")], ids=["host", "ort"])
 def test_binding_keeps_buffers_per_shape_and_rebinds_for_a_new_one(built, buffers):
     engine = targets.load_engine(built[0])
