@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import json
 import os
 import signal
@@ -247,8 +249,15 @@ def _warn(warnings: list[str]) -> None:
         print(f"kiln: warning: {warning}", file=sys.stderr)
 
 
+# The stdout a command's --json result goes to; what libraries print meanwhile goes to stderr (see main).
+_JSON_STDOUT: contextvars.ContextVar = contextvars.ContextVar("kiln_json_stdout", default=None)
+
+
 def _emit(args, data, text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True), file=_JSON_STDOUT.get() or sys.stdout)
+    else:
+        print(text)
 
 
 def options_from_args(args) -> "Options":
@@ -510,7 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_thread_cap()
-        code = args.handler(args)
+        # With --json, stdout holds the JSON alone: what libraries print meanwhile (an exporter's progress) goes to stderr.
+        token = _JSON_STDOUT.set(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+                code = args.handler(args)
+        finally:
+            _JSON_STDOUT.reset(token)
         _Signals.settled = True
         return code
     except KilnError as exc:

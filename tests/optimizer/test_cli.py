@@ -97,6 +97,22 @@ def test_json_mode_prints_only_the_report(capsys, example, tmp_path):
     assert json.loads(out)["status"] == "ok"
 
 
+def test_json_mode_keeps_what_libraries_print_off_stdout(capsys, example, tmp_path, monkeypatch):
+    """An exporter or runtime that prints progress to stdout (torch.onnx does) must not break --json's output."""
+    import onnxruntime as ort
+
+    original = ort.InferenceSession.__init__
+
+    def chatty(self, *args, **kwargs):
+        print("library chatter")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", chatty)
+    code, out, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--json", "--bench-runs", "0")
+    assert code == 0 and json.loads(out)["status"] == "ok"
+    assert "library chatter" in err
+
+
 def test_fp16_engine_is_verified_with_fp16_tolerances(capsys, example, tmp_path):
     code, out, err = run_cli(capsys, "optimize", example, "-o", tmp_path / "o", "--precision", "fp16", "--json", "--bench-runs", "0")
     assert code == 0, err
