@@ -356,9 +356,9 @@ def _joy_plus_call(model, latents, reference, text, mask, timestep):
     tokens = torch.cat([_patches(x, patch_t, patch_h, patch_w) for x in items], dim=1)
     out = model(hidden_states=tokens, timestep=timestep, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
                 shape_list=_EverySample(components), return_dict=False)[0]  # fmt: skip
-    batch, channels, frames, height, width = latents.shape
-    (t, h, w), target = components[0], out[:, : components[0][0] * components[0][1] * components[0][2]]
-    grid = target.reshape(batch, t, h, w, -1, patch_t, patch_h, patch_w).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    batch, _, frames, height, width = latents.shape
+    t, h, w = components[0]
+    grid = out[:, : t * h * w].reshape(batch, t, h, w, -1, patch_t, patch_h, patch_w).permute(0, 4, 1, 5, 2, 6, 3, 7)
     return grid.reshape(batch, -1, frames, height, width)
 
 
@@ -536,10 +536,10 @@ COSMOS_POSITIONS_PATCH = Patch(
 def _cosmos_call(model, latents, *rest):
     """Cosmos concatenates a padding mask to the latents; its pipelines pass zeros (nothing padded), here at the
     latents' size, which the model's resize keeps."""
-    condition, (text, timestep) = (rest[0] if len(rest) == 3 else None), rest[-2:]
+    *condition, text, timestep = rest  # video-to-world's condition mask first
     padding = latents.new_zeros(1, 1, *latents.shape[-2:])
     return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, fps=COSMOS_FPS,
-                 condition_mask=condition, padding_mask=padding, return_dict=False)[0]  # fmt: skip
+                 condition_mask=condition[0] if condition else None, padding_mask=padding, return_dict=False)[0]  # fmt: skip
 
 
 def _cosmos(model, config) -> Adapter:
