@@ -33,6 +33,7 @@ class DimRule:
     default: DimRange
     multiple: int = 1  # sizes must be multiples of this (the patch size)
     max: int | None = None  # the largest size the model takes (its positional table)
+    min: int | None = None  # the smallest size one graph takes (smaller ones take other paths when traced)
     fixed: int | None = None  # the only size the model takes: the dim is static in the export
     same_as: str | None = None  # always equal to that dim (square latents): not a dim of its own
     avoid: tuple[int, ...] = ()  # sizes that take a special path when traced: never the export size
@@ -677,6 +678,9 @@ def check_range(adapter: Adapter, rule: DimRule, r: DimRange, where: str) -> Non
         opt = min(max(_align_up(r.opt, m), lo), hi)
         raise InputError(f"{where}: {cls} takes {rule.name} in multiples of {m} ({rule.why}); {bad[0]} is not",
                          hint=f"e.g. --shapes {rule.name}={lo}..{opt}..{hi}")  # fmt: skip
+    if rule.min is not None and r.min < rule.min:
+        raise InputError(f"{where}: {cls} takes {rule.name} from {rule.min} ({rule.why}); {r.min} is less",
+                         hint=f"keep {rule.name} at least {rule.min}")  # fmt: skip
     if rule.max is not None and r.max > rule.max:
         raise InputError(f"{where}: {cls} takes {rule.name} up to {rule.max} ({rule.why}); {r.max} is more",
                          hint=f"keep {rule.name} at most {rule.max}")  # fmt: skip

@@ -134,6 +134,43 @@ WAN_PATCH = Patch(
 )
 
 
+# KVAE-Video decodes a clip in segments of 16 frames (the first 17), each after the one before through a cache
+KVAE_SEGMENT = 17
+
+
+def _kvae_call(model, latents):
+    """KVAE-Video's decode of a clip of one segment: one decoder call on a fresh cache, as decode makes it (its
+    split into segments, from Python arithmetic on the frame count, would fix the count when traced)."""
+    return model.decoder(latents, model._make_decoder_cache())
+
+
+def _fresh_causal_conv(self, input, cache):
+    """KVAECachedCausalConv3d on a fresh cache: a causal convolution whose past is the first frame repeated.
+    The original computes the same in two parts, at offsets from Python arithmetic on the frame count."""
+    import torch
+    import torch.nn.functional as F
+
+    padded = F.pad(input, (self.height_pad, self.height_pad, self.width_pad, self.width_pad, 0, 0), mode="replicate")
+    past = padded[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+    return self.conv(torch.cat([past, padded], dim=2))
+
+
+@contextlib.contextmanager
+def _fresh_causal_convs(model):
+    with contextlib.ExitStack() as stack:
+        _replace_forwards(stack, model.modules(), "KVAECachedCausalConv3d", _fresh_causal_conv)
+        yield
+
+
+KVAE_PATCH = Patch(
+    "KVAE-Video's causal convolutions on a fresh cache in one call",
+    "KVAECachedCausalConv3d splits its output at offsets computed with math.ceil and math.trunc from the frame "
+    "count, which fix the count when traced; on the first segment its past is the first frame repeated, and kiln "
+    "exports that convolution in one call",
+    _fresh_causal_convs,
+)
+
+
 def _probe(model, call, channels: int, timestep: bool, multiple: int = 1) -> tuple[int, int, int, int]:
     """(frames out of the first latent frame, frames out of each next one, spatial scale, output channels),
     from decoding 8x8 latents of 2 and 3 frames (or of the two smallest multiples of multiple)."""
@@ -230,7 +267,8 @@ def _video_decoder(model, config) -> Adapter:
     cls = type(model).__name__
     channels = _first(config, "latent_channels", "z_channels", "z_dim")
     timestep = bool(config.get("timestep_conditioning"))  # LTX-Video 0.9.1 decodes at a timestep
-    call = {"AutoencoderKLTemporalDecoder": _folded_call, "AutoencoderVidTok": _vidtok_call}.get(cls, _clip_call)
+    call = {"AutoencoderKLTemporalDecoder": _folded_call, "AutoencoderVidTok": _vidtok_call,
+            "AutoencoderKLKVAEVideo": _kvae_call}.get(cls, _clip_call)  # fmt: skip
     # VidTok's non-causal decoder takes latent frames in groups (it drops a remainder)
     group = 1 if config.get("is_causal", True) else model.num_latent_frames_batch_size
     noise = any(config.get("decoder_inject_noise") or ())  # LTX-Video 0.9.1 adds fresh noise in its blocks
@@ -239,6 +277,12 @@ def _video_decoder(model, config) -> Adapter:
     height = DimRule("height", _spatial(1))
     frames = DimRule("frames", DimRange(group, 2 * group, 4 * group), multiple=group,
                      why=f"its decoder takes latent frames in groups of {group} (num_latent_frames_batch_size)")  # fmt: skip
+    if cls == "AutoencoderKLKVAEVideo":
+        most = -(-KVAE_SEGMENT // config["temporal_compress_times"])
+        frames = dataclasses.replace(frames, default=DimRange(3, 4, min(5, most)), min=3, max=most,
+                                     why=f"kiln decodes one segment ({KVAE_SEGMENT} frames, {most} latent frames), "
+                                     "of 3 latent frames or more (fewer take other paths when traced); its later "
+                                     "segments go through a cache kiln does not export yet")  # fmt: skip
     inputs = [InputRule("latent_sample", ("batch", channels, "frames", "height", "width"))]
     if timestep:
         inputs.append(InputRule("timestep", ("batch",), "uniform", 1.0))
@@ -258,9 +302,10 @@ def _video_decoder(model, config) -> Adapter:
     )  # fmt: skip
 
 
-PATCHES = {"AutoencoderKLMochi": (MOCHI_NORM_PATCH,), "AutoencoderKLWan": (WAN_PATCH,), "AutoencoderVidTok": (VIDTOK_PATCH,)}
+PATCHES = {"AutoencoderKLMochi": (MOCHI_NORM_PATCH,), "AutoencoderKLWan": (WAN_PATCH,), "AutoencoderVidTok": (VIDTOK_PATCH,),
+           "AutoencoderKLKVAEVideo": (KVAE_PATCH,)}  # fmt: skip
 FAMILIES: dict[str, Callable[..., Adapter]] = {
     name: _video_decoder
     for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLMochi",
-                 "AutoencoderKLCosmos", "AutoencoderKLTemporalDecoder", "AutoencoderKLWan", "AutoencoderVidTok")
+                 "AutoencoderKLCosmos", "AutoencoderKLTemporalDecoder", "AutoencoderKLWan", "AutoencoderVidTok", "AutoencoderKLKVAEVideo")
 }  # fmt: skip

@@ -136,6 +136,8 @@ def shapes(case: Case) -> list[tuple[str, str]]:
     if case.class_name == "AutoencoderVidTok":  # frames in fours; its 5 levels make a 2x2 latent 32x32 pixels
         return [("--shapes", "batch=1..1..1"), ("--shapes", "frames=4..4..8"), ("--shapes", "height=2..2..3"),
                 ("--shapes", "width=2..2..3")]  # fmt: skip
+    if case.class_name == "AutoencoderKLKVAEVideo":  # one graph takes 3 latent frames or more
+        return SHAPES + [("--shapes", "frames=3..3..4"), *VIDEO_DECODER_SHAPES[1:]]
     if case.class_name in VIDEO_DECODERS:
         return SHAPES + VIDEO_DECODER_SHAPES
     return SHAPES + (VIDEO_DECODER_SHAPES[1:] if case.class_name in STEP_FAMILIES else [])  # a step decoder: no frames dim

@@ -41,7 +41,7 @@ IMPORTED = {
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
-    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
+    "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLKVAEVideo", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
     "AutoencoderKLLTXVideo[ltx_0.9.1]", "AutoencoderKLMagvit",
     "AutoencoderKLMochi", "AutoencoderKLTemporalDecoder", "AutoencoderTiny", "AutoencoderVidTok", "ConsistencyDecoderVAE",
     "VQModel",
@@ -65,7 +65,7 @@ REFUSED = {
     "OmniGenTransformer2DModel": "kiln cannot export OmniGenTransformer2DModel yet: it takes a prompt's",
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
-        "AutoencoderKLKVAEVideo", "AutoencoderKLMiniMaxH3",
+        "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},
 }  # fmt: skip
 

@@ -92,11 +92,11 @@ def test_non_transformers_are_refused(class_name):
 
 
 def test_chunked_video_vaes_are_refused():
-    error = refusal(A.adapter_for, fake("AutoencoderKLKVAEVideo", lambda self, sample: None, in_channels=3))
+    error = refusal(A.adapter_for, fake("AutoencoderKLMiniMaxH3", lambda self, sample: None, in_channels=3))
     assert error.message == (
-        "kiln has no adapter for AutoencoderKLKVAEVideo yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
+        "kiln has no adapter for AutoencoderKLMiniMaxH3 yet: kiln exports the decoders of AsymmetricAutoencoderKL, "
         "AutoencoderDC, AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLCosmos, AutoencoderKLHunyuanVideo, "
-        "AutoencoderKLKVAE, AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMagvit, AutoencoderKLMochi, "
+        "AutoencoderKLKVAE, AutoencoderKLKVAEVideo, AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMagvit, AutoencoderKLMochi, "
         "AutoencoderKLTemporalDecoder, AutoencoderKLWan, AutoencoderTiny, AutoencoderVidTok, ConsistencyDecoderVAE, "
         "VQModel; this one carries state between chunks differently, blends overlapping windows or runs a diffusion "
         "loop of its own"

@@ -2,7 +2,8 @@
 rewritten as one decode of the whole clip computes what diffusers' loop does, for Wan 2.1 and Wan 2.2 (its
 residual up blocks and patched output), at frame counts of 1 to 5; a Wan 2.2 decoder, and an LTX-Video
 decoder that takes the decode timestep, import and verify against diffusers end to end; LTX-Video 0.9.1's noise
-input holds diffusers' own draws."""
+input holds diffusers' own draws; KVAE-Video's one-segment decode is diffusers' decode, and its fresh-cache
+convolutions compute what its cached ones do."""
 
 import types
 
@@ -15,7 +16,9 @@ import diffusers_suite as suite  # noqa: E402
 
 from kiln.optimizer.examples.tiny_diffusers import write_model  # noqa: E402
 from kiln.optimizer.importers.diffusers import import_diffusers  # noqa: E402
-from kiln.optimizer.importers.video_decoders import WAN_PATCH  # noqa: E402
+from kiln.optimizer.errors import InputError  # noqa: E402
+from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges  # noqa: E402
+from kiln.optimizer.importers.video_decoders import KVAE_PATCH, WAN_PATCH, _kvae_call  # noqa: E402
 
 WAN_21 = next(c for c in suite.VAES if c.class_name == "AutoencoderKLWan").config
 # Wan 2.2's layout at a tiny width: residual up blocks (with DupUp3D shortcuts), 2x2 patches of 3 channels: 8x
@@ -36,6 +39,30 @@ def test_wan_whole_clip_decode_matches_the_frame_loop(config):
                 got = model.decode(z, return_dict=False)[0]
         assert got.shape == want.shape and got.shape[2] == 1 + 4 * (frames - 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kvae_video_one_segment_decode_is_diffusers_decode_and_takes_3_frames_or_more():
+    torch.manual_seed(0)
+    config = next(c for c in suite.VAES if c.class_name == "AutoencoderKLKVAEVideo").config
+    model = diffusers.AutoencoderKLKVAEVideo(**config).eval()
+    for frames in (3, 9):  # 9 latent frames: the whole first segment (17 frames at temporal_compress_times 2)
+        z = torch.randn(1, 4, frames, 4, 6, generator=torch.Generator().manual_seed(frames))
+        with torch.no_grad():
+            want = model.decode(z).sample
+            got = _kvae_call(model, z)
+            with KVAE_PATCH.apply(model):
+                fresh = _kvae_call(model, z)
+        assert torch.equal(got, want) and got.shape[2] == 2 * frames - 1
+        torch.testing.assert_close(fresh, want, rtol=1e-5, atol=1e-5)
+    adapter = adapter_for(model)
+    with pytest.raises(InputError) as error:
+        resolve_ranges(adapter, [("--shapes", "frames=1..2..3")])
+    assert error.value.message.endswith("takes frames from 3 (kiln decodes one segment (17 frames, 9 latent frames), of 3 "
+                                        "latent frames or more (fewer take other paths when traced); its later segments go "
+                                        "through a cache kiln does not export yet); 1 is less")  # fmt: skip
+    assert error.value.hint == "keep frames at least 3"
+    with pytest.raises(InputError, match="takes frames up to 9"):
+        resolve_ranges(adapter, [("--shapes", "frames=3..4..10")])
 
 
 # LTX-Video 0.9.1's layout without its decoder noise: the decoder takes the decode timestep
