@@ -69,18 +69,23 @@ def _replace_forwards(stack: contextlib.ExitStack, modules, class_name: str, for
             stack.enter_context(_instance_method(module, "forward", forward))
 
 
-@contextlib.contextmanager
-def _unchunked_norms(model):
-    with contextlib.ExitStack() as stack:
-        _replace_forwards(stack, model.modules(), "MochiChunkedGroupNorm3D", _framewise_norm)
-        yield
+def _forwards_of(class_name: str, forward):
+    """A Patch's apply: every module of class_name in the model runs forward instead of its own."""
+
+    @contextlib.contextmanager
+    def apply(model):
+        with contextlib.ExitStack() as stack:
+            _replace_forwards(stack, model.modules(), class_name, forward)
+            yield
+
+    return apply
 
 
 MOCHI_NORM_PATCH = Patch(
     "Mochi's frame norms in one call",
     "MochiChunkedGroupNorm3D normalises frames in chunks of 8 with a Python loop over split, which fixes "
     "the chunk count when traced; the frames are independent, so kiln exports one group norm over them all",
-    _unchunked_norms,
+    _forwards_of("MochiChunkedGroupNorm3D", _framewise_norm),
 )
 
 
@@ -155,19 +160,12 @@ def _fresh_causal_conv(self, input, cache):
     return self.conv(torch.cat([past, padded], dim=2))
 
 
-@contextlib.contextmanager
-def _fresh_causal_convs(model):
-    with contextlib.ExitStack() as stack:
-        _replace_forwards(stack, model.modules(), "KVAECachedCausalConv3d", _fresh_causal_conv)
-        yield
-
-
 KVAE_PATCH = Patch(
     "KVAE-Video's causal convolutions on a fresh cache in one call",
     "KVAECachedCausalConv3d splits its output at offsets computed with math.ceil and math.trunc from the frame "
     "count, which fix the count when traced; on the first segment its past is the first frame repeated, and kiln "
     "exports that convolution in one call",
-    _fresh_causal_convs,
+    _forwards_of("KVAECachedCausalConv3d", _fresh_causal_conv),
 )
 
 
