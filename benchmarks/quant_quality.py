@@ -2,7 +2,7 @@
 
     python benchmarks/quant_quality.py [--speed-runs 20] [--skip-speed]
 
-Quality: the dit-trained example (trained here, `kiln example dit-trained`) and the same architecture
+Quality: the dit-trained example (trained by kiln, shipped: `kiln example dit-trained`) and the same architecture
 with seeded random weights, each imported by kiln and built for the cpu target at 2x4x16x16 through
 build_engine (as `kiln optimize` builds), calibrated along sampling loops. For every setting, the final
 latents of 16 seeded samples (8 DDIM steps; the same noise and labels for every engine) against the fp32

@@ -519,10 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_thread_cap()
-        # With --json, stdout holds the JSON alone: what libraries print meanwhile (an exporter's progress) goes to stderr.
+        # With --json, stdout holds the JSON alone: what libraries print meanwhile (an exporter's progress) goes to
+        # stderr. The swap is process-wide, so only the main thread makes it.
+        quiet = getattr(args, "json", False) and threading.current_thread() is threading.main_thread()
         token = _JSON_STDOUT.set(sys.stdout)
         try:
-            with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+            with contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext():
                 code = args.handler(args)
         finally:
             _JSON_STDOUT.reset(token)

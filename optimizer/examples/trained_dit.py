@@ -6,7 +6,7 @@ stripes three ways, checkerboard, cross, gradient, blob) at seeded positions, si
 model (DiTTransformer2DModel, 4 layers, width 64, patch 2) learns to predict the noise of DDPM's 1000-step
 schedule, class-conditioned, with AdamW; about three minutes on two CPU cores, seeded throughout.
 
-kiln ships the weights its own run of this training gave (dit_trained/, its training.json naming the configuration's
+kiln ships the weights its own run of this training gave (dit-trained/, its training.json naming the configuration's
 hash), so `kiln example dit-trained DIR` copies that save_pretrained folder at once. A configuration that
 differs from the shipped one is trained on first use and cached under $KILN_CACHE_DIR/examples (else
 ~/.cache/kiln/examples) by its hash.
@@ -111,7 +111,7 @@ def train(directory: Path, progress=None) -> dict:
     return record
 
 
-SHIPPED = Path(__file__).resolve().parent / "dit_trained"
+SHIPPED = Path(__file__).resolve().parent / "dit-trained"
 
 
 def shipped_key() -> str | None:

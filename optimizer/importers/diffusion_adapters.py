@@ -729,7 +729,7 @@ def export_sizes(adapter: Adapter, ranges: Mapping[str, DimRange]) -> dict[str, 
         r, m = ranges[rule.name], rule.multiple
         top = rule.max if rule.max is not None else 4 * max(r.max, 2 * m)
         inside = list(range(_align_up(r.min, m), r.max + 1, m))
-        outside = [v for v in range(m, top + 1, m) if not r.min <= v <= r.max]
+        outside = [v for v in range(m, top + 1, m) if not r.min <= v <= r.max and v >= (rule.min or 1)]
         candidates = sorted(inside, key=lambda v: (abs(v - r.opt), v))
         candidates += sorted(outside, key=lambda v: (min(abs(v - r.min), abs(v - r.max)), v))
         good = [v for v in candidates if v // m >= 2 and v not in rule.avoid]

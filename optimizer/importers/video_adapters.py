@@ -363,18 +363,23 @@ def _joy_plus_call(model, latents, reference, text, mask, timestep):
 
 
 def _joy_plus(model, config) -> Adapter:
-    """JoyImage-Edit-Plus: the target latents and one reference image (a frame at the target's size)."""
+    """JoyImage-Edit-Plus: the target latents and one reference image, each a frame (as its pipeline makes them),
+    the reference at the target's size."""
+    if patch_sizes(config)[0] != 1:
+        raise InputError(f"kiln exports {type(model).__name__} with a patch of 1 frame, not {patch_sizes(config)[0]}",
+                         hint=supported_hint())  # fmt: skip
     channels = config["in_channels"]
-    inputs = (InputRule("hidden_states", ("batch", channels, "frames", "height", "width")),
+    inputs = (InputRule("hidden_states", ("batch", channels, 1, "height", "width")),
               InputRule("reference_latents", ("batch", channels, 1, "height", "width")),
               InputRule("encoder_hidden_states", ("batch", "text_len", config["text_dim"])),
               InputRule("encoder_hidden_states_mask", ("batch", "text_len"), "mask"),
               InputRule("timestep", ("batch",), "uniform", 1000.0))  # fmt: skip
+    batch, _, height, width, text = video_dims(config)
     return Adapter(
-        type(model).__name__, "joyimage-plus", inputs, video_dims(config), call=_joy_plus_call,
-        output_axes=("batch", None, "frames", "height", "width"), patches=(JOY_PLUS_PATCH,),
-        notes=("one reference image, at the target's size, beside the target latents (the pipeline takes any "
-               "number, each at its own size); the output is the target's",),
+        type(model).__name__, "joyimage-plus", inputs, (batch, height, width, text), call=_joy_plus_call,
+        output_axes=("batch", None, None, "height", "width"), patches=(JOY_PLUS_PATCH,),
+        notes=("one reference image, at the target's size, beside the target latents, each one frame (the pipeline "
+               "takes any number of references, each at its own size); the output is the target's",),
     )  # fmt: skip
 
 
@@ -512,9 +517,24 @@ class _NearestResize:
             return torch.nn.functional.interpolate(image, size=list(size), mode="nearest")
 
 
+@contextlib.contextmanager
+def _torchvision_stand_in() -> Iterator[None]:
+    """Cosmos's module without torchvision gets _NearestResize as its transforms for the block, and only then."""
+    import diffusers.models.transformers.transformer_cosmos as module
+
+    if hasattr(module, "transforms"):
+        yield
+        return
+    module.transforms = _NearestResize
+    try:
+        yield
+    finally:
+        del module.transforms
+
+
 def _cosmos_positions(self, hidden_states):
-    """CosmosLearnablePositionalEmbed.forward with its norm's scale from the width alone: the original reads
-    sqrt(numel ratio) through numpy, which fixes the token count when traced. The ratio is 1 / width."""
+    """CosmosLearnablePositionalEmbed.forward with its norm's scale from the hidden size alone: the original
+    reads sqrt(numel ratio) through numpy, which fixes the token count when traced. The ratio is 1 / hidden size."""
     import torch
 
     batch, _, frames, height, width = hidden_states.shape
@@ -526,9 +546,9 @@ def _cosmos_positions(self, hidden_states):
 
 
 COSMOS_POSITIONS_PATCH = Patch(
-    "Cosmos's learnt positions normalised with the width's scale",
+    "Cosmos's learnt positions normalised with the hidden size's scale",
     "its learnt position embedding scales the norm by sqrt(numel ratio) computed with numpy, which fixes the token "
-    "count when traced; the ratio is 1 / width, and kiln exports that",
+    "count when traced; the ratio is 1 / hidden size, and kiln exports that",
     lambda m: _instance_method(m.learnable_pos_embed, "forward", _cosmos_positions),
 )
 
@@ -538,8 +558,9 @@ def _cosmos_call(model, latents, *rest):
     latents' size, which the model's resize keeps."""
     *condition, text, timestep = rest  # video-to-world's condition mask first
     padding = latents.new_zeros(1, 1, *latents.shape[-2:])
-    return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, fps=COSMOS_FPS,
-                 condition_mask=condition[0] if condition else None, padding_mask=padding, return_dict=False)[0]  # fmt: skip
+    with _torchvision_stand_in():
+        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, fps=COSMOS_FPS,
+                     condition_mask=condition[0] if condition else None, padding_mask=padding, return_dict=False)[0]  # fmt: skip
 
 
 def _cosmos(model, config) -> Adapter:
@@ -547,9 +568,12 @@ def _cosmos(model, config) -> Adapter:
     channel); frames, height and width are bounded by its learnt position tables (max_size)."""
     import diffusers.models.transformers.transformer_cosmos as module
 
+    if config.get("extra_pos_embed_type") != "learnable" or config.get("use_crossattn_projection"):
+        raise InputError(f"kiln exports Cosmos 1.0's {type(model).__name__} (learnt positions, no cross-attention "
+                         "projection), not this config, which is Cosmos 2's or 2.5's: their pipelines pass other fps "
+                         "and timesteps, which kiln has no adapter for yet", hint=supported_hint())  # fmt: skip
     notes = [f"fps is {COSMOS_FPS}, as Cosmos's pipelines pass; the padding mask is zeros (nothing padded), as they pass"]
     if not hasattr(module, "transforms"):
-        module.transforms = _NearestResize
         notes.append("torchvision is not installed: the padding mask's resize runs as torch's nearest interpolate, "
                      "which torchvision's resize calls for nearest")  # fmt: skip
     channels, mask_channels = config["out_channels"], config["in_channels"] - config["out_channels"]

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
     DimRule,
@@ -26,6 +27,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _instance_method,
     _module_attribute,
     _spatial,
+    supported_hint,
 )
 from kiln.targets import DimRange
 
@@ -70,12 +72,12 @@ def _replace_forwards(stack: contextlib.ExitStack, modules, class_name: str, for
 
 
 def _forwards_of(class_name: str, forward):
-    """A Patch's apply: every module of class_name in the model runs forward instead of its own."""
+    """A Patch's apply: every module of class_name in the model's decoder runs forward instead of its own."""
 
     @contextlib.contextmanager
     def apply(model):
         with contextlib.ExitStack() as stack:
-            _replace_forwards(stack, model.modules(), class_name, forward)
+            _replace_forwards(stack, model.decoder.modules(), class_name, forward)
             yield
 
     return apply
@@ -277,7 +279,11 @@ def _video_decoder(model, config) -> Adapter:
                      why=f"its decoder takes latent frames in groups of {group} (num_latent_frames_batch_size)")  # fmt: skip
     if cls == "AutoencoderKLKVAEVideo":
         most = -(-KVAE_SEGMENT // config["temporal_compress_times"])
-        frames = dataclasses.replace(frames, default=DimRange(3, 4, min(5, most)), min=3, max=most,
+        if most < 3:
+            raise InputError(f"kiln cannot export {cls} with temporal_compress_times {config['temporal_compress_times']} "
+                             f"yet: its first segment ({KVAE_SEGMENT} frames) is {most} latent frames, and one graph "
+                             "takes 3 or more", hint=supported_hint())  # fmt: skip
+        frames = dataclasses.replace(frames, default=DimRange(3, min(4, most), min(5, most)), min=3, max=most,
                                      why=f"kiln decodes one segment ({KVAE_SEGMENT} frames, {most} latent frames), "
                                      "of 3 latent frames or more (fewer take other paths when traced); its later "
                                      "segments go through a cache kiln does not export yet")  # fmt: skip

@@ -91,6 +91,18 @@ def test_non_transformers_are_refused(class_name):
     assert error.hint == SUPPORTED
 
 
+@pytest.mark.parametrize("config", [dict(extra_pos_embed_type=None), dict(extra_pos_embed_type="learnable", use_crossattn_projection=True)],
+                         ids=["cosmos2", "cosmos2.5"])  # fmt: skip
+def test_cosmos_2_configs_are_refused(config):
+    error = refusal(A.adapter_for, fake("CosmosTransformer3DModel", lambda self, hidden_states: None, **config))
+    assert error.message == (
+        "kiln exports Cosmos 1.0's CosmosTransformer3DModel (learnt positions, no cross-attention projection), not "
+        "this config, which is Cosmos 2's or 2.5's: their pipelines pass other fps and timesteps, which kiln has no "
+        "adapter for yet"
+    )
+    assert error.hint == SUPPORTED
+
+
 def test_chunked_video_vaes_are_refused():
     error = refusal(A.adapter_for, fake("AutoencoderKLMiniMaxH3", lambda self, sample: None, in_channels=3))
     assert error.message == (
