@@ -14,14 +14,14 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-# module -> (name in reports, the distributions that may provide it)
+# module -> (name in reports, the distributions that may provide it; importlib.metadata matches - and _ alike)
 LIBRARIES = {
     "onnx": ("onnx", ("onnx",)),
-    "onnx_ir": ("onnx-ir", ("onnx-ir", "onnx_ir")),
+    "onnx_ir": ("onnx-ir", ("onnx-ir",)),
     "onnxscript": ("onnxscript", ("onnxscript",)),
-    "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu", "onnxruntime_gpu")),
+    "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
     "numpy": ("numpy", ("numpy",)),
-    "ml_dtypes": ("ml_dtypes", ("ml_dtypes", "ml-dtypes")),
+    "ml_dtypes": ("ml_dtypes", ("ml-dtypes",)),
     "google.protobuf": ("protobuf", ("protobuf",)),
 }
 

@@ -31,9 +31,8 @@ CASES = {
 }  # fmt: skip
 
 
-@functools.cache
-def _export(name: str, folder: str) -> tuple:
-    """(model, adapter, export record, ONNX path) of a case, exported once for this module's tests."""
+def _export(name: str, folder: Path) -> tuple:
+    """(model, adapter, export record, ONNX path) of a case."""
     from kiln.optimizer.importers.diffusers import export
     from kiln.optimizer.importers.diffusion_adapters import adapter_for, resolve_ranges
 
@@ -41,14 +40,15 @@ def _export(name: str, folder: str) -> tuple:
     torch.manual_seed(0)
     model = getattr(diffusers, cls)(**config).eval()
     adapter = adapter_for(model)
-    path = Path(folder) / f"{name}.onnx"
+    path = folder / f"{name}.onnx"
     return model, adapter, export(model, adapter, resolve_ranges(adapter, [])[0], path), path
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("exports"))
-    return lambda name: _export(name, folder)
+    """Each case exported once for this module's tests."""
+    folder = tmp_path_factory.mktemp("exports")
+    return functools.cache(lambda name: _export(name, folder))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
