@@ -558,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
             # The program ignores them to the end: Python's finalization would put back the default
             # action in place of a handler of its own, and a signal in the shutdown would then kill it.
             signal.signal(signum, signal.SIG_IGN if as_program else handler)
+        if as_program:
+            # CPython remembers a Ctrl-C that left code run from a string (dataclasses and namedtuple exec their
+            # methods' source) and, under `python -m`, kills itself with SIGINT at exit in place of kiln's exit
+            # code. Running a string to its end clears that memory.
+            exec("pass")
 
 
 def _interrupted(json_out: bool, exc: KeyboardInterrupt) -> int:

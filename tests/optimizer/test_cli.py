@@ -473,6 +473,24 @@ def test_ctrl_c_that_a_library_wrapped_is_still_an_interruption(capsys, tmp_path
     assert code == 130 and err == "kiln: interrupted: Ctrl-C; nothing half-written was left\n"
 
 
+def test_ctrl_c_inside_code_run_from_a_string_exits_130(tmp_path):
+    """Found by the fuzzing harness: Ctrl-C while a dataclass was being made (its __init__ is exec'd from a string)
+    printed kiln's message, then `python -m kiln.optimizer.cli` died by SIGINT (-2): CPython's exit after an
+    unhandled Ctrl-C, which it had remembered from the exec."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import sys\n"
+        "import kiln.optimizer.examples\n"
+        "from kiln.optimizer.cli import main\n"
+        "def interrupted(*args):\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "kiln.optimizer.examples.write_example = interrupted\n"
+        "sys.argv = ['kiln', 'example', 'block', sys.argv[1]]\n"
+        "sys.exit(main())\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "interrupted_cli", str(tmp_path / "ex")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stderr) == (130, "kiln: interrupted: Ctrl-C; nothing half-written was left\n")
+
+
 def test_a_signal_after_the_work_is_done_changes_nothing(tmp_path):
     """Found by the fuzzing harness: SIGTERM during the interpreter's shutdown killed kiln (-15) after it
     had written its output and chosen exit 0. Here the signal comes during the shutdown, from atexit."""
