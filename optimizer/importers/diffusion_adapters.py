@@ -48,6 +48,7 @@ class InputRule:
     axes: tuple[str | int, ...]
     # normal: N(0, 1) floats; uniform: floats in [0, high); int: int64 in [0, high); mask: int64 [batch, n]
     # attention masks of the form a tokenizer gives (ones, then zeros for the padding; at least one token);
+    # left_mask: the same, padded on the left;
     # bool: booleans, each true or false with even odds
     kind: str = "normal"
     high: float = 1.0
@@ -95,7 +96,7 @@ class Adapter:
         """Integer inputs and the [low, high) their values come from (an embedding table's size); masks are
         all ones in kiln's random inputs (verification against PyTorch takes padded ones too)."""
         ranges = {i.name: [0, int(i.high)] for i in self.inputs if i.kind == "int"}
-        return ranges | {i.name: [1, 2] for i in self.inputs if i.kind == "mask"}
+        return ranges | {i.name: [1, 2] for i in self.inputs if i.kind in ("mask", "left_mask")}
 
 
 def _align_up(value: int, multiple: int) -> int:
@@ -567,33 +568,29 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 
 # Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
 NOT_YET = {
-    "Cosmos3OmniTransformer": ("it takes one packed multimodal sequence: text token ids, vision tokens and each one's "
-                               "index in the sequence, with its lengths as Python ints (und_len, sequence_length)"),
-    "Ideogram4Transformer2DModel": ("it takes one packed sequence of text and image slots with per-token position, segment "
-                                    "and indicator ids, which kiln has no adapter to build yet"),
-    "MiniMaxH3Transformer3DModel": ("it takes one packed sequence of video, audio and text rows with each row's "
-                                    "timestep index, modality tag and position, and the rows' places in it "
-                                    "(video_indices, audio_indices, text_indices), which kiln has no adapter to build yet"),
-    "OmniGenTransformer2DModel": ("it takes a prompt's token ids with input images interleaved (input_ids, "
-                                  "input_img_latents and input_image_sizes as Python lists)"),
     "WanAnimate2Transformer3DModel": ("its generation step reads a key-value cache that a reference pass over the driving "
                                       "video fills (kv_cache, kv_cache_mode)"),
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
 }
-NOT_IMAGE = ("AceStepTransformer1DModel", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")
+OTHER_AUDIO = ("LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")  # audio models beside ACE-Step
 
 
 def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
     from kiln.optimizer.importers import (  # they build on this module
+        ace_step_adapters,
+        cosmos3_adapters,
         cropped_rope,
         glm_adapters,
         hidream_adapters,
         hunyuan_adapters,
+        ideogram_adapters,
         lumina_adapters,
         lumina_next_adapters,
+        minimax_adapters,
         noisy_decoders,
+        omnigen_adapters,
         packed_adapters,
         qwen_adapters,
         video_adapters,
@@ -604,7 +601,9 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     return {**FAMILIES, **packed_adapters.FAMILIES, **qwen_adapters.FAMILIES, **lumina_adapters.FAMILIES,
             **hidream_adapters.FAMILIES, **cropped_rope.FAMILIES, **video_adapters.FAMILIES,
             **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
-            **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES, **lumina_next_adapters.FAMILIES}  # fmt: skip
+            **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES, **lumina_next_adapters.FAMILIES,
+            **ideogram_adapters.FAMILIES, **minimax_adapters.FAMILIES, **cosmos3_adapters.FAMILIES,
+            **omnigen_adapters.FAMILIES, **ace_step_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -627,9 +626,9 @@ def adapter_for(model, step: bool = False) -> Adapter:
         return families[name](model, config)
     if name in NOT_YET:
         raise InputError(f"kiln cannot export {name} yet: {NOT_YET[name]}", hint=supported_hint())
-    if name in NOT_IMAGE:
-        raise InputError(f"kiln does not export {name}: it is not an image or video model (kiln optimizes image "
-                         "and video transformers and VAE decoders)", hint=supported_hint())  # fmt: skip
+    if name in OTHER_AUDIO:
+        raise InputError(f"kiln has no adapter for {name} yet: it is an audio model, and the one audio transformer "
+                         "kiln exports is ACE-Step's", hint=supported_hint())  # fmt: skip
     if name.startswith("Autoencoder") or name == "LTX2VideoDiffusionDecoderModel":
         decoders = ", ".join(n for n in sorted({*families, *STEP_FAMILIES}) if "Autoencoder" in n or "Decoder" in n or n == "VQModel")
         raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; this one "
@@ -782,9 +781,10 @@ def make_inputs(adapter: Adapter, sizes: Mapping[str, int], seed: int) -> list:
     for rule, shape in zip(adapter.inputs, input_shapes(adapter, sizes).values(), strict=True):
         if rule.kind == "int":
             tensors.append(torch.randint(0, int(rule.high), shape, generator=generator, dtype=torch.int64))
-        elif rule.kind == "mask":
+        elif rule.kind in ("mask", "left_mask"):
             kept = torch.randint(1, shape[-1] + 1, (*shape[:-1], 1), generator=generator)
-            tensors.append((torch.arange(shape[-1]) < kept).to(torch.int64))
+            mask = (torch.arange(shape[-1]) < kept).to(torch.int64)
+            tensors.append(mask.flip(-1) if rule.kind == "left_mask" else mask)
         elif rule.kind == "bool":
             tensors.append(torch.randint(0, 2, shape, generator=generator) == 1)
         elif rule.kind == "uniform":

@@ -22,21 +22,22 @@ CASES = {case.name: case for case in suite.TRANSFORMERS + suite.VAES}
 
 # Imported, verified in fp32 and in fp16.
 IMPORTED = {
-    "AllegroTransformer3DModel", "AnyFlowTransformer3DModel", "AuraFlowTransformer2DModel",
+    "AceStepTransformer1DModel", "AllegroTransformer3DModel", "AnyFlowTransformer3DModel", "AuraFlowTransformer2DModel",
     "BriaFiboTransformer2DModel", "BriaTransformer2DModel", "ChromaTransformer2DModel",
     "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel[cogvideox_1_0]",
     "CogVideoXTransformer3DModel[cogvideox_1_5]", "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
-    "ConsisIDTransformer3DModel", "CosmosTransformer3DModel[text_to_world]", "CosmosTransformer3DModel[video_to_world]",
+    "ConsisIDTransformer3DModel", "Cosmos3OmniTransformer[action_workflow]", "Cosmos3OmniTransformer[default_1x1]",
+    "CosmosTransformer3DModel[text_to_world]", "CosmosTransformer3DModel[video_to_world]",
     "DiTTransformer2DModel", "EasyAnimateTransformer3DModel",
     "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "GlmImageTransformer2DModel", "FluxTransformer2DModel",
     "FluxTransformer2DModel[guidance]", "HeliosTransformer3DModel", "HiDreamImageTransformer2DModel",
     "HunyuanDiT2DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
     "HunyuanVideoTransformer3DModel[i2v_latent_concat]", "HunyuanVideoTransformer3DModel[t2v_guidance_embeds]",
-    "HunyuanVideoTransformer3DModel[token_replace]", "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel",
+    "HunyuanVideoTransformer3DModel[token_replace]", "Ideogram4Transformer2DModel", "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel",
     "Krea2Transformer2DModel",
-    "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
+    "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel", "MiniMaxH3Transformer3DModel",
     "Lumina2Transformer2DModel", "MochiTransformer3DModel", "MotifVideoTransformer3DModel",
-    "NucleusMoEImageTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
+    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
     "PixArtTransformer2DModel", "PriorTransformer", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
     "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
@@ -56,13 +57,7 @@ FP32_ONLY = {
 }
 # Refused: the start of the message.
 REFUSED = {
-    "AceStepTransformer1DModel": "kiln does not export AceStepTransformer1DModel: it is not an image or video model",
     "AnyFlowFARTransformer3DModel": "kiln cannot export AnyFlowFARTransformer3DModel yet: it generates frame chunks",
-    "Cosmos3OmniTransformer[default_1x1]": "kiln cannot export Cosmos3OmniTransformer yet: it takes one packed",
-    "Cosmos3OmniTransformer[action_workflow]": "kiln cannot export Cosmos3OmniTransformer yet: it takes one packed",
-    "Ideogram4Transformer2DModel": "kiln cannot export Ideogram4Transformer2DModel yet: it takes one packed",
-    "MiniMaxH3Transformer3DModel": "kiln cannot export MiniMaxH3Transformer3DModel yet: it takes one packed",
-    "OmniGenTransformer2DModel": "kiln cannot export OmniGenTransformer2DModel yet: it takes a prompt's",
     "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLMiniMaxH3",

@@ -91,6 +91,14 @@ def test_non_transformers_are_refused(class_name):
     assert error.hint == SUPPORTED
 
 
+@pytest.mark.parametrize("class_name", ["LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel"])
+def test_audio_models_beside_ace_step_are_refused(class_name):
+    error = refusal(A.adapter_for, fake(class_name, lambda self, hidden_states, timestep: None, in_channels=4))
+    assert error.message == (
+        f"kiln has no adapter for {class_name} yet: it is an audio model, and the one audio transformer kiln exports is ACE-Step's"
+    )
+
+
 @pytest.mark.parametrize("config", [dict(extra_pos_embed_type=None), dict(extra_pos_embed_type="learnable", use_crossattn_projection=True)],
                          ids=["cosmos2", "cosmos2.5"])  # fmt: skip
 def test_cosmos_2_configs_are_refused(config):
@@ -301,3 +309,33 @@ def test_consistency_decoder_noise_input_holds_diffusers_draws():
         want = model.decode(latents, generator=torch.Generator().manual_seed(7)).sample
         got = adapter.call(model, latents, folded)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_omnigen_layout_is_its_pipelines():
+    """OmniGen's positions and attention mask, made in the graph from the left-padded tokenizer mask, are what
+    its pipeline's collator makes for a batch of prompts of different lengths."""
+    import torch
+    from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator
+
+    from kiln.optimizer.importers.omnigen_adapters import sequence_layout
+
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+    positions, mask = sequence_layout(text_mask, image_tokens=4)
+    collator = OmniGenCollator()
+    assert torch.equal(positions, collator.create_position(text_mask, [4, 4, 4]))
+    assert torch.equal(mask, collator.create_mask(text_mask, [4, 4, 4])[0])
+
+
+@pytest.mark.parametrize("length", [10, 40])  # below and past original_max_position_embeddings
+def test_omnigen_rope_factors_chosen_in_the_graph_match_the_models_if(length):
+    import torch
+    from diffusers.models.transformers.transformer_omnigen import OmniGenSuScaledRotaryEmbedding
+
+    from kiln.optimizer.importers.omnigen_adapters import _su_scaled_rope
+
+    rope = OmniGenSuScaledRotaryEmbedding(8, max_position_embeddings=64, original_max_position_embeddings=16,
+                                          rope_scaling={"long_factor": [1, 2, 3, 4], "short_factor": [1, 1.5, 2, 2.5]})  # fmt: skip
+    positions = torch.arange(length)[None].repeat(2, 1)
+    hidden = torch.zeros(2, length, 8)
+    for ours, theirs in zip(_su_scaled_rope(rope, hidden, positions), rope(hidden, positions), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
