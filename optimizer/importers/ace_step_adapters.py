@@ -28,7 +28,9 @@ def _ace_step(model, config) -> Adapter:
         type(model).__name__, "ace-step", inputs, (_batch(), frames, _text()), call=_ace_step_call,
         output_axes=("batch", "audio_len", None),
         notes=("an audio model: hidden_states are its noisy latent frames [batch, audio_len, channels], "
-               "context_latents the source latents and chunk masks its pipeline puts beside them",),
+               "context_latents the source latents and chunk masks its pipeline puts beside them",
+               "timestep_r is the mean-flow reference time; the pipeline passes timestep itself (t - r = 0), the "
+               "check takes any r in [0, 1)"),
     )  # fmt: skip
 
 

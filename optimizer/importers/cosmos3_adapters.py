@@ -13,9 +13,8 @@ sizes. The check against PyTorch calls the original forward for each row with wh
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
@@ -23,11 +22,11 @@ from kiln.optimizer.importers.diffusion_adapters import (
     InputRule,
     Patch,
     _batch,
-    _instance_method,
-    _module_attribute,
+    _forward_and_attention,
     _spatial,
     _text,
     grid_positions,
+    interleaved_mrope_angles,
 )
 from kiln.targets import DimRange
 
@@ -50,19 +49,11 @@ def positions(torch, config, text_len, frames, rows, cols):
 
 
 def _rotary(rope, ids, dtype):
-    """(cos, sin) [N, head_dim] as Cosmos3VLTextRotaryEmbedding makes them from ids [3, N] (its interleaved mRoPE:
-    frequency j turns with the row's position where j % 3 == 1, the col's where j % 3 == 2, within each axis'
-    share, else the frame's), the angles as products where it has a MatMul: kiln's fp16 build keeps the products
-    that feed cos and sin in float32, not a MatMul, and positions pass 15000 (float16 steps by 8 there)."""
+    """(cos, sin) [N, head_dim] as Cosmos3VLTextRotaryEmbedding makes them from ids [3, N] (interleaved mRoPE), the
+    angles as products where it has a MatMul: positions pass 15000, where float16 steps by 8."""
     import torch
 
-    half = rope.inv_freq.shape[0]
-    axis = [0] * half
-    for a in (1, 2):
-        for j in range(a, min(3 * rope.rope_axes_dim[a], half), 3):
-            axis[j] = a
-    # index_select: a Gather, which the fp16 build follows back to the positions (not so a GatherND)
-    angles = ids.index_select(0, torch.tensor(axis, device=ids.device)).T * rope.inv_freq.float()
+    angles = interleaved_mrope_angles(torch, ids.T, rope.inv_freq, rope.rope_axes_dim)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -118,16 +109,6 @@ def _forward(self, latents, input_ids, timestep):
     return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(batch, channels, frames, height, width)
 
 
-@contextlib.contextmanager
-def _batched(model) -> Iterator[None]:
-    """model's forward is _forward, and its attention _attention, inside the block."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_instance_method(model, "forward", _forward))
-        for layer in model.layers:
-            stack.enter_context(_module_attribute(layer.self_attn, "processor", _attention))
-        yield
-
-
 BATCHED_PATCH = Patch(
     "Cosmos 3's packed sequence on batched tensors",
     "forward packs one sample's text and vision tokens into one sequence at index tensors, with its lengths as "
@@ -135,11 +116,11 @@ BATCHED_PATCH = Patch(
     "sequence; kiln exports a forward that runs the same layers on [batch, tokens, hidden] sequences, the text "
     "first and the vision tokens after it, with the positions made from the sizes and the rotary angles as products "
     "(float32 in kiln's fp16 build)",
-    _batched,
+    lambda m: _forward_and_attention(m, _forward, m.layers, _attention),
 )
 
 
-def _sample(model, latent, input_ids, timestep):
+def _original_one_sample(model, latent, input_ids, timestep):
     """The original forward on one sample, as the pipeline calls it for text-to-image/video: latent [1, C, T, H,
     W], input_ids [L], timestep [] -> [1, C, T, H, W]."""
     import torch
@@ -164,7 +145,7 @@ def _cosmos3_call(model, latents, input_ids, timestep):
     if torch.compiler.is_exporting():
         return model(latents, input_ids, timestep)
     rows = zip(latents.split(1), input_ids, timestep, strict=True)
-    return torch.cat([_sample(model, *row) for row in rows])
+    return torch.cat([_original_one_sample(model, *row) for row in rows])
 
 
 def _cosmos3(model, config) -> Adapter:

@@ -119,6 +119,19 @@ def grid_positions(torch, rows, cols, device=None):
     return row, col
 
 
+def interleaved_mrope_angles(torch, positions, inv_freq, sections):
+    """[..., len(inv_freq)] rotary angles of interleaved mRoPE from positions [..., 3] (t, h, w): frequency k turns
+    with the h position where k % 3 == 1 and the w position where k % 3 == 2, within 3 x that axis' section, else
+    with t. As products, not the models' matmul and indexed writes: kiln's fp16 build keeps elementwise chains
+    before Sin and Cos in float32, and these positions pass float16's steps (Ideogram 4's start at 65536)."""
+    axis = [0] * inv_freq.shape[0]
+    for a in (1, 2):
+        for k in range(a, min(3 * sections[a], len(axis)), 3):
+            axis[k] = a
+    chosen = positions.float().index_select(-1, torch.tensor(axis, device=positions.device))  # a Gather, followed
+    return chosen * inv_freq.float()
+
+
 def rotate_pairs(x, cos, sin):
     """Rotary embedding on interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32: the
     complex product (x0 + i x1)(cos + i sin) in real arithmetic."""
@@ -198,6 +211,17 @@ def _instance_method(obj, name: str, function) -> Iterator[None]:
             setattr(obj, name, old)
         else:
             delattr(obj, name)
+
+
+@contextlib.contextmanager
+def _forward_and_attention(model, forward, layers, processor) -> Iterator[None]:
+    """model.forward is forward, and each layer's self-attention processor is processor, inside the block: the
+    export-time forwards that run a model's own layers on batched tensors."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instance_method(model, "forward", forward))
+        for layer in layers:
+            stack.enter_context(_module_attribute(layer.self_attn, "processor", processor))
+        yield
 
 
 # -- DiT: class-conditional, square latents -------------------------------------------------------
@@ -568,8 +592,6 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 
 # Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
 NOT_YET = {
-    "WanAnimate2Transformer3DModel": ("its generation step reads a key-value cache that a reference pass over the driving "
-                                      "video fills (kv_cache, kv_cache_mode)"),
     "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
                                      "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
 }
@@ -595,6 +617,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
         qwen_adapters,
         video_adapters,
         video_decoders,
+        wan_animate2_adapters,
         z_image_adapters,
     )
 
@@ -603,7 +626,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
             **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
             **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES, **lumina_next_adapters.FAMILIES,
             **ideogram_adapters.FAMILIES, **minimax_adapters.FAMILIES, **cosmos3_adapters.FAMILIES,
-            **omnigen_adapters.FAMILIES, **ace_step_adapters.FAMILIES}  # fmt: skip
+            **omnigen_adapters.FAMILIES, **ace_step_adapters.FAMILIES, **wan_animate2_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -627,8 +650,8 @@ def adapter_for(model, step: bool = False) -> Adapter:
     if name in NOT_YET:
         raise InputError(f"kiln cannot export {name} yet: {NOT_YET[name]}", hint=supported_hint())
     if name in OTHER_AUDIO:
-        raise InputError(f"kiln has no adapter for {name} yet: it is an audio model, and the one audio transformer "
-                         "kiln exports is ACE-Step's", hint=supported_hint())  # fmt: skip
+        raise InputError(f"kiln has no adapter for {name} yet: it is an audio-only model, and the one audio-only "
+                         "transformer kiln exports is ACE-Step's", hint=supported_hint())  # fmt: skip
     if name.startswith("Autoencoder") or name == "LTX2VideoDiffusionDecoderModel":
         decoders = ", ".join(n for n in sorted({*families, *STEP_FAMILIES}) if "Autoencoder" in n or "Decoder" in n or n == "VQModel")
         raise InputError(f"kiln has no adapter for {name} yet: kiln exports the decoders of {decoders}; this one "

@@ -23,10 +23,12 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _spatial,
     _text,
     grid_positions,
+    interleaved_mrope_angles,
 )
 
 PATCH = 2  # latent pixels per token, each way (the pipeline's patch_size)
-# The model's role indicators and the image positions' offset (transformer_ideogram4's constants).
+# The role indicators (image and text as transformer_ideogram4 names them; 0 where the pipeline leaves its zeros)
+# and the image positions' offset.
 PAD, IMAGE, TEXT = 0, 2, 3
 IMAGE_OFFSET = 65536
 
@@ -48,7 +50,8 @@ def _unpack(tokens, height, width):
 
 def _text_ids(torch, mask):
     """(position ids [batch, text_len, 3], segment ids, indicator) of the text slots: the i-th token of the mask at
-    (i, i, i), in segment 1, marked as text; padding at 0, in segment -1 (alone), marked as padding."""
+    (i, i, i), in segment 1, marked as text; padding at 0, in segment -1 (apart from the text and image),
+    marked as padding."""
     kept = mask > 0
     i = torch.where(kept, mask.cumsum(dim=1) - 1, 0)
     return i[..., None].expand(-1, -1, 3), torch.where(kept, 1, -1), torch.where(kept, TEXT, PAD)
@@ -64,16 +67,10 @@ def _image_ids(torch, batch, rows, cols, device):
 
 
 def _mrope(self, position_ids):
-    """Ideogram4MRoPE.forward as elementwise products: frequency k turns by the position on its axis (t, h or w,
-    interleaved as mrope_section says) times inv_freq[k], the angle the model's matmul and indexed writes make."""
+    """Ideogram4MRoPE.forward with the angles its matmul and indexed writes make, as products."""
     import torch
 
-    axis = [0] * self.inv_freq.shape[0]
-    for a in (1, 2):
-        for k in range(a, self.mrope_section[a] * 3, 3):
-            axis[k] = a
-    positions = position_ids.float().index_select(-1, torch.tensor(axis, device=position_ids.device))
-    angles = positions * self.inv_freq.float()
+    angles = interleaved_mrope_angles(torch, position_ids, self.inv_freq, self.mrope_section)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import Adapter, DimRule, InputRule, grid_positions, supported_hint
-from kiln.optimizer.importers.video_adapters import patch_sizes, video_dims
+from kiln.optimizer.importers.hunyuan_adapters import _unpatchify
+from kiln.optimizer.importers.video_adapters import _patches, patch_sizes, video_dims
 from kiln.targets import DimRange
 
 STEREO = 2  # the pipeline's audio channels, packed channel-major (MINIMAX_H3_AUDIO_CHANNELS)
@@ -75,20 +76,7 @@ def layout(torch, text_len, audio_len, frames, height, width, patch: int, device
     return positions, tags, timestep_indices
 
 
-def _pack(latents, patch: int):
-    """[batch, C, frames, H, W] -> [batch, frames (H/p)(W/p), C p p]: rows frame by frame, patches row by row."""
-    b, c, f, h, w = latents.shape
-    rows = latents.reshape(b, c, f, h // patch, patch, w // patch, patch).permute(0, 2, 3, 5, 1, 4, 6)
-    return rows.reshape(b, f * (h // patch) * (w // patch), c * patch * patch)
-
-
-def _unpack(rows, frames: int, height: int, width: int, patch: int):
-    b, _, d = rows.shape
-    grid = rows.reshape(b, frames, height // patch, width // patch, d // (patch * patch), patch, patch)
-    return grid.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, -1, frames, height, width)
-
-
-def _call(model, latents, audio, text, timestep, audio_timestep):
+def _minimax_h3_call(model, latents, audio, text, timestep, audio_timestep):
     """One t2va step: the layout made from the sizes, the rows placed [text | audio | video], both outputs unpacked."""
     import torch
 
@@ -98,20 +86,21 @@ def _call(model, latents, audio, text, timestep, audio_timestep):
     index = torch.arange(positions.shape[0], device=latents.device)
     audio_end = text_len + STEREO * audio_len
     video, sound = model(
-        hidden_states=_pack(latents, patch),
+        hidden_states=_patches(latents, 1, patch, patch).flatten(2),  # rows frame by frame, patches row by row
         audio_hidden_states=audio.transpose(2, 3).reshape(b, STEREO * audio_len, -1),  # channel-major rows
         encoder_hidden_states=text,
         timestep=torch.cat([timestep[:1], audio_timestep[:1]]),  # one pair for the whole batch: see the notes
         timestep_indices=timestep_indices, token_tags=tags, position_ids=positions,
         video_indices=index[audio_end:], audio_indices=index[text_len:audio_end], text_indices=index[:text_len],
         return_dict=False)  # fmt: skip
-    return _unpack(video, frames, height, width, patch), sound.reshape(b, STEREO, audio_len, -1).transpose(2, 3)
+    video = _unpatchify(video, frames, height // patch, width // patch, 1, patch)
+    return video, sound.reshape(b, STEREO, audio_len, -1).transpose(2, 3)
 
 
 def _minimax_h3(model, config) -> Adapter:
     patch_t, patch = patch_sizes(config)
-    if patch_t != 1:  # the pipeline's rotary grid places one latent frame a patch
-        raise InputError(f"kiln exports {type(model).__name__} with a patch of 1 frame, not {patch_t}",
+    if patch_t != 1 or config["patch_size"][-1] != patch:  # the pipeline's rotary grid: one frame, square patches
+        raise InputError(f"kiln exports {type(model).__name__} with patches of 1 frame, square, not {config['patch_size']}",
                          hint=supported_hint())  # fmt: skip
     inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "frames", "height", "width")),
               InputRule("audio_hidden_states", ("batch", STEREO, config["audio_in_channels"], "audio_len")),
@@ -120,7 +109,7 @@ def _minimax_h3(model, config) -> Adapter:
               InputRule("audio_timestep", ("batch",), "uniform", 1.0))  # fmt: skip
     return Adapter(
         type(model).__name__, "minimax-h3", inputs, (*video_dims(config), DimRule("audio_len", DimRange(4, 8, 16))),
-        call=_call, outputs=("sample", "audio_sample"), output_axes=("batch", None, "frames", "height", "width"),
+        call=_minimax_h3_call, outputs=("sample", "audio_sample"), output_axes=("batch", None, "frames", "height", "width"),
         output_like={"audio_sample": "audio_hidden_states"},
         notes=("text to video and audio (the pipeline's t2va): video latents [batch, C, frames, height, width], "
                "stereo audio latents [batch, 2, C, audio_len]; the packed layout [text | audio | video], its rotary "

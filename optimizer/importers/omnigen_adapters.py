@@ -21,7 +21,6 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _instance_method,
     _spatial,
     _text,
-    timestep_high,
 )
 
 
@@ -82,19 +81,24 @@ def _omnigen_call(model, latents, input_ids, text_mask, timestep):
 
 def _omnigen(model, config) -> Adapter:
     p = config["patch_size"]
-    height = DimRule("height", _spatial(p), multiple=p, max=config["pos_embed_max_size"] * p,
+    side = config["pos_embed_max_size"] * p
+    height = DimRule("height", _spatial(p, side), multiple=p, max=side,
                      why=f"a patch is {p}x{p} latent pixels, and the positional table holds {config['pos_embed_max_size']} a side")  # fmt: skip
     inputs = (InputRule("hidden_states", ("batch", config["in_channels"], "height", "width")),
               InputRule("input_ids", ("batch", "text_len"), "int", config["vocab_size"]),
               InputRule("attention_mask", ("batch", "text_len"), "left_mask"),
-              InputRule("timestep", ("batch",), "uniform", timestep_high(model, config)))  # fmt: skip
+              InputRule("timestep", ("batch",), "uniform", 1.0))  # fmt: skip
     return Adapter(
         type(model).__name__, "omnigen", inputs, (_batch(), height, dataclasses.replace(height, name="width"), _text()),
         call=_omnigen_call, patches=(ROPE_PATCH,),
         notes=("text-to-image: the prompt's token ids and its tokenizer mask (left-padded, as the pipeline pads) are "
                "taken; input images interleaved in the prompt are not",
                "the position ids and the causal-then-bidirectional attention mask are made in the graph from the "
-               "mask and the latents' size, as the pipeline makes them"),
+               "mask and the latents' size, as the pipeline makes them",
+               "the model turns every row by the first row's positions: batch the rows as the pipeline does (the "
+               "conditional prompt first, its guidance rows after it in the same call)",
+               "timestep is the flow time in [0, 1), as the pipeline's scheduler gives it in diffusers' tests "
+               "(num_train_timesteps 1)"),
     )  # fmt: skip
 
 

@@ -40,7 +40,7 @@ IMPORTED = {
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel", "PRXTransformer2DModel",
     "PixArtTransformer2DModel", "PriorTransformer", "QwenImageTransformer2DModel", "QwenImageTransformer2DModel[layered]",
     "SD3Transformer2DModel[sd3.5]", "SD3Transformer2DModel[sd3]", "SanaVideoTransformer3DModel",
-    "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
+    "SkyReelsV2Transformer3DModel", "TransformerTemporalModel", "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel", "WanVACETransformer3DModel",
     "ZImageTransformer2DModel", "AsymmetricAutoencoderKL", "AutoencoderKL", "AutoencoderKLCogVideoX", "AutoencoderKLCosmos",
     "AutoencoderKLHunyuanVideo", "AutoencoderKLKVAE", "AutoencoderKLKVAEVideo", "AutoencoderKLLTX2Video", "AutoencoderKLLTXVideo[ltx_0.9.0]",
     "AutoencoderKLLTXVideo[ltx_0.9.1]", "AutoencoderKLMagvit",
@@ -58,7 +58,6 @@ FP32_ONLY = {
 # Refused: the start of the message.
 REFUSED = {
     "AnyFlowFARTransformer3DModel": "kiln cannot export AnyFlowFARTransformer3DModel yet: it generates frame chunks",
-    "WanAnimate2Transformer3DModel": "kiln cannot export WanAnimate2Transformer3DModel yet: its generation step",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},

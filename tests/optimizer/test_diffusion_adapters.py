@@ -95,7 +95,8 @@ def test_non_transformers_are_refused(class_name):
 def test_audio_models_beside_ace_step_are_refused(class_name):
     error = refusal(A.adapter_for, fake(class_name, lambda self, hidden_states, timestep: None, in_channels=4))
     assert error.message == (
-        f"kiln has no adapter for {class_name} yet: it is an audio model, and the one audio transformer kiln exports is ACE-Step's"
+        f"kiln has no adapter for {class_name} yet: it is an audio-only model, and the one audio-only transformer kiln "
+        "exports is ACE-Step's"
     )
 
 
@@ -339,3 +340,75 @@ def test_omnigen_rope_factors_chosen_in_the_graph_match_the_models_if(length):
     hidden = torch.zeros(2, length, 8)
     for ours, theirs in zip(_su_scaled_rope(rope, hidden, positions), rope(hidden, positions), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_ideogram_layout_is_its_pipelines():
+    """Ideogram 4's position, segment and indicator ids, made in the graph from the left-padded mask and the grid,
+    are what its pipeline's _prepare_ids makes for prompts of different lengths."""
+    import torch
+    from diffusers.models.transformers import transformer_ideogram4 as model_module
+    from pipeline_source import pipeline_definitions
+
+    from kiln.optimizer.importers.ideogram_adapters import _image_ids, _text_ids
+
+    constants = {n: getattr(model_module, n) for n in ("IMAGE_POSITION_OFFSET", "LLM_TOKEN_INDICATOR",
+                                                        "OUTPUT_IMAGE_INDICATOR", "SEQUENCE_PADDING_INDICATOR")}  # fmt: skip
+    pipeline = pipeline_definitions("pipelines.ideogram4.pipeline_ideogram4", "_prepare_ids", torch=torch, **constants)
+    lengths, text_len, rows, cols = [5, 2, 3], 5, 3, 4
+    mask = (torch.arange(text_len) >= text_len - torch.tensor(lengths)[:, None]).long()  # left-padded
+    ours = [torch.cat(pair, dim=1) for pair in zip(_text_ids(torch, mask), _image_ids(torch, 3, rows, cols, None), strict=True)]
+    theirs = pipeline._prepare_ids(lengths, rows, cols, text_len, "cpu")
+    real = mask.bool()  # padding: the pipeline's zeros and kiln's ids may differ where nothing reads them
+    for got, want in zip(ours, theirs, strict=True):
+        assert torch.equal(got[:, text_len:], want[:, text_len:])
+        assert torch.equal(got[:, :text_len][real], want[:, :text_len][real])
+
+
+@pytest.mark.parametrize("config", [
+    dict(base_fps=24, enable_fps_modulation=False, unified_3d_mrope_reset_spatial_ids=True, unified_3d_mrope_temporal_modality_margin=10),
+    dict(base_fps=30, enable_fps_modulation=True, unified_3d_mrope_reset_spatial_ids=False, unified_3d_mrope_temporal_modality_margin=3),
+], ids=["plain", "fps-modulated"])  # fmt: skip
+@pytest.mark.parametrize("sizes", [(5, 1, 2, 3), (2, 4, 3, 2)], ids=["image", "video"])
+def test_cosmos3_positions_are_its_pipelines(config, sizes):
+    """Cosmos 3's mRoPE positions, made in the graph from the sizes, are what its pipeline's helpers make."""
+    import math
+
+    import torch
+    from pipeline_source import pipeline_definitions
+
+    from kiln.optimizer.importers.cosmos3_adapters import PIPELINE_FPS, positions
+
+    pipeline = pipeline_definitions("pipelines.cosmos.pipeline_cosmos3_omni", "get_3d_mrope_ids_text_tokens",
+                                    "get_3d_mrope_ids_vae_tokens", torch=torch, math=math)  # fmt: skip
+    text_len, frames, rows, cols = sizes
+    text, offset = pipeline.get_3d_mrope_ids_text_tokens(text_len, 0, use_float_positions=config["enable_fps_modulation"])
+    vision, _ = pipeline.get_3d_mrope_ids_vae_tokens(
+        frames, rows, cols, offset + config["unified_3d_mrope_temporal_modality_margin"],
+        reset_spatial_indices=config["unified_3d_mrope_reset_spatial_ids"],
+        fps=PIPELINE_FPS if config["enable_fps_modulation"] else None, base_fps=float(config["base_fps"]))  # fmt: skip
+    torch.testing.assert_close(positions(torch, config, text_len, frames, rows, cols), torch.cat([text, vision], 1).float(),
+                               rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes", [(3, 1, 10, 14, 5), (7, 5, 18, 8, 13), (2, 6, 6, 20, 2)])
+def test_minimax_h3_layout_is_its_pipelines(sizes):
+    """MiniMax-H3's t2va layout, made in the graph from the sizes, is what its modular pipeline's
+    build_packed_sequence and build_row_timesteps make (positions to float32's rounding of their float64)."""
+    import numpy as np
+    import torch
+    from pipeline_source import pipeline_definitions
+
+    from kiln.optimizer.importers.minimax_adapters import AUDIO_TAG, STEREO, TEXT_TAG, VIDEO_TAG, layout
+
+    pipeline = pipeline_definitions(
+        "modular_pipelines.minimax_h3.before_denoise", "_ROPE_FRAME_RESCALE", "_ROPE_FRAMES_PER_LATENT",
+        "_ROPE_SPATIAL_SCALE", "_spatial_position_grid", "_frame_position_grid", "_temporal_position_grid",
+        "build_packed_sequence", "build_row_timesteps", torch=torch, np=np)  # fmt: skip
+    text_len, frames, height, width, audio_len = sizes
+    positions, tags, _, audio, _, _, _ = pipeline.build_packed_sequence(
+        torch.full((text_len,), TEXT_TAG), frames, height, width, audio_len, (1, 2, 2), STEREO, AUDIO_TAG, VIDEO_TAG)
+    video = torch.arange(text_len + STEREO * audio_len, positions.shape[0])
+    _, indices = pipeline.build_row_timesteps(video, audio, 0, 0, text_len, 0.25, 0.75, 0.25, 1.0)
+    got = layout(torch, text_len, audio_len, frames, height, width, 2, None)
+    torch.testing.assert_close(got[0], positions.float(), rtol=0, atol=4e-6)
+    assert torch.equal(got[1], tags) and torch.equal(got[2], indices)
