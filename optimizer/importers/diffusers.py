@@ -233,13 +233,11 @@ def _export_dims(adapter: Adapter, ranges: Mapping[str, DimRange], sizes: Mappin
     dims: dict[str, object] = {}
     for rule in adapter.dynamic_dims:
         r, m, size = ranges[rule.name], rule.multiple, sizes[rule.name]
-        if r.min == r.max == size:  # one size given (--shapes height=60): static in the export, as in the engine
-            continue
         lo, hi = max(1, min(r.min, size) // m), max(r.max, size + m) // m
         # The export's dim reaches a step past the traced size: traced at the top of its range, torch.export
         # can take a transposed tensor for a contiguous one and write a view that fails (LTX-Video, batch=1..2)
         dims[rule.name] = Dim(rule.name, min=lo, max=hi) if m == 1 else m * Dim(f"{rule.name}_over_{m}", min=lo, max=hi)
-    dims.update({r.name: dims[r.same_as] for r in adapter.dims if r.same_as is not None and r.same_as in dims})
+    dims.update({r.name: dims[r.same_as] for r in adapter.dims if r.same_as is not None})
     for axis in {a for i in adapter.inputs for a in i.axes if isinstance(a, str) and a not in dims}:
         if base_dim(axis) in dims:
             dims[axis] = _derived_export_dim(adapter, axis, dims)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
     Adapter,
     DimRule,
@@ -26,6 +27,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _spatial,
     _text,
     rotate_pairs,
+    supported_hint,
 )
 from kiln.optimizer.importers.video_adapters import CLIP_IMAGE_TOKENS
 from kiln.targets import DimRange
@@ -181,6 +183,9 @@ def _call_for(names):
 
 def _wan_animate2(model, config) -> Adapter:
     pt, ph, pw = config["patch_size"]
+    if (pt, ph, pw) != (1, 2, 2):  # the cached pass sizes its block mask for 1x2x2 patches (origin_area // 256)
+        raise InputError(f"kiln exports {type(model).__name__} with patches of 1x2x2, as its block mask assumes, "
+                         f"not {pt}x{ph}x{pw}", hint=supported_hint())  # fmt: skip
     heads, layers = config["num_heads"], config["num_layers"]
     head_dim = config["dim"] // heads
     latent = config["out_dim"]
@@ -208,8 +213,8 @@ def _wan_animate2(model, config) -> Adapter:
         f"[{layers} layers, batch, frames, height/{ph}, width/{pw}, {heads} heads, {head_dim}] (each layer's "
         "WanAnimate2KVLayerCache key or value, its tokens unflattened to the reference grid)",
         "the segment fills the pipeline's whole block-mask buffer (origin_len = 4·frames − 3 pixel frames, "
-        "origin_area = 8·height × 8·width pixels), as the pipeline always runs it; the mask is dense, without the "
-        "128-aligned padding, which attends to nothing",
+        "origin_area = 8·height × 8·width pixels), as the pipeline runs segments of 4n + 1 frames (its default, "
+        "81); the mask is dense, without the 128-aligned padding, which attends to nothing",
         "rotary angles in float32 (the original's rope_apply is float64)",
     ]
     if layers > UNCOND_SKIPPED_BLOCK:

@@ -19,8 +19,9 @@ def pipeline_definitions(module: str, *names: str, **namespace) -> types.SimpleN
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in names]
     for function in functions:
         function.decorator_list = []  # staticmethod, torch.no_grad: plain functions here
-    found = {getattr(t, "id", None) for n in constants for t in n.targets} | {f.name for f in functions}
-    assert found == set(names), f"{module} lacks {set(names) - found}"
+    found = [getattr(t, "id", None) for n in constants for t in n.targets if getattr(t, "id", None) in names]
+    found += [f.name for f in functions]
+    assert sorted(found) == sorted(names), f"{module}: {sorted(names)} not each defined once, found {sorted(found)}"
     scope = dict(namespace)
     exec(compile(ast.Module(body=[*constants, *functions], type_ignores=[]), str(path), "exec"), scope)
     return types.SimpleNamespace(**{name: scope[name] for name in names})
