@@ -49,7 +49,8 @@ IMPORTED = {
 }  # fmt: skip
 # Imported and verified in fp32; the fp16 engine misses fp16's tolerance (the reason, for the README).
 FP32_ONLY = {
-    "SanaTransformer2DModel": "fp16 misses its tolerance at its larger shapes (max abs 0.056; PyTorch's own fp16 0.003)",
+    "SanaTransformer2DModel": "fp16 misses its tolerance at 2 of 17 shapes (max abs 0.058 and 0.056; PyTorch's own fp16 "
+                              "on the same inputs 0.057 and 0.009)",
     "LTX2VideoTransformer3DModel": "fp16 misses its tolerance at its largest shapes (video max abs 0.064, audio 0.016; "
                                    "PyTorch's own fp16 on the CPU 0.010 and 0.012)",
     "AutoencoderDC": "fp16 misses its tolerance at the largest shapes (max abs 0.11; PyTorch's own fp16 is 0.44 off)",
