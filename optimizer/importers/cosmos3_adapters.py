@@ -116,7 +116,7 @@ BATCHED_PATCH = Patch(
     "sequence; kiln exports a forward that runs the same layers on [batch, tokens, hidden] sequences, the text "
     "first and the vision tokens after it, with the positions made from the sizes and the rotary angles as products "
     "(float32 in kiln's fp16 build)",
-    lambda m: _forward_and_attention(m, _forward, m.layers, _attention),
+    lambda m: _forward_and_attention(m, _forward, [layer.self_attn for layer in m.layers], _attention),
 )
 
 

@@ -128,7 +128,8 @@ def interleaved_mrope_angles(torch, positions, inv_freq, sections):
     for a in (1, 2):
         for k in range(a, min(3 * sections[a], len(axis)), 3):
             axis[k] = a
-    chosen = positions.float().index_select(-1, torch.tensor(axis, device=positions.device))  # a Gather, followed
+    # index_select: a Gather, which the fp16 build follows back to the positions (a GatherND it would not)
+    chosen = positions.float().index_select(-1, torch.tensor(axis, device=positions.device))
     return chosen * inv_freq.float()
 
 
@@ -214,13 +215,13 @@ def _instance_method(obj, name: str, function) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _forward_and_attention(model, forward, layers, processor) -> Iterator[None]:
-    """model.forward is forward, and each layer's self-attention processor is processor, inside the block: the
+def _forward_and_attention(model, forward, attentions, processor) -> Iterator[None]:
+    """model.forward is forward, and each of the attention modules' processor is processor, inside the block: the
     export-time forwards that run a model's own layers on batched tensors."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_instance_method(model, "forward", forward))
-        for layer in layers:
-            stack.enter_context(_module_attribute(layer.self_attn, "processor", processor))
+        for attention in attentions:
+            stack.enter_context(_module_attribute(attention, "processor", processor))
         yield
 
 
@@ -590,11 +591,6 @@ FAMILIES: dict[str, Callable[..., Adapter]] = {
 }
 
 
-# Classes kiln knows it cannot export yet, and why (each found exporting diffusers' own test configuration).
-NOT_YET = {
-    "AnyFlowFARTransformer3DModel": ("it generates frame chunks autoregressively, each step reading a key-value cache "
-                                     "of the earlier chunks under flex_attention block masks (chunk_partition, kv_cache)"),
-}
 OTHER_AUDIO = ("LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel")  # audio models beside ACE-Step
 
 
@@ -602,6 +598,7 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
     """Every class kiln has an adapter written for, and the function that makes it."""
     from kiln.optimizer.importers import (  # they build on this module
         ace_step_adapters,
+        anyflow_far_adapters,
         cosmos3_adapters,
         cropped_rope,
         glm_adapters,
@@ -626,7 +623,8 @@ def all_families() -> dict[str, Callable[..., Adapter]]:
             **hunyuan_adapters.FAMILIES, **z_image_adapters.FAMILIES, **video_decoders.FAMILIES,
             **noisy_decoders.FAMILIES, **glm_adapters.FAMILIES, **lumina_next_adapters.FAMILIES,
             **ideogram_adapters.FAMILIES, **minimax_adapters.FAMILIES, **cosmos3_adapters.FAMILIES,
-            **omnigen_adapters.FAMILIES, **ace_step_adapters.FAMILIES, **wan_animate2_adapters.FAMILIES}  # fmt: skip
+            **omnigen_adapters.FAMILIES, **ace_step_adapters.FAMILIES, **wan_animate2_adapters.FAMILIES,
+            **anyflow_far_adapters.FAMILIES}  # fmt: skip
 
 
 def supported_hint() -> str:
@@ -647,8 +645,6 @@ def adapter_for(model, step: bool = False) -> Adapter:
         return STEP_FAMILIES[name](model, config)
     if name in families:
         return families[name](model, config)
-    if name in NOT_YET:
-        raise InputError(f"kiln cannot export {name} yet: {NOT_YET[name]}", hint=supported_hint())
     if name in OTHER_AUDIO:
         raise InputError(f"kiln has no adapter for {name} yet: it is an audio-only model, and the one audio-only "
                          "transformer kiln exports is ACE-Step's", hint=supported_hint())  # fmt: skip

@@ -140,7 +140,7 @@ STEP_PATCH = Patch(
     "mask function over 128-aligned buffers, all fixed by tracing; kiln exports a forward that takes the cache as "
     "tensors, makes the rotary angles from the sizes in float32 and attends with the same pattern as a dense boolean "
     "mask over [generation | reference] keys",
-    lambda m: _forward_and_attention(m, _forward, m.blocks, _attention),
+    lambda m: _forward_and_attention(m, _forward, [block.self_attn for block in m.blocks], _attention),
 )
 
 

@@ -22,7 +22,7 @@ CASES = {case.name: case for case in suite.TRANSFORMERS + suite.VAES}
 
 # Imported, verified in fp32 and in fp16.
 IMPORTED = {
-    "AceStepTransformer1DModel", "AllegroTransformer3DModel", "AnyFlowTransformer3DModel", "AuraFlowTransformer2DModel",
+    "AceStepTransformer1DModel", "AllegroTransformer3DModel", "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel", "AuraFlowTransformer2DModel",
     "BriaFiboTransformer2DModel", "BriaTransformer2DModel", "ChromaTransformer2DModel",
     "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel[cogvideox_1_0]",
     "CogVideoXTransformer3DModel[cogvideox_1_5]", "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
@@ -58,7 +58,6 @@ FP32_ONLY = {
 }
 # Refused: the start of the message.
 REFUSED = {
-    "AnyFlowFARTransformer3DModel": "kiln cannot export AnyFlowFARTransformer3DModel yet: it generates frame chunks",
     **{name: f"kiln has no adapter for {name} yet: kiln exports the decoders of" for name in (
         "AutoencoderKLMiniMaxH3",
         "LTX2VideoDiffusionDecoderModel")},
