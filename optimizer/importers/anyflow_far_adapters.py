@@ -29,9 +29,9 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _text,
     rotate_pairs,
     supported_hint,
+    wan_grid_angles,
 )
 from kiln.optimizer.importers.video_adapters import CLIP_IMAGE_TOKENS
-from kiln.optimizer.importers.wan_animate2_adapters import _axis_angles
 from kiln.targets import DimRange
 
 FLEX_BLOCK = 128  # the flex processor pads the chunk's tokens to a multiple of this with zero keys and values
@@ -43,13 +43,9 @@ def _grid_angles(model, frames, rows, cols, start, stride):
     unit rotations, which (normalised) is the rotation at the middle position, row x stride + (stride - 1) / 2."""
     import torch
 
-    d = model.config.attention_head_dim
-    side = 2 * (d // 6)
-    shape = (frames, rows, cols, -1)
-    t = _axis_angles(torch, torch.arange(frames) + start, d - 2 * side).view(frames, 1, 1, -1)
-    h = _axis_angles(torch, torch.arange(rows) * stride + (stride - 1) / 2, side).view(1, rows, 1, -1)
-    w = _axis_angles(torch, torch.arange(cols) * stride + (stride - 1) / 2, side).view(1, 1, cols, -1)
-    return torch.cat([t.expand(shape), h.expand(shape), w.expand(shape)], dim=-1).reshape(frames * rows * cols, -1)
+    middle = (stride - 1) / 2
+    positions = (torch.arange(frames) + start, torch.arange(rows) * stride + middle, torch.arange(cols) * stride + middle)
+    return wan_grid_angles(torch, model.config.attention_head_dim, *positions)
 
 
 def rotary(model, compressed, cached, frames, rows, cols):
@@ -144,7 +140,8 @@ STEP_PATCH = Patch(
     "AnyFlow-FAR's denoising step with the chunk cache as inputs",
     "the cache-read pass takes its token counts from kv_cache_flag and chunk_partition (Python ints), reads the cache "
     "from per-layer dicts of preallocated buffers, makes its rotary tables in float64 complex numbers (the compressed "
-    "grid's by complex average pooling) and attends with flex_attention over keys padded to 128-token blocks, all "
+    "grid's by complex average pooling) and attends with flex_attention, the chunk's queries padded to a multiple of "
+    "128 with as many zero keys and values, unmasked, all "
     "fixed by tracing; kiln exports a forward that takes the caches as tensors, makes the rotary angles from the "
     "sizes in float32 and attends with an SDPA, the padding's zero keys as one zero key weighted by their count",
     lambda m: _forward_and_attention(m, _forward, [block.attn1 for block in m.blocks], _attention),
@@ -223,7 +220,8 @@ def _anyflow_far(model, config) -> Adapter:
         f"[{layers}, 2, batch, {heads}, cached_frames, height/{ph}, width/{ph}, {head_dim}]",
         f"the step of a chunk past the first {config['full_chunk_limit']}, when both caches hold frames "
         f"(compressed_frames: the chunks before the last {config['full_chunk_limit'] - 1}; cached_frames: those); "
-        "the earlier chunks, whose caches are empty, have no graph here",
+        f"the first {config['full_chunk_limit']} chunks have no graph here: the first has no cache, the next "
+        "ones only full_cache",
         "rotary angles in float32 (the original's are float64 complex numbers); the flex kernel's zero-padded keys "
         "(up to 127, as many as make the chunk's tokens a multiple of 128) take part in the softmax as there, as "
         "one zero key with an additive bias of log(their count)",

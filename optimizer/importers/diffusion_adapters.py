@@ -133,6 +133,23 @@ def interleaved_mrope_angles(torch, positions, inv_freq, sections):
     return chosen * inv_freq.float()
 
 
+def wan_grid_angles(torch, head_dim, frames, rows, cols):
+    """[len(frames) x len(rows) x len(cols), head_dim / 2] rotary angles of a token grid, in float32, as Wan's rope
+    tables make them (theta 10000; head_dim - 4 (head_dim // 6) of the dims turn with the frame position, 2
+    (head_dim // 6) each with the row's and the col's) at these positions of each axis."""
+
+    def axis(positions, dim):
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        return positions.float()[:, None] * inv_freq
+
+    side = 2 * (head_dim // 6)
+    shape = (frames.shape[0], rows.shape[0], cols.shape[0], -1)  # not len(): a symbolic size is no Python int
+    t = axis(frames, head_dim - 2 * side)[:, None, None].expand(shape)
+    h = axis(rows, side)[None, :, None].expand(shape)
+    w = axis(cols, side)[None, None, :].expand(shape)
+    return torch.cat([t, h, w], dim=-1).flatten(0, 2)
+
+
 def rotate_pairs(x, cos, sin):
     """Rotary embedding on interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in float32: the
     complex product (x0 + i x1)(cos + i sin) in real arithmetic."""

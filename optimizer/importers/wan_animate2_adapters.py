@@ -13,8 +13,9 @@ WanAnimate2KVCache with the inputs' keys and values, as the reference pass does,
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
@@ -28,20 +29,14 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _text,
     rotate_pairs,
     supported_hint,
+    wan_grid_angles,
 )
 from kiln.optimizer.importers.video_adapters import CLIP_IMAGE_TOKENS
 from kiln.targets import DimRange
 
 ROPE_TABLE = 512  # positions rope_params tabulates on each axis
-ROPE_THETA = 10000.0
 UNCOND_SKIPPED_BLOCK = 9  # the block the unconditional branch (is_uncondtion) skips
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # the Wan VAE's compression, from which the pipeline's origin_len and origin_area come
-
-
-def _axis_angles(torch, positions, dim):
-    """[n, dim / 2] angles of rope_params(·, dim) at these positions, in float32."""
-    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    return positions.float()[:, None] * inv_freq
 
 
 def rotary(model, frames, rows, cols, offsets, stride):
@@ -49,12 +44,8 @@ def rotary(model, frames, rows, cols, offsets, stride):
     with this time stride make them: frame t at t x stride + offsets[0], row and col moved by offsets[1] and [2]."""
     import torch
 
-    d = model.config.dim // model.config.num_heads
-    shape = (frames, rows, cols, -1)
-    t = _axis_angles(torch, torch.arange(frames) * stride + offsets[0], d - 4 * (d // 6)).view(frames, 1, 1, -1)
-    h = _axis_angles(torch, torch.arange(rows) + offsets[1], 2 * (d // 6)).view(1, rows, 1, -1)
-    w = _axis_angles(torch, torch.arange(cols) + offsets[2], 2 * (d // 6)).view(1, 1, cols, -1)
-    angles = torch.cat([t.expand(shape), h.expand(shape), w.expand(shape)], dim=-1).reshape(frames * rows * cols, 1, -1)
+    positions = (torch.arange(frames) * stride + offsets[0], torch.arange(rows) + offsets[1], torch.arange(cols) + offsets[2])
+    angles = wan_grid_angles(torch, model.config.dim // model.config.num_heads, *positions)[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -165,6 +156,20 @@ def _sample(model, hidden_states, condition_latents, encoder_hidden_states, time
     return out[0][0][None]
 
 
+@contextlib.contextmanager
+def _eager_block_masks() -> Iterator[None]:
+    """The model's create_mask builds its BlockMask without torch.compile inside the block: the same mask, without
+    compiling C++ kernels for the check (12 s of the tiny model's 44 s import and fp16 build, on 2 cores)."""
+    from diffusers.models.transformers import transformer_wan_animate_2 as module
+
+    compiled = module.create_block_mask
+    module.create_block_mask = lambda *args, **kwargs: compiled(*args, **{**kwargs, "_compile": False})
+    try:
+        yield
+    finally:
+        module.create_block_mask = compiled
+
+
 def _call_for(names):
     """call(model, *tensors): one pipeline call per row; while exporting, the step function (STEP_PATCH) takes the
     batch."""
@@ -176,7 +181,8 @@ def _call_for(names):
         if torch.compiler.is_exporting():
             return model(**given)
         rows = zip(*(x.split(1, dim=1 if name.startswith("reference_") else 0) for name, x in given.items()))
-        return torch.cat([_sample(model, **dict(zip(given, row))) for row in rows])
+        with _eager_block_masks():
+            return torch.cat([_sample(model, **dict(zip(given, row))) for row in rows])
 
     return call
 
