@@ -27,6 +27,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
     _forward_and_attention,
     _spatial,
     _text,
+    exported_or_original,
     rotate_pairs,
     supported_hint,
     wan_grid_angles,
@@ -162,23 +163,15 @@ def chunk_partition(config, compressed, cached, frames):
     return [compressed, cached] + [0] * (config.full_chunk_limit - 2) + [frames]
 
 
-def _call_for(names):
-    """call(model, *tensors): the pipeline's cache-read call; while exporting, the step function (STEP_PATCH)."""
-
-    def call(model, *tensors):
-        import torch
-
-        given = dict(zip(names, tensors, strict=True))
-        if torch.compiler.is_exporting():
-            return model(**given)
-        compressed, full = given.pop("compressed_cache"), given.pop("full_cache")
-        partition = chunk_partition(model.config, compressed.shape[4], full.shape[4], given["hidden_states"].shape[2])
-        flag = {"num_cached_chunks": len(partition) - 1, "is_cache_step": False}
-        out = model(**given | {"hidden_states": given["hidden_states"].transpose(1, 2)}, chunk_partition=partition,
-                    kv_cache=_original_cache(compressed, full), kv_cache_flag=flag, return_dict=False)[0]  # fmt: skip
-        return out.transpose(1, 2)
-
-    return call
+def _original_step(model, given):
+    """The pipeline's cache-read call, its cache filled with the inputs: the check the step function (STEP_PATCH)
+    is verified against."""
+    compressed, full = given.pop("compressed_cache"), given.pop("full_cache")
+    partition = chunk_partition(model.config, compressed.shape[4], full.shape[4], given["hidden_states"].shape[2])
+    flag = {"num_cached_chunks": len(partition) - 1, "is_cache_step": False}
+    out = model(**given | {"hidden_states": given["hidden_states"].transpose(1, 2)}, chunk_partition=partition,
+                kv_cache=_original_cache(compressed, full), kv_cache_flag=flag, return_dict=False)[0]  # fmt: skip
+    return out.transpose(1, 2)
 
 
 def _anyflow_far(model, config) -> Adapter:
@@ -228,7 +221,8 @@ def _anyflow_far(model, config) -> Adapter:
     )
     return Adapter(type(model).__name__, "anyflow-far", tuple(inputs),
                    (_batch(), frames, height, width, _text(), compressed, cached),
-                   call=_call_for([i.name for i in inputs]), output_axes=("batch", None, "frames", "height", "width"),
+                   call=exported_or_original([i.name for i in inputs], _original_step),
+                   output_axes=("batch", None, "frames", "height", "width"),
                    patches=(STEP_PATCH,), notes=notes)  # fmt: skip
 
 

@@ -242,6 +242,20 @@ def _forward_and_attention(model, forward, attentions, processor) -> Iterator[No
         yield
 
 
+def exported_or_original(names, original) -> Callable:
+    """An adapter's call for a model with an export-time forward (a Patch): while exporting, the patched forward
+    takes the inputs by name; otherwise original(model, inputs by name) calls the model as its pipeline does, the
+    check the export is verified against."""
+
+    def call(model, *tensors):
+        import torch
+
+        given = dict(zip(names, tensors, strict=True))
+        return model(**given) if torch.compiler.is_exporting() else original(model, given)
+
+    return call
+
+
 # -- DiT: class-conditional, square latents -------------------------------------------------------
 
 

@@ -13,9 +13,8 @@ WanAnimate2KVCache with the inputs' keys and values, as the reference pass does,
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.importers.diffusion_adapters import (
@@ -25,8 +24,10 @@ from kiln.optimizer.importers.diffusion_adapters import (
     Patch,
     _batch,
     _forward_and_attention,
+    _module_attribute,
     _spatial,
     _text,
+    exported_or_original,
     rotate_pairs,
     supported_hint,
     wan_grid_angles,
@@ -156,35 +157,23 @@ def _sample(model, hidden_states, condition_latents, encoder_hidden_states, time
     return out[0][0][None]
 
 
-@contextlib.contextmanager
-def _eager_block_masks() -> Iterator[None]:
-    """The model's create_mask builds its BlockMask without torch.compile inside the block: the same mask, without
+def _eager_block_masks():
+    """A context in which the model's create_mask builds its BlockMask without torch.compile: the same mask, without
     compiling C++ kernels for the check (12 s of the tiny model's 44 s import and fp16 build, on 2 cores)."""
     from diffusers.models.transformers import transformer_wan_animate_2 as module
 
     compiled = module.create_block_mask
-    module.create_block_mask = lambda *args, **kwargs: compiled(*args, **{**kwargs, "_compile": False})
-    try:
-        yield
-    finally:
-        module.create_block_mask = compiled
+    return _module_attribute(module, "create_block_mask",
+                             lambda *args, **kwargs: compiled(*args, **{**kwargs, "_compile": False}))  # fmt: skip
 
 
-def _call_for(names):
-    """call(model, *tensors): one pipeline call per row; while exporting, the step function (STEP_PATCH) takes the
-    batch."""
+def _original_step(model, given):
+    """One pipeline call per row, the check the step function (STEP_PATCH) is verified against."""
+    import torch
 
-    def call(model, *tensors):
-        import torch
-
-        given = dict(zip(names, tensors, strict=True))
-        if torch.compiler.is_exporting():
-            return model(**given)
-        rows = zip(*(x.split(1, dim=1 if name.startswith("reference_") else 0) for name, x in given.items()))
-        with _eager_block_masks():
-            return torch.cat([_sample(model, **dict(zip(given, row))) for row in rows])
-
-    return call
+    rows = zip(*(x.split(1, dim=1 if name.startswith("reference_") else 0) for name, x in given.items()))
+    with _eager_block_masks():
+        return torch.cat([_sample(model, **dict(zip(given, row))) for row in rows])
 
 
 def _wan_animate2(model, config) -> Adapter:
@@ -227,7 +216,8 @@ def _wan_animate2(model, config) -> Adapter:
         notes.append(f"is_uncondtion [batch] marks the rows of classifier-free guidance's unconditional branch, which "
                      f"skip block {UNCOND_SKIPPED_BLOCK} as in the pipeline; both branches can share one batch")  # fmt: skip
     return Adapter(type(model).__name__, "wan-animate-2", tuple(inputs), (_batch(), frames, height, width, text),
-                   call=_call_for([i.name for i in inputs]), output_axes=("batch", None, "frames+1", "height", "width"),
+                   call=exported_or_original([i.name for i in inputs], _original_step),
+                   output_axes=("batch", None, "frames+1", "height", "width"),
                    patches=(STEP_PATCH,), notes=tuple(notes))  # fmt: skip
 
 
