@@ -56,6 +56,17 @@ def print_table(rows: list[tuple], baseline_name: str | None = None) -> None:
             print(f"| {case} | {runner} | {ms:.2f} | {ratio} | {err:.1e} |")
 
 
+def kernel_kind(name: str) -> str:
+    """attention, GEMM or other, from a CUDA kernel's name (cuDNN's and flash kernels, cuBLAS's nvjet and
+    CUTLASS GEMMs, Triton's matmul templates): what bounds a runner that cannot change these kernels."""
+    lower = name.lower()
+    if any(k in lower for k in ("sdpa", "flash", "fmha", "attention")):
+        return "attention"
+    if any(k in lower for k in ("gemm", "nvjet", "cutlass", "xmma", "triton_tem_fused_mm", "triton_tem_fused_addmm")):
+        return "GEMM"
+    return "other"
+
+
 def profile_kernels(title: str, run, runs: int = 20) -> None:
     """Print the top CUDA kernels of run by total time; torch's profiler (CUPTI) sees every kernel in
     the process, ONNX Runtime's included."""
@@ -71,7 +82,11 @@ def profile_kernels(title: str, run, runs: int = 20) -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
     total = sum(totals.values())
-    print(f"\n{title}: {total / runs:.2f} ms of kernel time per run")
+    kinds: dict[str, float] = {}
+    for name, ms in totals.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms / runs
+    print(f"\n{title}: {total / runs:.2f} ms of kernel time per run: "
+          + ", ".join(f"{kind} {ms:.2f} ms" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print("| kernel | ms per run | share |\n|---|---|---|")
     for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:15]:
         print(f"| {name[:90]} | {ms / runs:.3f} | {ms / total:.1%} |")

@@ -160,6 +160,29 @@ def test_torchscript_fallback_is_recorded(tmp_path, monkeypatch):
     assert all(c["passed"] for c in D.verify_against_torch(model, adapter, tmp_path / "model.onnx", ranges))
 
 
+def test_a_guard_torch_cannot_prove_is_held_as_a_run_time_check(tmp_path):
+    """torch.export refuses a range when it cannot prove a guard over it (torch 2.11 on Wan's step decoder:
+    min(2w, 4w) == 2w); kiln exports again with the guard as a run-time check and says so."""
+    import numpy as np
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    class Doubles(torch.nn.Module):
+        def forward(self, *inputs):  # as kiln's wrapper takes them
+            x, width = inputs[0], inputs[0].shape[-1]
+            return x * 2 if (width * width) % 4 != 3 else x  # true at every width; sympy cannot prove it
+
+    names = types.SimpleNamespace(input_names=["x"], outputs=("y",))
+    x = torch.randn(2, 8)
+    program, fixes = D._dynamo_export(Doubles(), [x], [{1: Dim("width", min=2, max=64)}], names)
+    assert fixes[0] == ("guards torch could not prove over the ranges held as run-time checks "
+                        "(the first: ((L['inputs'][0].size()[1]*L['inputs'][0].size()[1]) % 4) != 3)")  # fmt: skip
+    program.save(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    at_5 = np.random.default_rng(0).standard_normal((2, 5), dtype=np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": at_5})[0], at_5 * 2)
+
+
 def test_sharded_safetensors_load(tmp_path):
     directory = write_model("DiTTransformer2DModel", tmp_path / "dit", max_shard_size="20KB")
     assert len(list(directory.glob("*.safetensors"))) > 1
