@@ -7,7 +7,7 @@ caches kept on the device) against diffusers' own decode, on the same latents, i
 AutoencoderKLWan at diffusers' defaults (Wan 2.1's VAE, random weights, seeded), latents 16x9x60x104: 33 frames
 of 480x832. Steps:
 1. `kiln optimize --video-decoder step --target h100 --precision fp16` at the clip's size only; the import is
-   checked on the CPU against diffusers' decode, chunk after chunk, the engine against the fp32 export;
+   checked on the GPU against diffusers' decode, chunk after chunk, the engine against the fp32 export;
 2. diffusers' decode, bf16 and fp32, on the GPU: median wall time of --runs decodes, frames per second;
 3. `kiln decode` of the same latents to a folder of PNGs: frames per second of the whole pipeline (engine,
    copies, encoding overlapped), GPU busy and engine busy from CUDA events, and PSNR of its frames against

@@ -594,11 +594,50 @@ def _compare_outputs(names, got, want, result: dict) -> None:
     result.update(worst)
 
 
+CPU_CHECK = ("CPUExecutionProvider",)
+
+
+def check_providers(target_name: str) -> tuple:
+    """The ONNX Runtime providers the import is checked on: the target's GPU when PyTorch sees one too (a
+    real-size video VAE's check takes minutes a step on the CPU), else the CPU. fp32 either way: TF32 off."""
+    import onnxruntime as ort
+
+    from kiln.optimizer.calibrate import calibration_providers
+    from kiln.targets import get_target
+
+    torch = require("torch", EXTRA, "checking an export against PyTorch")
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in calibration_providers(get_target(target_name)):
+        return CPU_CHECK
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return CPU_CHECK
+    return ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"
+
+
+@contextlib.contextmanager
+def checked_on(model, providers):
+    """model on the device of providers (check_providers) while the checks run, TF32 off; back on the CPU after."""
+    import torch
+
+    if providers == CPU_CHECK:
+        yield
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.to("cuda")
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mapping[str, DimRange],
-                         seed: int = 0) -> list[dict]:  # fmt: skip
-    """Run the export on ONNX Runtime (CPU, fp32, graph optimizations off) and the original model in PyTorch
-    on the same seeded inputs at each shape of check_sizes (min, opt, max, off-corner); returns a result
-    per shape, or raises InputError naming the first shape that fails and its error.
+                         seed: int = 0, providers=CPU_CHECK) -> list[dict]:  # fmt: skip
+    """Run the export on ONNX Runtime (fp32, graph optimizations off, on providers: check_providers) and the
+    original model in PyTorch (on the model's device) on the same seeded inputs at each shape of check_sizes
+    (min, opt, max, off-corner); returns a result per shape, or raises InputError naming the first shape
+    that fails and its error.
 
     A shape passes when the output shapes agree and max |onnx - torch| <= 1e-4 * max(1, max |torch|).
     """
@@ -607,11 +646,12 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
     torch = require("torch", EXTRA, f"checking the export of {adapter.class_name}")
     options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
     try:
-        session = ort.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(os.fspath(onnx_path), options, providers=list(providers))
     except Exception as exc:
         raise InputError(f"ONNX Runtime cannot load the export of {adapter.class_name}: {_one_line(exc)}",
                          hint="report the class to kiln, with this message") from None  # fmt: skip
     wrapper = wrapped_model(model, adapter)
+    device = next(model.parameters()).device
     results = []
     for i, (label, sizes) in enumerate(check_sizes(adapter, ranges)):
         tensors = make_inputs(adapter, sizes, seed + i)
@@ -621,8 +661,8 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
         started = time.perf_counter()
         try:
             with torch.no_grad(), quiet_libraries():
-                want = wrapper(*tensors)
-            want = [w.float().numpy() for w in (want if isinstance(want, tuple) else (want,))]
+                want = wrapper(*(t.to(device) for t in tensors))
+            want = [w.float().cpu().numpy() for w in (want if isinstance(want, tuple) else (want,))]
         except Exception as exc:
             result["error"] = f"PyTorch failed: {_one_line(exc)}"
         else:
@@ -662,10 +702,14 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     path = Path(workdir) / "imported.onnx"
     record = export(model, adapter, ranges, path)
     started = time.perf_counter()
-    checks = verify_against_torch(model, adapter, path, ranges, seed=int(getattr(options, "seed", 0)))
-    if adapter.check is not None:
-        record["decode_check"] = adapter.check(model, path, all_sizes(adapter, {k: r.opt for k, r in ranges.items()}))
+    providers = check_providers(getattr(options, "target", "cpu"))
+    with checked_on(model, providers):
+        checks = verify_against_torch(model, adapter, path, ranges, seed=int(getattr(options, "seed", 0)), providers=providers)
+        if adapter.check is not None:
+            sizes = all_sizes(adapter, {k: r.opt for k, r in ranges.items()})
+            record["decode_check"] = adapter.check(model, path, sizes, providers)
     record["verify_s"] = round(time.perf_counter() - started, 3)
+    record["checked_on"] = "cpu" if providers == CPU_CHECK else "cuda"
     diffusers = require("diffusers", EXTRA, "the diffusers importer")
     source = {
         "path": str(directory), "format": SOURCE_FORMAT, "hash": hash_directory(directory),
@@ -684,7 +728,9 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     notes += [f"export workaround: {w}" for w in record["workarounds"]]
     notes += [f"export fix: {f}" for f in record["fixes"]]
     notes.append(f"the ONNX export matches PyTorch at {len(checks)} shapes ({', '.join(c['label'] for c in checks)}); "
-                 f"worst max |diff| {worst['max_abs']:.2g} at {fmt_sizes(worst['sizes'])}")  # fmt: skip
+                 f"worst max |diff| {worst['max_abs']:.2g} at {fmt_sizes(worst['sizes'])}"
+                 + (" (checked on the GPU: PyTorch and ONNX Runtime's CUDA provider, fp32, TF32 off)"
+                    if record["checked_on"] == "cuda" else ""))  # fmt: skip
     for check in record.get("decode_check", ()):
         notes.append(f"decoded chunk after chunk, {check['frames']} latent frames {check['shape']} match diffusers' own "
                      f"decode: max |diff| {check['max_abs']:.2g}")  # fmt: skip

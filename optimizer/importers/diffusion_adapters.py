@@ -78,7 +78,7 @@ class Adapter:
     patches: tuple[Patch, ...] = ()
     notes: tuple[str, ...] = ()
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)  # written into the ONNX model's
-    check: Callable | None = None  # (model, onnx path, sizes) -> results: a check beyond the per-shape parity
+    check: Callable | None = None  # (model, onnx path, sizes, providers) -> results: a check beyond the per-shape parity
 
     def rule(self, name: str) -> DimRule:
         return next(r for r in self.dims if r.name == name)

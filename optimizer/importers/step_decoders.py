@@ -315,10 +315,10 @@ def decode_steps(run, latents, layout: StepLayout):
     return np.concatenate(clip, axis=2)
 
 
-def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, sizes, seed: int = 0) -> list[dict]:
-    """The step graph on ONNX Runtime, chunk after chunk, against diffusers' own decode of the same latents
-    (of sizes' batch, height and width), at two frame counts that take two steps or more, one with a remainder
-    for the first; InputError at the first that misses 1e-4 · max(1, max |torch|)."""
+def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, sizes, providers, seed: int = 0) -> list[dict]:
+    """The step graph on ONNX Runtime (on providers), chunk after chunk, against diffusers' own decode (on the
+    model's device) of the same latents (of sizes' batch, height and width), at two frame counts that take two
+    steps or more, one with a remainder for the first; InputError at the first that misses 1e-4 · max(1, max |torch|)."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -327,14 +327,15 @@ def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, si
     from kiln.targets.engine import session_options
 
     options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
     names = [o.name for o in session.get_outputs()]
+    device = next(model.parameters()).device
     results = []
     for count in (2 * layout.latent_frames, 2 * layout.latent_frames + 1):
         shape = (sizes["batch"], channels, count, sizes["height"], sizes["width"])
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed + count))
         with torch.no_grad():
-            want = whole_clip(model, lambda: model.decode(latents, return_dict=False)).numpy()
+            want = whole_clip(model, lambda: model.decode(latents.to(device), return_dict=False)).cpu().numpy()
         got = decode_steps(lambda feeds: dict(zip(names, session.run(None, feeds), strict=True)), latents.numpy(), layout)
         limit = 1e-4 * max(1.0, float(np.abs(want).max()))
         result = {"frames": count, "shape": list(shape), "max_abs": None, "limit": limit}
@@ -371,7 +372,7 @@ def _step_decoder(model, channels: int, run, layout: StepLayout) -> Adapter:
         output_axes=("batch", None, out_frames, f"{layout.scale}*height", f"{layout.scale}*width"),
         output_like=dict(zip(layout.cache_names("out"), layout.cache_names("in"), strict=True)),
         metadata={STEP_METADATA_KEY: layout.to_json()},
-        check=lambda m, path, sizes: check_against_decode(m, layout, channels, path, sizes),
+        check=lambda m, path, sizes, providers: check_against_decode(m, layout, channels, path, sizes, providers),
         notes=(f"the decoder of {cls} as a step function: latent_sample [batch, {channels}, {frames}, height, width], "
                f"first and {len(caches)} caches -> sample [batch, 3, frames out {layout.frames_out}, {layout.scale}*height, "
                f"{layout.scale}*width] and the caches after it; `kiln decode` runs it chunk after chunk, first=1 on a "

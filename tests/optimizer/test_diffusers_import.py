@@ -183,6 +183,20 @@ def test_a_guard_torch_cannot_prove_is_held_as_a_run_time_check(tmp_path):
     np.testing.assert_array_equal(session.run(None, {"x": at_5})[0], at_5 * 2)
 
 
+def test_the_import_is_checked_on_the_gpu_only_for_a_gpu_target_on_a_machine_with_one(monkeypatch):
+    import onnxruntime as ort
+
+    assert D.check_providers("cpu") == D.CPU_CHECK
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.check_providers("h100") == D.CPU_CHECK
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert D.check_providers("cpu") == D.CPU_CHECK
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # onnxruntime, not -gpu
+    assert D.check_providers("h100") == D.CPU_CHECK
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert D.check_providers("cuda") == (("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider")
+
+
 def test_sharded_safetensors_load(tmp_path):
     directory = write_model("DiTTransformer2DModel", tmp_path / "dit", max_shard_size="20KB")
     assert len(list(directory.glob("*.safetensors"))) > 1
