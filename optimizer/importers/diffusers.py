@@ -688,6 +688,16 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
 # -- The importer ----------------------------------------------------------------------------------
 
 
+def _check_export(model, adapter: Adapter, path: Path, ranges, seed: int, providers, record: dict) -> list[dict]:
+    """verify_against_torch and the adapter's own check (into record), on providers' device."""
+    with checked_on(model, providers):
+        checks = verify_against_torch(model, adapter, path, ranges, seed=seed, providers=providers)
+        if adapter.check is not None:
+            sizes = all_sizes(adapter, {k: r.opt for k, r in ranges.items()})
+            record["decode_check"] = adapter.check(model, path, sizes, providers)
+    return checks
+
+
 def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dict, list[str]]:
     """Load, check the ranges, export, check against PyTorch: (ONNX path, source record, notes for the report).
 
@@ -703,11 +713,15 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     record = export(model, adapter, ranges, path)
     started = time.perf_counter()
     providers = check_providers(getattr(options, "target", "cpu"))
-    with checked_on(model, providers):
-        checks = verify_against_torch(model, adapter, path, ranges, seed=int(getattr(options, "seed", 0)), providers=providers)
-        if adapter.check is not None:
-            sizes = all_sizes(adapter, {k: r.opt for k, r in ranges.items()})
-            record["decode_check"] = adapter.check(model, path, sizes, providers)
+    try:
+        checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
+    except Exception as exc:  # noqa: BLE001 - on the GPU: a mismatch, a device error, out of memory
+        if providers == CPU_CHECK:
+            raise
+        # kiln's adapters are tested on the CPU: a check that fails on the GPU is decided there
+        record["gpu_check_failed"] = _one_line(exc)
+        providers = CPU_CHECK
+        checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
     record["verify_s"] = round(time.perf_counter() - started, 3)
     record["checked_on"] = "cpu" if providers == CPU_CHECK else "cuda"
     diffusers = require("diffusers", EXTRA, "the diffusers importer")
@@ -725,6 +739,8 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
              f"{fmt_sizes(record['export_sizes'])} in {record['export_s']:.1f} s"]  # fmt: skip
     if record["fallback_reason"]:
         notes.append(f"the TorchScript exporter was used: {record['fallback_reason']}")
+    if record.get("gpu_check_failed"):
+        notes.append(f"the checks failed on the GPU and were run again on the CPU: {record['gpu_check_failed']}")
     notes += [f"export workaround: {w}" for w in record["workarounds"]]
     notes += [f"export fix: {f}" for f in record["fixes"]]
     notes.append(f"the ONNX export matches PyTorch at {len(checks)} shapes ({', '.join(c['label'] for c in checks)}); "

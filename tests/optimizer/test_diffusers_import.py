@@ -197,6 +197,17 @@ def test_the_import_is_checked_on_the_gpu_only_for_a_gpu_target_on_a_machine_wit
     assert D.check_providers("cuda") == (("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider")
 
 
+def test_checks_that_fail_on_the_gpu_are_run_again_on_the_cpu(tmp_path, monkeypatch):
+    """Here torch has no CUDA, so moving the model to the GPU fails, as a device error or running out of
+    memory would on a GPU machine: the CPU decides, and the notes say so."""
+    monkeypatch.setattr(D, "check_providers", lambda target: (("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"))
+    options = types.SimpleNamespace(shapes=[], seed=0, target="cuda")
+    _, source, notes = D.import_diffusers(write_vae(tmp_path / "vae"), tmp_path, options)
+    assert source["checked_on"] == "cpu" and all(c["passed"] for c in source["torch_parity"]["shapes"])
+    assert source["gpu_check_failed"] == "AssertionError: Torch not compiled with CUDA enabled"
+    assert "the checks failed on the GPU and were run again on the CPU: AssertionError: Torch not compiled with CUDA enabled" in notes
+
+
 def test_sharded_safetensors_load(tmp_path):
     directory = write_model("DiTTransformer2DModel", tmp_path / "dit", max_shard_size="20KB")
     assert len(list(directory.glob("*.safetensors"))) > 1
