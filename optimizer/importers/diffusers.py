@@ -623,8 +623,8 @@ def checked_on(model, providers):
         return
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model.to("cuda")
     try:
+        model.to("cuda")  # inside: a model half moved when memory runs out goes back too
         yield
     finally:
         model.to("cpu")
