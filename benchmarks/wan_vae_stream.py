@@ -1,7 +1,7 @@
 """Wan 2.1's VAE decoding a clip chunk after chunk: kiln's step engine through `kiln decode` (the frame pipeline,
 caches kept on the device) against diffusers' own decode, on the same latents, in one run.
 
-    python benchmarks/wan_vae_stream.py [--work DIR] [--runs 3]       # H100 / H200: h100 target, fp16
+    python benchmarks/wan_vae_stream.py [--work DIR] [--runs 3] [--latents 9,60,104]   # H100 / H200: h100 target, fp16
     python benchmarks/wan_vae_stream.py --smoke                       # here: the tiny test config, cpu target
 
 AutoencoderKLWan at diffusers' defaults (Wan 2.1's VAE, random weights, seeded), latents 16x9x60x104: 33 frames
@@ -50,12 +50,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kiln-wan-vae-stream"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the tiny config of diffusers' tests on the cpu target")
+    parser.add_argument("--latents", help="latent frames,height,width (default 9,60,104: 33 frames of 480x832)")
     args = parser.parse_args()
 
     import cv2
     from diffusers import AutoencoderKLWan
 
     sizes = SMOKE if args.smoke else SIZES
+    if args.latents:
+        sizes = dict(zip(("frames", "height", "width"), map(int, args.latents.split(",")), strict=True))
     device = "cpu" if args.smoke else "cuda"
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ def main() -> None:
         config = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]) if args.smoke else {}
         AutoencoderKLWan(**config).save_pretrained(vae_dir)
     h, w = sizes["height"], sizes["width"]
-    engine = work / ("step-smoke" if args.smoke else "step-fp16")
+    engine = work / f"step-{'smoke' if args.smoke else 'fp16'}-{h}x{w}"
     if not (engine / "report.json").exists():
         target = ["--target", "cpu"] if args.smoke else ["--target", "h100", "--precision", "fp16"]
         report = kiln("optimize", str(vae_dir), "-o", str(engine), "--video-decoder", "step", *target, "--bench-runs", "0",
