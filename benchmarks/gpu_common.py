@@ -60,9 +60,11 @@ def kernel_kind(name: str) -> str:
     """attention, GEMM or other, from a CUDA kernel's name (cuDNN's and flash kernels, cuBLAS's nvjet and
     CUTLASS GEMMs, Triton's matmul templates): what bounds a runner that cannot change these kernels."""
     lower = name.lower()
+    if lower.startswith("triton_"):  # named after the ops they fuse, attention's neighbours included
+        return "GEMM" if lower.startswith(("triton_tem_fused_mm", "triton_tem_fused_addmm")) else "other"
     if any(k in lower for k in ("sdpa", "flash", "fmha", "attention")):
         return "attention"
-    if any(k in lower for k in ("gemm", "nvjet", "cutlass", "xmma", "triton_tem_fused_mm", "triton_tem_fused_addmm")):
+    if any(k in lower for k in ("gemm", "nvjet", "cutlass", "xmma")):
         return "GEMM"
     return "other"
 

@@ -412,6 +412,39 @@ def _exact_rewrites() -> Iterator[list[str]]:
         rewriter._DEFAULT_REWRITE_RULES = original
 
 
+GUARD_POINTS = 1_000_000  # the most sizes a deferred guard is checked at
+
+
+def _deferred_guards_checked(ep) -> int | str:
+    """How many run-time asserts torch deferred into ep, each checked true at every size (every combination
+    of its symbols' ranges); or why the export cannot be kept: an assert false at some size, or one that
+    cannot be checked (a symbol without a finite range, too many sizes)."""
+    import itertools
+    import math
+
+    import sympy
+    import torch
+
+    ranges = {symbol: (r.lower, r.upper) for symbol, r in ep.range_constraints.items()}
+    count = 0
+    for node in ep.graph.nodes:
+        if node.target != torch.ops.aten._assert_scalar.default:
+            continue
+        expr = node.args[0].meta["val"].node.expr
+        symbols = sorted(expr.free_symbols, key=str)
+        spans = [ranges.get(s, (None, None)) for s in symbols]
+        if not all(isinstance(lo, (int, sympy.Integer)) and isinstance(hi, (int, sympy.Integer)) for lo, hi in spans):
+            return f"the guard {expr} cannot be checked: one of its sizes has no finite range"
+        sizes = [range(int(lo), int(hi) + 1) for lo, hi in spans]
+        if math.prod(len(r) for r in sizes) > GUARD_POINTS:
+            return f"the guard {expr} cannot be checked: its ranges hold more than {GUARD_POINTS} sizes"
+        for point in itertools.product(*sizes):
+            if not bool(expr.xreplace({s: sympy.Integer(v) for s, v in zip(symbols, point, strict=True)})):
+                return f"the guard {expr} is false at {dict(zip(map(str, symbols), point, strict=True))}"
+        count += 1
+    return count
+
+
 def _dynamo_export(wrapper, args, dynamic_shapes, adapter: Adapter):
     """(ONNXProgram, fixes): torch.export.export, fixes, then torch.onnx.export of the ExportedProgram.
 
@@ -427,12 +460,15 @@ def _dynamo_export(wrapper, args, dynamic_shapes, adapter: Adapter):
         if "Constraints violated" not in str(exc):
             raise
         # A guard torch could not prove over the ranges (torch 2.11 cannot prove min(2w, 4w) == 2w for the
-        # strides of Wan's step decoder): held as a run-time check instead. The verification at the
-        # profile's corners and off them is what checks the export.
+        # strides of Wan's step decoder): export with the guards as asserts, which the ONNX graph drops,
+        # and keep the export only if every one holds at every size in the ranges.
         ep = torch.export.export(wrapper, tuple(args), dynamic_shapes=(tuple(dynamic_shapes),), strict=False,
                                  prefer_deferred_runtime_asserts_over_guards=True)  # fmt: skip
+        checked = _deferred_guards_checked(ep)
+        if isinstance(checked, str):
+            raise RuntimeError(f"{_one_line(exc)}; {checked}") from None
         guard = re.search(r"generated guard (.*?)\.(\s|$)", _one_line(exc, 1000))
-        deferred.append("guards torch could not prove over the ranges held as run-time checks"
+        deferred.append(f"{checked} guard(s) torch could not prove over the ranges, checked at every size in them"
                         + (f" (the first: {guard.group(1)})" if guard else ""))
     ep, fixes, decompositions = _fix_exported_program(ep)
     with _exact_rewrites() as done, _onnx_decompositions(decompositions):
@@ -613,6 +649,21 @@ def check_providers(target_name: str) -> tuple:
     return ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"
 
 
+def checking_session(onnx_path: Path, providers):
+    """An fp32 ONNX Runtime session, graph optimizations off, on providers: on the GPU for certain when asked
+    (ONNX Runtime would otherwise fall back to the CPU, printing to stdout, and say nothing else)."""
+    import onnxruntime as ort
+
+    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
+    with contextlib.redirect_stdout(io.StringIO()):
+        session = ort.InferenceSession(os.fspath(onnx_path), options, providers=list(providers))
+    if providers != CPU_CHECK:
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"ONNX Runtime could not use its CUDA provider (it has {session.get_providers()})")
+        session.disable_fallback()
+    return session
+
+
 @contextlib.contextmanager
 def checked_on(model, providers):
     """model on the device of providers (check_providers) while the checks run, TF32 off; back on the CPU after."""
@@ -641,12 +692,9 @@ def verify_against_torch(model, adapter: Adapter, onnx_path: Path, ranges: Mappi
 
     A shape passes when the output shapes agree and max |onnx - torch| <= 1e-4 * max(1, max |torch|).
     """
-    import onnxruntime as ort
-
     torch = require("torch", EXTRA, f"checking the export of {adapter.class_name}")
-    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
     try:
-        session = ort.InferenceSession(os.fspath(onnx_path), options, providers=list(providers))
+        session = checking_session(onnx_path, providers)
     except Exception as exc:
         raise InputError(f"ONNX Runtime cannot load the export of {adapter.class_name}: {_one_line(exc)}",
                          hint="report the class to kiln, with this message") from None  # fmt: skip
@@ -713,13 +761,15 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     record = export(model, adapter, ranges, path)
     started = time.perf_counter()
     providers = check_providers(getattr(options, "target", "cpu"))
+    checks = None
     try:
         checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
     except Exception as exc:  # noqa: BLE001 - on the GPU: a mismatch, a device error, out of memory
         if providers == CPU_CHECK:
             raise
-        # kiln's adapters are tested on the CPU: a check that fails on the GPU is decided there
         record["gpu_check_failed"] = _one_line(exc)
+    if checks is None:  # kiln's adapters are tested on the CPU: a check that failed on the GPU is decided there
+        require("torch", EXTRA, "checking an export").cuda.empty_cache()  # what the failed attempt held
         providers = CPU_CHECK
         checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
     record["verify_s"] = round(time.perf_counter() - started, 3)

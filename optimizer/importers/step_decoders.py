@@ -320,14 +320,12 @@ def check_against_decode(model, layout: StepLayout, channels: int, onnx_path, si
     model's device) of the same latents (of sizes' batch, height and width), at two frame counts that take two
     steps or more, one with a remainder for the first; InputError at the first that misses 1e-4 · max(1, max |torch|)."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
+    from kiln.optimizer.importers.diffusers import checking_session
     from kiln.optimizer.importers.video_decoders import whole_clip
-    from kiln.targets.engine import session_options
 
-    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_level=4)
-    session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+    session = checking_session(onnx_path, providers)
     names = [o.name for o in session.get_outputs()]
     device = next(model.parameters()).device
     results = []

@@ -160,27 +160,36 @@ def test_torchscript_fallback_is_recorded(tmp_path, monkeypatch):
     assert all(c["passed"] for c in D.verify_against_torch(model, adapter, tmp_path / "model.onnx", ranges))
 
 
-def test_a_guard_torch_cannot_prove_is_held_as_a_run_time_check(tmp_path):
+def test_a_guard_torch_cannot_prove_is_checked_at_every_size(tmp_path):
     """torch.export refuses a range when it cannot prove a guard over it (torch 2.11 on Wan's step decoder:
-    min(2w, 4w) == 2w); kiln exports again with the guard as a run-time check and says so."""
+    min(2w, 4w) == 2w). kiln exports again with the guards as asserts, which the ONNX graph drops, and keeps
+    the export only if each holds at every size in the range."""
     import numpy as np
     import onnxruntime as ort
     from torch.export import Dim
 
     class Doubles(torch.nn.Module):
+        def __init__(self, odd_sevens: bool):
+            super().__init__()
+            self.odd_sevens = odd_sevens
+
         def forward(self, *inputs):  # as kiln's wrapper takes them
             x, width = inputs[0], inputs[0].shape[-1]
-            return x * 2 if (width * width) % 4 != 3 else x  # true at every width; sympy cannot prove it
+            # (w·w) % 4 != 3 is true at every width, and sympy cannot prove it; w % 8 != 7 is false at 7
+            return x * 2 if (width * width) % 4 != 3 and (not self.odd_sevens or width % 8 != 7) else x
 
     names = types.SimpleNamespace(input_names=["x"], outputs=("y",))
-    x = torch.randn(2, 8)
-    program, fixes = D._dynamo_export(Doubles(), [x], [{1: Dim("width", min=2, max=64)}], names)
-    assert fixes[0] == ("guards torch could not prove over the ranges held as run-time checks "
+    x, dims = torch.randn(2, 8), [{1: Dim("width", min=2, max=64)}]
+    program, fixes = D._dynamo_export(Doubles(False), [x], dims, names)
+    assert fixes[0] == ("1 guard(s) torch could not prove over the ranges, checked at every size in them "
                         "(the first: ((L['inputs'][0].size()[1]*L['inputs'][0].size()[1]) % 4) != 3)")  # fmt: skip
     program.save(str(tmp_path / "m.onnx"))
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     at_5 = np.random.default_rng(0).standard_normal((2, 5), dtype=np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": at_5})[0], at_5 * 2)
+
+    with pytest.raises(RuntimeError, match=r"; the guard Ne\(Mod\(s\d+, 8\), 7\) is false at \{'s\d+': 7\}$"):
+        D._dynamo_export(Doubles(True), [x], dims, names)
 
 
 def test_the_import_is_checked_on_the_gpu_only_for_a_gpu_target_on_a_machine_with_one(monkeypatch):
