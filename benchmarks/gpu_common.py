@@ -86,7 +86,8 @@ def profile_kernels(title: str, run, runs: int = 20) -> None:
     total = sum(totals.values())
     kinds: dict[str, float] = {}
     for name, ms in totals.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms / runs
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms / runs
     print(f"\n{title}: {total / runs:.2f} ms of kernel time per run: "
           + ", ".join(f"{kind} {ms:.2f} ms" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print("| kernel | ms per run | share |\n|---|---|---|")

@@ -45,20 +45,27 @@ def psnr(got: np.ndarray, want: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def latent_sizes(text: str) -> dict:
+    """--latents 'F,H,W' as sizes; argparse turns the ValueError into a usage error (exit 2)."""
+    values = text.split(",")
+    if len(values) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in values):
+        raise ValueError(text)
+    return dict(zip(("frames", "height", "width"), map(int, values), strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kiln-wan-vae-stream"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the tiny config of diffusers' tests on the cpu target")
-    parser.add_argument("--latents", help="latent frames,height,width (default 9,60,104: 33 frames of 480x832)")
+    parser.add_argument("--latents", type=latent_sizes, help="latent frames,height,width (default 9,60,104: 33 frames of 480x832)")
     args = parser.parse_args()
 
     import cv2
     from diffusers import AutoencoderKLWan
 
     sizes = SMOKE if args.smoke else SIZES
-    if args.latents:
-        sizes = dict(zip(("frames", "height", "width"), map(int, args.latents.split(",")), strict=True))
+    sizes = args.latents or sizes
     device = "cpu" if args.smoke else "cuda"
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

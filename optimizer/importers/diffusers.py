@@ -760,10 +760,10 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     path = Path(workdir) / "imported.onnx"
     record = export(model, adapter, ranges, path)
     started = time.perf_counter()
-    providers = check_providers(getattr(options, "target", "cpu"))
+    providers, seed = check_providers(getattr(options, "target", "cpu")), int(getattr(options, "seed", 0))
     checks = None
     try:
-        checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
+        checks = _check_export(model, adapter, path, ranges, seed, providers, record)
     except Exception as exc:  # noqa: BLE001 - on the GPU: a mismatch, a device error, out of memory
         if providers == CPU_CHECK:
             raise
@@ -771,7 +771,7 @@ def import_diffusers(directory: Path, workdir: Path, options) -> tuple[Path, dic
     if checks is None:  # kiln's adapters are tested on the CPU: a check that failed on the GPU is decided there
         require("torch", EXTRA, "checking an export").cuda.empty_cache()  # what the failed attempt held
         providers = CPU_CHECK
-        checks = _check_export(model, adapter, path, ranges, int(getattr(options, "seed", 0)), providers, record)
+        checks = _check_export(model, adapter, path, ranges, seed, providers, record)
     record["verify_s"] = round(time.perf_counter() - started, 3)
     record["checked_on"] = "cpu" if providers == CPU_CHECK else "cuda"
     diffusers = require("diffusers", EXTRA, "the diffusers importer")
