@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the tiny config of diffusers' tests on the cpu target")
     parser.add_argument("--latents", type=latent_sizes, help="latent frames,height,width (default 9,60,104: 33 frames of 480x832)")
+    parser.add_argument("--profile", action="store_true", help="then the top CUDA kernels of diffusers' bf16 decode and of kiln's")
     args = parser.parse_args()
 
     import cv2
@@ -117,6 +118,25 @@ def main() -> None:
         cell = lambda v: "" if v is None else f"{v:.0%}"  # noqa: E731
         print(f"| {name} | {fps:.1f} | {cell(busy)} | {cell(engine_busy)} |")
     print(f"\nkiln's frames against diffusers' fp32 decode: PSNR {psnr(got, want):.1f} dB")
+    if args.profile:
+        profile(vae_dir, latents, engine, work)
+
+
+def profile(vae_dir: Path, latents: torch.Tensor, engine: Path, work: Path) -> None:
+    """Kernel time by kind of one bf16 diffusers decode and of one `kiln decode` (the engine loaded once)."""
+    from diffusers import AutoencoderKLWan
+    from gpu_common import profile_kernels
+
+    from kiln.optimizer.serve.jobs import decode, open_backend
+
+    decoder = AutoencoderKLWan.from_pretrained(vae_dir).eval().to("cuda", torch.bfloat16).decode
+    z = latents.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        profile_kernels("diffusers decode bf16", lambda: decoder(z), runs=2)
+    decoder = None
+    torch.cuda.empty_cache()
+    backend = open_backend(engine)
+    profile_kernels("kiln decode", lambda: decode(backend, work / "z.npy", work / "frames", force=True), runs=2)
 
 
 if __name__ == "__main__":

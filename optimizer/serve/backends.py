@@ -37,6 +37,9 @@ class Backend(Protocol):
 
     def upload_array(self, array: np.ndarray) -> Any: ...
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A zero array made where the engine runs (a step decoder's first caches: nothing to copy)."""
+
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """The engine on feeds that upload made; outputs stay where the engine runs."""
 
@@ -68,6 +71,9 @@ class HostBackend:
 
     def upload_array(self, array: np.ndarray) -> np.ndarray:
         return array
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engine.run(self.engine.as_input_types(feeds))

@@ -136,6 +136,11 @@ class CudaBackend:
             staged = self.torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
             return staged.to("cuda", non_blocking=True)
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        with self._on_compute_stream():  # Wan 2.1's first caches at 480x832 are about 1 GB: not from the host
+            torch_dtype = self.torch.from_numpy(np.empty(0, dtype)).dtype
+            return self.torch.zeros(shape, dtype=torch_dtype, device="cuda")
+
     def upload(self, frame: np.ndarray) -> Any:
         with self._on_compute_stream():
             return unit_float(self.upload_array(frame))

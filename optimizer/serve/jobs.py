@@ -317,15 +317,14 @@ def decode_steps(backend, latents_path: Path, output: Path, workers: int | None 
     latents = latents[None].astype(specs["latent_sample"].dtype, copy=False)
     _, _, count, h, w = latents.shape
 
-    def zeros(name: str) -> np.ndarray:
-        spec = specs[name]
-        return np.zeros((1, spec.shape[1], spec.shape[2], h, w), spec.dtype)
+    def cache_shape(name: str) -> tuple[int, ...]:
+        return (1, specs[name].shape[1], specs[name].shape[2], h, w)
 
     steps = chunks(count, layout["latent_frames"])
     warnings: list[str] = []
     with engine_errors():
         for start, end in steps[:2]:  # the first step's shape, and the others'
-            feeds = {"latent_sample": latents[:, :, start:end], "first": np.ones(1, np.int64), **{n: zeros(n) for n in layout["inputs"]}}
+            feeds = {"latent_sample": latents[:, :, start:end], "first": np.ones(1, np.int64), **{n: np.zeros(cache_shape(n), specs[n].dtype) for n in layout["inputs"]}}
             warnings += engine.check_feeds(feeds, f"{latents_path} in steps of {layout['latent_frames']} latent frame(s)")
     warnings = list(dict.fromkeys(warnings))
     state: dict = {}
@@ -333,7 +332,7 @@ def decode_steps(backend, latents_path: Path, output: Path, workers: int | None 
     def compute(i: int) -> list[tuple[int, object]]:
         (start, end), first = steps[i], int(i == 0)
         if first:  # also when the warm-up ran the first step before: a clip starts from empty caches
-            state.update({n: backend.upload_array(zeros(n)) for n in layout["inputs"]}, written=0)
+            state.update({n: backend.zeros(cache_shape(n), specs[n].dtype) for n in layout["inputs"]}, written=0)
         feeds = {"latent_sample": backend.upload_array(latents[:, :, start:end]),
                  "first": backend.upload_array(np.array([first], np.int64)), **{n: state[n] for n in layout["inputs"]}}  # fmt: skip
         out = backend.run(feeds)
