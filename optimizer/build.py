@@ -16,6 +16,7 @@ from kiln import passes, targets
 from kiln.calibration import CalibrationSet
 from kiln.calibration.cache import StatsCache
 from kiln.passes.fallback import Fallback
+from kiln.targets.work import count_flops, weight_bytes
 from kiln.optimizer.calibrate import quality_fallback, quant_config
 from kiln.optimizer.config import TOLERANCES, Options
 from kiln.optimizer.errors import InputError, KilnError
@@ -69,6 +70,7 @@ class Built:
     passes_s: float
     build_s: float
     fallback: Fallback | None = None
+    work: dict = dataclasses.field(default_factory=dict)  # corner -> tensor-core FLOPs and weight bytes of one run
 
 
 def build_engine(
@@ -90,6 +92,8 @@ def build_engine(
     record, which says whether the model is a diffusers model)."""
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
+    with progress.stage("count FLOPs"):
+        work = {corner: count_flops(model, shapes).to_json() for corner, shapes in profile.corners()}
     start = time.perf_counter()
     chosen = select_passes(options, target, static_sizes, calibration)
     fallback = None
@@ -113,7 +117,9 @@ def build_engine(
         engine_dir.mkdir()
         config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
         engine = targets.load_engine(engine_dir)
-    return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start, fallback)
+    for counted in work.values():
+        counted["weight_bytes"] = weight_bytes(model)
+    return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start, fallback, work)
 
 
 def run_passes(model: ir.Model, chosen, options: Options, verifier: StepVerifier | None, progress: Progress):

@@ -367,12 +367,24 @@ def cmd_targets(args) -> int:
     from kiln import targets
 
     described = [t.describe() for t in targets.TARGETS.values()]
-    lines = []
+    device, gpu = targets.gpu_here()
+    here = f"this machine: {device} ({f'target {gpu.name}' if gpu else 'no entry: target cuda'})" if device else "this machine: no CUDA GPU"
+    lines = [here, "", f"{'target':<13} {'GPU':<46} {'sm':>4} {'GB':>4} {'GB/s':>5} {'fp16 TF':>7} {'fp8 TF':>6} "
+             f"{'$/h':>6}  {'precisions':<24} runs here"]  # fmt: skip
     for t in described:
-        state = "available" if t["available"] else f"unavailable: {t['unavailable_reason']}"
-        lines.append(f"{t['name']:<8} {t['description']} ({state})")
-        lines.append(f"{'':<8} precisions: {', '.join(t['precisions'])}; capabilities: {', '.join(t['capabilities'])}")
-    _emit(args, {"targets": described}, "\n".join(lines))
+        gpu_row = t.get("gpu")
+        state = "yes" if t["available"] else f"no: {t['unavailable_reason']}"
+        if gpu_row is None:
+            lines.append(f"{t['name']:<13} {t['description'][:46]:<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
+                         f"{','.join(t['precisions']):<24} {state}")  # fmt: skip
+            continue
+        peak = gpu_row["peak_tflops"]
+        lines.append(f"{t['name']:<13} {gpu_row['gpu'][:46]:<46} {gpu_row['compute_capability']:>4} {gpu_row['memory_gb']:>4g} "
+                     f"{gpu_row['bandwidth_gb_s']:>5g} {peak['fp16']:>7g} {peak.get('fp8', '-'):>6} {gpu_row['usd_per_hour']:>6.2f}  "
+                     f"{','.join(t['precisions'] + t['quantize']):<24} {state}")  # fmt: skip
+    lines += ["", "Peaks are dense tensor-core TFLOP/s from each vendor datasheet; prices are on-demand per GPU-hour "
+              "(sources: `kiln targets --json`, and targets/<architecture>.py)."]  # fmt: skip
+    _emit(args, {"here": {"gpu": device, "target": gpu.name if gpu else None}, "targets": described}, "\n".join(lines))
     return 0
 
 

@@ -36,8 +36,9 @@ from kiln.targets.ort import uncapturable_ops
 
 
 def choose_target(options: Options) -> targets.Target:
+    """The target options name (`auto`: the one for this machine's GPU, or cpu), checked to run here."""
     try:
-        target = targets.get_target(options.target)
+        target = targets.detect_target()[0] if options.target == "auto" else targets.get_target(options.target)
     except KeyError as exc:
         raise InputError(str(exc.args[0]), hint="`kiln targets` lists them") from None
     reason = target.available()
@@ -63,10 +64,11 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
     # Before the import: a refusal costs no export and no reference run.
-    note = apply_precision_policy(options, target.precisions, declared_class(model_arg))
+    notes = [targets.detect_target()[1]] if options.target == "auto" else []
+    notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
         prepared = prepare(model_arg, Path(work), options, progress)
-        if note:
+        for note in notes:
             prepared.notes.append(note)
             progress.line(f"note: {note}")
         with staged_dir(outdir) as stage:
@@ -244,6 +246,8 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
                       "seed": options.seed, "passed": passed if options.verify else None,
                       "shapes": [c.to_json() for c in checks]},  # fmt: skip
         latency=latency,
+        work=built.work,
+        cost=cost_section(built.work, latency, engine, profile, options),
         timings=timings,
     )
     if quality is not None and not options.quantize:
@@ -301,6 +305,31 @@ def _without_unrunnable(expected: list[Expected], notes: list[str]) -> list[Expe
             notes.append(f"the original model cannot run on random inputs at the {e.corner} shape, so the engine was "
                          f"verified on the --verify-inputs samples only there: {e.error.splitlines()[0]}")  # fmt: skip
     return [e for e in expected if e.sample or e.want is not None]
+
+
+def cost_section(work: dict, latency: list[dict], engine, profile: Profile, options: Options) -> dict:
+    """Cost per 1,000 results at the opt shape: measured on this machine's GPU, estimated for the others."""
+    from kiln.targets.cost import RunWork, cost_rows
+    from kiln.targets.work import tensor_bytes
+
+    device, gpu = targets.gpu_here()
+    measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
+    if measured is None or gpu is None or measured.get("io") != "device":
+        why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
+               else f"kiln has no price for {device}")  # fmt: skip
+        return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
+    sizes = profile.sizes("opt")
+    corner = work.get(measured["corner"], {})
+    try:
+        io_bytes = tensor_bytes((*engine.inputs, *engine.outputs), sizes)
+    except (KeyError, TypeError, ValueError):  # an output dim derived from the inputs': inputs alone
+        io_bytes = tensor_bytes(engine.inputs, sizes)
+    run = RunWork(flops=corner.get("flops", 0.0), bytes=corner.get("weight_bytes", 0) + io_bytes,
+                  results=int(next(iter(profile.shapes(sizes).values()))[0]) if profile.inputs else 1,
+                  compute_format=options.quantize or options.precision)  # fmt: skip
+    rows = cost_rows(run, measured["median_ms"], gpu, list(targets.GPUS.values()))
+    return {"measured_on": gpu.name, "gpu": device, "shape": measured["corner"], "results_per_run": run.results,
+            "flops_per_run": run.flops, "bytes_per_run": run.bytes, "compute_format": run.compute_format, "rows": rows}  # fmt: skip
 
 
 def _bench(engine, profile: Profile, options: Options, notes: list[str]) -> list[dict]:

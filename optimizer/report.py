@@ -101,12 +101,35 @@ def markdown(report: dict) -> str:
         out += ["## Latency", ""]
         rows = [[b["corner"], _shapes(b["shapes"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", b["runs"]] for b in report["latency"]]
         out += _table(["corner", "shapes", "median ms", "p90 ms", "runs"], rows)
+    out += _cost(report.get("cost"))
     runtime = report["runtime"]
     rows = [[k, v] for k, v in report["versions"].items()]
     rows.append(["ONNX Runtime that ran", f"{runtime['onnxruntime']} ({runtime['distribution']}, {runtime['path']}); "
                  f"providers: {', '.join(runtime['providers'].split(','))}"])  # fmt: skip
     out += ["## Versions", ""] + _table(["library", "version"], rows)
     return "\n".join(out)
+
+
+def _cost(cost: dict | None) -> list[str]:
+    """Cost per 1,000 results, measured on this GPU and estimated for the others (targets/cost.py)."""
+    if not cost:
+        return []
+    out = ["## Cost per 1,000 results", ""]
+    if not cost["rows"]:
+        return out + [cost["reason"] + ".", ""]
+    out += [f"One run at the {cost['shape']} shape gives {cost['results_per_run']} result(s), does "
+            f"{cost['flops_per_run'] / 1e12:.3g} TFLOP in matrix products ({cost['compute_format']}) and moves at least "
+            f"{cost['bytes_per_run'] / 1e9:.3g} GB. Measured on {cost['gpu']}; the other rows scale that time by a "
+            "roofline model (FLOPs over the datasheet peak, or bytes over the bandwidth, whichever is slower), "
+            "at on-demand prices (see `kiln targets`).", ""]  # fmt: skip
+    rows = []
+    for r in cost["rows"]:
+        if r["basis"] == "none":
+            rows.append([r["target"], r["gpu"], "-", "-", "-", "-", "-", f"not estimated: {r['reason']}"])
+            continue
+        rows.append([r["target"], r["gpu"], f"{r['ms_per_run']:.3f}", r["bound"], f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] is not None else "-",
+                     f"${r['usd_per_hour']:.2f}", f"${r['usd_per_1000_results']:.4g}", r["basis"]])  # fmt: skip
+    return out + _table(["target", "GPU", "ms per run", "bound", "of peak", "per hour", "per 1,000 results", "basis"], rows)
 
 
 def _quantization(report: dict) -> list[str]:

@@ -5,12 +5,15 @@ from kiln.targets.align import Alignment, CropBox
 from kiln.targets.base import Target
 from kiln.targets.buffers import HostBuffers, OrtDeviceBuffers, TorchCudaBuffers
 from kiln.targets.cpu import CPU
-from kiln.targets.cuda import CUDA, H100
+from kiln.targets.cuda import CUDA
 from kiln.targets.engine import Binding, Engine, load_engine
+from kiln.targets.gpus import GPUS, gpu_here
+from kiln.targets.hardware import GPU, gpu_target
 from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
 from kiln.targets.profile import CORNERS, DimRange, Profile, TensorSpec
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, H100)}
+TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, *map(gpu_target, GPUS.values()))}
+H100 = TARGETS["h100"]
 
 
 def get_target(name: str) -> Target:
@@ -18,7 +21,17 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        raise KeyError(f"unknown target {name!r}; known targets: {', '.join(sorted(TARGETS))}") from None
+        raise KeyError(f"unknown target {name!r}; known targets: auto, {', '.join(sorted(TARGETS))}") from None
+
+
+def detect_target() -> tuple[Target, str]:
+    """The target for this machine's GPU (`--target auto`), and a line saying how it was chosen."""
+    device, gpu = gpu_here()
+    if device is None:
+        return CPU, "target auto: no CUDA GPU here, so cpu"
+    if gpu is None:
+        return CUDA, f"target auto: kiln has no entry for {device}, so the generic cuda target (no cost figures)"
+    return TARGETS[gpu.name], f"target auto: {device} is {gpu.name} ({gpu.label}, compute capability {gpu.sm})"
 
 
 __all__ = [
@@ -33,6 +46,8 @@ __all__ = [
     "CropBox",
     "DimRange",
     "Engine",
+    "GPU",
+    "GPUS",
     "EngineError",
     "HostBuffers",
     "OrtDeviceBuffers",
@@ -40,7 +55,9 @@ __all__ = [
     "Target",
     "TensorSpec",
     "TorchCudaBuffers",
+    "detect_target",
     "get_target",
+    "gpu_target",
     "load_engine",
     "read_manifest",
 ]

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from kiln.targets.align import Alignment
+from kiln.targets.hardware import GPU
 from kiln.targets.manifest import BuildConfig
 from kiln.targets.profile import Profile
 
@@ -21,6 +22,7 @@ class Target(abc.ABC):
     precisions: tuple[str, ...]
     capabilities: tuple[str, ...]
     quantize: tuple[str, ...] = ()  # the 8-bit formats its engines run (FP8 also needs the GPU to have it)
+    gpu: GPU | None = None  # the one GPU model it builds for, if it is a per-GPU target
 
     @abc.abstractmethod
     def available(self) -> str | None:
@@ -43,4 +45,5 @@ class Target(abc.ABC):
             "quantize": list(self.quantize),
             "available": reason is None,
             "unavailable_reason": reason,
+            **({"gpu": self.gpu.describe()} if self.gpu else {}),
         }

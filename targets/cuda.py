@@ -1,11 +1,9 @@
 """NVIDIA GPUs through ONNX Runtime's CUDA execution provider (onnxruntime-gpu, the [gpu] extra).
 
-`cuda` is the family; a target for one GPU model inherits it and sets what matters on that GPU.
+`cuda` is the family, for any NVIDIA GPU; the per-GPU targets (hardware.gpu_target) narrow it to one model.
 The engine binds its inputs and outputs to GPU buffers (IO binding); with a static profile it captures
 the whole run as one CUDA graph, and `kiln bench` times it on device-resident inputs.
 """
-
-import dataclasses
 
 from kiln.targets.ort import OrtTarget
 
@@ -26,12 +24,4 @@ CUDA = OrtTarget(
     # is cheaper: Flux 2+4 blocks at 1024² went from 17.84 to 17.06 ms, Wan 2.1 1.3B at 480x832x33f from
     # 163.8 to 157.8 ms (an H100, onnxruntime-gpu 1.31.1, benchmarks/diffusers_gpu.py --ort-disable).
     disabled_optimizers=("MatMulAddFusion",),
-)
-
-H100 = dataclasses.replace(
-    CUDA,
-    name="h100",
-    description="NVIDIA H100 (Hopper) through ONNX Runtime CUDA; fp16 uses its tensor cores",
-    # The H100 has 80 GB: let the arena grow by what each request needs, not by doubling.
-    provider_options=(*CUDA.provider_options, ("arena_extend_strategy", "kSameAsRequested")),
 )

@@ -70,6 +70,19 @@ def preload_cuda() -> None:
         ort.preload_dlls()
 
 
+def check_machine(config: BuildConfig, engine_dir: Path) -> None:
+    """Refuse a GPU engine built for another GPU or a newer runtime, saying what differs."""
+    from kiln.targets.gpu import fingerprint
+    from kiln.targets.gpus import GPUS
+    from kiln.targets.portability import differences
+
+    here = {**fingerprint(), "onnxruntime": ort.__version__}
+    found = differences(config.built_with, here, one_model=config.target in GPUS)
+    if found:
+        raise EngineError(f"the engine in {engine_dir} does not run on this machine: {'; '.join(found)}",
+                          hint="build it here: `kiln optimize MODEL -o OUTDIR --target auto`")  # fmt: skip
+
+
 def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     """The engine that a target's build wrote into engine_dir, with the session settings its manifest
     records; a CUDA engine runs on cuda_stream (a cudaStream_t) if given."""
@@ -77,6 +90,8 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     model = engine_dir / config.model
     if not model.is_file():
         raise EngineError(f"engine model {model} is missing", hint="rebuild the engine with `kiln optimize`")
+    if config.device == "cuda":
+        check_machine(config, engine_dir)
     missing = [p for p in config.providers if p not in ort.get_available_providers()]
     if missing:
         raise EngineError(

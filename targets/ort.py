@@ -15,6 +15,7 @@ from kiln.targets.base import Target
 from kiln.targets.engine import session_options, session_specs
 from kiln.targets.manifest import BuildConfig, write_manifest
 from kiln.targets.profile import Profile
+from kiln.targets.gpu import fingerprint
 from kiln.targets.versions import runtime_versions
 
 ENGINE_MODEL = "model.ort.onnx"
@@ -89,7 +90,9 @@ class OrtTarget(Target):
             config,
             inputs=session_specs(session.get_inputs()),
             outputs=session_specs(session.get_outputs()),
-            built_with={**runtime_versions(), "session_providers": ",".join(session.get_providers())},
+            # A GPU engine also records the machine: loading elsewhere is checked against it (portability.py).
+            built_with={**runtime_versions(), "session_providers": ",".join(session.get_providers()),
+                        **(fingerprint() if self.device == "cuda" else {})},  # fmt: skip
         )
         if _repeats_names(engine_dir / ENGINE_MODEL):
             # onnxruntime 1.32 names the Casts it inserts inside subgraphs (around float16 ops it has no

@@ -1,0 +1,123 @@
+"""What one run of a model does: its tensor-core FLOPs at given input shapes, and the bytes it must move.
+
+FLOPs are counted on the graph as imported (standard ONNX, before fusion: fusions change kernels, not
+arithmetic) for the ops that run on tensor cores: MatMul, Gemm, Conv, ConvTranspose and Attention, a
+multiply-add being 2 FLOPs. Elementwise ops, norms and softmax are left out: next to the matrix products
+they are noise in FLOPs, though not in time. Shapes come from onnxscript's constant folding with ONNX
+shape inference on a skeleton of the model, its large weights replaced by inputs of the same shape, so
+a model of any size is counted in the memory of its graph. (ONNX shape inference alone loses the
+sequence length that a DiT computes from its input's height and width.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Mapping
+
+import onnx
+import onnx_ir as ir
+
+KEEP_ELEMENTS = 64  # initializers up to this size keep their values: shape inference reads them (Reshape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    flops: float
+    uncounted: Mapping[str, int]  # op type -> nodes of a counted type whose shapes inference could not give
+
+    def to_json(self) -> dict:
+        return {"flops": self.flops, "uncounted": dict(self.uncounted)}
+
+
+def count_flops(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> Work:
+    """The model's tensor-core FLOPs for one run with inputs of these shapes."""
+    from onnxscript.optimizer import fold_constants
+
+    skeleton = ir.from_proto(_skeleton(model, shapes))
+    fold_constants(skeleton, onnx_shape_inference=True)
+    flops, uncounted = 0.0, Counter()
+    for node in skeleton.graph:
+        rule = _RULES.get((node.domain, node.op_type))
+        if rule is None:
+            continue
+        try:
+            flops += rule(node, [_dims(v) for v in node.inputs], [_dims(v) for v in node.outputs])
+        except (TypeError, IndexError, ValueError):  # a shape inference left unknown
+            uncounted[node.op_type] += 1
+    return Work(flops, dict(uncounted))
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers, as stored (after the precision pass: fp16 halves them)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def tensor_bytes(specs, sizes: Mapping[str, int]) -> int:
+    """Bytes of the tensors with these TensorSpecs at the given dim sizes."""
+    import numpy as np
+
+    return sum(math.prod(s.concrete(sizes)) * np.dtype(s.dtype).itemsize for s in specs)
+
+
+def _skeleton(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The model's graph with its inputs fixed to shapes and its large initializers as bare inputs."""
+    inputs = [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), shapes[v.name]) for v in model.graph.inputs]
+    initializers = []
+    for v in model.graph.initializers.values():
+        if v.const_value is not None and v.const_value.size <= KEEP_ELEMENTS:
+            initializers.append(ir.serde.serialize_tensor(v.const_value))
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(v.name, int(v.dtype), [d if isinstance(d, int) else None for d in v.shape]))
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in model.graph], model.graph.name or "graph", inputs,
+        [onnx.helper.make_empty_tensor_value_info(v.name) for v in model.graph.outputs], initializers,
+    )  # fmt: skip
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+    return onnx.helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=model.ir_version)
+
+
+def _dims(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None or not value.shape.is_static():
+        return None
+    return tuple(value.shape.numpy())
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _matmul(node, ins, outs) -> float:
+    return 2.0 * math.prod(outs[0]) * ins[0][-1]
+
+
+def _gemm(node, ins, outs) -> float:
+    k = ins[0][0] if _attr(node, "transA", 0) else ins[0][1]
+    return 2.0 * math.prod(outs[0]) * k
+
+
+def _conv(node, ins, outs) -> float:  # weight [out, in / groups, *kernel]
+    return 2.0 * math.prod(outs[0]) * math.prod(ins[1][1:])
+
+
+def _conv_transpose(node, ins, outs) -> float:  # weight [in, out / groups, *kernel]: each input element
+    return 2.0 * math.prod(ins[0]) * math.prod(ins[1][1:])
+
+
+def _attention(node, ins, outs) -> float:
+    """ONNX Attention: Q·Kᵀ and the weights times V, over the key length (axis -2 of 4-D K, 1 of 3-D)."""
+    q, k, out = ins[0], ins[1], outs[0]
+    keys = k[-2] if len(k) == 4 else k[1]
+    return 2.0 * math.prod(q) * keys + 2.0 * math.prod(out) * keys
+
+
+_RULES = {
+    ("", "MatMul"): _matmul,
+    ("", "Gemm"): _gemm,
+    ("", "Conv"): _conv,
+    ("", "ConvTranspose"): _conv_transpose,
+    ("", "Attention"): _attention,
+}
