@@ -1,7 +1,7 @@
 """`kiln compare` on DiT-XL/2 (random weights at real size, as benchmarks/dit_gpu.py) at 256² batch 8 on
 one GPU, timed end to end, then the same command again (which must build nothing).
 
-    python benchmarks/compare_gpu.py WORK [--runs 50] [--target h100] [--small] [--grid OPTION=V1,V2] [--no-cross-check]
+    python benchmarks/compare_gpu.py WORK [--runs 50] [--target auto] [--small] [--grid OPTION=V1,V2] [--no-cross-check]
 
 The grid: fp16 and bf16; INT8 and FP8 (fp16 elsewhere) calibrated on 32 and 128 samples; and FP8 left
 as Q/DQ (without the GemmFloat8 lowering), as benchmarks/quant_gpu.py measured it. Baselines: PyTorch
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path)
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--target", default="h100")
+    parser.add_argument("--target", default="auto")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--grid", help="one compare --grid OPTION=V1,V2 in place of the full grid")
     parser.add_argument("--no-cross-check", action="store_true")

@@ -6,9 +6,9 @@
 
 `interpolate` and `decode` run one job on a built engine. `gpu` builds what it needs in WORK_DIR first
 (no TensorFlow on the GPU machine, so FILM comes as kiln's stripped graph from
-`benchmarks/film_gpu.py prepare`): FILM (default configuration) as an h100 fp16 engine frozen to
+`benchmarks/film_gpu.py prepare`): FILM (default configuration) as a fp16 engine for this GPU (--target auto) frozen to
 1080p (padded to 1088x1920) with 1080p input frames, and a real-size AutoencoderKL (Stable Diffusion's
-layout, seeded random weights) whose decoder is an h100 fp16 engine for 4 latents of 64x64 (512²
+layout, seeded random weights) whose decoder is a fp16 engine for this GPU for 4 latents of 64x64 (512²
 frames) a run, with 64 latent frames. Then FILM factor 2 to JPEG and to PNG, and the VAE to PNG and JPEG.
 
 Each job runs overlapped, then serially with the worker count the overlapped run chose from the
@@ -143,7 +143,7 @@ def build_gpu_cases(film_onnx: Path, work: Path, frames: int, latents: int) -> d
     from weights import refill
 
     work.mkdir(parents=True, exist_ok=True)
-    common = ["--target", "h100", "--precision", "fp16", "--bench-runs", "0"]
+    common = ["--target", "auto", "--precision", "fp16", "--bench-runs", "0"]
     if not (work / "film-engine").is_dir():
         onnx.save(refill(film_onnx), work / "film.onnx")
         kiln("optimize", work / "film.onnx", "-o", work / "film-engine", *common, "--no-verify",  # 1080p on the CPU: minutes

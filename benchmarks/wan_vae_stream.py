@@ -1,12 +1,12 @@
 """Wan 2.1's VAE decoding a clip chunk after chunk: kiln's step engine through `kiln decode` (the frame pipeline,
 caches kept on the device) against diffusers' own decode, on the same latents, in one run.
 
-    python benchmarks/wan_vae_stream.py [--work DIR] [--runs 3] [--latents 9,60,104]   # H100 / H200: h100 target, fp16
+    python benchmarks/wan_vae_stream.py [--work DIR] [--runs 3] [--latents 9,60,104]   # H100 / H200: auto target (this GPU's), fp16
     python benchmarks/wan_vae_stream.py --smoke                       # here: the tiny test config, cpu target
 
 AutoencoderKLWan at diffusers' defaults (Wan 2.1's VAE, random weights, seeded), latents 16x9x60x104: 33 frames
 of 480x832. Steps:
-1. `kiln optimize --video-decoder step --target h100 --precision fp16` at the clip's size only; the import is
+1. `kiln optimize --video-decoder step --target auto --precision fp16` at the clip's size only; the import is
    checked on the GPU against diffusers' decode, chunk after chunk, the engine against the fp32 export;
 2. diffusers' decode, bf16 and fp32, on the GPU: median wall time of --runs decodes, frames per second;
 3. `kiln decode` of the same latents to a folder of PNGs: frames per second of the whole pipeline (engine,
@@ -78,7 +78,7 @@ def main() -> None:
     h, w = sizes["height"], sizes["width"]
     engine = work / f"step-{'smoke' if args.smoke else 'fp16'}-{h}x{w}"
     if not (engine / "report.json").exists():
-        target = ["--target", "cpu"] if args.smoke else ["--target", "h100", "--precision", "fp16"]
+        target = ["--target", "cpu"] if args.smoke else ["--target", "auto", "--precision", "fp16"]
         report = kiln("optimize", str(vae_dir), "-o", str(engine), "--video-decoder", "step", *target, "--bench-runs", "0",
                       "--shapes", "batch=1", "--shapes", f"height={h}", "--shapes", f"width={w}")  # fmt: skip
         print(f"kiln optimize: {report.get('status', report.get('error'))}", flush=True)

@@ -6,7 +6,10 @@ import time
 
 import numpy as np
 
+from kiln import targets
 from kiln.targets import Engine, Profile
+from kiln.targets.cost import RunWork, cost_rows
+from kiln.targets.work import tensor_bytes
 
 
 def samples_ms(fn, runs: int, warmup: int) -> list[float]:
@@ -45,3 +48,30 @@ def bench_profile(engine: Engine, profile: Profile, runs: int, warmup: int, seed
         feeds = engine.as_input_types(profile.random_inputs(shapes, seed))
         results.append({"corner": corner, "shapes": {k: list(v) for k, v in shapes.items()}, **measure(engine, feeds, runs, warmup)})
     return results
+
+
+def cost_section(work: dict, latency: list[dict], engine: Engine, compute_format: str) -> dict:
+    """Cost per 1,000 results at the opt shape, from latency rows of bench_profile and the build's work
+    (corner -> FLOPs and weight bytes): measured on this machine's GPU, estimated for the others."""
+    device, gpu = targets.gpu_here()
+    measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
+    if measured is None or gpu is None or measured.get("io") != "device":
+        why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
+               else f"kiln has no price for {device}")  # fmt: skip
+        return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
+    corner = work.get(measured["corner"])
+    if not corner:
+        return {"measured_on": None, "reason": "no cost figures: the build counted no FLOPs (an engine of an older kiln)", "rows": []}
+    profile = engine.profile
+    sizes = profile.sizes("opt")
+    try:
+        io_bytes = tensor_bytes((*engine.inputs, *engine.outputs), sizes)
+    except (KeyError, TypeError, ValueError):  # an output dim derived from the inputs': inputs alone
+        io_bytes = tensor_bytes(engine.inputs, sizes)
+    run = RunWork(flops=corner["flops"], bytes=corner["weight_bytes"] + io_bytes,
+                  results=int(next(iter(profile.shapes(sizes).values()))[0]) if profile.inputs else 1,
+                  compute_format=compute_format)  # fmt: skip
+    rows = cost_rows(run, measured["median_ms"], gpu, list(targets.GPUS.values()))
+    shape = "static" if profile.is_static() else "opt"
+    return {"measured_on": gpu.name, "gpu": device, "shape": shape, "results_per_run": run.results,
+            "flops_per_run": run.flops, "bytes_per_run": run.bytes, "compute_format": run.compute_format, "rows": rows}  # fmt: skip

@@ -345,8 +345,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from kiln.optimizer.bench import bench_profile
-    from kiln.optimizer.run import build_warnings, open_engine
+    from kiln.optimizer.bench import bench_profile, cost_section
+    from kiln.optimizer.report import cost_lines
+    from kiln.optimizer.run import build_report, build_warnings, open_engine
 
     if args.runs < 1 or args.warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup 0 or more")
@@ -359,7 +360,12 @@ def cmd_bench(args) -> int:
     for r in results:
         shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
         lines.append(f"{r['corner']:<8} {r['median_ms']:>10.3f} {r['p90_ms']:>10.3f}  {shapes}")
-    _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results, "warnings": warnings}, "\n".join(lines))
+    built = build_report(args.engine)
+    compute_format = (built.get("quantization") or {}).get("format") or engine.config.precision
+    cost = cost_section(built.get("work") or {}, results, engine, compute_format)
+    lines += ["", *cost_lines(cost)]
+    _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results, "cost": cost,
+                 "warnings": warnings}, "\n".join(lines).rstrip())  # fmt: skip
     return 0
 
 
@@ -369,21 +375,26 @@ def cmd_targets(args) -> int:
     described = [t.describe() for t in targets.TARGETS.values()]
     device, gpu = targets.gpu_here()
     here = f"this machine: {device} ({f'target {gpu.name}' if gpu else 'no entry: target cuda'})" if device else "this machine: no CUDA GPU"
-    lines = [here, "", f"{'target':<13} {'GPU':<46} {'sm':>4} {'GB':>4} {'GB/s':>5} {'fp16 TF':>7} {'fp8 TF':>6} "
+    lines = [here, "", f"{'target':<21} {'GPU':<46} {'sm':>4} {'GB':>4} {'GB/s':>5} {'fp16 TF':>7} {'fp8 TF':>6} "
              f"{'$/h':>6}  {'precisions':<24} runs here"]  # fmt: skip
     for t in described:
         gpu_row = t.get("gpu")
         state = "yes" if t["available"] else f"no: {t['unavailable_reason']}"
         if gpu_row is None:
-            lines.append(f"{t['name']:<13} {t['description'][:46]:<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
+            lines.append(f"{t['name']:<21} {t['description'][:46]:<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
                          f"{','.join(t['precisions']):<24} {state}")  # fmt: skip
             continue
+        if t["family"] == "tensorrt":
+            lines.append(f"{t['name']:<21} {'  its ONNX Runtime TensorRT provider variant':<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
+                         f"{','.join(t['precisions'] + t['quantize']):<24} {state}")  # fmt: skip
+            continue
         peak = gpu_row["peak_tflops"]
-        lines.append(f"{t['name']:<13} {gpu_row['gpu'][:46]:<46} {gpu_row['compute_capability']:>4} {gpu_row['memory_gb']:>4g} "
+        lines.append(f"{t['name']:<21} {gpu_row['gpu'][:46]:<46} {gpu_row['compute_capability']:>4} {gpu_row['memory_gb']:>4g} "
                      f"{gpu_row['bandwidth_gb_s']:>5g} {peak['fp16']:>7g} {peak.get('fp8', '-'):>6} {gpu_row['usd_per_hour']:>6.2f}  "
                      f"{','.join(t['precisions'] + t['quantize']):<24} {state}")  # fmt: skip
     lines += ["", "Peaks are dense tensor-core TFLOP/s from each vendor datasheet; prices are on-demand per GPU-hour "
-              "(sources: `kiln targets --json`, and targets/<architecture>.py)."]  # fmt: skip
+              "(sources: `kiln targets --json`, and targets/<architecture>.py).",
+              "The TensorRT variants (NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip
     _emit(args, {"here": {"gpu": device, "target": gpu.name if gpu else None}, "targets": described}, "\n".join(lines))
     return 0
 

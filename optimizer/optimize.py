@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from kiln import passes, targets
 from kiln.optimizer import __version__
-from kiln.optimizer.bench import bench_profile
+from kiln.optimizer.bench import bench_profile, cost_section
 from kiln.optimizer.build import build_engine, select_passes
 from kiln.optimizer.calibrate import calibration_providers, calibration_set, check_format
 from kiln.optimizer.config import Options
@@ -38,7 +38,7 @@ from kiln.targets.ort import uncapturable_ops
 def choose_target(options: Options) -> targets.Target:
     """The target options name (`auto`: the one for this machine's GPU, or cpu), checked to run here."""
     try:
-        target = targets.detect_target()[0] if options.target == "auto" else targets.get_target(options.target)
+        target = targets.get_target(options.target)
     except KeyError as exc:
         raise InputError(str(exc.args[0]), hint="`kiln targets` lists them") from None
     reason = target.available()
@@ -247,7 +247,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
                       "shapes": [c.to_json() for c in checks]},  # fmt: skip
         latency=latency,
         work=built.work,
-        cost=cost_section(built.work, latency, engine, profile, options),
+        cost=cost_section(built.work, latency, engine, options.quantize or options.precision),
         timings=timings,
     )
     if quality is not None and not options.quantize:
@@ -305,31 +305,6 @@ def _without_unrunnable(expected: list[Expected], notes: list[str]) -> list[Expe
             notes.append(f"the original model cannot run on random inputs at the {e.corner} shape, so the engine was "
                          f"verified on the --verify-inputs samples only there: {e.error.splitlines()[0]}")  # fmt: skip
     return [e for e in expected if e.sample or e.want is not None]
-
-
-def cost_section(work: dict, latency: list[dict], engine, profile: Profile, options: Options) -> dict:
-    """Cost per 1,000 results at the opt shape: measured on this machine's GPU, estimated for the others."""
-    from kiln.targets.cost import RunWork, cost_rows
-    from kiln.targets.work import tensor_bytes
-
-    device, gpu = targets.gpu_here()
-    measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
-    if measured is None or gpu is None or measured.get("io") != "device":
-        why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
-               else f"kiln has no price for {device}")  # fmt: skip
-        return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
-    sizes = profile.sizes("opt")
-    corner = work.get(measured["corner"], {})
-    try:
-        io_bytes = tensor_bytes((*engine.inputs, *engine.outputs), sizes)
-    except (KeyError, TypeError, ValueError):  # an output dim derived from the inputs': inputs alone
-        io_bytes = tensor_bytes(engine.inputs, sizes)
-    run = RunWork(flops=corner.get("flops", 0.0), bytes=corner.get("weight_bytes", 0) + io_bytes,
-                  results=int(next(iter(profile.shapes(sizes).values()))[0]) if profile.inputs else 1,
-                  compute_format=options.quantize or options.precision)  # fmt: skip
-    rows = cost_rows(run, measured["median_ms"], gpu, list(targets.GPUS.values()))
-    return {"measured_on": gpu.name, "gpu": device, "shape": measured["corner"], "results_per_run": run.results,
-            "flops_per_run": run.flops, "bytes_per_run": run.bytes, "compute_format": run.compute_format, "rows": rows}  # fmt: skip
 
 
 def _bench(engine, profile: Profile, options: Options, notes: list[str]) -> list[dict]:

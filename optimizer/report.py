@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
         out += ["## Latency", ""]
         rows = [[b["corner"], _shapes(b["shapes"]), f"{b['median_ms']:.3f}", f"{b['p90_ms']:.3f}", b["runs"]] for b in report["latency"]]
         out += _table(["corner", "shapes", "median ms", "p90 ms", "runs"], rows)
-    out += _cost(report.get("cost"))
+    out += cost_lines(report.get("cost"))
     runtime = report["runtime"]
     rows = [[k, v] for k, v in report["versions"].items()]
     rows.append(["ONNX Runtime that ran", f"{runtime['onnxruntime']} ({runtime['distribution']}, {runtime['path']}); "
@@ -110,7 +110,7 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def _cost(cost: dict | None) -> list[str]:
+def cost_lines(cost: dict | None) -> list[str]:
     """Cost per 1,000 results, measured on this GPU and estimated for the others (targets/cost.py)."""
     if not cost:
         return []

@@ -62,14 +62,21 @@ def run_engine(outdir: Path, inputs: Path, output: Path) -> tuple[dict[str, np.n
     return results, build_warnings(outdir) + warnings
 
 
+def build_report(path: Path) -> dict:
+    """The report.json of the OUTDIR holding this engine (path: the OUTDIR or its engine directory), or {}."""
+    root = path if (path / ENGINE_DIR).is_dir() else path.parent
+    try:
+        report = json.loads((root / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def build_warnings(path: Path) -> list[str]:
     """What the OUTDIR's report says against trusting its engine (path: the OUTDIR or its engine
     directory): a failed or skipped verification."""
     root = path if (path / ENGINE_DIR).is_dir() else path.parent
-    try:
-        status = json.loads((root / REPORT_FILE).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return []
+    status = build_report(path).get("status")
     if status == "verification-failed":
         return [f"this engine failed verification when it was built, so its outputs may be wrong; see {root / 'report.md'}"]
     if status == "unverified":

@@ -8,20 +8,23 @@ from kiln.targets.cpu import CPU
 from kiln.targets.cuda import CUDA
 from kiln.targets.engine import Binding, Engine, load_engine
 from kiln.targets.gpus import GPUS, gpu_here
-from kiln.targets.hardware import GPU, gpu_target
+from kiln.targets.hardware import GPU, gpu_targets
 from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
 from kiln.targets.profile import CORNERS, DimRange, Profile, TensorSpec
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, *map(gpu_target, GPUS.values()))}
+TARGETS: dict[str, Target] = {t.name: t for t in (CPU, CUDA, *(t for g in GPUS.values() for t in gpu_targets(g)))}
 H100 = TARGETS["h100"]
 
 
 def get_target(name: str) -> Target:
-    """The registered target called name; KeyError lists the known names."""
+    """The registered target called name ("auto": this machine's, see detect_target); KeyError lists the known names."""
+    if name == "auto":
+        return detect_target()[0]
     try:
         return TARGETS[name]
     except KeyError:
-        raise KeyError(f"unknown target {name!r}; known targets: auto, {', '.join(sorted(TARGETS))}") from None
+        known = f"auto, cpu, cuda, {', '.join(GPUS)}, and each GPU's NAME-ort-trt"
+        raise KeyError(f"unknown target {name!r}; known targets: {known}") from None
 
 
 def detect_target() -> tuple[Target, str]:
@@ -57,7 +60,7 @@ __all__ = [
     "TorchCudaBuffers",
     "detect_target",
     "get_target",
-    "gpu_target",
+    "gpu_targets",
     "load_engine",
     "read_manifest",
 ]

@@ -34,6 +34,19 @@ class Target(abc.ABC):
         """Write the engine files for model_path and their manifest into engine_dir; return the build config.
         `targets.load_engine(engine_dir)` loads it."""
 
+    def other_gpu(self) -> str | None:
+        """Why a per-GPU target does not run on this machine's GPU (another model, or none), or None."""
+        from kiln.targets.gpu import device_name
+
+        if self.gpu is None:
+            return None
+        device = device_name()
+        if device is None:
+            return f"this machine has no CUDA GPU, and {self.name} is for the {self.gpu.label}"
+        if not self.gpu.matches(device):
+            return f"this machine's GPU is {device}, not the {self.gpu.label} (`--target auto` picks the one here)"
+        return None
+
     def describe(self) -> dict:
         reason = self.available()
         return {

@@ -73,11 +73,11 @@ def preload_cuda() -> None:
 def check_machine(config: BuildConfig, engine_dir: Path) -> None:
     """Refuse a GPU engine built for another GPU or a newer runtime, saying what differs."""
     from kiln.targets.gpu import fingerprint
-    from kiln.targets.gpus import GPUS
     from kiln.targets.portability import differences
 
     here = {**fingerprint(), "onnxruntime": ort.__version__}
-    found = differences(config.built_with, here, one_model=config.target in GPUS)
+    # Every GPU target but the generic cuda one is for one GPU model (and TensorRT plans always are).
+    found = differences(config.built_with, here, one_model=config.target != "cuda")
     if found:
         raise EngineError(f"the engine in {engine_dir} does not run on this machine: {'; '.join(found)}",
                           hint="build it here: `kiln optimize MODEL -o OUTDIR --target auto`")  # fmt: skip
@@ -103,7 +103,7 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
         preload_cuda()
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     try:
-        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream),
+        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream, engine_dir),
                                        **config.session_kwargs())  # fmt: skip
     except Exception as exc:  # a damaged model file: ONNX Runtime says InvalidProtobuf or the like
         raise EngineError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}",

@@ -64,20 +64,27 @@ class GPU:
         }  # fmt: skip
 
 
-def gpu_target(gpu: GPU):
-    """The ONNX Runtime CUDA target for gpu: the `cuda` target narrowed to what the GPU runs fast."""
+def gpu_targets(gpu: GPU) -> tuple:
+    """gpu's targets: `NAME` (ONNX Runtime CUDA: the `cuda` target narrowed to what the GPU runs fast)
+    and `NAME-ort-trt` (ONNX Runtime's TensorRT provider, standard ONNX ops only)."""
     from kiln.targets.cuda import CUDA
+    from kiln.targets.ort_tensorrt import OrtTensorRtTarget
 
     fast = gpu.fast_precisions
-    capabilities = tuple(c for c in CUDA.capabilities if c != "fp8-gemm" or "fp8" in fast)
-    return dataclasses.replace(
+    cuda = dataclasses.replace(
         CUDA,
         name=gpu.name,
         description=f"{gpu.label} ({gpu.architecture}, sm {gpu.sm}) through ONNX Runtime CUDA",
         precisions=("fp32", *(p for p in ("fp16", "bf16") if p in fast)),
-        capabilities=capabilities,
+        capabilities=tuple(c for c in CUDA.capabilities if c != "fp8-gemm" or "fp8" in fast),
         quantize=tuple(q for q in ("int8", "fp8") if q in fast),
         # One model per GPU: let the arena grow by what each request needs, not by doubling.
         provider_options=(*CUDA.provider_options, ("arena_extend_strategy", "kSameAsRequested")),
         gpu=gpu,
     )
+    ort_trt = OrtTensorRtTarget(
+        name=f"{gpu.name}-ort-trt", family="tensorrt", description=f"{gpu.label} through ONNX Runtime's TensorRT provider (never run: see README)",
+        precisions=cuda.precisions, capabilities=("dynamic-shapes", "external-data", "io-binding"), quantize=cuda.quantize,
+        gpu=gpu, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), device="cuda",
+    )  # fmt: skip
+    return cuda, ort_trt

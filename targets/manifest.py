@@ -20,6 +20,8 @@ from kiln.targets.profile import Profile, TensorSpec
 ENGINE_MANIFEST = "engine.json"
 ENGINE_FORMAT = "kiln-engine"
 ENGINE_FORMAT_VERSION = 2  # 2: the typed build config
+# Provider options naming a folder of the engine directory (ONNX Runtime TensorRT's caches), kept relative.
+DIRECTORY_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
 
 
 class EngineError(ValueError):
@@ -48,10 +50,14 @@ class BuildConfig:
     built_with: Mapping[str, str] = dataclasses.field(default_factory=dict)  # runtime version, providers
     disabled_optimizers: tuple[str, ...] = ()  # ONNX Runtime graph optimizers left out, at build and at load
 
-    def session_providers(self, cuda_stream: int | None = None) -> list:
-        """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given."""
+    def session_providers(self, cuda_stream: int | None = None, directory: Path | None = None) -> list:
+        """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given,
+        and its cache folders are in directory (the engine directory)."""
         first, *rest = self.providers
         options = dict(self.provider_options)
+        for key in DIRECTORY_OPTIONS:
+            if key in options and directory is not None:
+                options[key] = str(directory / options[key])
         if self.device == "cuda" and cuda_stream is not None:
             options["user_compute_stream"] = str(cuda_stream)
         return [(first, options), *rest]
@@ -136,6 +142,10 @@ def _damage(config: BuildConfig) -> str | None:
             return f"{field} is {getattr(config, field)!r}, not a name"
     if not all(isinstance(p, str) for p in config.providers):
         return f"providers {list(config.providers)} are not all names"
+    for key in DIRECTORY_OPTIONS:  # a folder of the engine directory, never a path out of it
+        value = config.provider_options.get(key)
+        if value is not None and (not isinstance(value, str) or Path(value).name != value or value in (".", "..")):
+            return f"provider option {key} is {value!r}, not a folder of the engine directory"
     for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
         problem = _spec_problem(spec)
         if problem:

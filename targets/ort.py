@@ -50,7 +50,7 @@ class OrtTarget(Target):
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             return f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}"
-        return None
+        return self.other_gpu()
 
     def config(self, profile: Profile, precision: str = "fp32", alignment: Alignment | None = None,
                uncapturable: bool = False) -> BuildConfig:  # fmt: skip

@@ -206,3 +206,38 @@ def test_target_auto_without_a_gpu_builds_for_the_cpu_and_reports_work_but_no_co
     assert report["work"]["opt"]["weight_bytes"] == 16 * 8 * 4
     assert report["cost"] == {"measured_on": None, "reason": "no cost figures: it ran on the CPU", "rows": []}
     assert "## Cost per 1,000 results\n\nno cost figures: it ran on the CPU." in (out / "report.md").read_text()
+
+
+def test_the_cost_section_of_a_run_measured_on_a_gpu_with_an_entry(block_engine, monkeypatch):
+    """The section's arithmetic from a latency row as the GPU benchmark writes it (the GPU named, not run)."""
+    from kiln.optimizer.bench import cost_section
+    from kiln.targets.cost import RunWork, cost_rows
+
+    engine = load_engine(block_engine / "engine")  # x [batch 1..4, seq 1..64, 64]
+    monkeypatch.setattr(targets, "gpu_here", lambda: ("NVIDIA H200", targets.GPUS["h200"]))
+    work = {"opt": {"flops": 2e9, "weight_bytes": 1_000_000}}
+    sizes = engine.profile.sizes("opt")
+    latency = [{"corner": "opt", "io": "device", "median_ms": 0.5}]
+    section = cost_section(work, latency, engine, "fp16")
+    io_bytes = 2 * sizes["batch"] * sizes["seq"] * 64 * 4  # x in, y out, float32
+    run = RunWork(2e9, 1_000_000 + io_bytes, sizes["batch"], "fp16")
+    assert section == {"measured_on": "h200", "gpu": "NVIDIA H200", "shape": "opt", "results_per_run": sizes["batch"],
+                       "flops_per_run": 2e9, "bytes_per_run": run.bytes, "compute_format": "fp16",
+                       "rows": cost_rows(run, 0.5, targets.GPUS["h200"], list(targets.GPUS.values()))}  # fmt: skip
+    assert cost_section({}, latency, engine, "fp16")["reason"] == "no cost figures: the build counted no FLOPs (an engine of an older kiln)"
+    monkeypatch.setattr(targets, "gpu_here", lambda: ("NVIDIA GeForce RTX 4090", None))
+    assert cost_section(work, latency, engine, "fp16")["reason"] == "no cost figures: kiln has no price for NVIDIA GeForce RTX 4090"
+
+
+def test_a_per_gpu_target_runs_only_on_its_own_gpu(monkeypatch):
+    import kiln.targets.gpu as gpu_module
+
+    assert targets.TARGETS["cuda"].other_gpu() is None and targets.CPU.other_gpu() is None
+    monkeypatch.setattr(gpu_module, "device_name", lambda device=0: "NVIDIA H100 80GB HBM3")
+    assert targets.TARGETS["h100"].other_gpu() is None
+    assert targets.TARGETS["h100-ort-trt"].other_gpu() is None
+    assert targets.TARGETS["h200"].other_gpu() == (
+        "this machine's GPU is NVIDIA H100 80GB HBM3, not the NVIDIA H200 SXM 141GB (`--target auto` picks the one here)"
+    )
+    monkeypatch.setattr(gpu_module, "device_name", lambda device=0: None)
+    assert targets.TARGETS["h100"].other_gpu() == "this machine has no CUDA GPU, and h100 is for the NVIDIA H100 SXM5 80GB"

@@ -1,0 +1,115 @@
+"""ONNX Runtime's TensorRT execution provider as a target variant: `NAME-ort-trt` for each GPU.
+
+ONNX Runtime hands the graph to TensorRT, which builds an engine per subgraph at the first session on a
+GPU and keeps it in the engine directory's cache (trt-cache/), with its timing cache beside it. The
+optimization profile comes from kiln's profile (`trt_profile_min/opt/max_shapes`), the precision flags
+from kiln's precision and quantization. The graph has standard ONNX ops only (no com.microsoft fusions:
+TensorRT fuses itself).
+
+NOT EXECUTED: TensorRT's libraries cannot be installed where kiln is built and tested, so no session of
+this target has run. What is tested is everything up to the session: the options handed over and the
+refusal where TensorRT is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import shutil
+from pathlib import Path
+
+import onnx
+
+from kiln.targets.align import Alignment
+from kiln.targets.gpu import fingerprint
+from kiln.targets.manifest import BuildConfig, write_manifest
+from kiln.targets.ort import OrtTarget
+from kiln.targets.profile import Profile, TensorSpec
+from kiln.targets.versions import runtime_versions
+
+CACHE_DIR = "trt-cache"  # inside the engine directory; resolved when the engine loads
+NVINFER = ("libnvinfer.so.10",)  # what ONNX Runtime 1.31's TensorRT provider links against
+
+
+def tensorrt_missing() -> str | None:
+    """Why TensorRT's runtime library cannot be loaded here, or None."""
+    for soname in NVINFER:
+        try:
+            ctypes.CDLL(soname)
+            return None
+        except OSError:
+            continue
+    return f"TensorRT is not installed ({NVINFER[0]} cannot be loaded); ONNX Runtime's TensorRT provider needs it"
+
+
+def shapes_option(profile: Profile, corner: str) -> str:
+    """`trt_profile_*_shapes`: 'input:1x4x32x32,other:8' for every input at one corner of the profile."""
+    shapes = profile.shapes(profile.sizes(corner))
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtTensorRtTarget(OrtTarget):
+    builder_optimization_level: int = 3  # TensorRT's default; 5 searches longest
+
+    def available(self) -> str | None:
+        return super().available() or tensorrt_missing()
+
+    def trt_options(self, profile: Profile, precision: str, quantized: str | None) -> dict[str, str]:
+        """The provider's options for an engine of this profile and precision (quantized: its Q/DQ format)."""
+        options = {
+            "trt_engine_cache_enable": "1", "trt_engine_cache_path": CACHE_DIR,
+            "trt_timing_cache_enable": "1", "trt_timing_cache_path": CACHE_DIR,
+            "trt_builder_optimization_level": str(self.builder_optimization_level),
+            "trt_fp16_enable": str(int(precision == "fp16")), "trt_bf16_enable": str(int(precision == "bf16")),
+            # INT8 Q/DQ is explicit quantization: the flag lets TensorRT run those layers in INT8, no table needed.
+            # ONNX Runtime 1.31 has no FP8 flag: TensorRT reads FP8 Q/DQ nodes as they are.
+            "trt_int8_enable": str(int(quantized == "int8")),
+        }  # fmt: skip
+        if profile.dims:
+            options.update({f"trt_profile_{corner}_shapes": shapes_option(profile, corner) for corner in ("min", "opt", "max")})
+        if profile.is_static():
+            options["trt_cuda_graph_enable"] = "1"
+        return options
+
+    def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
+              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        """The model as given (TensorRT optimizes it when a session first loads it on the GPU) and its manifest."""
+        reason = self.available()
+        if reason:
+            raise RuntimeError(f"target {self.name!r} cannot build here: {reason}")
+        for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
+            shutil.copyfile(path, engine_dir / path.name)
+        (engine_dir / CACHE_DIR).mkdir()
+        graph = onnx.load(model_path, load_external_data=False).graph
+        config = BuildConfig(
+            target=self.name, model=model_path.name, device="cuda", providers=self.providers,
+            provider_options=self.trt_options(profile, precision, qdq_format(graph)), precision=precision,
+            tf32=False, cuda_graph=False, profile=profile, inputs=_specs(graph.input, graph.initializer),
+            outputs=_specs(graph.output), alignment=alignment, built_with={**runtime_versions(), **fingerprint()},
+        )  # fmt: skip
+        write_manifest(engine_dir, config)
+        return config
+
+
+def qdq_format(graph: onnx.GraphProto) -> str | None:
+    """The 8-bit format of the graph's QuantizeLinear nodes (from their zero points' type: "int8" or
+    "fp8"), or None without any."""
+    zero_points = {node.input[2] for node in graph.node if node.op_type == "QuantizeLinear" and len(node.input) > 2}
+    types = {t.data_type for t in graph.initializer if t.name in zero_points}
+    if not zero_points:
+        return None
+    return "fp8" if types & {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2} else "int8"
+
+
+def _specs(values, initializers=()) -> tuple[TensorSpec, ...]:
+    """TensorSpecs of graph inputs (initializers left out) or outputs, dims named or sized as in the graph."""
+    weights = {t.name for t in initializers}
+    specs = []
+    for value in values:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        specs.append(TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)))
+    return tuple(specs)

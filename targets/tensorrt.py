@@ -1,0 +1,160 @@
+"""TensorRT engines: `NAME-trt` for each GPU, a thin adapter over TensorRT's Python API (the [trt] extra).
+
+`build_settings` decides everything a build hands TensorRT: a strongly typed network for a Q/DQ model
+(TensorRT then takes every tensor's type from the graph, as ModelOpt's FP8/INT8 models expect), else
+the precision flag; one optimization profile per kiln profile; the builder optimization level; the
+timing cache file; and a build-time limit, enforced by a progress monitor that cancels the build.
+`build_plan` applies them, call by call, and writes the plan; the manifest beside it records the GPU,
+so a plan, which is compiled code for one GPU model, never loads on another.
+
+NOT EXECUTED: TensorRT cannot be installed where kiln is built and tested (its libraries are on no
+registry those machines reach), so `build_plan` and plan loading have never run. The settings are
+tested; the build tests skip without `tensorrt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import onnx
+
+from kiln.targets.align import Alignment
+from kiln.targets.base import Target
+from kiln.targets.gpu import fingerprint
+from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
+from kiln.targets.ort_tensorrt import _specs, qdq_format
+from kiln.targets.profile import Profile
+from kiln.targets.versions import runtime_versions
+
+PLAN = "model.plan"
+PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}  # trt.BuilderFlag names
+
+
+def tensorrt():
+    """The tensorrt module, or an EngineError saying how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise EngineError("TensorRT is not installed: this target builds and runs TensorRT plans",
+                          hint="pip install 'kiln-ml[trt]' on a machine with NVIDIA's TensorRT libraries, "
+                               "or use the ONNX Runtime target of this GPU (`kiln targets`)") from None  # fmt: skip
+    return trt
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtBuildSettings:
+    strongly_typed: bool
+    precision_flags: tuple[str, ...]
+    profiles: tuple[tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...], ...]  # (input, min, opt, max)
+    optimization_level: int
+    timing_cache: str | None
+    time_limit_s: float | None
+
+
+def build_settings(graph: onnx.GraphProto, profiles: list[Profile], precision: str, timing_cache: Path | None = None,
+                   optimization_level: int = 3, time_limit_s: float | None = None) -> TrtBuildSettings:  # fmt: skip
+    """What a build of this graph hands TensorRT. A Q/DQ graph gets a strongly typed network, in which
+    precision flags are not allowed (its types say it all)."""
+    if not 0 <= optimization_level <= 5:
+        raise ValueError(f"TensorRT's builder optimization level is 0 to 5, not {optimization_level}")
+    strongly_typed = qdq_format(graph) is not None
+    return TrtBuildSettings(
+        strongly_typed=strongly_typed,
+        precision_flags=() if strongly_typed else PRECISION_FLAGS[precision],
+        profiles=tuple(
+            tuple((spec.name, *(spec.concrete(p.sizes(c)) for c in ("min", "opt", "max"))) for spec in p.inputs) for p in profiles
+        ),
+        optimization_level=optimization_level,
+        timing_cache=os.fspath(timing_cache) if timing_cache else None,
+        time_limit_s=time_limit_s,
+    )
+
+
+def build_plan(model_path: Path, plan_path: Path, settings: TrtBuildSettings) -> None:
+    """Build model_path's plan with settings into plan_path (and the timing cache back to its file)."""
+    trt = tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(model_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse {model_path}: {errors}", hint="see which op it names; `kiln targets` lists the ONNX Runtime targets")
+    config = builder.create_builder_config()
+    for flag in settings.precision_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.builder_optimization_level = settings.optimization_level
+    for shapes in settings.profiles:
+        profile = builder.create_optimization_profile()
+        for name, low, opt, high in shapes:
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    cache_path = Path(settings.timing_cache) if settings.timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _deadline(trt, settings.time_limit_s) if settings.time_limit_s else None
+    if monitor is not None:
+        config.progress_monitor = monitor
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        why = f"the build passed its {settings.time_limit_s:g} s limit" if monitor is not None and monitor.expired else "see TensorRT's log above"
+        raise EngineError(f"TensorRT could not build {model_path}: {why}", hint="raise --trt-time-limit, or lower the optimization level")
+    tmp = plan_path.with_suffix(".tmp")
+    tmp.write_bytes(bytes(plan))
+    tmp.replace(plan_path)
+    if cache_path is not None:
+        cache_tmp = cache_path.with_suffix(".tmp")
+        cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        cache_tmp.replace(cache_path)
+
+
+def _deadline(trt, seconds: float):
+    """A progress monitor that cancels the build once it has run for seconds."""
+
+    class Deadline(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.end, self.expired = time.monotonic() + seconds, False
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            self.expired = time.monotonic() > self.end
+            return not self.expired  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Deadline()
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRtTarget(Target):
+    optimization_level: int = 3
+    time_limit_s: float | None = None
+
+    def available(self) -> str | None:
+        try:
+            tensorrt()
+        except EngineError as exc:
+            return exc.message
+        return self.other_gpu()
+
+    def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
+              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        graph = onnx.load(model_path, load_external_data=False).graph
+        settings = build_settings(graph, [profile], precision, engine_dir / "timing.cache", self.optimization_level, self.time_limit_s)
+        build_plan(model_path, engine_dir / PLAN, settings)
+        config = BuildConfig(
+            target=self.name, model=PLAN, device="cuda", providers=(), provider_options={}, precision=precision,
+            tf32=False, cuda_graph=False, profile=profile, inputs=_specs(graph.input, graph.initializer),
+            outputs=_specs(graph.output), alignment=alignment,
+            built_with={**runtime_versions(), **fingerprint(), "tensorrt": tensorrt().__version__},
+        )  # fmt: skip
+        write_manifest(engine_dir, config)
+        return config

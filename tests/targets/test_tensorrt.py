@@ -1,0 +1,125 @@
+"""The TensorRT side, up to the calls into TensorRT: the network flags and profiles a build hands
+TensorRT, ONNX Runtime's TensorRT provider options, the refusal where TensorRT is missing, and graphs
+free of com.microsoft ops for both. TensorRT cannot be installed here: the build test skips without it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from kiln import passes, targets
+from kiln.optimizer.build import select_passes
+from kiln.optimizer.config import Options
+from kiln.targets import DimRange, EngineError, Profile, TensorSpec, read_manifest
+from kiln.targets.ort import OrtTarget
+from kiln.targets.ort_tensorrt import qdq_format, shapes_option, tensorrt_missing
+from kiln.targets.tensorrt import TensorRtTarget, build_plan, build_settings, tensorrt
+
+PROFILE = Profile(
+    (TensorSpec("x", "float32", ("batch", 4, "height", "height")), TensorSpec("t", "int64", ("batch",))),
+    {"batch": DimRange(1, 8, 16), "height": DimRange(16, 32, 64)},
+)
+
+
+def _graph(qdq: str | None) -> onnx.GraphProto:
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[batch,4,height,height] x, int64[batch] t) => (float[batch,4,height,height] y) { y = Identity(x) }
+    """
+    model = onnx.parser.parse_model(text)
+    if qdq:
+        zero = np.zeros((), np.int8) if qdq == "int8" else None
+        tensor = onnx.numpy_helper.from_array(zero, "zp") if zero is not None else onnx.helper.make_tensor("zp", onnx.TensorProto.FLOAT8E4M3FN, [], [0])
+        model.graph.initializer.extend([tensor, onnx.numpy_helper.from_array(np.ones((), np.float32), "s")])
+        model.graph.node.extend([onnx.helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+                                 onnx.helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"])])  # fmt: skip
+    return model.graph
+
+
+def test_a_qdq_graph_gets_a_strongly_typed_network_and_no_precision_flag(tmp_path):
+    assert qdq_format(_graph(None)) is None and qdq_format(_graph("int8")) == "int8" and qdq_format(_graph("fp8")) == "fp8"
+    plain = build_settings(_graph(None), [PROFILE], "fp16", tmp_path / "timing.cache", optimization_level=5, time_limit_s=600)
+    assert (plain.strongly_typed, plain.precision_flags) == (False, ("FP16",))
+    assert plain.profiles == ((("x", (1, 4, 16, 16), (8, 4, 32, 32), (16, 4, 64, 64)), ("t", (1,), (8,), (16,))),)
+    assert (plain.optimization_level, plain.timing_cache, plain.time_limit_s) == (5, str(tmp_path / "timing.cache"), 600)
+    assert build_settings(_graph(None), [PROFILE], "bf16").precision_flags == ("BF16",)
+    assert build_settings(_graph(None), [PROFILE], "fp32").precision_flags == ()
+    for fmt in ("int8", "fp8"):
+        typed = build_settings(_graph(fmt), [PROFILE], "fp16")
+        assert (typed.strongly_typed, typed.precision_flags) == (True, ())
+    # One TensorRT optimization profile per kiln profile.
+    small = Profile(PROFILE.inputs, {"batch": DimRange(1, 1, 1), "height": DimRange(16, 16, 16)})
+    assert len(build_settings(_graph(None), [PROFILE, small], "fp16").profiles) == 2
+    with pytest.raises(ValueError, match="TensorRT's builder optimization level is 0 to 5, not 7"):
+        build_settings(_graph(None), [PROFILE], "fp16", optimization_level=7)
+
+
+def test_ort_tensorrt_provider_options_come_from_the_profile_and_precision():
+    target = targets.TARGETS["h200-ort-trt"]
+    assert target.providers == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert shapes_option(PROFILE, "opt") == "x:8x4x32x32,t:8"
+    options = target.trt_options(PROFILE, "fp16", None)
+    assert options == {
+        "trt_engine_cache_enable": "1", "trt_engine_cache_path": "trt-cache", "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": "trt-cache", "trt_builder_optimization_level": "3", "trt_fp16_enable": "1",
+        "trt_bf16_enable": "0", "trt_int8_enable": "0", "trt_profile_min_shapes": "x:1x4x16x16,t:1",
+        "trt_profile_opt_shapes": "x:8x4x32x32,t:8", "trt_profile_max_shapes": "x:16x4x64x64,t:16",
+    }  # fmt: skip
+    assert target.trt_options(PROFILE, "bf16", "int8")["trt_bf16_enable"] == "1"
+    assert target.trt_options(PROFILE, "fp16", "int8")["trt_int8_enable"] == "1"
+    static = Profile(PROFILE.inputs, {"batch": DimRange(2, 2, 2), "height": DimRange(32, 32, 32)})
+    assert target.trt_options(static, "fp16", None)["trt_cuda_graph_enable"] == "1"
+
+
+def test_tensorrt_targets_are_refused_here_with_the_reason(monkeypatch):
+    if tensorrt_missing() is None:
+        pytest.skip("TensorRT is installed here")
+    assert TensorRtTarget("x", "tensorrt", "", ("fp16",), ()).available() == "TensorRT is not installed: this target builds and runs TensorRT plans"
+    # With ONNX Runtime's providers present (as on the GPU machine), the variant still names what is missing.
+    monkeypatch.setattr(OrtTarget, "available", lambda self: None)
+    assert targets.TARGETS["h200-ort-trt"].available() == (
+        "TensorRT is not installed (libnvinfer.so.10 cannot be loaded); ONNX Runtime's TensorRT provider needs it"
+    )
+    with pytest.raises(EngineError, match="TensorRT is not installed") as info:
+        tensorrt()
+    assert "kiln-ml[trt]" in info.value.hint
+
+
+def test_tensorrt_targets_get_graphs_without_contrib_ops(block_engine):
+    """The ORT TensorRT variant's passes (and so the native builder's input) leave standard ONNX only."""
+    raw = block_engine.parent / "ex" / "model.onnx"
+    for name in ("h200-ort-trt", "t4-ort-trt"):
+        chosen = select_passes(Options(precision="fp16"), targets.TARGETS[name])
+        assert "ort-fusions" not in [p.name for p in chosen]
+        optimized, _ = passes.PassManager(chosen).run(ir.load(raw))
+        assert {node.domain for node in optimized.graph} <= {"", "ai.onnx"}, name
+    cuda, _ = passes.PassManager(select_passes(Options(precision="fp16"), targets.TARGETS["h200"])).run(ir.load(raw))
+    assert "com.microsoft" in {node.domain for node in cuda.graph}  # the CUDA target's fusions do use them
+
+
+def test_a_manifest_cache_path_out_of_the_engine_directory_is_refused(block_engine, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(block_engine, copy)
+    manifest = copy / "engine" / "engine.json"
+    body = json.loads(manifest.read_text())
+    body["provider_options"]["trt_engine_cache_path"] = "../../elsewhere"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(EngineError, match="provider option trt_engine_cache_path is '../../elsewhere', not a folder of the engine directory"):
+        read_manifest(copy / "engine")
+    body["provider_options"]["trt_engine_cache_path"] = "trt-cache"
+    manifest.write_text(json.dumps(body))
+    config = read_manifest(copy / "engine")
+    assert config.session_providers(None, copy / "engine")[0][1]["trt_engine_cache_path"] == str(copy / "engine" / "trt-cache")
+
+
+def test_a_plan_is_built_where_tensorrt_is_installed(tmp_path):
+    pytest.importorskip("tensorrt")
+    model = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(_graph(None)), model)
+    build_plan(model, tmp_path / "model.plan", build_settings(_graph(None), [PROFILE], "fp16", tmp_path / "timing.cache"))
+    assert (tmp_path / "model.plan").stat().st_size > 0 and (tmp_path / "timing.cache").is_file()
