@@ -50,18 +50,34 @@ def bench_profile(engine: Engine, profile: Profile, runs: int, warmup: int, seed
     return results
 
 
-def cost_section(work: dict, latency: list[dict], engine: Engine, compute_format: str) -> dict:
+def compute_format(report: dict) -> str:
+    """The format an engine's matrix products run in, from its report: its precision, or FP8 where the
+    FP8 GEMMs were lowered to GemmFloat8. ONNX Runtime's CUDA provider runs Q/DQ (INT8 or FP8) matrix
+    products as a dequantize and a float GEMM, and its CPU provider INT8 as INT8."""
+    ran = {r["name"] for r in report.get("passes", []) if r.get("modified")}
+    quantized = (report.get("quantization") or {}).get("format")
+    if quantized == "fp8" and "lower-fp8-gemm" in ran:
+        return "fp8"
+    if quantized == "int8" and report.get("target", {}).get("family") == "cpu":
+        return "int8"
+    return report.get("precision", "fp32")
+
+
+def cost_section(work: dict | None, latency: list[dict], engine: Engine, compute_format: str) -> dict:
     """Cost per 1,000 results at the opt shape, from latency rows of bench_profile and the build's work
-    (corner -> FLOPs and weight bytes): measured on this machine's GPU, estimated for the others."""
+    (corner -> FLOPs and weight bytes; None: no report): measured on this machine's GPU, estimated for
+    the others. A result is one item of the batch (the size of the dim named batch; 1 without one)."""
     device, gpu = targets.gpu_here()
     measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
     if measured is None or gpu is None or measured.get("io") != "device":
         why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
                else f"kiln has no price for {device}")  # fmt: skip
         return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
+    if work is None:
+        return {"measured_on": None, "reason": "no cost figures: the engine has no report.json beside it (the build's FLOP count is there)", "rows": []}
     corner = work.get(measured["corner"])
     if not corner:
-        return {"measured_on": None, "reason": "no cost figures: the build counted no FLOPs (an engine of an older kiln)", "rows": []}
+        return {"measured_on": None, "reason": "no cost figures: the build counted no FLOPs (an older kiln, or a graph it could not count)", "rows": []}
     profile = engine.profile
     sizes = profile.sizes("opt")
     try:
@@ -69,7 +85,7 @@ def cost_section(work: dict, latency: list[dict], engine: Engine, compute_format
     except (KeyError, TypeError, ValueError):  # an output dim derived from the inputs': inputs alone
         io_bytes = tensor_bytes(engine.inputs, sizes)
     run = RunWork(flops=corner["flops"], bytes=corner["weight_bytes"] + io_bytes,
-                  results=int(next(iter(profile.shapes(sizes).values()))[0]) if profile.inputs else 1,
+                  results=sizes.get("batch", 1),
                   compute_format=compute_format)  # fmt: skip
     rows = cost_rows(run, measured["median_ms"], gpu, list(targets.GPUS.values()))
     shape = "static" if profile.is_static() else "opt"

@@ -16,11 +16,11 @@ from kiln import passes, targets
 from kiln.calibration import CalibrationSet
 from kiln.calibration.cache import StatsCache
 from kiln.passes.fallback import Fallback
-from kiln.targets.work import count_flops, weight_bytes
+from kiln.targets.work import count_flops
 from kiln.optimizer.calibrate import quality_fallback, quant_config
 from kiln.optimizer.config import TOLERANCES, Options
 from kiln.optimizer.errors import InputError, KilnError
-from kiln.optimizer.onnx_files import MODEL_FILE, save_model
+from kiln.optimizer.onnx_files import MODEL_FILE, save_model, weights_bytes
 from kiln.optimizer.outdir import ENGINE_DIR
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET
@@ -93,7 +93,11 @@ def build_engine(
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
     with progress.stage("count FLOPs"):
-        work = {corner: count_flops(model, shapes).to_json() for corner, shapes in profile.corners()}
+        try:
+            work = {corner: count_flops(model, shapes).to_json() for corner, shapes in profile.corners()}
+        except Exception as exc:  # onnxscript's folding or ONNX shape inference on an op it cannot take
+            work = {}  # the report then says it has no cost figures; the build goes on
+            progress.line(f"note: FLOPs not counted ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     start = time.perf_counter()
     chosen = select_passes(options, target, static_sizes, calibration)
     fallback = None
@@ -118,7 +122,7 @@ def build_engine(
         config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
         engine = targets.load_engine(engine_dir)
     for counted in work.values():
-        counted["weight_bytes"] = weight_bytes(model)
+        counted["weight_bytes"] = weights_bytes(model)  # as stored: after the precision pass
     return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start, fallback, work)
 
 

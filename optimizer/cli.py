@@ -345,7 +345,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from kiln.optimizer.bench import bench_profile, cost_section
+    from kiln.optimizer.bench import bench_profile, compute_format, cost_section
     from kiln.optimizer.report import cost_lines
     from kiln.optimizer.run import build_report, build_warnings, open_engine
 
@@ -361,8 +361,7 @@ def cmd_bench(args) -> int:
         shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
         lines.append(f"{r['corner']:<8} {r['median_ms']:>10.3f} {r['p90_ms']:>10.3f}  {shapes}")
     built = build_report(args.engine)
-    compute_format = (built.get("quantization") or {}).get("format") or engine.config.precision
-    cost = cost_section(built.get("work") or {}, results, engine, compute_format)
+    cost = cost_section(built.get("work"), results, engine, compute_format(built) if built else engine.config.precision)
     lines += ["", *cost_lines(cost)]
     _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results, "cost": cost,
                  "warnings": warnings}, "\n".join(lines).rstrip())  # fmt: skip

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from kiln import passes, targets
 from kiln.optimizer import __version__
-from kiln.optimizer.bench import bench_profile, cost_section
+from kiln.optimizer.bench import bench_profile, compute_format, cost_section
 from kiln.optimizer.build import build_engine, select_passes
 from kiln.optimizer.calibrate import calibration_providers, calibration_set, check_format
 from kiln.optimizer.config import Options
@@ -247,9 +247,9 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
                       "shapes": [c.to_json() for c in checks]},  # fmt: skip
         latency=latency,
         work=built.work,
-        cost=cost_section(built.work, latency, engine, options.quantize or options.precision),
         timings=timings,
     )
+    report["cost"] = cost_section(built.work, latency, engine, compute_format(report))
     if quality is not None and not options.quantize:
         report["quality"] = quality
     write_reports(stage, report)

@@ -10,6 +10,7 @@ sparse ones with *, twice these).
   "INT8 Tensor Core 250 TOPS", "FP32 31.2 TF", "24 GB GDDR6", "600 GB/s"); the A10G shares its memory
   and bandwidth (AWS; Baseten's "NVIDIA A10 vs A10G"), but third parties put its tensor rate nearer
   70 TFLOP/s, so compute-bound estimates for it are optimistic.
+The A100 40GB and the PCIe cards have other bandwidths: no entry matches them (the generic cuda target).
 Prices: AWS on-demand, Linux, us-east-1, via SkyPilot's catalog (see turing.py); per GPU = instance / GPUs.
 """
 
@@ -22,7 +23,7 @@ A10G = GPU(
 )  # fmt: skip
 
 A100 = GPU(
-    name="a100", label="NVIDIA A100 SXM4 80GB", architecture="Ampere", device_pattern=r"\bA100\b", compute_capability=(8, 0),
+    name="a100", label="NVIDIA A100 SXM4 80GB", architecture="Ampere", device_pattern=r"\bA100-SXM4-80GB\b", compute_capability=(8, 0),
     memory_gb=80, bandwidth_gb_s=2039, peak_tflops={"fp32": 19.5, "fp16": 312, "bf16": 312, "int8": 624},
     price=Price(3.431, "AWS p4de.24xlarge (8 GPUs, 80 GB) $27.447 / 8, on demand, us-east-1, via SkyPilot's catalog", "2026"),
 )  # fmt: skip

@@ -23,7 +23,7 @@ B200 = GPU(
 
 RTX_PRO_6000 = GPU(
     name="rtx-pro-6000", label="NVIDIA RTX PRO 6000 Blackwell Server Edition", architecture="Blackwell",
-    device_pattern=r"RTX PRO 6000 Blackwell", compute_capability=(12, 0), memory_gb=96, bandwidth_gb_s=1597,
+    device_pattern=r"RTX PRO 6000 Blackwell Server Edition", compute_capability=(12, 0), memory_gb=96, bandwidth_gb_s=1597,
     peak_tflops={"fp32": 120, "fp16": 500, "bf16": 500, "int8": 1000, "fp8": 1000, "fp4": 2000},
     price=Price(3.363, "AWS g7e.2xlarge (1 GPU), on demand, us-east-1, via SkyPilot's catalog", "2026"),
 )  # fmt: skip

@@ -76,6 +76,13 @@ def check_machine(config: BuildConfig, engine_dir: Path) -> None:
     from kiln.targets.portability import differences
 
     here = {**fingerprint(), "onnxruntime": ort.__version__}
+    if "tensorrt" in config.built_with:
+        try:
+            import tensorrt
+
+            here["tensorrt"] = tensorrt.__version__
+        except ImportError:
+            pass  # differences() says it is missing
     # Every GPU target but the generic cuda one is for one GPU model (and TensorRT plans always are).
     found = differences(config.built_with, here, one_model=config.target != "cuda")
     if found:

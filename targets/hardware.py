@@ -19,7 +19,7 @@ FAST_FROM = {"fp16": (7, 0), "int8": (7, 5), "bf16": (8, 0), "fp8": (8, 9), "fp4
 class Price:
     usd_per_hour: float  # one GPU, on demand
     source: str  # provider, instance and region, and how the per-GPU figure was derived
-    date: str  # when the source gave this price (YYYY-MM)
+    date: str  # when the source gave this price (a year, or YYYY-MM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,8 @@ class GPU:
         return re.search(self.device_pattern, device_name) is not None
 
     def peak_flops(self, fmt: str) -> float:
-        """Peak FLOP/s for a compute format (bf16 runs at the fp16 rate where the datasheet gives none)."""
-        tflops = self.peak_tflops.get(fmt) or (self.peak_tflops.get("fp16") if fmt == "bf16" else None)
+        """Peak FLOP/s for a compute format."""
+        tflops = self.peak_tflops.get(fmt)
         if tflops is None:
             raise KeyError(f"{self.label} has no {fmt} peak: it does not run {fmt} fast")
         return tflops * 1e12
@@ -84,7 +84,8 @@ def gpu_targets(gpu: GPU) -> tuple:
     )
     ort_trt = OrtTensorRtTarget(
         name=f"{gpu.name}-ort-trt", family="tensorrt", description=f"{gpu.label} through ONNX Runtime's TensorRT provider (never run: see README)",
-        precisions=cuda.precisions, capabilities=("dynamic-shapes", "external-data", "io-binding"), quantize=cuda.quantize,
+        # INT8 only: ONNX Runtime has no FP8 flag for TensorRT, and nothing here has run.
+        precisions=cuda.precisions, capabilities=("dynamic-shapes", "external-data", "io-binding"), quantize=("int8",),
         gpu=gpu, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), device="cuda",
     )  # fmt: skip
     return cuda, ort_trt

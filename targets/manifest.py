@@ -142,10 +142,14 @@ def _damage(config: BuildConfig) -> str | None:
             return f"{field} is {getattr(config, field)!r}, not a name"
     if not all(isinstance(p, str) for p in config.providers):
         return f"providers {list(config.providers)} are not all names"
-    for key in DIRECTORY_OPTIONS:  # a folder of the engine directory, never a path out of it
-        value = config.provider_options.get(key)
-        if value is not None and (not isinstance(value, str) or Path(value).name != value or value in (".", "..")):
-            return f"provider option {key} is {value!r}, not a folder of the engine directory"
+    for key, value in config.provider_options.items():
+        # A manifest names no file outside its engine directory: no plugin or decryption library to load,
+        # no cache elsewhere. The cache folders kiln writes are plain names inside it.
+        if key in DIRECTORY_OPTIONS:
+            if not isinstance(value, str) or Path(value).name != value or value in ("", ".", ".."):
+                return f"provider option {key} is {value!r}, not a folder of the engine directory"
+        elif any(word in key for word in ("path", "lib", "folder", "file", "prefix")):
+            return f"provider option {key} names a file or library, which kiln never writes into a manifest"
     for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
         problem = _spec_problem(spec)
         if problem:

@@ -22,7 +22,7 @@ import onnx
 
 from kiln.targets.align import Alignment
 from kiln.targets.gpu import fingerprint
-from kiln.targets.manifest import BuildConfig, write_manifest
+from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
 from kiln.targets.ort import OrtTarget
 from kiln.targets.profile import Profile, TensorSpec
 from kiln.targets.versions import runtime_versions
@@ -61,11 +61,13 @@ class OrtTensorRtTarget(OrtTarget):
             "trt_engine_cache_enable": "1", "trt_engine_cache_path": CACHE_DIR,
             "trt_timing_cache_enable": "1", "trt_timing_cache_path": CACHE_DIR,
             "trt_builder_optimization_level": str(self.builder_optimization_level),
-            "trt_fp16_enable": str(int(precision == "fp16")), "trt_bf16_enable": str(int(precision == "bf16")),
+            "trt_fp16_enable": str(int(precision == "fp16")),
             # INT8 Q/DQ is explicit quantization: the flag lets TensorRT run those layers in INT8, no table needed.
             # ONNX Runtime 1.31 has no FP8 flag: TensorRT reads FP8 Q/DQ nodes as they are.
             "trt_int8_enable": str(int(quantized == "int8")),
         }  # fmt: skip
+        if precision == "bf16":  # an option since onnxruntime 1.23: older providers refuse the key
+            options["trt_bf16_enable"] = "1"
         if profile.dims:
             options.update({f"trt_profile_{corner}_shapes": shapes_option(profile, corner) for corner in ("min", "opt", "max")})
         if profile.is_static():
@@ -77,7 +79,7 @@ class OrtTensorRtTarget(OrtTarget):
         """The model as given (TensorRT optimizes it when a session first loads it on the GPU) and its manifest."""
         reason = self.available()
         if reason:
-            raise RuntimeError(f"target {self.name!r} cannot build here: {reason}")
+            raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
         for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
             shutil.copyfile(path, engine_dir / path.name)
         (engine_dir / CACHE_DIR).mkdir()
@@ -85,25 +87,38 @@ class OrtTensorRtTarget(OrtTarget):
         config = BuildConfig(
             target=self.name, model=model_path.name, device="cuda", providers=self.providers,
             provider_options=self.trt_options(profile, precision, qdq_format(graph)), precision=precision,
-            tf32=False, cuda_graph=False, profile=profile, inputs=_specs(graph.input, graph.initializer),
-            outputs=_specs(graph.output), alignment=alignment, built_with={**runtime_versions(), **fingerprint()},
+            # The provider captures a static engine as a CUDA graph (trt_cuda_graph_enable): one binding, one shape.
+            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=graph_specs(graph.input, graph.initializer),
+            outputs=graph_specs(graph.output), alignment=alignment, built_with={**runtime_versions(), **fingerprint()},
         )  # fmt: skip
         write_manifest(engine_dir, config)
         return config
 
 
 def qdq_format(graph: onnx.GraphProto) -> str | None:
-    """The 8-bit format of the graph's QuantizeLinear nodes (from their zero points' type: "int8" or
-    "fp8"), or None without any."""
-    zero_points = {node.input[2] for node in graph.node if node.op_type == "QuantizeLinear" and len(node.input) > 2}
-    types = {t.data_type for t in graph.initializer if t.name in zero_points}
-    if not zero_points:
-        return None
-    return "fp8" if types & {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2} else "int8"
+    """The 8-bit format of the graph's QuantizeLinear nodes, "int8" or "fp8", or None without any. The
+    type is the zero point's (an initializer or a Constant), else the output_dtype attribute; without
+    either, QuantizeLinear gives uint8."""
+    constants = {t.name: t.data_type for t in graph.initializer}
+    constants.update({n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    found = None
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        dtype = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        dtype = dtype or next((a.i for a in node.attribute if a.name == "output_dtype" and a.i), None)
+        if dtype in FP8_TYPES:
+            return "fp8"
+        found = "int8"
+    return found
 
 
-def _specs(values, initializers=()) -> tuple[TensorSpec, ...]:
-    """TensorSpecs of graph inputs (initializers left out) or outputs, dims named or sized as in the graph."""
+FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ}
+
+
+def graph_specs(values, initializers=()) -> tuple[TensorSpec, ...]:
+    """TensorSpecs of graph inputs (initializers left out) or outputs; a dim the graph leaves unnamed
+    gets a name of its own (value_axis), never a size."""
     weights = {t.name for t in initializers}
     specs = []
     for value in values:
@@ -111,5 +126,6 @@ def _specs(values, initializers=()) -> tuple[TensorSpec, ...]:
             continue
         tensor = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        specs.append(TensorSpec(value.name, dtype, tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)))
+        dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else f"{value.name}_{axis}") for axis, d in enumerate(tensor.shape.dim))
+        specs.append(TensorSpec(value.name, dtype, dims))
     return tuple(specs)

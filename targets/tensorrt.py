@@ -1,15 +1,17 @@
-"""TensorRT engines: `NAME-trt` for each GPU, a thin adapter over TensorRT's Python API (the [trt] extra).
+"""The native TensorRT builder: a thin adapter over TensorRT's Python API (the [trt] extra).
 
 `build_settings` decides everything a build hands TensorRT: a strongly typed network for a Q/DQ model
 (TensorRT then takes every tensor's type from the graph, as ModelOpt's FP8/INT8 models expect), else
 the precision flag; one optimization profile per kiln profile; the builder optimization level; the
 timing cache file; and a build-time limit, enforced by a progress monitor that cancels the build.
-`build_plan` applies them, call by call, and writes the plan; the manifest beside it records the GPU,
-so a plan, which is compiled code for one GPU model, never loads on another.
+`build_plan` applies them, call by call, and writes the plan; the manifest beside it records the GPU
+and the TensorRT version, so a plan, compiled code for one GPU model, is refused on another.
 
-NOT EXECUTED: TensorRT cannot be installed where kiln is built and tested (its libraries are on no
-registry those machines reach), so `build_plan` and plan loading have never run. The settings are
-tested; the build tests skip without `tensorrt`.
+NOT EXECUTED, AND NOT YET A TARGET: TensorRT cannot be installed where kiln is built and tested (its
+libraries are on no registry those machines reach), so `build_plan` has never run, and kiln has no
+runtime for plans yet, so `TensorRtTarget` is not registered. The settings are tested; the build test
+skips without `tensorrt`. The timing cache sits in the engine directory until the engine cache
+(issue 18) gives it a home shared between builds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kiln.targets.align import Alignment
 from kiln.targets.base import Target
 from kiln.targets.gpu import fingerprint
 from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
-from kiln.targets.ort_tensorrt import _specs, qdq_format
+from kiln.targets.ort_tensorrt import graph_specs, qdq_format
 from kiln.targets.profile import Profile
 from kiln.targets.versions import runtime_versions
 
@@ -152,8 +154,8 @@ class TensorRtTarget(Target):
         build_plan(model_path, engine_dir / PLAN, settings)
         config = BuildConfig(
             target=self.name, model=PLAN, device="cuda", providers=(), provider_options={}, precision=precision,
-            tf32=False, cuda_graph=False, profile=profile, inputs=_specs(graph.input, graph.initializer),
-            outputs=_specs(graph.output), alignment=alignment,
+            tf32=False, cuda_graph=False, profile=profile, inputs=graph_specs(graph.input, graph.initializer),
+            outputs=graph_specs(graph.output), alignment=alignment,
             built_with={**runtime_versions(), **fingerprint(), "tensorrt": tensorrt().__version__},
         )  # fmt: skip
         write_manifest(engine_dir, config)

@@ -25,7 +25,7 @@ KEEP_ELEMENTS = 64  # initializers up to this size keep their values: shape infe
 @dataclasses.dataclass(frozen=True)
 class Work:
     flops: float
-    uncounted: Mapping[str, int]  # op type -> nodes of a counted type whose shapes inference could not give
+    uncounted: Mapping[str, int]  # op type -> nodes of a counted type left out: shapes unknown, or in a subgraph
 
     def to_json(self) -> dict:
         return {"flops": self.flops, "uncounted": dict(self.uncounted)}
@@ -36,22 +36,21 @@ def count_flops(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> Work:
     from onnxscript.optimizer import fold_constants
 
     skeleton = ir.from_proto(_skeleton(model, shapes))
+    ir.passes.common.InlinePass()(skeleton)  # a function's matrix products are the model's
     fold_constants(skeleton, onnx_shape_inference=True)
     flops, uncounted = 0.0, Counter()
-    for node in skeleton.graph:
+    for node in ir.traversal.RecursiveGraphIterator(skeleton.graph):
         rule = _RULES.get((node.domain, node.op_type))
         if rule is None:
+            continue
+        if node.graph is not skeleton.graph:  # inside an If or a Loop: how often it runs is data
+            uncounted[f"{node.op_type} in a subgraph"] += 1
             continue
         try:
             flops += rule(node, [_dims(v) for v in node.inputs], [_dims(v) for v in node.outputs])
         except (TypeError, IndexError, ValueError):  # a shape inference left unknown
             uncounted[node.op_type] += 1
     return Work(flops, dict(uncounted))
-
-
-def weight_bytes(model: ir.Model) -> int:
-    """Bytes of the model's initializers, as stored (after the precision pass: fp16 halves them)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def tensor_bytes(specs, sizes: Mapping[str, int]) -> int:
@@ -63,9 +62,10 @@ def tensor_bytes(specs, sizes: Mapping[str, int]) -> int:
 
 def _skeleton(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     """The model's graph with its inputs fixed to shapes and its large initializers as bare inputs."""
-    inputs = [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), shapes[v.name]) for v in model.graph.inputs]
+    weights = model.graph.initializers
+    inputs = [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), shapes[v.name]) for v in model.graph.inputs if v.name not in weights]
     initializers = []
-    for v in model.graph.initializers.values():
+    for v in weights.values():
         if v.const_value is not None and v.const_value.size <= KEEP_ELEMENTS:
             initializers.append(ir.serde.serialize_tensor(v.const_value))
         else:

@@ -17,7 +17,7 @@ from kiln.optimizer.build import select_passes
 from kiln.optimizer.config import Options
 from kiln.targets import DimRange, EngineError, Profile, TensorSpec, read_manifest
 from kiln.targets.ort import OrtTarget
-from kiln.targets.ort_tensorrt import qdq_format, shapes_option, tensorrt_missing
+from kiln.targets.ort_tensorrt import graph_specs, qdq_format, shapes_option, tensorrt_missing
 from kiln.targets.tensorrt import TensorRtTarget, build_plan, build_settings, tensorrt
 
 PROFILE = Profile(
@@ -41,8 +41,30 @@ def _graph(qdq: str | None) -> onnx.GraphProto:
     return model.graph
 
 
-def test_a_qdq_graph_gets_a_strongly_typed_network_and_no_precision_flag(tmp_path):
+def test_the_qdq_format_is_read_from_zero_points_constants_or_output_dtype():
     assert qdq_format(_graph(None)) is None and qdq_format(_graph("int8")) == "int8" and qdq_format(_graph("fp8")) == "fp8"
+    graph = _graph(None)
+    graph.node.extend([onnx.helper.make_node("Constant", [], ["zc"], value=onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT8E4M3FN, [], [0])),
+                       onnx.helper.make_node("QuantizeLinear", ["x", "s", "zc"], ["q"])])  # fmt: skip
+    assert qdq_format(graph) == "fp8"
+    graph = _graph(None)
+    graph.node.append(onnx.helper.make_node("QuantizeLinear", ["x", "s"], ["q"], output_dtype=onnx.TensorProto.FLOAT8E5M2))
+    assert qdq_format(graph) == "fp8"
+    graph = _graph(None)
+    graph.node.append(onnx.helper.make_node("QuantizeLinear", ["x", "s"], ["q"]))  # uint8 without a zero point
+    assert qdq_format(graph) == "int8"
+
+
+def test_graph_specs_name_the_dims_a_graph_leaves_unnamed():
+    model = onnx.parser.parse_model("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[N,?] x) => (float[N,?] y) { y = Identity(x) }
+    """)  # fmt: skip
+    assert graph_specs(model.graph.input) == (TensorSpec("x", "float32", ("N", "x_1")),)
+    assert graph_specs(model.graph.output) == (TensorSpec("y", "float32", ("N", "y_1")),)
+
+
+def test_a_qdq_graph_gets_a_strongly_typed_network_and_no_precision_flag(tmp_path):
     plain = build_settings(_graph(None), [PROFILE], "fp16", tmp_path / "timing.cache", optimization_level=5, time_limit_s=600)
     assert (plain.strongly_typed, plain.precision_flags) == (False, ("FP16",))
     assert plain.profiles == ((("x", (1, 4, 16, 16), (8, 4, 32, 32), (16, 4, 64, 64)), ("t", (1,), (8,), (16,))),)
@@ -67,10 +89,12 @@ def test_ort_tensorrt_provider_options_come_from_the_profile_and_precision():
     assert options == {
         "trt_engine_cache_enable": "1", "trt_engine_cache_path": "trt-cache", "trt_timing_cache_enable": "1",
         "trt_timing_cache_path": "trt-cache", "trt_builder_optimization_level": "3", "trt_fp16_enable": "1",
-        "trt_bf16_enable": "0", "trt_int8_enable": "0", "trt_profile_min_shapes": "x:1x4x16x16,t:1",
+        "trt_int8_enable": "0", "trt_profile_min_shapes": "x:1x4x16x16,t:1",
         "trt_profile_opt_shapes": "x:8x4x32x32,t:8", "trt_profile_max_shapes": "x:16x4x64x64,t:16",
     }  # fmt: skip
-    assert target.trt_options(PROFILE, "bf16", "int8")["trt_bf16_enable"] == "1"
+    bf16 = target.trt_options(PROFILE, "bf16", "int8")
+    assert (bf16["trt_bf16_enable"], bf16["trt_fp16_enable"]) == ("1", "0")
+    assert target.quantize == ("int8",)  # no FP8 flag in ONNX Runtime's provider, and nothing here has run
     assert target.trt_options(PROFILE, "fp16", "int8")["trt_int8_enable"] == "1"
     static = Profile(PROFILE.inputs, {"batch": DimRange(2, 2, 2), "height": DimRange(32, 32, 32)})
     assert target.trt_options(static, "fp16", None)["trt_cuda_graph_enable"] == "1"
@@ -112,6 +136,11 @@ def test_a_manifest_cache_path_out_of_the_engine_directory_is_refused(block_engi
     with pytest.raises(EngineError, match="provider option trt_engine_cache_path is '../../elsewhere', not a folder of the engine directory"):
         read_manifest(copy / "engine")
     body["provider_options"]["trt_engine_cache_path"] = "trt-cache"
+    body["provider_options"]["trt_extra_plugin_lib_paths"] = "/tmp/evil.so"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(EngineError, match="provider option trt_extra_plugin_lib_paths names a file or library, which kiln never writes"):
+        read_manifest(copy / "engine")
+    del body["provider_options"]["trt_extra_plugin_lib_paths"]
     manifest.write_text(json.dumps(body))
     config = read_manifest(copy / "engine")
     assert config.session_providers(None, copy / "engine")[0][1]["trt_engine_cache_path"] == str(copy / "engine" / "trt-cache")
