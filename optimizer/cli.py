@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, metavar="out.npz", help="where to write the outputs")
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("bench", parents=[common], help="latency (median, p90) at each shape of the engine's profile")
+    p = sub.add_parser("bench", parents=[common], help="latency (median, p90) at each shape of the engine's profile, and cost per 1,000 results")
     p.add_argument("engine", type=Path, metavar="OUTDIR", help="a directory `kiln optimize` wrote")
     p.add_argument("--runs", type=int, default=50, help="timed runs per shape (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
@@ -188,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive(float), default=24.0, help="frame rate of a video OUTPUT (default 24)")
     p.set_defaults(handler=cmd_decode)
 
-    p = sub.add_parser("targets", parents=[common], help="list targets, their capabilities, and whether they run here")
+    p = sub.add_parser("targets", parents=[common], help="list targets: each GPU's compute capability, memory, peaks and price, and whether it runs here",
+                       description="The targets kiln builds for. Per GPU: compute capability, memory, bandwidth, dense fp16 and FP8 "
+                                   "TFLOP/s from the datasheet, on-demand $ per GPU-hour, the precisions it runs fast, and whether "
+                                   "it runs on this machine (and why not). --json adds every figure's source.")  # fmt: skip
     p.set_defaults(handler=cmd_targets)
 
     p = sub.add_parser("passes", parents=[common], help="list the passes kiln runs, in order")
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     """The options that say how to import, build, verify and measure an engine: `kiln optimize` takes them
     all, and `kiln compare` takes them as the settings every point shares (its grid varies some)."""
-    p.add_argument("--target", help="target to build for (default cpu; see `kiln targets`)")
+    p.add_argument("--target", help="target to build for (default cpu; auto: the one for this machine's GPU; see `kiln targets`)")
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32); sensitive ops stay fp32 and the report lists them")
     p.add_argument("--force-precision", action="store_true", help="build --precision even for a model kiln refuses it for (fp16 for Flux, whose activations overflow float16)")
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
