@@ -11,7 +11,6 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from conftest import quiet
 from kiln import targets
 from kiln.optimizer.cli import main
 from kiln.targets import EngineError, load_engine
@@ -220,7 +219,7 @@ def test_target_auto_without_a_gpu_builds_for_the_cpu_and_reports_work_but_no_co
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((16, 8), np.float32), "w"))
     onnx.save(proto, model)
     out = tmp_path / "out"
-    assert quiet("optimize", model, "-o", out, "--target", "auto", "--shapes", "N=1..4..8", "--bench-runs", "2") == 0
+    assert main(["optimize", str(model), "-o", str(out), "--target", "auto", "--shapes", "N=1..4..8", "--bench-runs", "2", "-q"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["target"]["name"] == "cpu"
     assert "target auto: no CUDA GPU here, so cpu" in report["notes"]
