@@ -121,8 +121,9 @@ def build_engine(
         engine_dir.mkdir()
         config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
         engine = targets.load_engine(engine_dir)
+    stored = weights_bytes(model)  # as stored: after the precision pass
     for counted in work.values():
-        counted["weight_bytes"] = weights_bytes(model)  # as stored: after the precision pass
+        counted["weight_bytes"] = stored
     return Built(engine, config, model, model_files, records, passes_s, time.perf_counter() - start, fallback, work)
 
 

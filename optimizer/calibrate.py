@@ -32,7 +32,8 @@ from kiln.optimizer.sampling import (
 )
 from kiln.passes.fallback import METRICS, Fallback, parse_budget, search
 from kiln.targets.engine import session_options
-from kiln.targets.gpu import FP8_CAPABILITY, compute_capability
+from kiln.targets.gpu import compute_capability
+from kiln.targets.hardware import FAST_FROM
 
 # Seeds of made calibration samples start here, away from verification's (options.seed + check index).
 CALIB_SEED_OFFSET = 10_000
@@ -54,10 +55,10 @@ def check_format(options: Options, target: targets.Target) -> None:
         )
     if fmt == "fp8" and getattr(target, "device", "cpu") == "cuda":
         capability = compute_capability()
-        if capability is not None and capability < FP8_CAPABILITY:
+        if capability is not None and capability < FAST_FROM["fp8"]:
             raise InputError(
                 f"this GPU has compute capability {capability[0]}.{capability[1]}, and FP8 needs "
-                f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell)",
+                f"{FAST_FROM['fp8'][0]}.{FAST_FROM['fp8'][1]} or newer (Ada, Hopper, Blackwell)",
                 hint="use --quantize int8 on this GPU",
             )
 

@@ -364,7 +364,10 @@ def cmd_bench(args) -> int:
         shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())
         lines.append(f"{r['corner']:<8} {r['median_ms']:>10.3f} {r['p90_ms']:>10.3f}  {shapes}")
     built = build_report(args.engine)
-    cost = cost_section(built.get("work"), results, engine, compute_format(built) if built else engine.config.precision)
+    try:
+        cost = cost_section(built.get("work"), results, engine, compute_format(built) if built else engine.config.precision)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a report.json damaged or edited by hand
+        cost = {"measured_on": None, "reason": "no cost figures: the engine's report.json is damaged", "rows": []}
     lines += ["", *cost_lines(cost)]
     _emit(args, {"engine": str(args.engine), "runs": args.runs, "warmup": args.warmup, "results": results, "cost": cost,
                  "warnings": warnings}, "\n".join(lines).rstrip())  # fmt: skip
@@ -382,18 +385,17 @@ def cmd_targets(args) -> int:
     for t in described:
         gpu_row = t.get("gpu")
         state = "yes" if t["available"] else f"no: {t['unavailable_reason']}"
-        if gpu_row is None:
-            lines.append(f"{t['name']:<21} {t['description'][:46]:<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
-                         f"{','.join(t['precisions']):<24} {state}")  # fmt: skip
-            continue
-        if t["family"] == "tensorrt":
-            lines.append(f"{t['name']:<21} {'  its ONNX Runtime TensorRT provider variant':<46} {'':>4} {'':>4} {'':>5} {'':>7} {'':>6} {'':>6}  "
-                         f"{','.join(t['precisions'] + t['quantize']):<24} {state}")  # fmt: skip
-            continue
-        peak = gpu_row["peak_tflops"]
-        lines.append(f"{t['name']:<21} {gpu_row['gpu'][:46]:<46} {gpu_row['compute_capability']:>4} {gpu_row['memory_gb']:>4g} "
-                     f"{gpu_row['bandwidth_gb_s']:>5g} {peak['fp16']:>7g} {peak.get('fp8', '-'):>6} {gpu_row['usd_per_hour']:>6.2f}  "
-                     f"{','.join(t['precisions'] + t['quantize']):<24} {state}")  # fmt: skip
+        label, figures, precisions = t["description"], ("",) * 6, t["precisions"]
+        if gpu_row is not None:
+            precisions = t["precisions"] + t["quantize"]
+            label = "  its ONNX Runtime TensorRT provider variant" if t["family"] == "tensorrt" else gpu_row["gpu"]
+        if gpu_row is not None and t["family"] != "tensorrt":
+            peak = gpu_row["peak_tflops"]
+            figures = (gpu_row["compute_capability"], f"{gpu_row['memory_gb']:g}", f"{gpu_row['bandwidth_gb_s']:g}", f"{peak['fp16']:g}",
+                       f"{peak['fp8']:g}" if "fp8" in peak else "-", f"{gpu_row['usd_per_hour']:.2f}")  # fmt: skip
+        sm, gb, bandwidth, fp16, fp8, price = figures
+        lines.append(f"{t['name']:<21} {label[:46]:<46} {sm:>4} {gb:>4} {bandwidth:>5} {fp16:>7} {fp8:>6} {price:>6}  "
+                     f"{','.join(precisions):<24} {state}")  # fmt: skip
     lines += ["", "Peaks are dense tensor-core TFLOP/s from each vendor datasheet; prices are on-demand per GPU-hour "
               "(sources: `kiln targets --json`, and targets/<architecture>.py).",
               "The TensorRT variants (NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip

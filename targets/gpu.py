@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import functools
 
-FP8_CAPABILITY = (8, 9)  # Ada and newer: FP8 tensor cores
 _MAJOR, _MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
 
 

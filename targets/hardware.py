@@ -1,8 +1,8 @@
 """A GPU model as data: what its datasheet promises and what an hour of it costs.
 
 The entries live in one module per architecture (turing, ampere, ada, hopper, blackwell), each figure
-with its source. A GPU becomes a target with `gpu_target`: the CUDA target with the GPU's precisions,
-quantization formats and memory settings, so a new GPU is a new entry, not new code.
+with its source. A GPU becomes targets with `gpu_targets`: the CUDA target with the GPU's precisions,
+quantization formats and memory settings, and its TensorRT variant, so a new GPU is a new entry, not new code.
 """
 
 from __future__ import annotations

@@ -28,18 +28,16 @@ from kiln.targets.profile import Profile, TensorSpec
 from kiln.targets.versions import runtime_versions
 
 CACHE_DIR = "trt-cache"  # inside the engine directory; resolved when the engine loads
-NVINFER = ("libnvinfer.so.10",)  # what ONNX Runtime 1.31's TensorRT provider links against
+NVINFER = "libnvinfer.so.10"  # what ONNX Runtime 1.31's TensorRT provider links against
 
 
 def tensorrt_missing() -> str | None:
     """Why TensorRT's runtime library cannot be loaded here, or None."""
-    for soname in NVINFER:
-        try:
-            ctypes.CDLL(soname)
-            return None
-        except OSError:
-            continue
-    return f"TensorRT is not installed ({NVINFER[0]} cannot be loaded); ONNX Runtime's TensorRT provider needs it"
+    try:
+        ctypes.CDLL(NVINFER)
+    except OSError:
+        return f"TensorRT is not installed ({NVINFER} cannot be loaded); ONNX Runtime's TensorRT provider needs it"
+    return None
 
 
 def shapes_option(profile: Profile, corner: str) -> str:

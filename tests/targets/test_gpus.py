@@ -277,3 +277,14 @@ def test_the_compute_format_is_what_the_engine_s_matrix_products_run_in():
     assert compute_format({**cuda, "quantization": {"format": "fp8"}, "passes": lowered[:1]}) == "fp16"  # DQ + fp16 GEMM
     assert compute_format({**cuda, "quantization": {"format": "int8"}}) == "fp16"
     assert compute_format({"target": {"family": "cpu"}, "precision": "fp32", "quantization": {"format": "int8"}}) == "int8"
+
+
+def test_kiln_bench_on_an_engine_whose_report_is_damaged_gives_no_cost_and_says_why(block_engine, tmp_path, capsys):
+    copy = tmp_path / "damaged"
+    shutil.copytree(block_engine, copy)
+    report = json.loads((copy / "report.json").read_text())
+    report.update(work="garbage", passes="x")
+    (copy / "report.json").write_text(json.dumps(report))
+    assert main(["bench", str(copy), "--runs", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost"] == {
+        "measured_on": None, "reason": "no cost figures: the engine's report.json is damaged", "rows": []}  # fmt: skip
