@@ -232,6 +232,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quality", metavar="BUDGET", help="keep the fewest layers in float that meet it: psnr>=DB, ssim>=S, rel_l2<=E or max_abs<=E "
                    "(on sampling-loop latents for diffusers models, else on held-out outputs)")
     g.add_argument("--quant-backend", choices=BACKENDS, help="who inserts Q/DQ: kiln (default; FP8 becomes GemmFloat8 on CUDA), ort (quantize_static, INT8; default on the cpu target) or modelopt (NVIDIA ModelOpt, for TensorRT)")
+    g = p.add_argument_group("TensorRT (targets NAME-trt and NAME-ort-trt)")
+    g.add_argument("--trt-opt-level", type=int, metavar="0-5", help="TensorRT's builder optimization level: higher searches longer for faster kernels (default 3)")
+    g.add_argument("--trt-time-limit", type=float, metavar="SECONDS", help="stop a NAME-trt build that runs longer, exit 2 (default: no limit)")
     g = p.add_argument_group("TensorFlow SavedModel import")
     g.add_argument("--signature", help="signature to convert (default serving_default)")
     g.add_argument("--outputs", type=lambda s: s.split(","), metavar="A,B", help="outputs to keep (default: image, if there is one, else all); the rest are pruned with what feeds only them")
@@ -271,7 +274,7 @@ def options_from_args(args) -> "Options":
     if args.config:
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout", "video_decoder",
-                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality"):
+                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality", "trt_opt_level", "trt_time_limit"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]
@@ -388,7 +391,9 @@ def cmd_targets(args) -> int:
         label, figures, precisions = t["description"], ("",) * 6, t["precisions"]
         if gpu_row is not None:
             precisions = t["precisions"] + t["quantize"]
-            label = "  its ONNX Runtime TensorRT provider variant" if t["family"] == "tensorrt" else gpu_row["gpu"]
+            label = gpu_row["gpu"]
+            if t["family"] == "tensorrt":
+                label = "  via ONNX Runtime's TensorRT provider" if t["name"].endswith("-ort-trt") else "  as a TensorRT plan kiln builds"
         if gpu_row is not None and t["family"] != "tensorrt":
             peak = gpu_row["peak_tflops"]
             figures = (gpu_row["compute_capability"], f"{gpu_row['memory_gb']:g}", f"{gpu_row['bandwidth_gb_s']:g}", f"{peak['fp16']:g}",
@@ -398,7 +403,7 @@ def cmd_targets(args) -> int:
                      f"{','.join(precisions):<24} {state}")  # fmt: skip
     lines += ["", "Peaks are dense tensor-core TFLOP/s from each vendor datasheet; prices are on-demand per GPU-hour "
               "(sources: `kiln targets --json`, and targets/<architecture>.py).",
-              "The TensorRT variants (NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip
+              "The TensorRT variants (NAME-trt, NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip
     _emit(args, {"here": {"gpu": device, "target": gpu.name if gpu else None}, "targets": described}, "\n".join(lines))
     return 0
 

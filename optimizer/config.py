@@ -78,6 +78,9 @@ class Options:
     keep: list[str] = dataclasses.field(default_factory=list)  # regexes of layers to keep in float
     rel_l2: float | None = None  # a quantized engine's verification bound (default QUANT_TOLERANCES)
     quality: str | None = None  # a budget ("psnr>=35") the fallback keeps layers in float to meet
+    # TensorRT targets (None: TensorRT's defaults, level 3 and no limit).
+    trt_opt_level: int | None = None  # the builder optimization level, 0..5
+    trt_time_limit: float | None = None  # seconds a native TensorRT build may take
 
     def tolerance(self) -> dict[str, float]:
         if self.quantize:
@@ -120,6 +123,7 @@ _RECIPE = {
         "quality": ("quality", str),
     },
     "bench": {"runs": ("bench_runs", int), "warmup": ("bench_warmup", int)},
+    "tensorrt": {"opt_level": ("trt_opt_level", int), "time_limit": ("trt_time_limit", (int, float))},
     "import": {
         "signature": ("signature", str),
         "outputs": ("outputs", list),
@@ -218,6 +222,10 @@ def validate(options: Options) -> None:
         raise InputError(f"--align {options.align}: must be 1 (no padding) or more")
     if options.import_timeout <= 0:
         raise InputError("the import timeout must be positive")
+    if options.trt_opt_level is not None and not 0 <= options.trt_opt_level <= 5:
+        raise InputError(f"--trt-opt-level {options.trt_opt_level}: TensorRT's builder optimization levels are 0 to 5", hint="3 is TensorRT's default; 5 searches longest")
+    if options.trt_time_limit is not None and options.trt_time_limit <= 0:
+        raise InputError(f"--trt-time-limit {options.trt_time_limit:g}: must be a positive number of seconds")
     _validate_quantization(options)
 
 

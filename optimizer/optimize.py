@@ -53,7 +53,24 @@ def choose_target(options: Options) -> targets.Target:
             hint=f"it supports {', '.join(target.precisions)}",
         )
     check_format(options, target)
-    return target
+    return tensorrt_settings(options, target)
+
+
+def tensorrt_settings(options: Options, target: targets.Target) -> targets.Target:
+    """target with the TensorRT builder settings options ask for, which only TensorRT targets take."""
+    asked = {name: value for name, value in (("--trt-opt-level", options.trt_opt_level), ("--trt-time-limit", options.trt_time_limit)) if value is not None}
+    if not asked:
+        return target
+    if target.family != "tensorrt":
+        raise InputError(f"{', '.join(asked)}: only for TensorRT targets, and {target.name!r} is not one",
+                         hint=f"build for a NAME-trt or NAME-ort-trt target, or leave {' and '.join(asked)} out")  # fmt: skip
+    if options.trt_time_limit is not None and not hasattr(target, "time_limit_s"):
+        raise InputError(f"--trt-time-limit: ONNX Runtime's TensorRT provider ({target.name!r}) has no build-time limit",
+                         hint="use the native target, NAME-trt, or leave the limit out")  # fmt: skip
+    changes = {"optimization_level": options.trt_opt_level} if options.trt_opt_level is not None else {}
+    if options.trt_time_limit is not None:
+        changes["time_limit_s"] = options.trt_time_limit
+    return dataclasses.replace(target, **changes)
 
 
 def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progress: Progress) -> dict:

@@ -23,7 +23,7 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        known = f"auto, cpu, cuda, {', '.join(GPUS)}, and each GPU's NAME-ort-trt"
+        known = f"auto, cpu, cuda, {', '.join(GPUS)}, and each GPU's NAME-trt and NAME-ort-trt"
         raise KeyError(f"unknown target {name!r}; known targets: {known}") from None
 
 

@@ -65,10 +65,12 @@ class GPU:
 
 
 def gpu_targets(gpu: GPU) -> tuple:
-    """gpu's targets: `NAME` (ONNX Runtime CUDA: the `cuda` target narrowed to what the GPU runs fast)
-    and `NAME-ort-trt` (ONNX Runtime's TensorRT provider, standard ONNX ops only)."""
+    """gpu's targets: `NAME` (ONNX Runtime CUDA: the `cuda` target narrowed to what the GPU runs fast),
+    `NAME-trt` (a TensorRT plan built by kiln) and `NAME-ort-trt` (ONNX Runtime's TensorRT provider
+    building its own); both TensorRT ones take standard ONNX ops only."""
     from kiln.targets.cuda import CUDA
     from kiln.targets.ort_tensorrt import OrtTensorRtTarget
+    from kiln.targets.tensorrt import TensorRtTarget
 
     fast = gpu.fast_precisions
     cuda = dataclasses.replace(
@@ -88,4 +90,9 @@ def gpu_targets(gpu: GPU) -> tuple:
         precisions=cuda.precisions, capabilities=("dynamic-shapes", "external-data", "io-binding"), quantize=("int8",),
         gpu=gpu, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), device="cuda",
     )  # fmt: skip
-    return cuda, ort_trt
+    trt = TensorRtTarget(
+        name=f"{gpu.name}-trt", family="tensorrt", description=f"{gpu.label} as a TensorRT plan (never run: see README)",
+        # FP8 too: a strongly typed network takes FP8 Q/DQ as the graph has it.
+        precisions=cuda.precisions, capabilities=("dynamic-shapes", "io-binding"), quantize=cuda.quantize, gpu=gpu,
+    )  # fmt: skip
+    return cuda, trt, ort_trt

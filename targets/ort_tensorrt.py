@@ -48,7 +48,7 @@ def shapes_option(profile: Profile, corner: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class OrtTensorRtTarget(OrtTarget):
-    builder_optimization_level: int = 3  # TensorRT's default; 5 searches longest
+    optimization_level: int = 3  # TensorRT's builder optimization level: 3 is its default; 5 searches longest
 
     def available(self) -> str | None:
         return super().available() or tensorrt_missing()
@@ -58,7 +58,7 @@ class OrtTensorRtTarget(OrtTarget):
         options = {
             "trt_engine_cache_enable": "1", "trt_engine_cache_path": CACHE_DIR,
             "trt_timing_cache_enable": "1", "trt_timing_cache_path": CACHE_DIR,
-            "trt_builder_optimization_level": str(self.builder_optimization_level),
+            "trt_builder_optimization_level": str(self.optimization_level),
             "trt_fp16_enable": str(int(precision == "fp16")),
             # INT8 Q/DQ is explicit quantization: the flag lets TensorRT run those layers in INT8, no table needed.
             # ONNX Runtime 1.31 has no FP8 flag: TensorRT reads FP8 Q/DQ nodes as they are.

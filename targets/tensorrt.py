@@ -1,16 +1,21 @@
-"""The native TensorRT builder: a thin adapter over TensorRT's Python API (the [trt] extra).
+"""The native TensorRT target, `NAME-trt`: a thin adapter over TensorRT's Python API (the [trt] extra).
 
 `build_settings` decides everything a build hands TensorRT: a strongly typed network for a Q/DQ model
 (TensorRT then takes every tensor's type from the graph, as ModelOpt's FP8/INT8 models expect), else
 the precision flag; one optimization profile per kiln profile; the builder optimization level; the
 timing cache file; and a build-time limit, enforced by a progress monitor that cancels the build.
-`build_plan` applies them, call by call, and writes the plan; the manifest beside it records the GPU
-and the TensorRT version, so a plan, compiled code for one GPU model, is refused on another.
+`build_plan` applies them, call by call, and writes the plan.
 
-NOT EXECUTED, AND NOT YET A TARGET: TensorRT cannot be installed where kiln is built and tested (its
-libraries are on no registry those machines reach), so `build_plan` has never run, and kiln has no
-runtime for plans yet, so `TensorRtTarget` is not registered. The settings are tested; the build test
-skips without `tensorrt`. The timing cache sits in the engine directory until the engine cache
+The plan runs through ONNX Runtime's TensorRT provider, so kiln keeps one runtime (bindings, CUDA
+graphs, the frame pipeline): beside the plan, the build writes its ONNX face, a one-node model whose
+EPContext node names the plan (`context_model`), which that provider deserializes instead of building.
+The manifest records the GPU and the TensorRT version: a plan is compiled code for one GPU model and one
+TensorRT release, so it is refused anywhere else (portability.py) before ONNX Runtime sees it.
+
+NOT EXECUTED: TensorRT cannot be installed where kiln is built and tested (its libraries are on no
+registry those machines reach), so no plan has been built or run. The settings, the context model (which
+ONNX Runtime parses and checks against the EPContext schema) and the refusals are tested; the build
+test skips without `tensorrt`. The timing cache sits in the engine directory until the engine cache
 (issue 18) gives it a home shared between builds.
 """
 
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from kiln.targets.align import Alignment
 from kiln.targets.base import Target
@@ -32,6 +38,9 @@ from kiln.targets.profile import Profile
 from kiln.targets.versions import runtime_versions
 
 PLAN = "model.plan"
+CONTEXT_MODEL = "model.trt.onnx"  # the plan's ONNX face (see the module's docstring)
+TIMING_CACHE = "timing.cache"
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}  # trt.BuilderFlag names
 
 
@@ -135,9 +144,27 @@ def _deadline(trt, seconds: float):
     return Deadline()
 
 
+def context_model(model: onnx.ModelProto, plan: str, compute_capability: str, tensorrt_version: str) -> onnx.ModelProto:
+    """The model ONNX Runtime's TensorRT provider runs a prebuilt plan from: model's inputs and outputs
+    around one com.microsoft EPContext node whose ep_cache_context is the plan's file name, relative to
+    this model's folder (the provider refuses absolute paths and '..')."""
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in weights]
+    node = onnx.helper.make_node(
+        "EPContext", [v.name for v in inputs], [v.name for v in model.graph.output], name="tensorrt_plan", domain="com.microsoft",
+        main_context=1, embed_mode=0, ep_cache_context=plan, source="TensorrtExecutionProvider", ep_sdk_version=tensorrt_version,
+        hardware_architecture=compute_capability.replace(".", ""),  # the provider's form: "90" for 9.0
+    )  # fmt: skip
+    graph = onnx.helper.make_graph([node], "tensorrt_plan", inputs, list(model.graph.output))
+    opsets = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft")]
+    default = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opsets += [onnx.helper.make_opsetid("", default), onnx.helper.make_opsetid("com.microsoft", 1)]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version, producer_name="kiln")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRtTarget(Target):
-    optimization_level: int = 3
+    optimization_level: int = 3  # TensorRT's default; 5 searches longest
     time_limit_s: float | None = None
 
     def available(self) -> str | None:
@@ -145,18 +172,28 @@ class TensorRtTarget(Target):
             tensorrt()
         except EngineError as exc:
             return exc.message
+        if PROVIDERS[0] not in ort.get_available_providers():
+            return f"onnxruntime {ort.__version__} here lacks {PROVIDERS[0]}, which runs the plans (pip install 'kiln-ml[trt]')"
         return self.other_gpu()
 
     def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
               alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
-        graph = onnx.load(model_path, load_external_data=False).graph
-        settings = build_settings(graph, [profile], precision, engine_dir / "timing.cache", self.optimization_level, self.time_limit_s)
+        """The plan, its context model and the manifest (the plan and the timing cache through temporary files)."""
+        reason = self.available()
+        if reason:
+            raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
+        model = onnx.load(model_path, load_external_data=False)
+        settings = build_settings(model.graph, [profile], precision, engine_dir / TIMING_CACHE, self.optimization_level, self.time_limit_s)
         build_plan(model_path, engine_dir / PLAN, settings)
+        machine, version = fingerprint(), tensorrt().__version__
+        onnx.save(context_model(model, PLAN, machine["compute_capability"], version), engine_dir / CONTEXT_MODEL)
         config = BuildConfig(
-            target=self.name, model=PLAN, device="cuda", providers=(), provider_options={}, precision=precision,
-            tf32=False, cuda_graph=False, profile=profile, inputs=graph_specs(graph.input, graph.initializer),
-            outputs=graph_specs(graph.output), alignment=alignment,
-            built_with={**runtime_versions(), **fingerprint(), "tensorrt": tensorrt().__version__},
+            target=self.name, model=CONTEXT_MODEL, device="cuda", providers=PROVIDERS,
+            # TensorRT's own CUDA graph for a static engine: one binding, one shape.
+            provider_options={"trt_cuda_graph_enable": "1"} if profile.is_static() else {}, precision=precision,
+            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=graph_specs(model.graph.input, model.graph.initializer),
+            outputs=graph_specs(model.graph.output), alignment=alignment,
+            built_with={**runtime_versions(), **machine, "tensorrt": version, "tensorrt_optimization_level": str(self.optimization_level)},
         )  # fmt: skip
         write_manifest(engine_dir, config)
         return config

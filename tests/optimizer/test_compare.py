@@ -109,7 +109,7 @@ def test_or_joins_grids_and_a_recipe_gives_them(tiny_dit, tmp_path):
         (f"--grid gives 25 points, more than {MAX_POINTS}; each is a build", ["--grid", f"calib-samples={','.join(map(str, range(1, 26)))}"]),
         ("--no-verify would leave nothing to compare", ["--no-verify", "--grid", "precision=fp32"]),
         ("--bench-runs 0 would leave nothing to compare", ["--bench-runs", "0", "--grid", "precision=fp32"]),
-        ("unknown target 'gpu9000'; known targets: auto, cpu, cuda, t4, a10g, a100, l4, l40s, h100, h200, b200, rtx-pro-6000, and each GPU's NAME-ort-trt", ["--target", "gpu9000", "--grid", "precision=fp32"]),
+        ("unknown target 'gpu9000'; known targets: auto, cpu, cuda, t4, a10g, a100, l4, l40s, h100, h200, b200, rtx-pro-6000, and each GPU's NAME-trt and NAME-ort-trt", ["--target", "gpu9000", "--grid", "precision=fp32"]),
     ],
 )
 def test_bad_grids_exit_2_before_any_build(capsys, tmp_path, tiny_dit, fragment, grid):

@@ -10,7 +10,7 @@ import pytest
 from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
 from kiln.optimizer.errors import InputError
 
-KNOWN_TOP = "bench, compare, import, int_ranges, io_dtype, passes, precision, quantize, shapes, target, verify"
+KNOWN_TOP = "bench, compare, import, int_ranges, io_dtype, passes, precision, quantize, shapes, target, tensorrt, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -48,6 +48,10 @@ def test_full_recipe(tmp_path):
         runs = 3
         warmup = 0
 
+        [tensorrt]
+        opt_level = 5
+        time_limit = 1200
+
         [shapes]
         batch = "1..8"
         "x:1" = "16..32..128"
@@ -70,6 +74,8 @@ def test_full_recipe(tmp_path):
         rtol=1,
         bench_runs=3,
         bench_warmup=0,
+        trt_opt_level=5,
+        trt_time_limit=1200,
     )  # fmt: skip
     assert options.tolerance() == {"atol": 0.5, "rtol": 1}
 
@@ -276,6 +282,8 @@ def test_options_defaults():
         "keep": [],
         "rel_l2": None,
         "quality": None,
+        "trt_opt_level": None,
+        "trt_time_limit": None,
     }
 
 

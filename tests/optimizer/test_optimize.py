@@ -43,7 +43,7 @@ def refusal(call, *args) -> InputError:
 def test_choose_target():
     assert choose_target(Options()) is targets.CPU
     error = refusal(choose_target, Options(target="tpu"))
-    assert (error.message, error.hint) == ("unknown target 'tpu'; known targets: auto, cpu, cuda, t4, a10g, a100, l4, l40s, h100, h200, b200, rtx-pro-6000, and each GPU's NAME-ort-trt", "`kiln targets` lists them")
+    assert (error.message, error.hint) == ("unknown target 'tpu'; known targets: auto, cpu, cuda, t4, a10g, a100, l4, l40s, h100, h200, b200, rtx-pro-6000, and each GPU's NAME-trt and NAME-ort-trt", "`kiln targets` lists them")
     error = refusal(choose_target, Options(precision="bf16"))
     assert (error.message, error.hint) == ("target 'cpu' does not support bf16", "it supports fp32, fp16")
     assert error.exit_code == 2
