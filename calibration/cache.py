@@ -23,10 +23,14 @@ FORMAT = 1  # bump when what is cached, or how it is computed, changes
 ENV = "KILN_CACHE_DIR"
 
 
+def kiln_cache_root() -> Path:
+    """Where kiln caches things (engines, calibration statistics, trained examples), each in a folder of
+    its own: $KILN_CACHE_DIR, else ~/.cache/kiln ($XDG_CACHE_HOME/kiln if set)."""
+    return Path(os.environ.get(ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln")
+
+
 def default_dir() -> Path:
-    """$KILN_CACHE_DIR/calibration, else ~/.cache/kiln/calibration ($XDG_CACHE_HOME if set)."""
-    root = os.environ.get(ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln"
-    return Path(root) / "calibration"
+    return kiln_cache_root() / "calibration"
 
 
 def cache_key(model_hash: str, data_hash: str, method: str, tensors: list[str]) -> str:

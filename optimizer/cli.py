@@ -63,9 +63,17 @@ recipe (--config recipe.toml; command-line options win):
   [bench]
   runs = 20
   warmup = 3
+  [tensorrt]
+  opt_level = 3      # TensorRT targets; time_limit = SECONDS for NAME-trt
 
 OUTDIR gets model.onnx, engine/, report.json and report.md. It is built in a temporary
 directory and renamed into place, so a failed run leaves what was there before.
+
+engine cache:
+  A verified engine is stored in $KILN_CACHE_DIR (default ~/.cache/kiln) under a key of the
+  model's bytes, the options, the target, kiln's code, the library versions and, for a GPU
+  target, the GPU, driver, CUDA and cuDNN. The same run again copies it from there ("cache hit");
+  a miss says which of those differ from the nearest entry. `kiln cache` lists and prunes it.
 """
 
 
@@ -127,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, metavar="MODEL", help="an .onnx file (external data beside it is fine), a directory holding one, a TensorFlow SavedModel, or a diffusers model directory (save_pretrained)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="directory to write the engine and reports to")
     p.add_argument("--force", action="store_true", help="replace OUTDIR even if it is not a kiln output")
+    p.add_argument("--no-cache", action="store_true", help="build even if the engine cache has this engine, and do not store it there")
     _engine_options(p)
     p.set_defaults(handler=cmd_optimize)
 
@@ -193,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TFLOP/s from the datasheet, on-demand $ per GPU-hour, the precisions it runs fast, and whether "
                                    "it runs on this machine (and why not). --json adds every figure's source.")  # fmt: skip
     p.set_defaults(handler=cmd_targets)
+
+    p = sub.add_parser("cache", parents=[common], help="list, inspect and prune the engine cache ($KILN_CACHE_DIR, default ~/.cache/kiln)",
+                       description="The engine cache `kiln optimize` stores verified engines in (see `kiln optimize --help`).")  # fmt: skip
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("list", parents=[common], help="every entry: key, target, precision, size, model, last use")
+    a.set_defaults(handler=cmd_cache)
+    a = actions.add_parser("info", parents=[common], help="one entry: its key's parts, its files and whether they are whole")
+    a.add_argument("key", metavar="KEY", help="an entry's key, or the start of one (`kiln cache list`)")
+    a.set_defaults(handler=cmd_cache)
+    a = actions.add_parser("prune", parents=[common], help="remove unfinished and damaged entries, and with --max-size the least recently used")
+    a.add_argument("--max-size", type=_size, metavar="SIZE", help="evict least recently used entries until the cache holds at most SIZE (500M, 20G, or bytes)")
+    a.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("passes", parents=[common], help="list the passes kiln runs, in order")
     p.set_defaults(handler=cmd_passes)
@@ -287,6 +308,7 @@ def options_from_args(args) -> "Options":
     options.force_precision |= args.force_precision
     options.precision_chosen |= args.precision is not None
     options.verify &= not args.no_verify
+    options.cache &= not getattr(args, "no_cache", False)
     validate(options)
     return options
 
@@ -405,6 +427,57 @@ def cmd_targets(args) -> int:
               "(sources: `kiln targets --json`, and targets/<architecture>.py).",
               "The TensorRT variants (NAME-trt, NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip
     _emit(args, {"here": {"gpu": device, "target": gpu.name if gpu else None}, "targets": described}, "\n".join(lines))
+    return 0
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    number, unit = text.rstrip("KMGTkmgtB").strip(), text[len(text.rstrip("KMGTkmgtB")):].upper().rstrip("B")
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with K, M, G or T (500M, 20G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size is 0 or more")
+    return int(value)
+
+
+def cmd_cache(args) -> int:
+    import datetime
+
+    from kiln.optimizer.engine_cache import EngineCache, flatten
+
+    cache = EngineCache()
+    if args.action == "prune":
+        removed = cache.prune(args.max_size)
+        left = cache.list()
+        size = sum(r["bytes"] for r in left)
+        _emit(args, {"cache": str(cache.root), "removed": removed, "entries": len(left), "bytes": size},
+              "\n".join([*removed, f"{cache.root}: removed {len(removed)}, kept {len(left)} entries ({size / 1e6:.1f} MB)"]))  # fmt: skip
+        return 0
+    entries = cache.list()
+    if args.action == "list":
+        lines = [f"{cache.root}: {len(entries)} entries, {sum(r['bytes'] for r in entries) / 1e6:.1f} MB", ""]
+        if entries:
+            lines.append(f"{'key':<24}  {'target':<14} {'precision':<9} {'MB':>8}  {'last used':<16}  model")
+        for r in entries:
+            options = r["parts"].get("options", {})
+            used = datetime.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M")
+            precision = options.get("precision", "?") + (f"+{options['quantize']}" if options.get("quantize") else "")
+            lines.append(f"{r['key']:<24}  {r['parts'].get('target', '?'):<14} {precision:<9} {r['bytes'] / 1e6:>8.1f}  {used:<16}  {r.get('source', '')}")
+        _emit(args, {"cache": str(cache.root), "entries": entries}, "\n".join(lines))
+        return 0
+    matches = [r for r in entries if r["key"].startswith(args.key)]
+    if len(matches) != 1:
+        raise InputError(f"{'no entry' if not matches else f'{len(matches)} entries'} of {cache.root} has a key starting {args.key!r}",
+                         hint="`kiln cache list` shows the keys; give enough of one to pick it")  # fmt: skip
+    record = matches[0]
+    damage = cache.damage(cache.entries / record["key"])
+    record["whole"], record["damage"] = damage is None, damage
+    flat = "\n".join(f"  {k}: {v}" for k, v in flatten(record["parts"]).items())
+    text = (f"entry {record['key']} ({record['bytes'] / 1e6:.1f} MB), built {record['built']}: "
+            f"{'whole' if damage is None else f'DAMAGED, {damage}'}\nfiles: {', '.join(sorted(record['files']))}\nkey parts:\n{flat}")  # fmt: skip
+    _emit(args, record, text)
     return 0
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import importlib
-import importlib.metadata
 import json
 import tempfile
 import time
@@ -27,7 +25,8 @@ from kiln.optimizer.bench import samples_ms
 from kiln.optimizer.compare_grid import GridPoint, Sweep
 from kiln.optimizer.compare_report import SCHEMA, to_json
 from kiln.optimizer.errors import InputError, KilnError, first_line
-from kiln.optimizer.onnx_files import find_model, hash_directory, hash_files, model_files
+from kiln.optimizer.engine_cache import key_versions, kiln_source_hash, model_hash
+from kiln.optimizer.onnx_files import find_model
 from kiln.optimizer.outdir import ENGINE_DIR, atomic_file, check_not_link, staged_dir
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import Outputs
@@ -37,9 +36,6 @@ OUTPUTS = ("compare.json", "compare.md", "pareto.png", "samples.png")
 ENTRIES = frozenset({*OUTPUTS, POINTS, REFERENCE_FILE})  # everything kiln compare writes into OUTDIR
 PICTURES = 4  # samples per row of samples.png
 SPLIT_ALL = 2**40  # calibration_set's split_for when a point calibrates on all of --calib
-# What a point's cache key holds of the environment besides kiln's own code.
-KEY_DISTRIBUTIONS = ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy", "ml_dtypes", "torch",
-                     "diffusers", "tensorflow", "tf2onnx", "nvidia-modelopt")  # fmt: skip
 
 
 def compare(model_arg: Path, outdir: Path, sweep: Sweep, retry_failed: bool, progress: Progress) -> dict:
@@ -51,7 +47,7 @@ def compare(model_arg: Path, outdir: Path, sweep: Sweep, retry_failed: bool, pro
         find_model(model_arg)  # raises the missing-path error
     _check_outdir(outdir, model_arg)
     with progress.stage(f"hash {model_arg}"):
-        environment = {"model": _model_hash(model_arg), "target": target.name, "kiln": _kiln_source_hash(), "libraries": _versions()}
+        environment = {"model": model_hash(model_arg), "target": target.name, "kiln": kiln_source_hash(), "libraries": key_versions()}
     shared = {k: v for k, v in dataclasses.asdict(sweep.base).items() if k in _SHARED_FIELDS}
     entries = [_Entry("engine", p.label, p, _key(environment, dataclasses.asdict(p.options)) if p.options else None) for p in sweep.points]
     entries += [_Entry("baseline", name, None, _key(environment, {"baseline": name, **shared})) for name in baseline_names(model_arg, target)]
@@ -311,34 +307,6 @@ def _check_outdir(outdir: Path, model_arg: Path) -> None:
 def _key(environment: dict, what: dict) -> str:
     text = json.dumps({"environment": environment, "what": what}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _model_hash(model_arg: Path) -> str:
-    """sha256 over the model's files: a directory's every file, or an ONNX file and its external data."""
-    if model_arg.is_dir():
-        return hash_directory(model_arg)
-    return hash_files(model_arg.parent, model_files(find_model(model_arg)))
-
-
-def _kiln_source_hash() -> str:
-    """sha256 of kiln's own Python sources: an engine built by other code is not the same engine."""
-    digest = hashlib.sha256()
-    for package in ("optimizer", "passes", "targets", "calibration"):
-        module = importlib.import_module(f"kiln.{package}")
-        root = Path(module.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in KEY_DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def _device_memory_mb(target) -> float | None:

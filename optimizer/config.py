@@ -81,6 +81,7 @@ class Options:
     # TensorRT targets (None: TensorRT's defaults, level 3 and no limit).
     trt_opt_level: int | None = None  # the builder optimization level, 0..5
     trt_time_limit: float | None = None  # seconds a native TensorRT build may take
+    cache: bool = True  # look the engine up in the engine cache, and store it there (engine_cache.py)
 
     def tolerance(self) -> dict[str, float]:
         if self.quantize:

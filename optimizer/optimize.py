@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,10 +19,11 @@ from kiln.optimizer.bench import bench_profile, compute_format, cost_section
 from kiln.optimizer.build import build_engine, select_passes
 from kiln.optimizer.calibrate import calibration_providers, calibration_set, check_format
 from kiln.optimizer.config import Options
+from kiln.optimizer.engine_cache import EngineCache, Lookup, file_digest, key_of, key_versions, kiln_source_hash, model_hash
 from kiln.optimizer.errors import InputError, VerificationFailed, first_line
 from kiln.optimizer.importers import import_model
-from kiln.optimizer.onnx_files import content_hash, find_model, load_model
-from kiln.optimizer.outdir import ENGINE_DIR, check_outdir, staged_dir
+from kiln.optimizer.onnx_files import content_hash, find_model, hash_directory, load_model
+from kiln.optimizer.outdir import ENGINE_DIR, REPORT_FILE, check_outdir, staged_dir
 from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy, declared_class
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
@@ -32,6 +34,8 @@ from kiln.optimizer.verify import (
 )  # fmt: skip
 from kiln.targets import Alignment, DimRange, Profile
 from kiln.targets.align import METADATA_KEY as ALIGN_KEY
+from kiln.targets.engine import preload_cuda
+from kiln.targets.gpu import fingerprint
 from kiln.targets.ort import uncapturable_ops
 
 
@@ -83,16 +87,68 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     # Before the import: a refusal costs no export and no reference run.
     notes = [targets.detect_target()[1]] if options.target == "auto" else []
     notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
+    if not options.cache:
+        return _build(model_arg, outdir, target, options, notes, progress)
+    cache = EngineCache()
+    with progress.stage(f"hash {model_arg} for the engine cache ({cache.root})"):
+        parts = cache_parts(model_arg, options, target)
+    key = key_of(parts)
+    with cache.building(key, waiting=lambda: progress.line(f"waiting for another kiln that is building this engine (cache key {key})")):
+        found = cache.lookup(key, parts)
+        progress.line(found.line)
+        if found.hit:
+            return _from_cache(found, outdir)
+        report = _build(model_arg, outdir, target, options, notes, progress, found)  # an engine that fails verification raises: not kept
+        with progress.stage(f"store the engine in the cache ({key})"):
+            cache.store(key, parts, outdir, str(model_arg))
+    return report
+
+
+def _build(model_arg: Path, outdir: Path, target: targets.Target, options: Options, notes: list[str], progress: Progress,
+           cached: Lookup | None = None) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
         prepared = prepare(model_arg, Path(work), options, progress)
         for note in notes:
             prepared.notes.append(note)
             progress.line(f"note: {note}")
         with staged_dir(outdir) as stage:
-            point = build_point(prepared, stage, outdir, target, options, progress)
+            point = build_point(prepared, stage, outdir, target, options, progress, cache=cached)
     if point.failure:
         raise point.failure
     return point.report
+
+
+def _from_cache(found: Lookup, outdir: Path) -> dict:
+    """OUTDIR as the cache entry holds it, its report saying it came from the cache."""
+    report = json.loads((found.hit / REPORT_FILE).read_text())
+    report["cache"] = found.to_json()
+    with staged_dir(outdir) as stage:
+        for path in sorted(found.hit.iterdir()):
+            if path.is_dir():
+                shutil.copytree(path, stage / path.name)
+            else:
+                shutil.copy2(path, stage / path.name)
+        write_reports(stage, report)
+    return report
+
+
+def cache_parts(model_arg: Path, options: Options, target: targets.Target) -> dict:
+    """Everything that makes the engine what it is (see engine_cache.py): the model's and the sample
+    files' bytes, the options (the files they name by their bytes, not their paths), the target, kiln's
+    code, the libraries and, for a GPU target, the machine."""
+    settings = dataclasses.asdict(options)
+    settings.update(target=target.name, cache=None, shapes=[spec for _, spec in options.shapes], int_ranges=[spec for _, spec in options.int_ranges],
+                    verify_inputs=[file_digest(Path(p)) if Path(p).is_file() else p for p in options.verify_inputs])  # fmt: skip
+    if options.calib:
+        calib = Path(options.calib)
+        settings["calib"] = hash_directory(calib) if calib.is_dir() else file_digest(calib) if calib.is_file() else options.calib
+    machine = {}
+    if target.name != "cpu":
+        preload_cuda()  # the CUDA and cuDNN versions are part of the machine
+        machine = fingerprint()
+    parts = {"model": model_hash(model_arg), "options": settings, "target": target.name, "machine": machine,
+             "libraries": key_versions(), "kiln": kiln_source_hash()}  # fmt: skip
+    return json.loads(json.dumps(parts, default=str))  # as stored: paths as text
 
 
 @dataclasses.dataclass
@@ -189,10 +245,10 @@ class Point:
 
 
 def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.Target, options: Options, progress: Progress,
-                measure_quality: bool = False, split_for: int | None = None) -> Point:  # fmt: skip
+                measure_quality: bool = False, split_for: int | None = None, cache: Lookup | None = None) -> Point:  # fmt: skip
     """Build, verify, benchmark and report one engine of the prepared model into stage, which the caller
     renames to outdir. measure_quality: a quality section for an unquantized engine too. split_for: see
-    calibration_set."""
+    calibration_set. cache: the engine cache's miss that led to this build."""
     started = time.perf_counter()
     timings = dict(prepared.timings)
     report = new_report("optimize")
@@ -267,6 +323,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         timings=timings,
     )
     report["cost"] = cost_section(built.work, latency, engine, compute_format(report))
+    report["cache"] = cache.to_json() if cache else None
     if quality is not None and not options.quantize:
         report["quality"] = quality
     write_reports(stage, report)

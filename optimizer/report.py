@@ -49,6 +49,7 @@ def markdown(report: dict) -> str:
         f"- source: `{src['path']}` (sha256 `{src['hash'][:16]}…`)",
         f"- optimized model: `{model['file']}` (sha256 `{model['hash'][:16]}…`)",
         f"- engine: {', '.join(f'`{f}`' for f in target['files'])}",
+        *([f"- engine cache: {report['cache']['status']}, {report['cache']['reason']}"] if report.get("cache") else []),
         "",
     ]
     for note in report["notes"]:

@@ -24,10 +24,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _calibration_cache(tmp_path_factory):
-    """Calibration statistics go to a folder of this run, not the user's ~/.cache/kiln."""
-    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("kiln-cache"))
-    yield
+def _session_cache(tmp_path_factory) -> Path:
+    """kiln's caches go to a folder of this run, not the user's ~/.cache/kiln (this one for the session's
+    fixtures; each test gets its own, below)."""
+    root = tmp_path_factory.mktemp("kiln-cache")
+    os.environ["KILN_CACHE_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _kiln_cache(_session_cache, tmp_path_factory, monkeypatch):
+    """Each test has a cache of its own (an engine another test built is no hit), sharing the session's
+    calibration statistics."""
+    root = tmp_path_factory.mktemp("kiln-cache-test")
+    (_session_cache / "calibration").mkdir(exist_ok=True)
+    (root / "calibration").symlink_to(_session_cache / "calibration")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(root))
 
 
 def quiet(*args) -> int:

@@ -71,8 +71,9 @@ def _key() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KILN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln"
-    return Path(root) / "examples" / f"dit-trained-{_key()}"
+    from kiln.calibration.cache import kiln_cache_root
+
+    return kiln_cache_root() / "examples" / f"dit-trained-{_key()}"
 
 
 def train(directory: Path, progress=None) -> dict:

@@ -284,6 +284,7 @@ def test_options_defaults():
         "quality": None,
         "trt_opt_level": None,
         "trt_time_limit": None,
+        "cache": True,
     }
 
 
