@@ -90,6 +90,8 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     if not options.cache:
         return _build(model_arg, outdir, target, options, notes, progress)
     cache = EngineCache()
+    if hasattr(target, "timing_cache_dir"):  # TensorRT builds of one target share their timing cache
+        target = dataclasses.replace(target, timing_cache_dir=cache.timing)
     with progress.stage(f"hash {model_arg} for the engine cache ({cache.root})"):
         parts = cache_parts(model_arg, options, target)
     key = key_of(parts)

@@ -15,8 +15,8 @@ TensorRT release, so it is refused anywhere else (portability.py) before ONNX Ru
 NOT EXECUTED: TensorRT cannot be installed where kiln is built and tested (its libraries are on no
 registry those machines reach), so no plan has been built or run. The settings, the context model (which
 ONNX Runtime parses and checks against the EPContext schema) and the refusals are tested; the build
-test skips without `tensorrt`. The timing cache sits in the engine directory until the engine cache
-(issue 18) gives it a home shared between builds.
+test skips without `tensorrt`. With the engine cache on, builds of one target share its timing cache
+(in the cache's timing/ folder); without it, a build keeps its own in the engine directory.
 """
 
 from __future__ import annotations
@@ -166,6 +166,9 @@ def context_model(model: onnx.ModelProto, plan: str, compute_capability: str, te
 class TensorRtTarget(Target):
     optimization_level: int = 3  # TensorRT's default; 5 searches longest
     time_limit_s: float | None = None
+    # Where timing caches are shared between builds (one file per target and TensorRT version); None:
+    # the engine directory, a cache for this build alone.
+    timing_cache_dir: Path | None = None
 
     def available(self) -> str | None:
         try:
@@ -176,16 +179,22 @@ class TensorRtTarget(Target):
             return f"onnxruntime {ort.__version__} here lacks {PROVIDERS[0]}, which runs the plans (pip install 'kiln-ml[trt]')"
         return self.other_gpu()
 
+    def timing_cache(self, engine_dir: Path, tensorrt_version: str) -> Path:
+        """The timing cache file a build reads and writes back."""
+        if self.timing_cache_dir is None:
+            return engine_dir / TIMING_CACHE
+        return self.timing_cache_dir / f"{self.name}-tensorrt-{tensorrt_version}.cache"
+
     def build(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
               alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
         """The plan, its context model and the manifest (the plan and the timing cache through temporary files)."""
         reason = self.available()
         if reason:
             raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
-        model = onnx.load(model_path, load_external_data=False)
-        settings = build_settings(model.graph, [profile], precision, engine_dir / TIMING_CACHE, self.optimization_level, self.time_limit_s)
+        model, version = onnx.load(model_path, load_external_data=False), tensorrt().__version__
+        settings = build_settings(model.graph, [profile], precision, self.timing_cache(engine_dir, version), self.optimization_level, self.time_limit_s)
         build_plan(model_path, engine_dir / PLAN, settings)
-        machine, version = fingerprint(), tensorrt().__version__
+        machine = fingerprint()
         onnx.save(context_model(model, PLAN, machine["compute_capability"], version), engine_dir / CONTEXT_MODEL)
         config = BuildConfig(
             target=self.name, model=CONTEXT_MODEL, device="cuda", providers=PROVIDERS,

@@ -5,6 +5,7 @@ free of com.microsoft ops for both. TensorRT cannot be installed here: the build
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -193,6 +194,10 @@ def test_tensorrt_builder_settings_from_the_command_line_reach_only_tensorrt_tar
     level_only = tensorrt_settings(Options(trt_opt_level=1), targets.TARGETS["h200-ort-trt"])
     assert level_only.trt_options(PROFILE, "fp16", None)["trt_builder_optimization_level"] == "1"
     assert tensorrt_settings(Options(), targets.TARGETS["h200"]) is targets.TARGETS["h200"]
+    # Timing caches: the build's own in the engine directory, or one per target and TensorRT version shared by builds.
+    assert native.timing_cache(tmp_path / "engine", "10.13.0") == tmp_path / "engine" / "timing.cache"
+    shared = dataclasses.replace(native, timing_cache_dir=tmp_path / "timing")
+    assert shared.timing_cache(tmp_path / "engine", "10.13.0") == tmp_path / "timing" / "h200-trt-tensorrt-10.13.0.cache"
     with pytest.raises(InputError, match="--trt-time-limit: ONNX Runtime's TensorRT provider \\('h200-ort-trt'\\) has no build-time limit"):
         tensorrt_settings(options, targets.TARGETS["h200-ort-trt"])
     with pytest.raises(InputError, match="--trt-opt-level, --trt-time-limit: only for TensorRT targets, and 'h200' is not one"):
