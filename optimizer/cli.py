@@ -77,6 +77,26 @@ engine cache:
 """
 
 
+BUILD_DESCRIPTION = """\
+Build every cell of a matrix with `kiln optimize`, each through the engine cache, into
+OUTDIR/<model>-<target>-<precision>[-<quantize>]/, and write OUTDIR/build.json: each cell's
+status, engine, verification, latency at the opt shape, cost where it was measured, and cache hit.
+
+matrix (TOML; an unknown key is an error):
+  models = ["film", {path = "dit", name = "dit-xl", shapes = {batch = "1..8"}}]  # relative to the file
+  targets = ["cpu", "h100-trt"]
+  precisions = ["fp32", "fp16"]
+  quantize = ["none", "int8"]      # optional
+  [shapes]                         # optional: dims of every model (a model's own win)
+  height = "64..256"
+
+A cell whose target cannot run here, or refuses the cell's precision or quantization, is skipped
+with the reason (a failure with --strict). Exit codes: 0 every cell built and verified (or
+skipped), 3 some verification failed, 1 some build failed, 2 a bad matrix. Without
+--keep-going the matrix stops at the first failure; the cells after it are "not run".
+"""
+
+
 COMPARE_DESCRIPTION = """\
 Build one engine per point of a grid of `kiln optimize` settings, through kiln optimize's own build, and
 measure each the same way: latency (median and p90; on a GPU with inputs and outputs on the device),
@@ -202,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TFLOP/s from the datasheet, on-demand $ per GPU-hour, the precisions it runs fast, and whether "
                                    "it runs on this machine (and why not). --json adds every figure's source.")  # fmt: skip
     p.set_defaults(handler=cmd_targets)
+
+    p = sub.add_parser("build", parents=[common], help="build a matrix of engines for CI: models x targets x precisions x quantization",
+                       description=BUILD_DESCRIPTION, formatter_class=raw)
+    p.add_argument("matrix", type=Path, metavar="MATRIX.toml", help="the matrix (format below)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="one folder per cell, and build.json for all")
+    p.add_argument("--keep-going", action="store_true", help="build every cell even after one fails (default: stop at the first failure)")
+    p.add_argument("--strict", action="store_true", help="count cells that cannot build here (no TensorRT, another GPU) as failures, not skipped")
+    p.set_defaults(handler=cmd_build)
 
     p = sub.add_parser("cache", parents=[common], help="list, inspect and prune the engine cache ($KILN_CACHE_DIR, default ~/.cache/kiln)",
                        description="The engine cache `kiln optimize` stores verified engines in (see `kiln optimize --help`).")  # fmt: skip
@@ -428,6 +456,15 @@ def cmd_targets(args) -> int:
               "The TensorRT variants (NAME-trt, NAME-ort-trt) have never been run: TensorRT cannot be installed where kiln is built."]  # fmt: skip
     _emit(args, {"here": {"gpu": device, "target": gpu.name if gpu else None}, "targets": described}, "\n".join(lines))
     return 0
+
+
+def cmd_build(args) -> int:
+    from kiln.optimizer.build_matrix import build, summary_text
+    from kiln.optimizer.progress import Progress
+
+    summary = build(args.matrix, args.output, args.keep_going, args.strict, Progress(enabled=not args.quiet))
+    _emit(args, summary, summary_text(summary))
+    return summary["exit_code"]
 
 
 def _size(text: str) -> int:
