@@ -62,7 +62,7 @@ def select_passes(
 
 @dataclasses.dataclass
 class Built:
-    engine: targets.Engine
+    engine: targets.Engine | None  # None for a deferred build
     config: targets.BuildConfig
     model: ir.Model  # the optimized model, as saved to model.onnx
     model_files: list[str]
@@ -84,12 +84,14 @@ def build_engine(
     progress: Progress | None = None,
     calibration: CalibrationSet | None = None,
     source: dict | None = None,
+    deferred: bool = False,
 ) -> Built:
     """Run the passes on model (in place), save it as directory/model.onnx, build the target's engine
     into directory/engine/ and load it. A static profile (one size per dim) freezes the shapes first,
     and a GPU engine then runs as one CUDA graph. verifier checks the model after every pass. With
     --quality, the quality fallback chooses what the quantize pass leaves in float (source: the import
-    record, which says whether the model is a diffusers model)."""
+    record, which says whether the model is a diffusers model). deferred: the target does not run here,
+    so its build is deferred (Target.defer) and nothing is loaded (Built.engine is None)."""
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
     with progress.stage("count FLOPs"):
@@ -115,12 +117,13 @@ def build_engine(
         model, records = run_passes(model, chosen, options, verifier, progress)
     passes_s = time.perf_counter() - start
     start = time.perf_counter()
-    with progress.stage(f"build {target.name} engine"):
+    with progress.stage(f"{'write the deferred' if deferred else 'build'} {target.name} engine"):
         model_files = save_model(model, directory / MODEL_FILE)
         engine_dir = directory / ENGINE_DIR
         engine_dir.mkdir()
-        config = target.build(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
-        engine = targets.load_engine(engine_dir)
+        write = target.defer if deferred else target.build
+        config = write(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
+        engine = None if deferred else targets.load_engine(engine_dir)
     stored = weights_bytes(model)  # as stored: after the precision pass
     for counted in work.values():
         counted["weight_bytes"] = stored

@@ -9,9 +9,10 @@ targets x precisions x quantization settings, each through the engine cache, wit
     height = "64..256"
 
 Each cell goes to OUTDIR/<model>-<target>-<precision>[-<quantize>]/, and OUTDIR/build.json holds every
-cell's status, engine, verification, latency and cost. A cell whose target cannot run here (TensorRT
-without TensorRT, a GPU target without that GPU), or which the target refuses (bf16 on a T4), is
-"skipped" with the reason, not failed, unless --strict.
+cell's status, engine, verification, latency and cost. A GPU cell on a machine without that GPU is
+built and "not-verified" (`kiln verify` finishes it on the GPU). A cell that cannot be built here
+(a TensorRT plan without TensorRT), or which the target refuses (bf16 on a T4), is "skipped" with the
+reason, not failed, unless --strict.
 """
 
 from __future__ import annotations
@@ -145,12 +146,12 @@ def build(matrix: Path, outdir: Path, keep_going: bool, strict: bool, progress: 
         except Exception as exc:  # an import or build that broke: the cell fails, the matrix goes on with --keep-going
             row.update(status="failed", reason=f"{type(exc).__name__}: {first_line(exc)}")
         else:
-            row.update(status="ok", engine=str(outdir / cell.name), **_figures(report))
+            row.update(status=report["status"], engine=str(outdir / cell.name), **_figures(report))
         row["seconds"] = round(time.perf_counter() - started, 3)
-        if row["status"] not in ("ok", "skipped"):
+        if row["status"] not in ("ok", "not-verified", "skipped"):
             progress.line(f"cell {cell.name}: {row['status']}: {row['reason']}")
             stop = not keep_going
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "skipped", "verification-failed", "failed", "not run")}
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "not-verified", "skipped", "verification-failed", "failed", "not run")}
     # Cells are "not run" only after a failure, which sets the code.
     code = EXIT_INTERNAL if counts["failed"] else EXIT_VERIFY_FAILED if counts["verification-failed"] else 0
     summary = {"schema": SUMMARY_SCHEMA, "matrix": str(matrix), "outdir": str(outdir), "cells": rows, "counts": counts, "exit_code": code}
@@ -171,7 +172,7 @@ def _chosen(cell: Cell) -> Options:
 
     options = cell.options()
     try:
-        choose_target(options)
+        choose_target(options, deferring=True)
     except InputError as exc:
         if exc.message.startswith("unknown target"):
             raise  # a typo in the matrix fails its cells
@@ -185,7 +186,7 @@ def _figures(report: dict) -> dict:
     latency = next((b for b in report.get("latency") or [] if b["corner"] == "opt"), None)
     measured = next((r for r in (report.get("cost") or {}).get("rows", []) if r.get("basis") == "measured"), None)
     return {
-        "verified": f"{sum(c['passed'] for c in checks)}/{len(checks)}" if report["verification"]["enabled"] else None,
+        "verified": f"{sum(c['passed'] for c in checks)}/{len(checks)}" if checks else None,
         "latency_ms": latency["median_ms"] if latency else None,
         "usd_per_1000_results": measured["usd_per_1000_results"] if measured else None,
         "cache": (report.get("cache") or {}).get("status"),

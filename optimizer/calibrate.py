@@ -64,8 +64,11 @@ def check_format(options: Options, target: targets.Target) -> None:
 
 
 def calibration_providers(target: targets.Target) -> tuple[str, ...]:
-    """The ONNX Runtime providers calibration runs on: the target's GPU if it has one."""
-    providers = tuple(p for p in getattr(target, "providers", ()) if p in ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    """The ONNX Runtime providers calibration runs on: the target's GPU if it has one, and it is here."""
+    import onnxruntime as ort
+
+    here = ort.get_available_providers()  # a deferred build (no GPU here) calibrates on the CPU
+    providers = tuple(p for p in getattr(target, "providers", ()) if p in ("CUDAExecutionProvider", "CPUExecutionProvider") and p in here)
     if "CUDAExecutionProvider" in providers:
         from kiln.targets.engine import preload_cuda
 

@@ -90,8 +90,9 @@ matrix (TOML; an unknown key is an error):
   [shapes]                         # optional: dims of every model (a model's own win)
   height = "64..256"
 
-A cell whose target cannot run here, or refuses the cell's precision or quantization, is skipped
-with the reason (a failure with --strict). Exit codes: 0 every cell built and verified (or
+A GPU cell on a machine without that GPU is built and marked "not-verified" (`kiln verify` finishes
+it there). A cell that cannot be built here (a TensorRT plan without TensorRT), or whose target refuses
+its precision or quantization, is skipped with the reason (a failure with --strict). Exit codes: 0 every cell built and verified (or
 skipped), 3 some verification failed, 1 some build failed, 2 a bad matrix. Without
 --keep-going the matrix stops at the first failure; the cells after it are "not run".
 """
@@ -184,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("verify", parents=[common], help="build and verify, on its GPU, an engine `kiln optimize` built on a machine without it",
+                       description="`kiln optimize --target GPU` on a machine without that GPU runs every pass and writes the model, "
+                                   "the manifest and the verification cases, and marks the engine not yet verified. Run this on the GPU "
+                                   "machine: it builds the engine there, verifies it on those cases (exit 3 if it fails), benchmarks it, "
+                                   "and records it in the manifest and the report.")  # fmt: skip
+    p.add_argument("engine", type=Path, metavar="OUTDIR", help="a directory `kiln optimize` wrote without the target's GPU")
+    p.add_argument("--bench-runs", type=int, default=10, help="timed runs per profile shape for the report (default 10; 0 skips)")
+    p.set_defaults(handler=cmd_verify)
 
     where = ("Engine compute, the copy to host and encoding run overlapped. An engine built for cuda or h100 runs on "
              "the GPU (needs torch with CUDA): frames become uint8 there and are copied on a second CUDA stream into "
@@ -347,14 +357,27 @@ def cmd_optimize(args) -> int:
 
     options = options_from_args(args)
     report = optimize(args.model, args.output, options, args.force, Progress(enabled=not args.quiet))
-    checks = report["verification"]["shapes"]
-    text = (
-        f"{report['status']}: {report['source']['nodes']} -> {report['model']['nodes']} nodes, "
-        f"verified at {sum(c['passed'] for c in checks)}/{len(checks)} shapes\n"
-        f"report: {args.output / 'report.md'} (and report.json)"
-    )
-    _emit(args, report, text)
+    _emit(args, report, _built_text(report, args.output))
     return 0
+
+
+def cmd_verify(args) -> int:
+    from kiln.optimizer.deferred import verify_deferred
+    from kiln.optimizer.progress import Progress
+
+    if args.bench_runs < 0:
+        raise InputError(f"--bench-runs {args.bench_runs}: must be 0 or more")
+    report = verify_deferred(args.engine, args.bench_runs, Progress(enabled=not args.quiet))
+    _emit(args, report, _built_text(report, args.engine))
+    return 0
+
+
+def _built_text(report: dict, outdir: Path) -> str:
+    checks = report["verification"]["shapes"]
+    verified = (f"not yet verified: run `kiln verify {outdir}` on a machine where {report['target']['name']} runs"
+                if report["status"] == "not-verified" else f"verified at {sum(c['passed'] for c in checks)}/{len(checks)} shapes")  # fmt: skip
+    return (f"{report['status']}: {report['source']['nodes']} -> {report['model']['nodes']} nodes, {verified}\n"
+            f"report: {outdir / 'report.md'} (and report.json)")  # fmt: skip
 
 
 def cmd_compare(args) -> int:

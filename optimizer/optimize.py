@@ -30,7 +30,7 @@ from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReferenc
 from kiln.optimizer.report import new_report, write_reports
 from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, check_io, input_specs, int_ranges
 from kiln.optimizer.verify import (
-    REFERENCE, Expected, StepVerifier, expected_outputs, reference_session, sample_inputs, verify_engine,
+    EXPECTED_FILE, REFERENCE, Expected, StepVerifier, expected_outputs, reference_session, sample_inputs, save_expected, verify_engine,
 )  # fmt: skip
 from kiln.targets import Alignment, DimRange, Profile
 from kiln.targets.align import METADATA_KEY as ALIGN_KEY
@@ -39,14 +39,18 @@ from kiln.targets.gpu import fingerprint
 from kiln.targets.ort import uncapturable_ops
 
 
-def choose_target(options: Options) -> targets.Target:
-    """The target options name (`auto`: the one for this machine's GPU, or cpu), checked to run here."""
+def choose_target(options: Options, deferring: bool = False) -> targets.Target:
+    """The target options name (`auto`: the one for this machine's GPU, or cpu), checked to run here;
+    deferring: a GPU target that does not run here may still be built, to be verified later (Target.defer)."""
     try:
         target = targets.get_target(options.target)
     except KeyError as exc:
         raise InputError(str(exc.args[0]), hint="`kiln targets` lists them") from None
     reason = target.available()
-    if reason:
+    if reason and deferring and target.family == "tensorrt" and not target.deferrable():
+        raise InputError(f"target {target.name!r} is not available here: {reason}",
+                         hint="a TensorRT plan is compiled on its GPU: run this on a machine with it, or build NAME-ort-trt or NAME here")  # fmt: skip
+    if reason and not (deferring and target.deferrable()):
         raise InputError(
             f"target {target.name!r} is not available here: {reason}",
             hint="`kiln targets` shows what is; GPU targets need an NVIDIA GPU and pip install 'kiln-ml[gpu]'",
@@ -79,7 +83,7 @@ def tensorrt_settings(options: Options, target: targets.Target) -> targets.Targe
 
 def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progress: Progress) -> dict:
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
-    target = choose_target(options)
+    target = choose_target(options, deferring=True)
     select_passes(options, target)  # refuses unknown --disable-pass names before any work
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
@@ -87,8 +91,11 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     # Before the import: a refusal costs no export and no reference run.
     notes = [targets.detect_target()[1]] if options.target == "auto" else []
     notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
+    deferred = target.available()
+    if deferred:
+        notes.append(f"built without its GPU, so not yet verified ({deferred}): run `kiln verify {outdir}` on a machine where {target.name} runs")
     if not options.cache:
-        return _build(model_arg, outdir, target, options, notes, progress)
+        return _build(model_arg, outdir, target, options, notes, progress, deferred=deferred)
     cache = EngineCache()
     if hasattr(target, "timing_cache_dir"):  # TensorRT builds of one target share their timing cache
         target = dataclasses.replace(target, timing_cache_dir=cache.timing)
@@ -100,21 +107,21 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
         progress.line(found.line)
         if found.hit:
             return _from_cache(found, outdir)
-        report = _build(model_arg, outdir, target, options, notes, progress, found)  # an engine that fails verification raises: not kept
+        report = _build(model_arg, outdir, target, options, notes, progress, found, deferred)  # one that fails verification raises: not kept
         with progress.stage(f"store the engine in the cache ({key})"):
             cache.store(key, parts, outdir, str(model_arg))
     return report
 
 
 def _build(model_arg: Path, outdir: Path, target: targets.Target, options: Options, notes: list[str], progress: Progress,
-           cached: Lookup | None = None) -> dict:  # fmt: skip
+           cached: Lookup | None = None, deferred: str | None = None) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work:
         prepared = prepare(model_arg, Path(work), options, progress)
         for note in notes:
             prepared.notes.append(note)
             progress.line(f"note: {note}")
         with staged_dir(outdir) as stage:
-            point = build_point(prepared, stage, outdir, target, options, progress, cache=cached)
+            point = build_point(prepared, stage, outdir, target, options, progress, cache=cached, deferred=deferred)
     if point.failure:
         raise point.failure
     return point.report
@@ -247,10 +254,12 @@ class Point:
 
 
 def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.Target, options: Options, progress: Progress,
-                measure_quality: bool = False, split_for: int | None = None, cache: Lookup | None = None) -> Point:  # fmt: skip
+                measure_quality: bool = False, split_for: int | None = None, cache: Lookup | None = None,
+                deferred: str | None = None) -> Point:  # fmt: skip
     """Build, verify, benchmark and report one engine of the prepared model into stage, which the caller
     renames to outdir. measure_quality: a quality section for an unquantized engine too. split_for: see
-    calibration_set. cache: the engine cache's miss that led to this build."""
+    calibration_set. cache: the engine cache's miss that led to this build. deferred: why the target
+    does not run here; its build is deferred, and the verification cases are saved for `kiln verify`."""
     started = time.perf_counter()
     timings = dict(prepared.timings)
     report = new_report("optimize")
@@ -264,7 +273,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
             progress.line(f"note: {note}")
 
     model = prepared.take_model()
-    built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source)
+    built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source, bool(deferred))
     model, engine, records = built.model, built.engine, built.records
     engine_dir = stage / ENGINE_DIR
     timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
@@ -274,7 +283,9 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
 
     t = time.perf_counter()
     checks = []
-    if options.verify:
+    if options.verify and deferred:
+        save_expected(stage / EXPECTED_FILE, expected)
+    elif options.verify:
         with progress.stage(f"verify at {len(expected)} shape(s)"):
             checks = verify_engine(engine, expected, options.tolerance())
     timings["verify_s"] = time.perf_counter() - t
@@ -284,12 +295,12 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
     passed = all(c.passed for c in checks)
     if options.bench_runs and not passed:
         notes.append("the benchmark was not run: verification failed")
-    elif options.bench_runs:
+    elif options.bench_runs and not deferred:
         with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
             latency = _bench(engine, profile, options, notes)
     timings["bench_s"] = time.perf_counter() - t
     quality, outputs = None, None
-    if (options.quantize or measure_quality) and options.verify:
+    if (options.quantize or measure_quality) and options.verify and not deferred:
         t = time.perf_counter()
         held_out = calibration.held_out if calibration is not None else ()
         reference = prepared.quality_reference(options, progress, held_out)
@@ -301,7 +312,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
 
     report.update(
         kiln_version=__version__,
-        status="ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
+        status="not-verified" if deferred else "ok" if passed and options.verify else ("unverified" if not options.verify else "verification-failed"),
         source=source,
         model={"file": "model.onnx", "files": built.model_files, "hash": content_hash(model),
                "nodes": passes.count_nodes(model), "op_counts": passes.op_counts(model)},  # fmt: skip
@@ -311,14 +322,14 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         quantization={"format": options.quantize, "backend": options.backend(target.family), "quality": quality,
                       "fallback": built.fallback.to_json() if built.fallback else None} if options.quantize else None,
         # The engine's own inputs and outputs, with the types it takes (float16 with --io-dtype float16).
-        inputs=[s.to_json() for s in engine.inputs],
-        outputs=[s.to_json() for s in engine.outputs],
+        inputs=[s.to_json() for s in built.config.inputs],
+        outputs=[s.to_json() for s in built.config.outputs],
         profile=profile.to_json(),
         alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
         notes=notes,
         passes=[r.to_json() for r in records],
         verification={"enabled": options.verify, "reference": REFERENCE, "tolerance": options.tolerance(),
-                      "seed": options.seed, "passed": passed if options.verify else None,
+                      "seed": options.seed, "passed": passed if options.verify and not deferred else None,
                       "shapes": [c.to_json() for c in checks]},  # fmt: skip
         latency=latency,
         work=built.work,

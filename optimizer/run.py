@@ -81,4 +81,6 @@ def build_warnings(path: Path) -> list[str]:
         return [f"this engine failed verification when it was built, so its outputs may be wrong; see {root / 'report.md'}"]
     if status == "unverified":
         return ["this engine was built with --no-verify: nothing has checked its outputs against the model's"]
+    if status == "not-verified":
+        return [f"this engine was built without its GPU and is not yet verified: run `kiln verify {root}` on a machine where its target runs"]
     return []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -111,6 +113,41 @@ class Expected:
     want: dict[str, np.ndarray] | None
     error: str | None = None
     sample: bool = False  # the user's --verify-inputs, not seeded random data
+
+
+EXPECTED_FILE = "verify.npz"  # a deferred build's verification cases, for `kiln verify`
+
+
+def save_expected(path: Path, expected: list[Expected]) -> None:
+    """The cases (their feeds and the original's outputs) in one .npz, whole or not at all."""
+    from kiln.optimizer.outdir import atomic_file
+
+    arrays, index = {}, []
+    for i, case in enumerate(expected):
+        index.append({"corner": case.corner, "shapes": {k: list(v) for k, v in case.shapes.items()}, "error": case.error,
+                      "sample": case.sample, "feeds": list(case.feeds), "want": list(case.want) if case.want is not None else None})  # fmt: skip
+        arrays.update({f"{i}/feed/{k}": v for k, v in case.feeds.items()})
+        arrays.update({f"{i}/want/{k}": v for k, v in (case.want or {}).items()})
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, index=np.array(json.dumps(index)), **arrays)
+
+
+def load_expected(path: Path) -> list[Expected]:
+    """What save_expected wrote, or an InputError saying the file is missing or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            cases = []
+            for i, case in enumerate(json.loads(str(data["index"]))):
+                want = {k: data[f"{i}/want/{k}"] for k in case["want"]} if case["want"] is not None else None
+                cases.append(Expected(case["corner"], {k: tuple(v) for k, v in case["shapes"].items()},
+                                      {k: data[f"{i}/feed/{k}"] for k in case["feeds"]}, want, case["error"], case["sample"]))  # fmt: skip
+            return cases
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: it holds the cases a deferred build is verified on",
+                         hint="rebuild with `kiln optimize` (without the GPU), then `kiln verify` on it") from None  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc})", hint="rebuild with `kiln optimize`") from None
 
 
 def sample_inputs(paths: list[str], profile: Profile, alignment: Alignment | None = None):

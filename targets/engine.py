@@ -104,8 +104,9 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
         raise EngineError(
             f"the engine in {engine_dir} was built for target {config.target!r}, which needs {', '.join(missing)}; "
             f"onnxruntime {ort.__version__} here lacks it",
-            hint="run it where that target is available (`kiln targets`), or build it for this machine's target",
-        )
+            hint=f"it was built without its GPU and is not yet verified: `kiln verify {engine_dir.parent}` on a machine where {config.target} runs"
+            if not config.verified else "run it where that target is available (`kiln targets`), or build it for this machine's target",
+        )  # fmt: skip
     if config.device == "cuda":
         preload_cuda()
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -49,6 +49,9 @@ class BuildConfig:
     alignment: Alignment | None = None
     built_with: Mapping[str, str] = dataclasses.field(default_factory=dict)  # runtime version, providers
     disabled_optimizers: tuple[str, ...] = ()  # ONNX Runtime graph optimizers left out, at build and at load
+    # False: built on a machine without the target's GPU (Target.defer) and not yet verified; `kiln verify`
+    # builds it for real on the GPU and verifies it.
+    verified: bool = True
 
     def session_providers(self, cuda_stream: int | None = None, directory: Path | None = None) -> list:
         """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given,
@@ -96,6 +99,7 @@ class BuildConfig:
             alignment=Alignment.from_json(data["alignment"]) if data.get("alignment") else None,
             built_with=dict(data.get("built_with", {})),
             disabled_optimizers=tuple(str(name) for name in data.get("disabled_optimizers", ())),
+            verified=data.get("verified", True) is not False,
         )
 
 
@@ -148,7 +152,7 @@ def _damage(config: BuildConfig) -> str | None:
         if key in DIRECTORY_OPTIONS:
             if not isinstance(value, str) or Path(value).name != value or value in ("", ".", ".."):
                 return f"provider option {key} is {value!r}, not a folder of the engine directory"
-        elif any(word in key for word in ("path", "lib", "folder", "file", "prefix")):
+        elif set(key.split("_")) & {"path", "paths", "lib", "libs", "folder", "file", "prefix", "dir"}:  # not "profile"
             return f"provider option {key} names a file or library, which kiln never writes into a manifest"
     for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
         problem = _spec_problem(spec)

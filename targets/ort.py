@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -14,7 +15,7 @@ from kiln.targets.align import Alignment
 from kiln.targets.base import Target
 from kiln.targets.engine import session_options, session_specs
 from kiln.targets.manifest import BuildConfig, write_manifest
-from kiln.targets.profile import Profile
+from kiln.targets.profile import Profile, TensorSpec
 from kiln.targets.gpu import fingerprint
 from kiln.targets.versions import runtime_versions
 
@@ -107,6 +108,28 @@ class OrtTarget(Target):
         return config
 
 
+    def deferrable(self) -> bool:
+        return self.device == "cuda"
+
+    def defer(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
+              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        """The model as given (ONNX Runtime optimizes it as it loads) and a manifest marked not yet verified."""
+        config = dataclasses.replace(self.config(profile, precision, alignment, bool(uncapturable_ops(model_path))), verified=False)
+        return write_deferred(model_path, engine_dir, config)
+
+
+def write_deferred(model_path: Path, engine_dir: Path, config: BuildConfig) -> BuildConfig:
+    """A deferred engine: model_path's files copied, and config with the model's inputs and outputs
+    and this machine's runtime (no GPU to record)."""
+    for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
+        shutil.copyfile(path, engine_dir / path.name)
+    graph = onnx.load(model_path, load_external_data=False).graph
+    config = dataclasses.replace(config, model=model_path.name, inputs=graph_specs(graph.input, graph.initializer),
+                                 outputs=graph_specs(graph.output), built_with=runtime_versions())  # fmt: skip
+    write_manifest(engine_dir, config)
+    return config
+
+
 def _repeats_names(model_path: Path) -> bool:
     """Whether two nodes anywhere in the model (subgraphs included) write a value of the same name."""
     names: set[str] = set()
@@ -126,3 +149,18 @@ def uncapturable_ops(model_path: Path) -> dict[str, str]:
         if why:
             found[f"{node.domain}::{node.op_type}"] = why
     return found
+
+
+def graph_specs(values, initializers=()) -> tuple[TensorSpec, ...]:
+    """TensorSpecs of graph inputs (initializers left out) or outputs; a dim the graph leaves unnamed
+    gets a name of its own (value_axis), never a size."""
+    weights = {t.name for t in initializers}
+    specs = []
+    for value in values:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else f"{value.name}_{axis}") for axis, d in enumerate(tensor.shape.dim))
+        specs.append(TensorSpec(value.name, dtype, dims))
+    return tuple(specs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import shutil
 from pathlib import Path
 
 import onnx
@@ -23,9 +22,8 @@ import onnx
 from kiln.targets.align import Alignment
 from kiln.targets.gpu import fingerprint
 from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
-from kiln.targets.ort import OrtTarget
-from kiln.targets.profile import Profile, TensorSpec
-from kiln.targets.versions import runtime_versions
+from kiln.targets.ort import OrtTarget, write_deferred
+from kiln.targets.profile import Profile
 
 CACHE_DIR = "trt-cache"  # inside the engine directory; resolved when the engine loads
 NVINFER = "libnvinfer.so.10"  # what ONNX Runtime 1.31's TensorRT provider links against
@@ -78,19 +76,22 @@ class OrtTensorRtTarget(OrtTarget):
         reason = self.available()
         if reason:
             raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
-        for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
-            shutil.copyfile(path, engine_dir / path.name)
-        (engine_dir / CACHE_DIR).mkdir()
-        graph = onnx.load(model_path, load_external_data=False).graph
-        config = BuildConfig(
-            target=self.name, model=model_path.name, device="cuda", providers=self.providers,
-            provider_options=self.trt_options(profile, precision, qdq_format(graph)), precision=precision,
-            # The provider captures a static engine as a CUDA graph (trt_cuda_graph_enable): one binding, one shape.
-            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=graph_specs(graph.input, graph.initializer),
-            outputs=graph_specs(graph.output), alignment=alignment, built_with={**runtime_versions(), **fingerprint()},
-        )  # fmt: skip
+        config = self.defer(model_path, engine_dir, profile, precision, alignment)
+        config = dataclasses.replace(config, verified=True, built_with={**config.built_with, **fingerprint()})
         write_manifest(engine_dir, config)
         return config
+
+    def defer(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
+              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        (engine_dir / CACHE_DIR).mkdir()
+        quantized = qdq_format(onnx.load(model_path, load_external_data=False).graph)
+        config = BuildConfig(
+            target=self.name, model=model_path.name, device="cuda", providers=self.providers,
+            provider_options=self.trt_options(profile, precision, quantized), precision=precision,
+            # The provider captures a static engine as a CUDA graph (trt_cuda_graph_enable): one binding, one shape.
+            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=(), outputs=(), alignment=alignment, verified=False,
+        )  # fmt: skip
+        return write_deferred(model_path, engine_dir, config)
 
 
 def qdq_format(graph: onnx.GraphProto) -> str | None:
@@ -112,18 +113,3 @@ def qdq_format(graph: onnx.GraphProto) -> str | None:
 
 
 FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ}
-
-
-def graph_specs(values, initializers=()) -> tuple[TensorSpec, ...]:
-    """TensorSpecs of graph inputs (initializers left out) or outputs; a dim the graph leaves unnamed
-    gets a name of its own (value_axis), never a size."""
-    weights = {t.name for t in initializers}
-    specs = []
-    for value in values:
-        if value.name in weights:
-            continue
-        tensor = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else f"{value.name}_{axis}") for axis, d in enumerate(tensor.shape.dim))
-        specs.append(TensorSpec(value.name, dtype, dims))
-    return tuple(specs)

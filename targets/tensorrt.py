@@ -33,7 +33,8 @@ from kiln.targets.align import Alignment
 from kiln.targets.base import Target
 from kiln.targets.gpu import fingerprint
 from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
-from kiln.targets.ort_tensorrt import graph_specs, qdq_format
+from kiln.targets.ort import graph_specs
+from kiln.targets.ort_tensorrt import qdq_format
 from kiln.targets.profile import Profile
 from kiln.targets.versions import runtime_versions
 

@@ -21,7 +21,8 @@ from kiln.optimizer.build import select_passes
 from kiln.optimizer.config import Options
 from kiln.targets import DimRange, EngineError, Profile, TensorSpec, read_manifest
 from kiln.targets.ort import OrtTarget
-from kiln.targets.ort_tensorrt import graph_specs, qdq_format, shapes_option, tensorrt_missing
+from kiln.targets.ort import graph_specs
+from kiln.targets.ort_tensorrt import qdq_format, shapes_option, tensorrt_missing
 from kiln.optimizer.cli import main
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.optimize import tensorrt_settings
