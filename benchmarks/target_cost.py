@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,10 +38,13 @@ def main() -> None:
             dit_xl_2().save_pretrained(model_dir, safe_serialization=True)
     shapes = ["--shapes", "batch=2", "--shapes", "height=16"] if args.small else ["--shapes", "batch=8", "--shapes", "height=32"]
     out = args.work / "engine"
+    started = time.perf_counter()
     done = subprocess.run([*KILN, "optimize", str(model_dir), "-o", str(out), "--force", "--target", "auto", "--precision", "fp16",
                            *shapes, "--bench-runs", str(args.runs), "--json"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     report = json.loads(done.stdout)
-    print(f"kiln optimize: exit {done.returncode}, status {report.get('status')}, target {report['target']['name']}")
+    cache = (report.get("cache") or {}).get("status", "off")
+    print(f"kiln optimize: exit {done.returncode}, status {report.get('status')}, target {report['target']['name']}, "
+          f"engine cache {cache}, {time.perf_counter() - started:.1f} s")  # fmt: skip
     print(next((n for n in report["notes"] if n.startswith("target auto")), "no target auto note"))
     work = report["work"].get("opt") or next(iter(report["work"].values()))  # a static profile's one corner
     print(f"FLOPs per run: {work['flops'] / 1e12:.3f} TFLOP (uncounted: {work['uncounted']}), weights {work['weight_bytes'] / 1e9:.3f} GB")
