@@ -175,7 +175,7 @@ class EngineCache:
     def _nearest(self, parts: dict) -> str:
         """What differs between parts and the stored entry closest to them."""
         best = None
-        for entry in self.list():
+        for entry in self._records():
             found = differences(entry["parts"], parts)
             if best is None or len(found) < len(best[1]):
                 best = (entry["key"], found)
@@ -229,19 +229,26 @@ class EngineCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def list(self) -> list[dict]:
-        """Every whole-looking entry's record with its size and last use, newest use first (hashes not checked)."""
-        found = []
+    def _records(self) -> Iterator[dict]:
+        """Every whole-looking entry's record (hashes not checked)."""
         for entry in sorted(self.entries.iterdir()) if self.entries.is_dir() else []:
             if entry.name.startswith("."):
                 continue
             try:
                 record = json.loads((entry / ENTRY_FILE).read_text())
-                record["bytes"] = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-                record["last_used"] = (entry / ENTRY_FILE).stat().st_mtime
             except (OSError, ValueError):
                 continue
             if isinstance(record, dict) and record.get("schema") == ENTRY_SCHEMA and isinstance(record.get("parts"), dict):
+                yield record
+
+    def list(self) -> list[dict]:
+        """Every whole-looking entry's record with its size and last use, newest use first."""
+        found = []
+        for record in self._records():
+            entry = self.entries / str(record.get("key"))
+            with contextlib.suppress(OSError):
+                record["bytes"] = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                record["last_used"] = (entry / ENTRY_FILE).stat().st_mtime
                 found.append(record)
         return sorted(found, key=lambda r: -r["last_used"])
 

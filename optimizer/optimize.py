@@ -93,7 +93,7 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
     deferred = target.available()
     if deferred:
-        notes.append(f"built without its GPU, so not yet verified ({deferred}): run `kiln verify {outdir}` on a machine where {target.name} runs")
+        notes.append(f"built without its GPU, so not yet verified ({deferred}): run `kiln verify` on this OUTDIR where {target.name} runs")
     if not options.cache:
         return _build(model_arg, outdir, target, options, notes, progress, deferred=deferred)
     cache = EngineCache()

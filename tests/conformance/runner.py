@@ -109,7 +109,8 @@ def run_case(case: Case, precision: str) -> dict:
                 path = tmp / f"inputs_{k}.npz"
                 np.savez(path, **inputs)
                 sets.append((path, outputs))
-        argv = ["optimize", str(model), "-o", str(outdir), "--precision", precision, "--bench-runs", "0", "--json"]
+        # --no-cache: each case is built once, and thousands of entries would only slow the misses.
+        argv = ["optimize", str(model), "-o", str(outdir), "--precision", precision, "--bench-runs", "0", "--json", "--no-cache"]
         for path, _ in sets:
             argv += ["--verify-inputs", str(path)]
         code, stdout, stderr = kiln(argv)

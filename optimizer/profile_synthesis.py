@@ -1,0 +1,125 @@
+"""Optimization profiles from the shapes requests come in: a request list (or histogram) or a preset,
+grouped into at most K buckets so that little work goes to padding.
+
+A bucket is one profile: per dim, the smallest and largest size of its requests (min and max) and the
+size of its most frequent request (opt). Its padding waste is the share of the work spent on padding
+if every request ran at the bucket's max, as a static engine of that bucket runs it: for a request of
+H x W in a bucket whose max is Hm x Wm, 1 - H*W / (Hm*Wm), weighted by how often it comes. Buckets are
+made by merging, two at a time, the pair whose merge adds the least padded work, until K are left.
+Sizes are first rounded up to the model's alignment (FILM's 64), which the engine pads to anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+from kiln.optimizer.errors import InputError
+
+# Presets: request shapes as (height, width), equally frequent. Phones: portrait 9:16 and 3:4, square
+# 1:1 and landscape 16:9, each at the 720- and 1080-pixel short sides common on phone screens and cameras.
+PRESETS: dict[str, list[dict[str, int]]] = {
+    "phone": [{"height": h, "width": w} for h, w in ((1280, 720), (1920, 1080), (960, 720), (1440, 1080),
+                                                      (720, 720), (1080, 1080), (720, 1280), (1080, 1920))],  # fmt: skip
+    "video-720p": [{"height": 720, "width": 1280}],
+    "video-1080p": [{"height": 1080, "width": 1920}],
+}
+DEFAULT_BUCKETS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    requests: tuple[tuple[tuple[int, ...], int], ...]  # (sizes in dim order, count)
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, n in self.requests)
+
+    def low(self) -> tuple[int, ...]:
+        return tuple(min(col) for col in zip(*(s for s, _ in self.requests), strict=True))
+
+    def high(self) -> tuple[int, ...]:
+        return tuple(max(col) for col in zip(*(s for s, _ in self.requests), strict=True))
+
+    def opt(self) -> tuple[int, ...]:
+        """The most frequent request's sizes (the largest of those as frequent)."""
+        return max(self.requests, key=lambda r: (r[1], r[0]))[0]
+
+    def padded_work(self) -> int:
+        """Elements computed for padding if every request ran at the bucket's max."""
+        full = math.prod(self.high())
+        return sum(n * (full - math.prod(s)) for s, n in self.requests)
+
+    def waste(self) -> float:
+        return self.padded_work() / (self.count * math.prod(self.high()))
+
+
+def read_requests(source: str) -> tuple[str, list[dict[str, int]]]:
+    """(what the source is, its request shapes with counts) from a preset name or a JSON file: a list
+    of {DIM: size, ..., "count": n} (count defaults to 1), or {"requests": [...]}."""
+    if source in PRESETS:
+        return f"preset {source}", [{**r, "count": 1} for r in PRESETS[source]]
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"--profile-from {source}: no such file, and no preset of that name",
+                         hint=f"give a JSON file of request shapes, or a preset: {', '.join(PRESETS)}")  # fmt: skip
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"--profile-from {path} is not valid JSON ({exc})") from None
+    requests = data.get("requests") if isinstance(data, dict) else data
+    if not isinstance(requests, list) or not requests:
+        raise InputError(f"--profile-from {path}: expected a non-empty list of request shapes",
+                         hint='e.g. [{"height": 1920, "width": 1080, "count": 40}, ...]')  # fmt: skip
+    checked = []
+    for i, request in enumerate(requests):
+        where = f"--profile-from {path}: request {i}"
+        if not isinstance(request, dict):
+            raise InputError(f"{where} is not an object of dim sizes")
+        values = {k: v for k, v in request.items()}
+        values.setdefault("count", 1)
+        bad = [k for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise InputError(f"{where}: {bad[0]} is {values[bad[0]]!r}, not a whole number of 1 or more")
+        checked.append(values)
+    return str(path), checked
+
+
+def bucket_requests(requests: list[dict[str, int]], dims: list[str], buckets: int, align: dict[str, int] | None = None) -> list[Bucket]:
+    """At most `buckets` buckets of the requests (each {dim: size, "count": n}) over dims, the sizes
+    first rounded up to align[dim]. A request that names a dim the model does not have, or lacks one
+    it has, is an InputError naming both."""
+    if buckets < 1:
+        raise InputError(f"--profiles {buckets}: at least 1")
+    counts: dict[tuple[int, ...], int] = {}
+    for i, request in enumerate(requests):
+        named = set(request) - {"count"}
+        if named != set(dims):
+            raise InputError(f"request {i} gives {', '.join(sorted(named)) or 'no dims'}, and the model's dynamic dims are {', '.join(dims)}",
+                             hint="give every dynamic dim of the model by its name, and no other (a fixed dim needs no profile)")  # fmt: skip
+        sizes = tuple(-(-request[d] // (align or {}).get(d, 1)) * (align or {}).get(d, 1) for d in dims)
+        counts[sizes] = counts.get(sizes, 0) + request["count"]
+    groups = [Bucket(((sizes, n),)) for sizes, n in sorted(counts.items())]
+    while len(groups) > buckets:
+        best = min(itertools.combinations(range(len(groups)), 2),
+                   key=lambda ij: Bucket(groups[ij[0]].requests + groups[ij[1]].requests).padded_work()
+                   - groups[ij[0]].padded_work() - groups[ij[1]].padded_work())  # fmt: skip
+        i, j = best
+        merged = Bucket(tuple(sorted(groups[i].requests + groups[j].requests)))
+        groups = [g for k, g in enumerate(groups) if k not in (i, j)] + [merged]
+    return sorted(groups, key=lambda g: math.prod(g.high()))
+
+
+def waste_of(groups: list[Bucket]) -> float:
+    """The padding waste of all requests together."""
+    padded = sum(g.padded_work() for g in groups)
+    computed = sum(g.count * math.prod(g.high()) for g in groups)
+    return padded / computed
+
+
+def buckets_json(groups: list[Bucket], dims: list[str]) -> list[dict]:
+    return [{"dims": {d: {"min": lo, "opt": op, "max": hi} for d, lo, op, hi in zip(dims, g.low(), g.opt(), g.high(), strict=True)},
+             "requests": g.count, "shapes": len(g.requests), "waste": round(g.waste(), 4)} for g in groups]  # fmt: skip

@@ -1,0 +1,64 @@
+"""Profiles from request shapes: presets and request files read, shapes grouped into K buckets by the
+least padded work, the waste of each bucket, and the refusals naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.optimizer.errors import InputError
+from kiln.optimizer.profile_synthesis import Bucket, bucket_requests, buckets_json, read_requests, waste_of
+
+HW = ["height", "width"]
+
+
+def test_a_bucket_s_range_opt_and_waste_by_hand():
+    bucket = Bucket((((64, 64), 3), ((128, 64), 1)))
+    assert (bucket.low(), bucket.opt(), bucket.high(), bucket.count) == ((64, 64), (64, 64), (128, 64), 4)
+    # Padded to 128x64: three requests of 64x64 waste 4096 each, of 3 * 8192 + 8192 computed.
+    assert bucket.padded_work() == 3 * 4096 and bucket.waste() == pytest.approx(3 * 4096 / (4 * 8192))
+
+
+def test_requests_are_grouped_so_that_the_least_work_goes_to_padding():
+    requests = [{"height": 64, "width": 64, "count": 10}, {"height": 64, "width": 128, "count": 10},
+                {"height": 512, "width": 512, "count": 1}, {"height": 512, "width": 448, "count": 1}]  # fmt: skip
+    two = bucket_requests(requests, HW, 2)
+    # The small ones together, the large ones together: merging 64x64 into 512x512 would pad far more.
+    assert [(b.low(), b.high()) for b in two] == [((64, 64), (64, 128)), ((512, 448), (512, 512))]
+    assert [b.opt() for b in two] == [(64, 128), (512, 512)]  # the most frequent; the larger of a tie
+    assert waste_of(two) == pytest.approx((10 * 4096 + 1 * 512 * 64) / (20 * 8192 + 2 * 512 * 512))
+    one = bucket_requests(requests, HW, 1)
+    assert len(one) == 1 and one[0].high() == (512, 512) and waste_of(one) > waste_of(two)
+    assert waste_of(bucket_requests(requests, HW, 4)) == 0.0  # a bucket per shape
+    assert buckets_json(two, HW)[0] == {"dims": {"height": {"min": 64, "opt": 64, "max": 64}, "width": {"min": 64, "opt": 128, "max": 128}},
+                                        "requests": 20, "shapes": 2, "waste": 0.25}  # fmt: skip
+
+
+def test_sizes_are_rounded_up_to_the_alignment_before_bucketing():
+    _, phone = read_requests("phone")
+    buckets = bucket_requests(phone, HW, 8, {"height": 64, "width": 64})
+    assert len(buckets) == 8 and waste_of(buckets) == 0.0
+    assert {b.high() for b in buckets} >= {(1088, 1920), (1920, 1088), (768, 768)}  # 1080 -> 1088, 720 -> 768
+    two = bucket_requests(phone, HW, 2, {"height": 64, "width": 64})
+    assert [b.high() for b in two] == [(1088, 1920), (1920, 1088)] and waste_of(two) == pytest.approx(0.386, abs=1e-3)
+
+
+def test_a_request_file_is_read_and_bad_ones_are_refused_with_the_reason(tmp_path):
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps({"requests": [{"height": 720, "width": 1280, "count": 7}, {"height": 1080, "width": 1920}]}))
+    assert read_requests(str(path)) == (str(path), [{"height": 720, "width": 1280, "count": 7}, {"height": 1080, "width": 1920, "count": 1}])
+    assert read_requests("video-720p") == ("preset video-720p", [{"height": 720, "width": 1280, "count": 1}])
+    for text, message in (("[]", "expected a non-empty list of request shapes"), ("{", "is not valid JSON"),
+                          ('[{"height": 0, "width": 4}]', "request 0: height is 0, not a whole number of 1 or more"),
+                          ('[{"height": 4.5, "width": 4}]', "request 0: height is 4.5"), ('[3]', "request 0 is not an object")):  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(InputError, match=message):
+            read_requests(str(path))
+    with pytest.raises(InputError, match="--profile-from tablet: no such file, and no preset of that name") as info:
+        read_requests("tablet")
+    assert info.value.hint == "give a JSON file of request shapes, or a preset: phone, video-720p, video-1080p"
+    with pytest.raises(InputError, match="request 0 gives frames, height, width, and the model's dynamic dims are height, width"):
+        bucket_requests([{"height": 4, "width": 4, "frames": 2, "count": 1}], HW, 2)
+    with pytest.raises(InputError, match="--profiles 0: at least 1"):
+        bucket_requests([{"height": 4, "width": 4, "count": 1}], HW, 0)
