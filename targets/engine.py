@@ -90,6 +90,19 @@ def check_machine(config: BuildConfig, engine_dir: Path) -> None:
                           hint="build it here: `kiln optimize MODEL -o OUTDIR --target auto`")  # fmt: skip
 
 
+def _check_deferred(config: BuildConfig, engine_dir: Path, missing: list[str]) -> None:
+    """A deferred engine recorded no machine: it loads only where its target runs (its GPU model for a
+    per-GPU target), and is finished there by `kiln verify`."""
+    from kiln.targets import TARGETS
+
+    target = TARGETS.get(config.target)
+    why = target.other_gpu() if target is not None else None
+    why = why or (f"onnxruntime {ort.__version__} here lacks {', '.join(missing)}" if missing else None)
+    if why:
+        raise EngineError(f"the engine in {engine_dir} was built for target {config.target!r} without its GPU, and does not run here: {why}",
+                          hint=f"`kiln verify {engine_dir.parent}` on a machine where {config.target} runs")  # fmt: skip
+
+
 def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     """The engine that a target's build wrote into engine_dir, with the session settings its manifest
     records; a CUDA engine runs on cuda_stream (a cudaStream_t) if given."""
@@ -100,13 +113,14 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     if config.device == "cuda":
         check_machine(config, engine_dir)
     missing = [p for p in config.providers if p not in ort.get_available_providers()]
+    if not config.verified:
+        _check_deferred(config, engine_dir, missing)
     if missing:
         raise EngineError(
             f"the engine in {engine_dir} was built for target {config.target!r}, which needs {', '.join(missing)}; "
             f"onnxruntime {ort.__version__} here lacks it",
-            hint=f"it was built without its GPU and is not yet verified: `kiln verify {engine_dir.parent}` on a machine where {config.target} runs"
-            if not config.verified else "run it where that target is available (`kiln targets`), or build it for this machine's target",
-        )  # fmt: skip
+            hint="run it where that target is available (`kiln targets`), or build it for this machine's target",
+        )
     if config.device == "cuda":
         preload_cuda()
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

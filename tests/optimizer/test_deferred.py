@@ -42,9 +42,12 @@ def test_a_gpu_target_without_its_gpu_is_built_and_marked_not_yet_verified(block
     cases = load_expected(out / "verify.npz")
     assert [c.corner for c in cases] == [c["corner"] for c in report["verification"]["shapes"]] or len(cases) == 5
     assert all(c.want is not None and c.feeds["x"].dtype == np.float32 for c in cases)
-    # Loading it here names what is missing; kiln verify here says where to run it.
+    # Loading it here says why it does not run (on the GPU machine: another GPU model, as an h200 engine on
+    # an H100 was refused there); kiln verify here says where to run it.
     assert main(["bench", str(out), "--runs", "1"]) == 2
-    assert f"hint: it was built without its GPU and is not yet verified: `kiln verify {out}` on a machine where h100 runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"kiln: error: the engine in {out / 'engine'} was built for target 'h100' without its GPU, and does not run here: this machine has no CUDA GPU" in err
+    assert f"hint: `kiln verify {out}` on a machine where h100 runs" in err
     assert main(["verify", str(out)]) == 2
     assert "kiln: error: target 'h100' does not run here, so " in capsys.readouterr().err
 
@@ -81,3 +84,14 @@ def test_kiln_verify_builds_the_deferred_engine_verifies_it_and_records_it(block
     (out / "verify.npz").write_bytes(b"PK\x03\x04broken")
     assert main(["verify", str(out)]) == 2
     assert f"kiln: error: {out / 'verify.npz'} is damaged" in capsys.readouterr().err
+
+
+def test_a_deferred_engine_for_one_gpu_model_is_refused_on_another(block, tmp_path, capsys, monkeypatch, no_gpu):
+    """It recorded no machine, so its target names the GPU: an h200 engine on an H100 is refused (as it
+    was on the GPU machine, where `kiln bench` had run it before this check)."""
+    out = tmp_path / "out"
+    assert main(["optimize", str(block), "-o", str(out), "--target", "h200", "-q"]) == 0
+    monkeypatch.setattr("kiln.targets.gpu.device_name", lambda device=0: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(targets.EngineError, match="this machine's GPU is NVIDIA H100 80GB HBM3, not the NVIDIA H200 SXM 141GB") as info:
+        targets.load_engine(out / "engine")
+    assert info.value.hint == f"`kiln verify {out}` on a machine where h200 runs"
