@@ -5,6 +5,7 @@ targets x precisions x quantization settings, each through the engine cache, wit
     targets = ["cpu", "h100"]
     precisions = ["fp32", "fp16"]
     quantize = ["none", "int8"]        # optional; "none" is no quantization
+    profile_from = "phone"             # optional; a preset or a request file (--profile-from); per model too
     [shapes]                           # optional; every model's dims (a model's own shapes win)
     height = "64..256"
 
@@ -31,8 +32,8 @@ from kiln.optimizer.progress import Progress
 
 SUMMARY = "build.json"
 SUMMARY_SCHEMA = "kiln-build/1"
-KEYS = ("models", "targets", "precisions", "quantize", "shapes")
-MODEL_KEYS = ("path", "name", "shapes")
+KEYS = ("models", "targets", "precisions", "quantize", "shapes", "profile_from")
+MODEL_KEYS = ("path", "name", "shapes", "profile_from")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Cell:
     precision: str
     quantize: str | None
     shapes: tuple[str, ...]  # NAME=RANGE
+    profile_from: str | None = None  # request shapes (a file, relative to the matrix) or a preset
 
     @property
     def name(self) -> str:
@@ -50,7 +52,7 @@ class Cell:
 
     def options(self) -> Options:
         options = Options(target=self.target, precision=self.precision, precision_chosen=True, quantize=self.quantize,
-                          shapes=[("matrix", s) for s in self.shapes])  # fmt: skip
+                          shapes=[("matrix", s) for s in self.shapes], profile_from=self.profile_from)  # fmt: skip
         validate(options)
         return options
 
@@ -82,18 +84,19 @@ def read_matrix(path: Path) -> list[Cell]:
             raise InputError(f"{where}: {key} has {bad[0]!r}", hint=f"choose from {', '.join(allowed)}")
         lists[key] = value
     shared = _shapes(data.get("shapes", {}), f"{where}: shapes")
-    models = [_model(entry, path.parent, shared, where) for entry in lists["models"]]
-    names = [name for _, name, _ in models]
+    requests = _requests(data.get("profile_from"), path.parent, f"{where}: profile_from")
+    models = [_model(entry, path.parent, shared, requests, where) for entry in lists["models"]]
+    names = [m[1] for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise InputError(f"{where}: two models are named {repeated[0]!r}", hint="give one a name: {path = \"...\", name = \"...\"}")
     cells = []
-    for (model, name, shapes), target, precision, quantize in itertools.product(models, lists["targets"], lists["precisions"], lists["quantize"]):
-        cells.append(Cell(model, name, target, precision, None if quantize == "none" else quantize, shapes))
+    for (model, name, shapes, profile_from), target, precision, quantize in itertools.product(models, lists["targets"], lists["precisions"], lists["quantize"]):
+        cells.append(Cell(model, name, target, precision, None if quantize == "none" else quantize, shapes, profile_from))
     return cells
 
 
-def _model(entry, root: Path, shared: dict[str, str], where: str) -> tuple[Path, str, tuple[str, ...]]:
+def _model(entry, root: Path, shared: dict[str, str], requests: str | None, where: str) -> tuple[Path, str, tuple[str, ...], str | None]:
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -108,7 +111,19 @@ def _model(entry, root: Path, shared: dict[str, str], where: str) -> tuple[Path,
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise InputError(f"{where}: model name {name!r} cannot name a folder")
     shapes = {**shared, **_shapes(entry.get("shapes", {}), f"{where}: model {entry['path']!r} shapes")}
-    return path, name, tuple(f"{dim}={spec}" for dim, spec in shapes.items())
+    own = _requests(entry.get("profile_from"), root, f"{where}: model {entry['path']!r} profile_from")
+    return path, name, tuple(f"{dim}={spec}" for dim, spec in shapes.items()), own or requests
+
+
+def _requests(value, root: Path, where: str) -> str | None:
+    """profile_from: a preset's name, or a request file relative to the matrix."""
+    from kiln.optimizer.profile_synthesis import PRESETS
+
+    if value is None or value in PRESETS:
+        return value
+    if not isinstance(value, str) or not (root / value).is_file():
+        raise InputError(f"{where}: {value!r} is no file (relative to the matrix) and no preset", hint=f"presets: {', '.join(PRESETS)}")
+    return str(root / value)
 
 
 def _shapes(table, where: str) -> dict[str, str]:

@@ -87,6 +87,7 @@ matrix (TOML; an unknown key is an error):
   targets = ["cpu", "h100-trt"]
   precisions = ["fp32", "fp16"]
   quantize = ["none", "int8"]      # optional
+  profile_from = "phone"           # optional: --profile-from for every model (or per model)
   [shapes]                         # optional: dims of every model (a model's own win)
   height = "64..256"
 
@@ -273,6 +274,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-precision", action="store_true", help="build --precision even for a model kiln refuses it for (fp16 for Flux, whose activations overflow float16)")
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
+    p.add_argument("--profile-from", metavar="FILE|PRESET", help="make the profile from request shapes: a JSON list of {DIM: size, count: n} "
+                   "or a preset (phone, video-720p, video-1080p); the report gives its padding waste and what 2-4 profiles would waste")
     p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
     p.add_argument("--verify-inputs", action="append", default=[], metavar="in.npz", help="also verify the engine on these sample inputs (one array per model input, by name); repeatable")
     p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
@@ -333,7 +336,8 @@ def options_from_args(args) -> "Options":
     if args.config:
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout", "video_decoder",
-                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality", "trt_opt_level", "trt_time_limit"):
+                  "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality", "trt_opt_level", "trt_time_limit",
+                  "profile_from"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]

@@ -46,6 +46,7 @@ class Options:
     force_precision: bool = False  # build the precision even where kiln refuses it for the model (precision_policy)
     io_dtype: str = "float32"  # float16: the engine takes and returns fp16 (no boundary casts)
     shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
+    profile_from: str | None = None  # request shapes (a JSON file) or a preset the profile is made from
     # Value ranges of integer inputs for test data, as (source, 'NAME=LO..HI'); default [1, 8).
     int_ranges: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # .npz files of sample inputs the engine is also verified on.
@@ -101,7 +102,7 @@ class Options:
 
 # Recipe layout: section -> key -> (Options field, accepted types). "" is the top level.
 _RECIPE = {
-    "": {"target": ("target", str), "precision": ("precision", str), "io_dtype": ("io_dtype", str)},
+    "": {"target": ("target", str), "precision": ("precision", str), "io_dtype": ("io_dtype", str), "profile_from": ("profile_from", str)},
     "passes": {"disable": ("disable_passes", list)},
     "verify": {
         "enabled": ("verify", bool),
@@ -182,6 +183,8 @@ def load_recipe(path: Path, options: Options) -> None:
     options.verify_inputs = [str(path.parent / p) for p in options.verify_inputs]
     if "calib" in data.get("quantize", {}):
         options.calib = str(path.parent / options.calib)
+    if "profile_from" in data and (path.parent / options.profile_from).is_file():  # a file, not a preset
+        options.profile_from = str(path.parent / options.profile_from)
     options.precision_chosen |= "precision" in data
     validate(options)
 

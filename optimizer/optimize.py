@@ -25,6 +25,7 @@ from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, hash_directory, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, REPORT_FILE, check_outdir, staged_dir
 from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy, declared_class
+from kiln.optimizer.profile_synthesis import synthesize
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
 from kiln.optimizer.report import new_report, write_reports
@@ -148,6 +149,8 @@ def cache_parts(model_arg: Path, options: Options, target: targets.Target) -> di
     settings = dataclasses.asdict(options)
     settings.update(target=target.name, cache=None, shapes=[spec for _, spec in options.shapes], int_ranges=[spec for _, spec in options.int_ranges],
                     verify_inputs=[file_digest(Path(p)) if Path(p).is_file() else p for p in options.verify_inputs])  # fmt: skip
+    if options.profile_from and Path(options.profile_from).is_file():
+        settings["profile_from"] = file_digest(Path(options.profile_from))
     if options.calib:
         calib = Path(options.calib)
         settings["calib"] = hash_directory(calib) if calib.is_dir() else file_digest(calib) if calib.is_file() else options.calib
@@ -176,6 +179,7 @@ class Prepared:
     model: ir.Model | None = None  # loaded already; taken by the first build
     calibrations: dict = dataclasses.field(default_factory=dict)
     quality: QualityReference | None = None
+    from_requests: dict | None = None  # --profile-from: the requests, the profile made of them and its waste
 
     def take_model(self) -> ir.Model:
         """The model to run the passes on (in place): the one loaded already, then a fresh load each time."""
@@ -217,8 +221,13 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
             source.setdefault("class", model.metadata_props[CLASS_METADATA_KEY])
         source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
+        from_requests, shape_specs = None, list(options.shapes)
+        if options.profile_from:  # its ranges first: --shapes and the recipe win
+            dims = list(dict.fromkeys(d for spec in inputs for d in spec.dynamic_dims))
+            from_requests, specs = synthesize(options.profile_from, dims, _aligned_dims(model, inputs))
+            shape_specs = specs + shape_specs
         profile, shape_notes = build_profile(
-            inputs, options.shapes, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model), options.int_ranges
+            inputs, shape_specs, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model), options.int_ranges
         )
         alignment, profile = _aligned(model, profile)
         samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
@@ -239,7 +248,17 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
     timings["reference_s"] = time.perf_counter() - t
     for note in notes:
         progress.line(f"note: {note}")
-    return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model)
+    return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model, from_requests=from_requests)
+
+
+def _aligned_dims(model: ir.Model, inputs) -> dict[str, int]:
+    """dim name -> the multiple the model's alignment rule pads it to (FILM's height and width: 64)."""
+    text = model.metadata_props.get(ALIGN_KEY)
+    if not text:
+        return {}
+    alignment = Alignment.from_json(json.loads(text))
+    return {spec.shape[axis]: alignment.multiple for spec in inputs for axis in alignment.inputs.get(spec.name, ())
+            if isinstance(spec.shape[axis], str)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -337,6 +356,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
     )
     report["cost"] = cost_section(built.work, latency, engine, compute_format(report))
     report["cache"] = cache.to_json() if cache else None
+    report["profile_from"] = prepared.from_requests
     if quality is not None and not options.quantize:
         report["quality"] = quality
     write_reports(stage, report)

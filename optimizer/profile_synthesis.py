@@ -1,5 +1,6 @@
 """Optimization profiles from the shapes requests come in: a request list (or histogram) or a preset,
-grouped into at most K buckets so that little work goes to padding.
+grouped into at most K buckets so that little work goes to padding. `kiln optimize --profile-from`
+builds one profile (one bucket: an engine has one profile today) and reports what 2 to 4 would waste.
 
 A bucket is one profile: per dim, the smallest and largest size of its requests (min and max) and the
 size of its most frequent request (opt). Its padding waste is the share of the work spent on padding
@@ -27,7 +28,7 @@ PRESETS: dict[str, list[dict[str, int]]] = {
     "video-720p": [{"height": 720, "width": 1280}],
     "video-1080p": [{"height": 1080, "width": 1920}],
 }
-DEFAULT_BUCKETS = 2
+SPLITS = (2, 3, 4)  # what the report says several profiles would save
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +91,15 @@ def read_requests(source: str) -> tuple[str, list[dict[str, int]]]:
 
 def bucket_requests(requests: list[dict[str, int]], dims: list[str], buckets: int, align: dict[str, int] | None = None) -> list[Bucket]:
     """At most `buckets` buckets of the requests (each {dim: size, "count": n}) over dims, the sizes
-    first rounded up to align[dim]. A request that names a dim the model does not have, or lacks one
-    it has, is an InputError naming both."""
+    first rounded up to align[dim]. A request that names other dims is an InputError naming both."""
     if buckets < 1:
         raise InputError(f"--profiles {buckets}: at least 1")
     counts: dict[tuple[int, ...], int] = {}
     for i, request in enumerate(requests):
         named = set(request) - {"count"}
         if named != set(dims):
-            raise InputError(f"request {i} gives {', '.join(sorted(named)) or 'no dims'}, and the model's dynamic dims are {', '.join(dims)}",
-                             hint="give every dynamic dim of the model by its name, and no other (a fixed dim needs no profile)")  # fmt: skip
+            raise InputError(f"request {i} gives {', '.join(sorted(named)) or 'no dims'}, and the profile is over {', '.join(dims)}",
+                             hint="give every request the same dims, by the model's names (a fixed dim needs no profile)")  # fmt: skip
         sizes = tuple(-(-request[d] // (align or {}).get(d, 1)) * (align or {}).get(d, 1) for d in dims)
         counts[sizes] = counts.get(sizes, 0) + request["count"]
     groups = [Bucket(((sizes, n),)) for sizes, n in sorted(counts.items())]
@@ -123,3 +123,24 @@ def waste_of(groups: list[Bucket]) -> float:
 def buckets_json(groups: list[Bucket], dims: list[str]) -> list[dict]:
     return [{"dims": {d: {"min": lo, "opt": op, "max": hi} for d, lo, op, hi in zip(dims, g.low(), g.opt(), g.high(), strict=True)},
              "requests": g.count, "shapes": len(g.requests), "waste": round(g.waste(), 4)} for g in groups]  # fmt: skip
+
+
+def synthesize(source: str, model_dims: list[str], align: dict[str, int]) -> tuple[dict, list[tuple[str, str]]]:
+    """The profile for the dims the requests name (one bucket over them all: kiln builds one profile per
+    engine), as --shapes specs, and the report's section: the requests, that profile and its padding
+    waste, and the waste with 2 to 4 profiles. Dims the requests do not name come from --shapes."""
+    where, requests = read_requests(source)
+    named = [d for d in requests[0] if d != "count"]
+    unknown = [d for d in named if d not in model_dims]
+    if unknown:
+        raise InputError(f"--profile-from {source}: {unknown[0]!r} is not a dynamic dim of the model, whose dynamic dims are {', '.join(model_dims) or 'none'}",
+                         hint="name the model's dims (`kiln optimize` notes them), e.g. height and width")  # fmt: skip
+    (bucket,) = bucket_requests(requests, named, 1, align)
+    specs = [(f"--profile-from {source}", f"{d}={lo}..{op}..{hi}") for d, lo, op, hi in zip(named, bucket.low(), bucket.opt(), bucket.high(), strict=True)]
+    section = {
+        "source": where, "requests": bucket.count, "shapes": len(bucket.requests), "aligned_to": {d: align[d] for d in named if d in align},
+        "profile": buckets_json([bucket], named)[0], "waste": round(bucket.waste(), 4),
+        "split": [{"profiles": k, "waste": round(waste_of(groups), 4), "buckets": buckets_json(groups, named)}
+                  for k in SPLITS if k < len(bucket.requests) + 1 for groups in [bucket_requests(requests, named, k, align)]],
+    }  # fmt: skip
+    return section, specs

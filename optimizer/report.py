@@ -37,6 +37,22 @@ def _shapes(shapes: dict) -> str:
     return ", ".join(f"{k} {_dims(v)}" for k, v in shapes.items())
 
 
+def _from_requests(section: dict | None) -> list[str]:
+    """--profile-from: the requests, the profile made of them, and the padding waste of one profile and of several."""
+    if not section:
+        return []
+    ranges = ", ".join(f"{d} {r['min']}..{r['opt']}..{r['max']}" for d, r in section["profile"]["dims"].items())
+    aligned = f" (sizes rounded up to {', '.join(f'{d} {m}' for d, m in section['aligned_to'].items())})" if section["aligned_to"] else ""
+    out = ["## Profile from requests", "",
+           f"{section['requests']} requests of {section['shapes']} shapes from {section['source']}{aligned}: the profile is {ranges}. "
+           "Padding waste is the share of the work spent on padding if every request ran at its profile's max, as a static engine runs it.", ""]  # fmt: skip
+    rows = [["1 (this engine)", f"{section['waste']:.1%}", ranges]]
+    for split in section["split"]:
+        shown = "; ".join(", ".join(f"{d} {r['min']}..{r['max']}" for d, r in b["dims"].items()) for b in split["buckets"])
+        rows.append([str(split["profiles"]), f"{split['waste']:.1%}", shown])
+    return out + _table(["profiles", "padding waste", "ranges"], rows)
+
+
 def markdown(report: dict) -> str:
     src, model, target = report["source"], report["model"], report["target"]
     verification = report["verification"]
@@ -62,6 +78,7 @@ def markdown(report: dict) -> str:
     if dims:
         out += ["## Dynamic dims", ""]
         out += _table(["dim", "min", "opt", "max"], [[d, r["min"], r["opt"], r["max"]] for d, r in dims.items()])
+    out += _from_requests(report.get("profile_from"))
     out += ["## Passes", ""]
     rows = []
     for p in report["passes"]:

@@ -83,9 +83,19 @@ def test_a_failed_verification_exits_3_and_a_failed_build_exits_1(block, tmp_pat
     ('models = ["block", "block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\n', "two models are named 'block'"),
     ('models = ["block"]\ntargets = []\nprecisions = ["fp32"]\n', "targets must be a non-empty list"),
     ('models = ["block"\n', "is not valid TOML"),
+    ('models = ["block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\nprofile_from = "tablet"\n', "profile_from: 'tablet' is no file (relative to the matrix) and no preset"),
 ])  # fmt: skip
 def test_a_bad_matrix_exits_2_naming_what_is_wrong(block, tmp_path, capsys, text, message):
     path = matrix(block, text)
     code, summary, output = build(capsys, path, tmp_path / "out")
     assert code == 2 and summary is None and not (tmp_path / "out").exists()
     assert f"kiln: error: matrix {path}" in output and message in output
+
+
+def test_a_matrix_model_s_profile_comes_from_its_requests(block, tmp_path, capsys):
+    (block / "requests.json").write_text(json.dumps([{"batch": 1, "seq": 8, "count": 3}, {"batch": 2, "seq": 32}]))
+    path = matrix(block, 'models = [{path = "block/model.onnx", name = "b", profile_from = "requests.json"}]\ntargets = ["cpu"]\nprecisions = ["fp32"]\n')
+    code, summary, _ = build(capsys, path, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "b-cpu-fp32" / "report.json").read_text())
+    assert code == 0 and report["profile"]["dims"] == {"batch": {"min": 1, "opt": 1, "max": 2}, "seq": {"min": 8, "opt": 8, "max": 32}}
+    assert report["profile_from"]["source"] == str(block / "requests.json")

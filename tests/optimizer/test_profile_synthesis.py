@@ -58,7 +58,33 @@ def test_a_request_file_is_read_and_bad_ones_are_refused_with_the_reason(tmp_pat
     with pytest.raises(InputError, match="--profile-from tablet: no such file, and no preset of that name") as info:
         read_requests("tablet")
     assert info.value.hint == "give a JSON file of request shapes, or a preset: phone, video-720p, video-1080p"
-    with pytest.raises(InputError, match="request 0 gives frames, height, width, and the model's dynamic dims are height, width"):
+    with pytest.raises(InputError, match="request 0 gives frames, height, width, and the profile is over height, width"):
         bucket_requests([{"height": 4, "width": 4, "frames": 2, "count": 1}], HW, 2)
     with pytest.raises(InputError, match="--profiles 0: at least 1"):
         bucket_requests([{"height": 4, "width": 4, "count": 1}], HW, 0)
+
+
+def test_kiln_optimize_makes_its_profile_from_requests_and_reports_the_waste(tmp_path, capsys):
+    from kiln.optimizer.cli import main
+
+    assert main(["example", "block", str(tmp_path / "block"), "-q"]) == 0
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"batch": 1, "seq": 16, "count": 6}, {"batch": 2, "seq": 64, "count": 2}, {"batch": 4, "seq": 8}]))
+    out = tmp_path / "out"
+    assert main(["optimize", str(tmp_path / "block" / "model.onnx"), "-o", str(out), "--profile-from", str(requests), "--bench-runs", "0", "-q"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["profile"]["dims"] == {"batch": {"min": 1, "opt": 1, "max": 4}, "seq": {"min": 8, "opt": 16, "max": 64}}
+    section = report["profile_from"]
+    assert (section["source"], section["requests"], section["shapes"]) == (str(requests), 9, 3)
+    # Served at 4x64: 6 * (256 - 16) + 2 * (256 - 128) + (256 - 32) padded, of 9 * 256.
+    assert section["waste"] == pytest.approx((6 * 240 + 2 * 128 + 224) / (9 * 256), abs=1e-4)
+    assert [s["profiles"] for s in section["split"]] == [2, 3] and section["split"][-1]["waste"] == 0.0
+    assert "## Profile from requests" in (out / "report.md").read_text()
+    # --shapes wins over the requests for the dims it names.
+    assert main(["optimize", str(tmp_path / "block" / "model.onnx"), "-o", str(tmp_path / "o2"), "--profile-from", str(requests),
+                 "--shapes", "seq=4..128", "--bench-runs", "0", "-q"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "o2" / "report.json").read_text())["profile"]["dims"]["seq"] == {"min": 4, "opt": 66, "max": 128}
+    requests.write_text(json.dumps([{"height": 64, "width": 64}]))
+    assert main(["optimize", str(tmp_path / "block" / "model.onnx"), "-o", str(tmp_path / "o3"), "--profile-from", str(requests), "-q"]) == 2
+    assert "'height' is not a dynamic dim of the model, whose dynamic dims are batch, seq" in capsys.readouterr().err
