@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from kiln import targets
+from kiln.optimizer.errors import first_line
 from kiln.targets import Engine, Profile
 from kiln.targets.cost import RunWork, cost_rows
 from kiln.targets.work import tensor_bytes
@@ -61,6 +62,16 @@ def compute_format(report: dict) -> str:
     if quantized == "int8" and report.get("target", {}).get("family") == "cpu":
         return "int8"
     return report.get("precision", "fp32")
+
+
+def bench_or_note(engine: Engine, profile, runs: int, warmup: int, seed: int, notes: list[str]) -> list[dict]:
+    """bench_profile's rows, or none and a note when the engine cannot run on random inputs (the model
+    may need valid indices or scales; see --int-range)."""
+    try:
+        return bench_profile(engine, profile, runs, warmup, seed)
+    except Exception as exc:  # onnxruntime's errors on data the model cannot take
+        notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: {first_line(exc)})")
+        return []
 
 
 def cost_section(work: dict | None, latency: list[dict], engine: Engine, compute_format: str) -> dict:

@@ -83,6 +83,11 @@ def read_matrix(path: Path) -> list[Cell]:
         if bad:
             raise InputError(f"{where}: {key} has {bad[0]!r}", hint=f"choose from {', '.join(allowed)}")
         lists[key] = value
+    from kiln.targets import TARGETS
+
+    unknown_target = [t for t in lists["targets"] if t not in TARGETS and t != "auto"]
+    if unknown_target:
+        raise InputError(f"{where}: targets has {unknown_target[0]!r}, which is no target", hint="`kiln targets` lists them")
     shared = _shapes(data.get("shapes", {}), f"{where}: shapes")
     requests = _requests(data.get("profile_from"), path.parent, f"{where}: profile_from")
     models = [_model(entry, path.parent, shared, requests, where) for entry in lists["models"]]
@@ -189,8 +194,6 @@ def _chosen(cell: Cell) -> Options:
     try:
         choose_target(options, deferring=True)
     except InputError as exc:
-        if exc.message.startswith("unknown target"):
-            raise  # a typo in the matrix fails its cells
         raise _Skipped(exc.message) from None
     return options
 

@@ -54,7 +54,8 @@ def check_format(options: Options, target: targets.Target) -> None:
             hint="FP8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell): --target cuda or h100",
         )
     if fmt == "fp8" and getattr(target, "device", "cpu") == "cuda":
-        capability = compute_capability()
+        # A per-GPU target's own GPU (a build deferred on another machine too), else the one here.
+        capability = target.gpu.compute_capability if target.gpu is not None else compute_capability()
         if capability is not None and capability < FAST_FROM["fp8"]:
             raise InputError(
                 f"this GPU has compute capability {capability[0]}.{capability[1]}, and FP8 needs "

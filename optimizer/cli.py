@@ -70,7 +70,8 @@ OUTDIR gets model.onnx, engine/, report.json and report.md. It is built in a tem
 directory and renamed into place, so a failed run leaves what was there before.
 
 engine cache:
-  A verified engine is stored in $KILN_CACHE_DIR (default ~/.cache/kiln) under a key of the
+  An engine that passed verification (or, built without its GPU, awaits `kiln verify`) is
+  stored in $KILN_CACHE_DIR (default ~/.cache/kiln) under a key of the
   model's bytes, the options, the target, kiln's code, the library versions and, for a GPU
   target, the GPU, driver, CUDA and cuDNN. The same run again copies it from there ("cache hit");
   a miss says which of those differ from the nearest entry. `kiln cache` lists and prunes it.

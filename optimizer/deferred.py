@@ -1,7 +1,7 @@
 """`kiln verify OUTDIR`: finish, on the GPU, an engine `kiln optimize` built on a machine without it.
 
 A deferred build (Target.defer) ran every pass and wrote the model, a manifest marked not yet verified
-and the verification cases with the original's outputs (verify.npz). Here the target's build runs for
+and the verification cases with the original's outputs (kiln-verify.npz). Here the target's build runs for
 real on this machine (the ONNX Runtime session's offline optimization, the GPU fingerprint), the engine
 is verified on those cases to the tolerance the build chose, benchmarked, and the manifest and reports
 say so. The new OUTDIR replaces the old one whole, or not at all.
@@ -9,17 +9,18 @@ say so. The new OUTDIR replaces the old one whole, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from kiln import targets
-from kiln.optimizer.bench import compute_format, cost_section
+from kiln.optimizer.bench import bench_or_note, compute_format, cost_section
 from kiln.optimizer.errors import InputError, VerificationFailed
 from kiln.optimizer.outdir import ENGINE_DIR, KILN_ENTRIES, REPORT_FILE, staged_dir
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.report import write_reports
-from kiln.optimizer.verify import EXPECTED_FILE, load_expected, verify_engine
+from kiln.optimizer.verify import DEFERRED_NOTE, EXPECTED_FILE, load_expected, verify_engine
 from kiln.targets.gpu import fingerprint
 
 
@@ -32,11 +33,15 @@ def verify_deferred(outdir: Path, bench_runs: int, progress: Progress) -> dict:
         target = targets.get_target(config.target)
     except KeyError as exc:
         raise InputError(f"{outdir}'s engine is for {exc.args[0]}", hint="verify it with the kiln that built it") from None
+    level = config.provider_options.get("trt_builder_optimization_level")
+    if level is not None and hasattr(target, "optimization_level"):  # as the deferred build was asked for
+        target = dataclasses.replace(target, optimization_level=int(level))
     reason = target.available()
     if reason:
         raise InputError(f"target {target.name!r} does not run here, so {outdir} cannot be verified here: {reason}",
                          hint=f"run `kiln verify` on a machine where {target.name} runs (`kiln targets`)")  # fmt: skip
-    expected = load_expected(outdir / EXPECTED_FILE)
+    verifying = report["verification"]["enabled"]  # a deferred --no-verify build has no cases
+    expected = load_expected(outdir / EXPECTED_FILE) if verifying else []
     foreign = sorted(p.name for p in outdir.iterdir() if p.name not in KILN_ENTRIES)
     if foreign:
         raise InputError(f"{outdir} also holds {', '.join(foreign[:5])}, which kiln did not write; verifying replaces the folder",
@@ -53,14 +58,14 @@ def verify_deferred(outdir: Path, bench_runs: int, progress: Progress) -> dict:
             checks = verify_engine(engine, expected, report["verification"]["tolerance"])
         passed = all(c.passed for c in checks)
         latency = []
+        # Not the deferral's note any more; the benchmark's own notes (an engine that fails on random inputs).
+        report["notes"] = [n for n in report["notes"] if not n.startswith(DEFERRED_NOTE)]
         if passed and bench_runs:
-            from kiln.optimizer.bench import bench_profile
-
             with progress.stage(f"benchmark ({bench_runs} runs per shape)"):
-                latency = bench_profile(engine, engine.profile, bench_runs, 2, report["verification"]["seed"])
+                latency = bench_or_note(engine, engine.profile, bench_runs, 2, report["verification"]["seed"], report["notes"])
         machine = fingerprint()
-        report["status"] = "ok" if passed else "verification-failed"
-        report["verification"].update(passed=passed, shapes=[c.to_json() for c in checks])
+        report["status"] = ("ok" if passed else "verification-failed") if verifying else "unverified"
+        report["verification"].update(passed=passed if verifying else None, shapes=[c.to_json() for c in checks])
         report["target"].update(build_config=built.to_json(), files=[f"{ENGINE_DIR}/{p.name}" for p in sorted((stage / ENGINE_DIR).iterdir())])
         report["latency"] = latency
         report["cost"] = cost_section(report.get("work"), latency, engine, compute_format(report))

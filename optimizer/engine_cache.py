@@ -177,11 +177,12 @@ class EngineCache:
         best = None
         for entry in self._records():
             found = differences(entry["parts"], parts)
-            if best is None or len(found) < len(best[1]):
-                best = (entry["key"], found)
+            rank = (entry["parts"].get("model") != parts.get("model"), len(found))  # the same model first
+            if best is None or rank < best[0]:
+                best = (rank, entry["key"], found)
         if best is None:
             return "the cache is empty"
-        key, found = best
+        _, key, found = best
         if any(d.startswith("model:") for d in found):
             return "no entry for this model (or this version of its files)"
         return f"the nearest entry ({key}) differs in " + "; ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
@@ -257,16 +258,35 @@ class EngineCache:
         entries until the rest fit. Returns what was removed, one line each."""
         removed = []
         for entry in sorted(self.entries.iterdir()) if self.entries.is_dir() else []:
-            why = "an unfinished entry" if entry.name.startswith(".") else self.damage(entry)
-            if why:
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(f"{entry.name}: {why}")
+            key = entry.name.split(".")[1] if entry.name.startswith(".") else entry.name
+            with self._idle(key) as idle:  # an entry being built or copied is left alone
+                why = "an unfinished entry" if entry.name.startswith(".") else self.damage(entry)
+                if idle and why:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(f"{entry.name}: {why}")
         if max_bytes is not None:
             kept = self.list()
             total = sum(r["bytes"] for r in kept)
             while kept and total > max_bytes:
                 oldest = kept.pop()
-                shutil.rmtree(self.entries / oldest["key"], ignore_errors=True)
-                total -= oldest["bytes"]
-                removed.append(f"{oldest['key']}: least recently used ({oldest['bytes'] / 1e6:.1f} MB)")
+                with self._idle(oldest["key"]) as idle:
+                    if idle:
+                        shutil.rmtree(self.entries / oldest["key"], ignore_errors=True)
+                        total -= oldest["bytes"]
+                        removed.append(f"{oldest['key']}: least recently used ({oldest['bytes'] / 1e6:.1f} MB)")
         return removed
+
+    @contextlib.contextmanager
+    def _idle(self, key: str) -> Iterator[bool]:
+        """Hold KEY's lock if no other process holds it; yields whether it was free."""
+        self._make()
+        with open(self.locks / f"{key}.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)

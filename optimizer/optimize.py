@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from kiln import passes, targets
 from kiln.optimizer import __version__
-from kiln.optimizer.bench import bench_profile, compute_format, cost_section
+from kiln.optimizer.bench import bench_or_note, compute_format, cost_section
 from kiln.optimizer.build import build_engine, select_passes
 from kiln.optimizer.calibrate import calibration_providers, calibration_set, check_format
 from kiln.optimizer.config import Options
@@ -31,7 +31,7 @@ from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReferenc
 from kiln.optimizer.report import new_report, write_reports
 from kiln.optimizer.shapes import SHAPES_METADATA_KEY, build_profile, check_io, input_specs, int_ranges
 from kiln.optimizer.verify import (
-    EXPECTED_FILE, REFERENCE, Expected, StepVerifier, expected_outputs, reference_session, sample_inputs, save_expected, verify_engine,
+    DEFERRED_NOTE, EXPECTED_FILE, REFERENCE, Expected, StepVerifier, expected_outputs, reference_session, sample_inputs, save_expected, verify_engine,
 )  # fmt: skip
 from kiln.targets import Alignment, DimRange, Profile
 from kiln.targets.align import METADATA_KEY as ALIGN_KEY
@@ -48,14 +48,11 @@ def choose_target(options: Options, deferring: bool = False) -> targets.Target:
     except KeyError as exc:
         raise InputError(str(exc.args[0]), hint="`kiln targets` lists them") from None
     reason = target.available()
-    if reason and deferring and target.family == "tensorrt" and not target.deferrable():
-        raise InputError(f"target {target.name!r} is not available here: {reason}",
-                         hint="a TensorRT plan is compiled on its GPU: run this on a machine with it, or build NAME-ort-trt or NAME here")  # fmt: skip
     if reason and not (deferring and target.deferrable()):
-        raise InputError(
-            f"target {target.name!r} is not available here: {reason}",
-            hint="`kiln targets` shows what is; GPU targets need an NVIDIA GPU and pip install 'kiln-ml[gpu]'",
-        )
+        plan = deferring and target.family == "tensorrt"
+        raise InputError(f"target {target.name!r} is not available here: {reason}",
+                         hint="a TensorRT plan is compiled on its GPU: run this on a machine with it, or build NAME-ort-trt or NAME here" if plan
+                         else "`kiln targets` shows what is; GPU targets need an NVIDIA GPU and pip install 'kiln-ml[gpu]'")  # fmt: skip
     if options.precision not in target.precisions:
         raise InputError(
             f"target {target.name!r} does not support {options.precision}",
@@ -94,23 +91,26 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
     deferred = target.available()
     if deferred:
-        notes.append(f"built without its GPU, so not yet verified ({deferred}): run `kiln verify` on this OUTDIR where {target.name} runs")
+        notes.append(f"{DEFERRED_NOTE} ({deferred}): run `kiln verify` on this OUTDIR where {target.name} runs")
     if not options.cache:
         return _build(model_arg, outdir, target, options, notes, progress, deferred=deferred)
     cache = EngineCache()
     if hasattr(target, "timing_cache_dir"):  # TensorRT builds of one target share their timing cache
         target = dataclasses.replace(target, timing_cache_dir=cache.timing)
     with progress.stage(f"hash {model_arg} for the engine cache ({cache.root})"):
-        parts = cache_parts(model_arg, options, target)
+        parts = cache_parts(model_arg, options, target, deferred)
     key = key_of(parts)
     with cache.building(key, waiting=lambda: progress.line(f"waiting for another kiln that is building this engine (cache key {key})")):
         found = cache.lookup(key, parts)
         progress.line(found.line)
         if found.hit:
-            return _from_cache(found, outdir)
+            return _from_cache(found, outdir, model_arg)
         report = _build(model_arg, outdir, target, options, notes, progress, found, deferred)  # one that fails verification raises: not kept
-        with progress.stage(f"store the engine in the cache ({key})"):
-            cache.store(key, parts, outdir, str(model_arg))
+        try:
+            with progress.stage(f"store the engine in the cache ({key})"):
+                cache.store(key, parts, outdir, str(model_arg))
+        except OSError as exc:  # OUTDIR is whole and verified: a cache that cannot take it costs only the next build
+            progress.line(f"warning: the engine was not stored in the cache {cache.root}: {exc.strerror or exc}")
     return report
 
 
@@ -128,10 +128,12 @@ def _build(model_arg: Path, outdir: Path, target: targets.Target, options: Optio
     return point.report
 
 
-def _from_cache(found: Lookup, outdir: Path) -> dict:
-    """OUTDIR as the cache entry holds it, its report saying it came from the cache."""
+def _from_cache(found: Lookup, outdir: Path, model_arg: Path) -> dict:
+    """OUTDIR as the cache entry holds it, its report saying it came from the cache (its latency and
+    timings are the build's) and naming the model as given now."""
     report = json.loads((found.hit / REPORT_FILE).read_text())
     report["cache"] = found.to_json()
+    report["source"]["path"] = str(model_arg)
     with staged_dir(outdir) as stage:
         for path in sorted(found.hit.iterdir()):
             if path.is_dir():
@@ -142,10 +144,11 @@ def _from_cache(found: Lookup, outdir: Path) -> dict:
     return report
 
 
-def cache_parts(model_arg: Path, options: Options, target: targets.Target) -> dict:
+def cache_parts(model_arg: Path, options: Options, target: targets.Target, deferred: str | None = None) -> dict:
     """Everything that makes the engine what it is (see engine_cache.py): the model's and the sample
     files' bytes, the options (the files they name by their bytes, not their paths), the target, kiln's
-    code, the libraries and, for a GPU target, the machine."""
+    code, the libraries, for a GPU target the machine, and why a build waits for its GPU (once the
+    target runs here, that is a new key)."""
     settings = dataclasses.asdict(options)
     settings.update(target=target.name, cache=None, shapes=[spec for _, spec in options.shapes], int_ranges=[spec for _, spec in options.int_ranges],
                     verify_inputs=[file_digest(Path(p)) if Path(p).is_file() else p for p in options.verify_inputs])  # fmt: skip
@@ -159,7 +162,7 @@ def cache_parts(model_arg: Path, options: Options, target: targets.Target) -> di
         preload_cuda()  # the CUDA and cuDNN versions are part of the machine
         machine = fingerprint()
     parts = {"model": model_hash(model_arg), "options": settings, "target": target.name, "machine": machine,
-             "libraries": key_versions(), "kiln": kiln_source_hash()}  # fmt: skip
+             "libraries": key_versions(), "kiln": kiln_source_hash(), "deferred": deferred}  # fmt: skip
     return json.loads(json.dumps(parts, default=str))  # as stored: paths as text
 
 
@@ -229,6 +232,9 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         profile, shape_notes = build_profile(
             inputs, shape_specs, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model), options.int_ranges
         )
+        if from_requests:  # the dims whose range --shapes or the recipe gave instead
+            made = from_requests["profile"]["dims"]
+            from_requests["replaced"] = [d for d, r in made.items() if (profile.dims[d].min, profile.dims[d].opt, profile.dims[d].max) != tuple(r.values())]
         alignment, profile = _aligned(model, profile)
         samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
         notes += shape_notes
@@ -316,7 +322,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         notes.append("the benchmark was not run: verification failed")
     elif options.bench_runs and not deferred:
         with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
-            latency = _bench(engine, profile, options, notes)
+            latency = bench_or_note(engine, profile, options.bench_runs, options.bench_warmup, options.seed, notes)
     timings["bench_s"] = time.perf_counter() - t
     quality, outputs = None, None
     if (options.quantize or measure_quality) and options.verify and not deferred:
@@ -412,16 +418,6 @@ def _without_unrunnable(expected: list[Expected], notes: list[str]) -> list[Expe
             notes.append(f"the original model cannot run on random inputs at the {e.corner} shape, so the engine was "
                          f"verified on the --verify-inputs samples only there: {e.error.splitlines()[0]}")  # fmt: skip
     return [e for e in expected if e.sample or e.want is not None]
-
-
-def _bench(engine, profile: Profile, options: Options, notes: list[str]) -> list[dict]:
-    """Latency rows, or none and a note when the engine cannot run on random inputs (the model may need
-    valid indices or scales; see --int-range)."""
-    try:
-        return bench_profile(engine, profile, options.bench_runs, options.bench_warmup, options.seed)
-    except Exception as exc:  # onnxruntime's errors on data the model cannot take
-        notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: {first_line(exc)})")
-        return []
 
 
 def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profile]:

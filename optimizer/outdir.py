@@ -15,12 +15,12 @@ from kiln.optimizer.errors import InputError
 from kiln.optimizer.signals import signals_deferred
 
 # What `kiln optimize` writes into OUTDIR: model.onnx, ENGINE_DIR/ (the target's engine and its
-# manifest), report.json and report.md, and for a build deferred to its GPU, verify.npz (its cases).
+# manifest), report.json and report.md, and for a build deferred to its GPU, kiln-verify.npz (its cases).
 ENGINE_DIR = "engine"
 REPORT_FILE = "report.json"
 REPORT_SCHEMA = "kiln-report"
 # Everything `kiln optimize` puts in OUTDIR; anything else there is the user's and is never deleted.
-KILN_ENTRIES = frozenset({"model.onnx", "model.onnx.data", ENGINE_DIR, REPORT_FILE, "report.md", "verify.npz"})
+KILN_ENTRIES = frozenset({"model.onnx", "model.onnx.data", ENGINE_DIR, REPORT_FILE, "report.md", "kiln-verify.npz"})
 
 
 # Writing into a staged directory fails for want of room or rights, not because of a bug in kiln.

@@ -13,6 +13,7 @@ Sizes are first rounded up to the model's alignment (FILM's 64), which the engin
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import json
 import math
@@ -94,6 +95,12 @@ def bucket_requests(requests: list[dict[str, int]], dims: list[str], buckets: in
     first rounded up to align[dim]. A request that names other dims is an InputError naming both."""
     if buckets < 1:
         raise InputError(f"--profiles {buckets}: at least 1")
+    groups = shape_counts(requests, dims, align)
+    return merged_down(groups, {buckets})[min(buckets, len(groups))]
+
+
+def shape_counts(requests: list[dict[str, int]], dims: list[str], align: dict[str, int] | None = None) -> list[Bucket]:
+    """One bucket per distinct request shape (after alignment), in shape order."""
     counts: dict[tuple[int, ...], int] = {}
     for i, request in enumerate(requests):
         named = set(request) - {"count"}
@@ -102,15 +109,34 @@ def bucket_requests(requests: list[dict[str, int]], dims: list[str], buckets: in
                              hint="give every request the same dims, by the model's names (a fixed dim needs no profile)")  # fmt: skip
         sizes = tuple(-(-request[d] // (align or {}).get(d, 1)) * (align or {}).get(d, 1) for d in dims)
         counts[sizes] = counts.get(sizes, 0) + request["count"]
-    groups = [Bucket(((sizes, n),)) for sizes, n in sorted(counts.items())]
-    while len(groups) > buckets:
-        best = min(itertools.combinations(range(len(groups)), 2),
-                   key=lambda ij: Bucket(groups[ij[0]].requests + groups[ij[1]].requests).padded_work()
-                   - groups[ij[0]].padded_work() - groups[ij[1]].padded_work())  # fmt: skip
-        i, j = best
-        merged = Bucket(tuple(sorted(groups[i].requests + groups[j].requests)))
-        groups = [g for k, g in enumerate(groups) if k not in (i, j)] + [merged]
-    return sorted(groups, key=lambda g: math.prod(g.high()))
+    return [Bucket(((sizes, n),)) for sizes, n in sorted(counts.items())]
+
+
+def merged_down(groups: list[Bucket], sizes: set[int]) -> dict[int, list[Bucket]]:
+    """Merge the pair of buckets whose merge adds the least padded work, again and again, down to the
+    smallest of sizes; {count: buckets (smallest max first)} at each of sizes passed on the way, and at
+    the end. A heap of pair costs, extended only for each new bucket: about N^2 log N for N shapes."""
+    alive = dict(enumerate(groups))
+    heap = [(_merge_cost(a, b), i, j) for (i, a), (j, b) in itertools.combinations(alive.items(), 2)]
+    heapq.heapify(heap)
+    found, fresh = {}, len(groups)
+    while True:
+        if len(alive) in sizes or len(alive) <= min(sizes):
+            found[len(alive)] = sorted(alive.values(), key=lambda g: math.prod(g.high()))
+        if len(alive) <= min(sizes):
+            return found
+        cost, i, j = heapq.heappop(heap)
+        if i not in alive or j not in alive:
+            continue  # a pair with a bucket merged since
+        merged = Bucket(tuple(sorted(alive.pop(i).requests + alive.pop(j).requests)))
+        for k, other in alive.items():
+            heapq.heappush(heap, (_merge_cost(merged, other), k, fresh))
+        alive[fresh] = merged
+        fresh += 1
+
+
+def _merge_cost(a: Bucket, b: Bucket) -> int:
+    return Bucket(a.requests + b.requests).padded_work() - a.padded_work() - b.padded_work()
 
 
 def waste_of(groups: list[Bucket]) -> float:
@@ -135,12 +161,14 @@ def synthesize(source: str, model_dims: list[str], align: dict[str, int]) -> tup
     if unknown:
         raise InputError(f"--profile-from {source}: {unknown[0]!r} is not a dynamic dim of the model, whose dynamic dims are {', '.join(model_dims) or 'none'}",
                          hint="name the model's dims (`kiln optimize` notes them), e.g. height and width")  # fmt: skip
-    (bucket,) = bucket_requests(requests, named, 1, align)
+    shapes = shape_counts(requests, named, align)
+    bucket = Bucket(tuple(r for g in shapes for r in g.requests))  # one profile over them all
+    splits = merged_down(shapes, {k for k in SPLITS if k < len(shapes)}) if len(shapes) > 2 else {}
     specs = [(f"--profile-from {source}", f"{d}={lo}..{op}..{hi}") for d, lo, op, hi in zip(named, bucket.low(), bucket.opt(), bucket.high(), strict=True)]
     section = {
         "source": where, "requests": bucket.count, "shapes": len(bucket.requests), "aligned_to": {d: align[d] for d in named if d in align},
         "profile": buckets_json([bucket], named)[0], "waste": round(bucket.waste(), 4),
-        "split": [{"profiles": k, "waste": round(waste_of(groups), 4), "buckets": buckets_json(groups, named)}
-                  for k in SPLITS if k < len(bucket.requests) + 1 for groups in [bucket_requests(requests, named, k, align)]],
+        "split": [{"profiles": k, "waste": round(waste_of(splits[k]), 4), "buckets": buckets_json(splits[k], named)} for k in SPLITS if k in splits]
+        + ([{"profiles": len(shapes), "waste": 0.0, "buckets": buckets_json(shapes, named)}] if 1 < len(shapes) <= max(SPLITS) else []),
     }  # fmt: skip
     return section, specs

@@ -46,6 +46,8 @@ def _from_requests(section: dict | None) -> list[str]:
     out = ["## Profile from requests", "",
            f"{section['requests']} requests of {section['shapes']} shapes from {section['source']}{aligned}: the profile is {ranges}. "
            "Padding waste is the share of the work spent on padding if every request ran at its profile's max, as a static engine runs it.", ""]  # fmt: skip
+    if section.get("replaced"):
+        out += [f"The engine's range of {', '.join(section['replaced'])} came from --shapes or the recipe instead (see Dynamic dims).", ""]
     rows = [["1 (this engine)", f"{section['waste']:.1%}", ranges]]
     for split in section["split"]:
         shown = "; ".join(", ".join(f"{d} {r['min']}..{r['max']}" for d, r in b["dims"].items()) for b in split["buckets"])

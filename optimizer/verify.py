@@ -115,7 +115,8 @@ class Expected:
     sample: bool = False  # the user's --verify-inputs, not seeded random data
 
 
-EXPECTED_FILE = "verify.npz"  # a deferred build's verification cases, for `kiln verify`
+EXPECTED_FILE = "kiln-verify.npz"  # a deferred build's verification cases, for `kiln verify`
+DEFERRED_NOTE = "built without its GPU, so not yet verified"  # the report's note, until `kiln verify`
 
 
 def save_expected(path: Path, expected: list[Expected]) -> None:

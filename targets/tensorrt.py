@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,10 +119,11 @@ def build_plan(model_path: Path, plan_path: Path, settings: TrtBuildSettings) ->
     tmp = plan_path.with_suffix(".tmp")
     tmp.write_bytes(bytes(plan))
     tmp.replace(plan_path)
-    if cache_path is not None:
-        cache_tmp = cache_path.with_suffix(".tmp")
-        cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        cache_tmp.replace(cache_path)
+    if cache_path is not None:  # shared by builds of one target: a temporary name of this build's own
+        fd, cache_tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=f".{cache_path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
+        os.replace(cache_tmp, cache_path)
 
 
 def _deadline(trt, seconds: float):

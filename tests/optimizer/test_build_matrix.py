@@ -82,6 +82,7 @@ def test_a_failed_verification_exits_3_and_a_failed_build_exits_1(block, tmp_pat
     ('models = ["block", {path = "block", shape = {}}]\ntargets = ["cpu"]\nprecisions = ["fp32"]\n', "model 'block' has unknown key 'shape'"),
     ('models = ["block", "block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\n', "two models are named 'block'"),
     ('models = ["block"]\ntargets = []\nprecisions = ["fp32"]\n', "targets must be a non-empty list"),
+    ('models = ["block"]\ntargets = ["h1000"]\nprecisions = ["fp32"]\n', "targets has 'h1000', which is no target"),
     ('models = ["block"\n', "is not valid TOML"),
     ('models = ["block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\nprofile_from = "tablet"\n', "profile_from: 'tablet' is no file (relative to the matrix) and no preset"),
 ])  # fmt: skip

@@ -39,7 +39,7 @@ def test_a_gpu_target_without_its_gpu_is_built_and_marked_not_yet_verified(block
     config = targets.read_manifest(out / "engine")
     assert (config.target, config.verified, config.precision, config.providers[0]) == ("h100", False, "fp16", "CUDAExecutionProvider")
     assert (out / "engine" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()  # optimized for the GPU where it runs
-    cases = load_expected(out / "verify.npz")
+    cases = load_expected(out / "kiln-verify.npz")
     assert [c.corner for c in cases] == [c["corner"] for c in report["verification"]["shapes"]] or len(cases) == 5
     assert all(c.want is not None and c.feeds["x"].dtype == np.float32 for c in cases)
     # Loading it here says why it does not run (on the GPU machine: another GPU model, as an h200 engine on
@@ -73,17 +73,17 @@ def test_kiln_verify_builds_the_deferred_engine_verifies_it_and_records_it(block
     assert report["notes"][-1].startswith("verified by `kiln verify` on this machine")
     assert targets.read_manifest(out / "engine").verified is True
     # Outputs that do not match the saved cases: exit 3, and the report says so.
-    cases = np.load(out / "verify.npz")
+    cases = np.load(out / "kiln-verify.npz")
     arrays = {k: cases[k] for k in cases.files}
     first_want = next(k for k in arrays if "/want/" in k)
     arrays[first_want] = arrays[first_want] + 1
-    np.savez(out / "verify.npz", **arrays)
+    np.savez(out / "kiln-verify.npz", **arrays)
     assert main(["verify", str(out)]) == 3
     assert "verification failed at 1 of 5 shape(s)" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["status"] == "verification-failed"
-    (out / "verify.npz").write_bytes(b"PK\x03\x04broken")
+    (out / "kiln-verify.npz").write_bytes(b"PK\x03\x04broken")
     assert main(["verify", str(out)]) == 2
-    assert f"kiln: error: {out / 'verify.npz'} is damaged" in capsys.readouterr().err
+    assert f"kiln: error: {out / 'kiln-verify.npz'} is damaged" in capsys.readouterr().err
 
 
 def test_a_deferred_engine_for_one_gpu_model_is_refused_on_another(block, tmp_path, capsys, monkeypatch, no_gpu):
@@ -95,3 +95,14 @@ def test_a_deferred_engine_for_one_gpu_model_is_refused_on_another(block, tmp_pa
     with pytest.raises(targets.EngineError, match="this machine's GPU is NVIDIA H100 80GB HBM3, not the NVIDIA H200 SXM 141GB") as info:
         targets.load_engine(out / "engine")
     assert info.value.hint == f"`kiln verify {out}` on a machine where h200 runs"
+
+
+def test_kiln_verify_of_a_deferred_build_made_without_verification_builds_it_unverified(block, tmp_path, capsys, monkeypatch, no_gpu):
+    out = tmp_path / "out"
+    assert main(["optimize", str(block), "-o", str(out), "--target", "h100", "--no-verify", "-q"]) == 0
+    assert not (out / "kiln-verify.npz").exists()
+    monkeypatch.setattr(deferred.targets, "get_target", lambda name: targets.CPU)
+    assert main(["verify", str(out), "--bench-runs", "0", "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "unverified" and report["verification"]["passed"] is None
+    assert not any(n.startswith("built without its GPU") for n in report["notes"])  # the deferral's note is gone

@@ -166,6 +166,10 @@ def test_kiln_cache_lists_shows_and_prunes_entries(block, tmp_path, capsys):
     assert main(["cache", "prune", "--json"]) == 0
     pruned = json.loads(capsys.readouterr().out)
     assert pruned["removed"] == [f"{fp16['cache']['key']}: report.md does not match its sha256"] and pruned["entries"] == 1
+    with EngineCache().building(fp32["cache"]["key"]):  # an entry another kiln is using is left alone
+        assert main(["cache", "prune", "--max-size", "0", "-q"]) == 0
+    capsys.readouterr()
+    assert [e["key"] for e in EngineCache().list()] == [fp32["cache"]["key"]]
     assert main(["cache", "prune", "--max-size", "0"]) == 0
     assert "least recently used" in capsys.readouterr().out and EngineCache().list() == []
     assert main(["cache", "prune", "--max-size", "12Q"]) == 2

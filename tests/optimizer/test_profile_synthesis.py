@@ -84,7 +84,9 @@ def test_kiln_optimize_makes_its_profile_from_requests_and_reports_the_waste(tmp
     # --shapes wins over the requests for the dims it names.
     assert main(["optimize", str(tmp_path / "block" / "model.onnx"), "-o", str(tmp_path / "o2"), "--profile-from", str(requests),
                  "--shapes", "seq=4..128", "--bench-runs", "0", "-q"]) == 0  # fmt: skip
-    assert json.loads((tmp_path / "o2" / "report.json").read_text())["profile"]["dims"]["seq"] == {"min": 4, "opt": 66, "max": 128}
+    replaced = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert replaced["profile"]["dims"]["seq"] == {"min": 4, "opt": 66, "max": 128} and replaced["profile_from"]["replaced"] == ["seq"]
+    assert section.get("replaced") == []
     requests.write_text(json.dumps([{"height": 64, "width": 64}]))
     assert main(["optimize", str(tmp_path / "block" / "model.onnx"), "-o", str(tmp_path / "o3"), "--profile-from", str(requests), "-q"]) == 2
     assert "'height' is not a dynamic dim of the model, whose dynamic dims are batch, seq" in capsys.readouterr().err
