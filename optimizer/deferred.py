@@ -70,7 +70,7 @@ def verify_deferred(outdir: Path, bench_runs: int, progress: Progress) -> dict:
         report["latency"] = latency
         report["cost"] = cost_section(report.get("work"), latency, engine, compute_format(report))
         report["verified_on"] = machine
-        report["notes"].append(f"verified by `kiln verify` on {machine.get('gpu', 'this machine')}: the build deferred to its GPU is complete")
+        report["notes"].append(f"built by `kiln verify` on {machine.get('gpu', 'this machine')}: the build deferred to its GPU is complete")
         write_reports(stage, report)
     if not passed:
         failed = [c for c in checks if not c.passed]

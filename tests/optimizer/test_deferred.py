@@ -70,7 +70,7 @@ def test_kiln_verify_builds_the_deferred_engine_verifies_it_and_records_it(block
     assert "ok: 35 -> 12 nodes, verified at 5/5 shapes" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["verification"]["passed"] is True and [r["corner"] for r in report["latency"]] == ["min", "opt", "max"]
-    assert report["notes"][-1].startswith("verified by `kiln verify` on this machine")
+    assert report["notes"][-1].startswith("built by `kiln verify` on this machine")
     assert targets.read_manifest(out / "engine").verified is True
     # Outputs that do not match the saved cases: exit 3, and the report says so.
     cases = np.load(out / "kiln-verify.npz")
