@@ -532,7 +532,7 @@ def cmd_cache(args) -> int:
             lines.append(f"{r['key']:<24}  {r['parts'].get('target', '?'):<14} {precision:<9} {r['bytes'] / 1e6:>8.1f}  {used:<16}  {r.get('source', '')}")
         _emit(args, {"cache": str(cache.root), "entries": entries}, "\n".join(lines))
         return 0
-    matches = [r for r in entries if r["key"].startswith(args.key)]
+    matches = [r for r in entries if args.key and r["key"].startswith(args.key)]
     if len(matches) != 1:
         raise InputError(f"{'no entry' if not matches else f'{len(matches)} entries'} of {cache.root} has a key starting {args.key!r}",
                          hint="`kiln cache list` shows the keys; give enough of one to pick it")  # fmt: skip

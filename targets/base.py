@@ -35,14 +35,9 @@ class Target(abc.ABC):
         `targets.load_engine(engine_dir)` loads it."""
 
     def deferrable(self) -> bool:
-        """Whether a build may be deferred where the target does not run (see defer)."""
+        """Whether a build may be deferred where the target does not run: such a target also has
+        `defer(model_path, engine_dir, profile, precision, alignment)` (the ONNX Runtime GPU targets)."""
         return False
-
-    def defer(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
-              alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
-        """Write what a machine without the target's GPU can (the model and a manifest marked not yet
-        verified), for `kiln verify` to build and verify on the GPU."""
-        raise NotImplementedError(f"target {self.name!r} cannot defer its build")
 
     def other_gpu(self) -> str | None:
         """Why a per-GPU target does not run on this machine's GPU (another model, or none), or None."""
