@@ -8,7 +8,7 @@ import numpy as np
 
 from kiln import targets
 from kiln.optimizer.errors import first_line
-from kiln.targets import Engine, Profile
+from kiln.targets import Engine, EngineSet
 from kiln.targets.cost import RunWork, cost_rows
 from kiln.targets.work import tensor_bytes
 
@@ -43,8 +43,13 @@ def measure(engine: Engine, feeds, runs: int, warmup: int) -> dict[str, float]:
     }
 
 
-def bench_profile(engine: Engine, profile: Profile, runs: int, warmup: int, seed: int = 0) -> list[dict]:
-    results = []
+def bench_profile(engine: Engine, runs: int, warmup: int, seed: int = 0) -> list[dict]:
+    """A row per corner of the engine's profile; of an engine of several profiles, per corner of each
+    (EngineSet.label), run on that profile's session."""
+    if isinstance(engine, EngineSet):
+        return [{**row, "corner": engine.label(i, row["corner"])} for i, member in enumerate(engine.members)
+                for row in bench_profile(member, runs, warmup, seed)]  # fmt: skip
+    results, profile = [], engine.profile
     for corner, shapes in profile.corners():
         feeds = engine.as_input_types(profile.random_inputs(shapes, seed))
         results.append({"corner": corner, "shapes": {k: list(v) for k, v in shapes.items()}, **measure(engine, feeds, runs, warmup)})
@@ -64,11 +69,11 @@ def compute_format(report: dict) -> str:
     return report.get("precision", "fp32")
 
 
-def bench_or_note(engine: Engine, profile, runs: int, warmup: int, seed: int, notes: list[str]) -> list[dict]:
+def bench_or_note(engine: Engine, runs: int, warmup: int, seed: int, notes: list[str]) -> list[dict]:
     """bench_profile's rows, or none and a note when the engine cannot run on random inputs (the model
     may need valid indices or scales; see --int-range)."""
     try:
-        return bench_profile(engine, profile, runs, warmup, seed)
+        return bench_profile(engine, runs, warmup, seed)
     except Exception as exc:  # onnxruntime's errors on data the model cannot take
         notes.append(f"the benchmark was not run: the engine fails on random inputs ({type(exc).__name__}: {first_line(exc)})")
         return []
@@ -80,13 +85,17 @@ def cost_section(work: dict | None, latency: list[dict], engine: Engine, compute
     the others. A result is one item of the batch (the size of the dim named batch; 1 without one)."""
     device, gpu = targets.gpu_here()
     measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
+    several = isinstance(engine, EngineSet)
+    if several:  # the row of the opt shape of them all (the most frequent request), whichever profile's corner it is
+        opt = {name: list(shape) for name, shape in engine.profile.shapes(engine.profile.sizes("opt")).items()}
+        measured = next((r for r in latency if r["shapes"] == opt), None)
     if measured is None or gpu is None or measured.get("io") != "device":
         why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
                else f"kiln has no price for {device}")  # fmt: skip
         return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
     if work is None:
         return {"measured_on": None, "reason": "no cost figures: the engine has no report.json beside it (the build's FLOP count is there)", "rows": []}
-    corner = work.get(measured["corner"])
+    corner = work.get("opt" if several else measured["corner"])
     if not corner:
         return {"measured_on": None, "reason": "no cost figures: the build counted no FLOPs (an older kiln, or a graph it could not count)", "rows": []}
     profile = engine.profile

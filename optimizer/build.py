@@ -85,13 +85,15 @@ def build_engine(
     calibration: CalibrationSet | None = None,
     source: dict | None = None,
     deferred: bool = False,
+    profiles: tuple[targets.Profile, ...] = (),
 ) -> Built:
     """Run the passes on model (in place), save it as directory/model.onnx, build the target's engine
     into directory/engine/ and load it. A static profile (one size per dim) freezes the shapes first,
     and a GPU engine then runs as one CUDA graph. verifier checks the model after every pass. With
     --quality, the quality fallback chooses what the quantize pass leaves in float (source: the import
     record, which says whether the model is a diffusers model). deferred: the target does not run here,
-    so its build is deferred (Target.defer) and nothing is loaded (Built.engine is None)."""
+    so its build is deferred (Target.defer) and nothing is loaded (Built.engine is None). profiles:
+    several profiles that profile spans, each run by a session of its own (an EngineSet)."""
     progress = progress or Progress(enabled=False)
     static_sizes = profile.sizes("opt") if profile.is_static() and profile.dims else None
     with progress.stage("count FLOPs"):
@@ -121,8 +123,7 @@ def build_engine(
         model_files = save_model(model, directory / MODEL_FILE)
         engine_dir = directory / ENGINE_DIR
         engine_dir.mkdir()
-        write = target.defer if deferred else target.build
-        config = write(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment)
+        config = target.build_for(directory / MODEL_FILE, engine_dir, profile, options.precision, alignment, profiles, deferred)
         engine = None if deferred else targets.load_engine(engine_dir)
     stored = weights_bytes(model)  # as stored: after the precision pass
     for counted in work.values():

@@ -6,6 +6,7 @@ targets x precisions x quantization settings, each through the engine cache, wit
     precisions = ["fp32", "fp16"]
     quantize = ["none", "int8"]        # optional; "none" is no quantization
     profile_from = "phone"             # optional; a preset or a request file (--profile-from); per model too
+    profiles = 2                       # optional; how many profiles profile_from makes (--profiles; default auto)
     [shapes]                           # optional; every model's dims (a model's own shapes win)
     height = "64..256"
 
@@ -25,14 +26,14 @@ import time
 import tomllib
 from pathlib import Path
 
-from kiln.optimizer.config import FORMATS, PRECISIONS, Options, validate
+from kiln.optimizer.config import FORMATS, MAX_PROFILES, PRECISIONS, Options, validate
 from kiln.optimizer.errors import EXIT_INTERNAL, EXIT_VERIFY_FAILED, InputError, KilnError, VerificationFailed, first_line
 from kiln.optimizer.outdir import atomic_file, check_not_link
 from kiln.optimizer.progress import Progress
 
 SUMMARY = "build.json"
 SUMMARY_SCHEMA = "kiln-build/1"
-KEYS = ("models", "targets", "precisions", "quantize", "shapes", "profile_from")
+KEYS = ("models", "targets", "precisions", "quantize", "shapes", "profile_from", "profiles")
 MODEL_KEYS = ("path", "name", "shapes", "profile_from")
 
 
@@ -45,6 +46,7 @@ class Cell:
     quantize: str | None
     shapes: tuple[str, ...]  # NAME=RANGE
     profile_from: str | None = None  # request shapes (a file, relative to the matrix) or a preset
+    profiles: int | str = "auto"
 
     @property
     def name(self) -> str:
@@ -52,7 +54,7 @@ class Cell:
 
     def options(self) -> Options:
         options = Options(target=self.target, precision=self.precision, precision_chosen=True, quantize=self.quantize,
-                          shapes=[("matrix", s) for s in self.shapes], profile_from=self.profile_from)  # fmt: skip
+                          shapes=[("matrix", s) for s in self.shapes], profile_from=self.profile_from, profiles=self.profiles)  # fmt: skip
         validate(options)
         return options
 
@@ -88,6 +90,9 @@ def read_matrix(path: Path) -> list[Cell]:
     unknown_target = [t for t in lists["targets"] if t not in TARGETS and t != "auto"]
     if unknown_target:
         raise InputError(f"{where}: targets has {unknown_target[0]!r}, which is no target", hint="`kiln targets` lists them")
+    profiles = data.get("profiles", "auto")
+    if profiles != "auto" and (isinstance(profiles, bool) or not isinstance(profiles, int) or not 1 <= profiles <= MAX_PROFILES):
+        raise InputError(f"{where}: profiles is {profiles!r}", hint=f"give a number of profiles from 1 to {MAX_PROFILES}, or \"auto\"")
     shared = _shapes(data.get("shapes", {}), f"{where}: shapes")
     requests = _requests(data.get("profile_from"), path.parent, f"{where}: profile_from")
     models = [_model(entry, path.parent, shared, requests, where) for entry in lists["models"]]
@@ -97,7 +102,7 @@ def read_matrix(path: Path) -> list[Cell]:
         raise InputError(f"{where}: two models are named {repeated[0]!r}", hint="give one a name: {path = \"...\", name = \"...\"}")
     cells = []
     for (model, name, shapes, profile_from), target, precision, quantize in itertools.product(models, lists["targets"], lists["precisions"], lists["quantize"]):
-        cells.append(Cell(model, name, target, precision, None if quantize == "none" else quantize, shapes, profile_from))
+        cells.append(Cell(model, name, target, precision, None if quantize == "none" else quantize, shapes, profile_from, profiles))
     return cells
 
 

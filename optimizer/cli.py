@@ -276,7 +276,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
     p.add_argument("--profile-from", metavar="FILE|PRESET", help="make the profile from request shapes: a JSON list of {DIM: size, count: n} "
-                   "or a preset (phone, video-720p, video-1080p); the report gives its padding waste and what 2-4 profiles would waste")
+                   "or a preset (phone, video-720p, video-1080p), grouped into --profiles; the report gives their padding waste")
+    p.add_argument("--profiles", type=_profile_count, metavar="K|auto", help="how many profiles --profile-from makes, each run by a session of its own "
+                   "(default auto: the fewest, up to 4, whose padding waste is at most 10%%); a request runs on the smallest that holds it")
     p.add_argument("--int-range", action="append", default=[], metavar="NAME=LO..HI", help="values of an integer input in verification and benchmark data, both ends included (default 1..7); repeat per input")
     p.add_argument("--verify-inputs", action="append", default=[], metavar="in.npz", help="also verify the engine on these sample inputs (one array per model input, by name); repeatable")
     p.add_argument("--config", type=Path, metavar="recipe.toml", help="read options from a TOML recipe")
@@ -329,6 +331,10 @@ def _emit(args, data, text: str) -> None:
         print(text)
 
 
+def _profile_count(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text) if text.isdigit() else text  # validate() says what is wrong
+
+
 def options_from_args(args) -> "Options":
     """kiln optimize's options from its arguments: the recipe first, then the command line."""
     from kiln.optimizer.config import Options, load_recipe, validate
@@ -338,7 +344,7 @@ def options_from_args(args) -> "Options":
         load_recipe(args.config, options)
     for field in ("target", "precision", "io_dtype", "seed", "bench_runs", "signature", "outputs", "opset", "layout", "align", "import_timeout", "video_decoder",
                   "quantize", "calib", "calib_samples", "calib_method", "smoothquant", "quant_backend", "quality", "trt_opt_level", "trt_time_limit",
-                  "profile_from"):
+                  "profile_from", "profiles"):
         if getattr(args, field) is not None:
             setattr(options, field, getattr(args, field))
     options.shapes += [("--shapes", s) for s in args.shapes]
@@ -439,7 +445,7 @@ def cmd_bench(args) -> int:
     engine = open_engine(args.engine)
     warnings = build_warnings(args.engine)
     _warn(warnings)
-    results = bench_profile(engine, engine.profile, args.runs, args.warmup, args.seed)
+    results = bench_profile(engine, args.runs, args.warmup, args.seed)
     lines = [f"{'corner':<8} {'median ms':>10} {'p90 ms':>10}  shapes"]
     for r in results:
         shapes = ", ".join(f"{k} {v}" for k, v in r["shapes"].items())

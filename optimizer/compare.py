@@ -75,7 +75,7 @@ def compare(model_arg: Path, outdir: Path, sweep: Sweep, retry_failed: bool, pro
 
 
 # Options every point shares; a baseline's and the reference's keys hold them (they set the inputs).
-_SHARED_FIELDS = ("shapes", "profile_from", "int_ranges", "verify_inputs", "seed", "calib", "signature", "outputs", "opset", "layout",
+_SHARED_FIELDS = ("shapes", "profile_from", "profiles", "int_ranges", "verify_inputs", "seed", "calib", "signature", "outputs", "opset", "layout",
                   "align", "trust_pickle", "video_decoder", "bench_runs", "bench_warmup")  # fmt: skip
 
 

@@ -36,6 +36,7 @@ TOLERANCES = {
 # 0.005-0.01 INT8 and 0.01-0.04 FP8; the small FILM 0.08 INT8 on random data outside its [0, 1] images.
 QUANT_TOLERANCES = {"int8": {"rel_l2": 0.15}, "fp8": {"rel_l2": 0.15}}
 DEFAULT_CALIB_SAMPLES = 16
+MAX_PROFILES = 8  # each is a session of its own (and its weights) where it is static
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class Options:
     io_dtype: str = "float32"  # float16: the engine takes and returns fp16 (no boundary casts)
     shapes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, spec)
     profile_from: str | None = None  # request shapes (a JSON file) or a preset the profile is made from
+    profiles: int | str = "auto"  # how many profiles --profile-from makes: a number, or "auto" (profile_synthesis.AUTO_RULE)
     # Value ranges of integer inputs for test data, as (source, 'NAME=LO..HI'); default [1, 8).
     int_ranges: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # .npz files of sample inputs the engine is also verified on.
@@ -102,7 +104,8 @@ class Options:
 
 # Recipe layout: section -> key -> (Options field, accepted types). "" is the top level.
 _RECIPE = {
-    "": {"target": ("target", str), "precision": ("precision", str), "io_dtype": ("io_dtype", str), "profile_from": ("profile_from", str)},
+    "": {"target": ("target", str), "precision": ("precision", str), "io_dtype": ("io_dtype", str), "profile_from": ("profile_from", str),
+         "profiles": ("profiles", (int, str))},
     "passes": {"disable": ("disable_passes", list)},
     "verify": {
         "enabled": ("verify", bool),
@@ -230,6 +233,12 @@ def validate(options: Options) -> None:
         raise InputError(f"--trt-opt-level {options.trt_opt_level}: TensorRT's builder optimization levels are 0 to 5", hint="3 is TensorRT's default; 5 searches longest")
     if options.trt_time_limit is not None and options.trt_time_limit <= 0:
         raise InputError(f"--trt-time-limit {options.trt_time_limit:g}: must be a positive number of seconds")
+    if options.profiles != "auto" and (not isinstance(options.profiles, int) or not 1 <= options.profiles <= MAX_PROFILES):
+        raise InputError(f"--profiles {options.profiles}: give a number of profiles from 1 to {MAX_PROFILES}, or auto",
+                         hint="auto: the fewest, up to 4, whose padding waste is at most 10%")  # fmt: skip
+    if options.profiles not in ("auto", 1) and not options.profile_from:
+        raise InputError(f"--profiles {options.profiles} needs --profile-from: the profiles are made from request shapes",
+                         hint="add --profile-from FILE or a preset (phone, video-720p, video-1080p)")  # fmt: skip
     _validate_quantization(options)
 
 

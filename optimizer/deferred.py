@@ -52,7 +52,7 @@ def verify_deferred(outdir: Path, bench_runs: int, progress: Progress) -> dict:
                 shutil.copy2(path, stage / path.name)
         (stage / ENGINE_DIR).mkdir()
         with progress.stage(f"build the {target.name} engine"):
-            built = target.build(stage / "model.onnx", stage / ENGINE_DIR, config.profile, config.precision, config.alignment)
+            built = target.build_for(stage / "model.onnx", stage / ENGINE_DIR, config.profile, config.precision, config.alignment, config.profiles)
             engine = targets.load_engine(stage / ENGINE_DIR)
         with progress.stage(f"verify at {len(expected)} shape(s)"):
             checks = verify_engine(engine, expected, report["verification"]["tolerance"])
@@ -62,7 +62,7 @@ def verify_deferred(outdir: Path, bench_runs: int, progress: Progress) -> dict:
         report["notes"] = [n for n in report["notes"] if not n.startswith(DEFERRED_NOTE)]
         if passed and bench_runs:
             with progress.stage(f"benchmark ({bench_runs} runs per shape)"):
-                latency = bench_or_note(engine, engine.profile, bench_runs, 2, report["verification"]["seed"], report["notes"])
+                latency = bench_or_note(engine, bench_runs, 2, report["verification"]["seed"], report["notes"])
         machine = fingerprint()
         report["status"] = ("ok" if passed else "verification-failed") if verifying else "unverified"
         report["verification"].update(passed=passed if verifying else None, shapes=[c.to_json() for c in checks])

@@ -25,6 +25,8 @@ from kiln.optimizer.importers import import_model
 from kiln.optimizer.onnx_files import content_hash, find_model, hash_directory, load_model
 from kiln.optimizer.outdir import ENGINE_DIR, REPORT_FILE, check_outdir, staged_dir
 from kiln.optimizer.precision_policy import CLASS_METADATA_KEY, apply_precision_policy, declared_class
+from kiln.optimizer.profile_lint import check as lint_check
+from kiln.optimizer.profile_lint import lint_memory, lint_profiles
 from kiln.optimizer.profile_synthesis import synthesize
 from kiln.optimizer.progress import Progress
 from kiln.optimizer.quality import QUALITY_SEED_OFFSET, Outputs, QualityReference, engine_runner
@@ -83,6 +85,9 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
     target = choose_target(options, deferring=True)
     select_passes(options, target)  # refuses unknown --disable-pass names before any work
+    if target.one_profile and options.profile_from and options.profiles != 1:
+        raise InputError(f"target {target.name!r} builds one profile per engine: {target.one_profile}",
+                         hint=f"add --profiles 1, or build {target.name.removesuffix('-trt')}-ort-trt, which takes several")  # fmt: skip
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
@@ -182,7 +187,9 @@ class Prepared:
     model: ir.Model | None = None  # loaded already; taken by the first build
     calibrations: dict = dataclasses.field(default_factory=dict)
     quality: QualityReference | None = None
-    from_requests: dict | None = None  # --profile-from: the requests, the profile made of them and its waste
+    from_requests: dict | None = None  # --profile-from: the requests, the profiles made of them and their waste
+    profiles: tuple[Profile, ...] = ()  # several profiles, which profile spans
+    lint: list = dataclasses.field(default_factory=list)  # the profile lint's findings (profile_lint.Finding)
 
     def take_model(self) -> ir.Model:
         """The model to run the passes on (in place): the one loaded already, then a fresh load each time."""
@@ -224,18 +231,24 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
             source.setdefault("class", model.metadata_props[CLASS_METADATA_KEY])
         source.update(nodes=passes.count_nodes(model), onnx_opset=model.opset_imports.get("", None))
         inputs = input_specs(model)
-        from_requests, shape_specs = None, list(options.shapes)
+        synthesis, shape_specs, multiples = None, list(options.shapes), _aligned_dims(model, inputs)
         if options.profile_from:  # its ranges first: --shapes and the recipe win
             dims = list(dict.fromkeys(d for spec in inputs for d in spec.dynamic_dims))
-            from_requests, specs = synthesize(options.profile_from, dims, _aligned_dims(model, inputs))
-            shape_specs = specs + shape_specs
+            synthesis = synthesize(options.profile_from, dims, multiples, options.profiles)
+            shape_specs = synthesis.specs + shape_specs
         profile, shape_notes = build_profile(
             inputs, shape_specs, model.metadata_props.get(SHAPES_METADATA_KEY), int_ranges(model), options.int_ranges
         )
-        if from_requests:  # the dims whose range --shapes or the recipe gave instead
-            made = from_requests["profile"]["dims"]
-            from_requests["replaced"] = [d for d, r in made.items() if (profile.dims[d].min, profile.dims[d].opt, profile.dims[d].max) != tuple(r.values())]
+        profiles = ()
+        if synthesis:  # the dims whose range --shapes or the recipe gave instead, in every profile
+            made = dict(spec.split("=", 1) for _, spec in synthesis.specs)
+            synthesis.section["replaced"] = replaced = [d for d, text in made.items() if str(profile.dims[d]) != text]
+            profiles = tuple(dataclasses.replace(profile, dims={**profile.dims, **{d: DimRange(*r) for d, r in bucket.items() if d not in replaced}})
+                             for bucket in synthesis.buckets)  # fmt: skip
+        findings = lint_profiles(model, profiles or (profile,), multiples, synthesis.shapes if synthesis else [])
+        notes += lint_check(findings)
         alignment, profile = _aligned(model, profile)
+        profiles = tuple(_aligned(model, p)[1] for p in profiles)
         samples = sample_inputs(options.verify_inputs, profile, alignment) if options.verify else []
         notes += shape_notes
     timings["load_s"] = time.perf_counter() - t
@@ -246,7 +259,7 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         with progress.stage("run the original model for reference"):
             reference = _reference(model_path)
             if options.verify:
-                expected = expected_outputs(reference, profile, options.seed, alignment, samples)
+                expected = expected_outputs(reference, profile, options.seed, alignment, samples, profiles)
                 expected = _without_unrunnable(expected, notes)
             if options.verify_each:
                 verifier = StepVerifier(reference, profile, options.seed)
@@ -254,7 +267,8 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
     timings["reference_s"] = time.perf_counter() - t
     for note in notes:
         progress.line(f"note: {note}")
-    return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model, from_requests=from_requests)
+    return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model,
+                    from_requests=synthesis.section if synthesis else None, profiles=profiles, lint=findings)  # fmt: skip
 
 
 def _aligned_dims(model: ir.Model, inputs) -> dict[str, int]:
@@ -298,7 +312,11 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
             progress.line(f"note: {note}")
 
     model = prepared.take_model()
-    built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source, bool(deferred))
+    with progress.stage("estimate the memory at the profiles' max"):
+        memory = lint_memory(model, prepared.profiles or (profile,), target)
+    notes += lint_check(memory)
+    built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source, bool(deferred),
+                         prepared.profiles)  # fmt: skip
     model, engine, records = built.model, built.engine, built.records
     engine_dir = stage / ENGINE_DIR
     timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
@@ -322,7 +340,7 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         notes.append("the benchmark was not run: verification failed")
     elif options.bench_runs and not deferred:
         with progress.stage(f"benchmark ({options.bench_runs} runs per shape)"):
-            latency = bench_or_note(engine, profile, options.bench_runs, options.bench_warmup, options.seed, notes)
+            latency = bench_or_note(engine, options.bench_runs, options.bench_warmup, options.seed, notes)
     timings["bench_s"] = time.perf_counter() - t
     quality, outputs = None, None
     if (options.quantize or measure_quality) and options.verify and not deferred:
@@ -350,6 +368,8 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         inputs=[s.to_json() for s in built.config.inputs],
         outputs=[s.to_json() for s in built.config.outputs],
         profile=profile.to_json(),
+        profiles=[p.to_json() for p in prepared.profiles],
+        lint=[f.to_json() for f in prepared.lint + memory],
         alignment={**alignment.to_json(), "rule": alignment.rule()} if alignment else None,
         notes=notes,
         passes=[r.to_json() for r in records],
@@ -421,8 +441,8 @@ def _without_unrunnable(expected: list[Expected], notes: list[str]) -> list[Expe
 
 
 def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profile]:
-    """The model's alignment rule, and the profile with its spatial ranges checked against it (an opt
-    between aligned sizes is rounded down to one)."""
+    """The model's alignment rule, and the profile with an opt between aligned sizes rounded down to one
+    (the profile lint has checked min and max)."""
     text = model.metadata_props.get(ALIGN_KEY)
     if not text:
         return None, profile
@@ -435,11 +455,6 @@ def _aligned(model: ir.Model, profile: Profile) -> tuple[Alignment | None, Profi
             r = dims.get(name) if isinstance(name, str) else None
             if r is None:
                 continue
-            if r.min % multiple or r.max % multiple:
-                raise InputError(
-                    f"the range {r.min}..{r.max} of dim {name!r} must be in multiples of {multiple}: {alignment.rule()}",
-                    hint=f"give the padded range, e.g. --shapes {name}={alignment.padded_size(r.min)}..{alignment.padded_size(r.max)}",
-                )
             dims[name] = DimRange(r.min, max(r.min, r.opt - r.opt % multiple), r.max)
     return alignment, dataclasses.replace(profile, dims=dims)
 

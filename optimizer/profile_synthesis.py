@@ -1,6 +1,6 @@
 """Optimization profiles from the shapes requests come in: a request list (or histogram) or a preset,
 grouped into at most K buckets so that little work goes to padding. `kiln optimize --profile-from`
-builds one profile (one bucket: an engine has one profile today) and reports what 2 to 4 would waste.
+builds one profile per bucket (`--profiles K`, default: AUTO_RULE) and reports the waste of 1 to 4.
 
 A bucket is one profile: per dim, the smallest and largest size of its requests (min and max) and the
 size of its most frequent request (opt). Its padding waste is the share of the work spent on padding
@@ -29,7 +29,9 @@ PRESETS: dict[str, list[dict[str, int]]] = {
     "video-720p": [{"height": 720, "width": 1280}],
     "video-1080p": [{"height": 1080, "width": 1920}],
 }
-SPLITS = (2, 3, 4)  # what the report says several profiles would save
+SPLITS = (1, 2, 3, 4)  # the report gives the waste with each of these many profiles
+AUTO_MAX, AUTO_WASTE = 4, 0.10
+AUTO_RULE = f"the fewest profiles, up to {AUTO_MAX}, whose padding waste is at most {AUTO_WASTE:.0%}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +153,28 @@ def buckets_json(groups: list[Bucket], dims: list[str]) -> list[dict]:
              "requests": g.count, "shapes": len(g.requests), "waste": round(g.waste(), 4)} for g in groups]  # fmt: skip
 
 
-def synthesize(source: str, model_dims: list[str], align: dict[str, int]) -> tuple[dict, list[tuple[str, str]]]:
-    """The profile for the dims the requests name (one bucket over them all: kiln builds one profile per
-    engine), as --shapes specs, and the report's section: the requests, that profile and its padding
-    waste, and the waste with 2 to 4 profiles. Dims the requests do not name come from --shapes."""
+def choose_count(shapes: list[Bucket], asked: int | str) -> tuple[int, dict[int, list[Bucket]]]:
+    """(how many profiles, {count: buckets} for it and for SPLITS): asked, or for "auto" the fewest up to
+    AUTO_MAX whose padding waste is at most AUTO_WASTE (AUTO_MAX if none is)."""
+    wanted = set(SPLITS) | ({asked} if isinstance(asked, int) else set(range(1, AUTO_MAX + 1)))
+    found = merged_down(shapes, {k for k in wanted if k <= len(shapes)})
+    found = {k: v for k, v in found.items() if k in wanted}
+    if isinstance(asked, int):
+        return min(asked, len(shapes)), found
+    fits = [k for k in sorted(found) if k <= AUTO_MAX and waste_of(found[k]) <= AUTO_WASTE]
+    return (fits[0] if fits else min(AUTO_MAX, len(shapes))), found
+
+
+@dataclasses.dataclass
+class Synthesis:
+    section: dict  # the report's: the requests, the profiles chosen and their padding waste, the waste of 1 to 4
+    specs: list[tuple[str, str]]  # --shapes specs of the range the requests span (min, most frequent, max)
+    buckets: list[dict[str, tuple[int, int, int]]]  # the profiles, {dim: (min, opt, max)}, if several
+    shapes: list[dict[str, int]]  # each request shape, aligned
+
+
+def synthesize(source: str, model_dims: list[str], align: dict[str, int], asked: int | str = "auto") -> Synthesis:
+    """The profiles for the dims the requests name; dims they do not name come from --shapes."""
     where, requests = read_requests(source)
     named = [d for d in requests[0] if d != "count"]
     unknown = [d for d in named if d not in model_dims]
@@ -162,13 +182,14 @@ def synthesize(source: str, model_dims: list[str], align: dict[str, int]) -> tup
         raise InputError(f"--profile-from {source}: {unknown[0]!r} is not a dynamic dim of the model, whose dynamic dims are {', '.join(model_dims) or 'none'}",
                          hint="name the model's dims (`kiln optimize` notes them), e.g. height and width")  # fmt: skip
     shapes = shape_counts(requests, named, align)
-    bucket = Bucket(tuple(r for g in shapes for r in g.requests))  # one profile over them all
-    splits = merged_down(shapes, {k for k in SPLITS if k < len(shapes)}) if len(shapes) > 2 else {}
-    specs = [(f"--profile-from {source}", f"{d}={lo}..{op}..{hi}") for d, lo, op, hi in zip(named, bucket.low(), bucket.opt(), bucket.high(), strict=True)]
+    whole = Bucket(tuple(r for g in shapes for r in g.requests))
+    count, splits = choose_count(shapes, asked)
+    chosen = splits[count]
+    specs = [(f"--profile-from {source}", f"{d}={lo}..{op}..{hi}") for d, lo, op, hi in zip(named, whole.low(), whole.opt(), whole.high(), strict=True)]
     section = {
-        "source": where, "requests": bucket.count, "shapes": len(bucket.requests), "aligned_to": {d: align[d] for d in named if d in align},
-        "profile": buckets_json([bucket], named)[0], "waste": round(bucket.waste(), 4),
-        "split": [{"profiles": k, "waste": round(waste_of(splits[k]), 4), "buckets": buckets_json(splits[k], named)} for k in SPLITS if k in splits]
-        + ([{"profiles": len(shapes), "waste": 0.0, "buckets": buckets_json(shapes, named)}] if 1 < len(shapes) <= max(SPLITS) else []),
+        "source": where, "requests": whole.count, "shapes": len(whole.requests), "aligned_to": {d: align[d] for d in named if d in align},
+        "asked": asked, "rule": AUTO_RULE if asked == "auto" else None, "profiles": buckets_json(chosen, named), "waste": round(waste_of(chosen), 4),
+        "split": [{"profiles": k, "waste": round(waste_of(splits[k]), 4)} for k in sorted(splits)],
     }  # fmt: skip
-    return section, specs
+    buckets = [{d: (lo, op, hi) for d, lo, op, hi in zip(named, g.low(), g.opt(), g.high(), strict=True)} for g in chosen] if count > 1 else []
+    return Synthesis(section, specs, buckets, [dict(zip(named, sizes, strict=True)) for sizes, _ in whole.requests])

@@ -38,21 +38,25 @@ def _shapes(shapes: dict) -> str:
 
 
 def _from_requests(section: dict | None) -> list[str]:
-    """--profile-from: the requests, the profile made of them, and the padding waste of one profile and of several."""
+    """--profile-from: the requests, the profiles made of them with their padding waste, and the waste
+    with 1 to 4 profiles."""
     if not section:
         return []
-    ranges = ", ".join(f"{d} {r['min']}..{r['opt']}..{r['max']}" for d, r in section["profile"]["dims"].items())
     aligned = f" (sizes rounded up to {', '.join(f'{d} {m}' for d, m in section['aligned_to'].items())})" if section["aligned_to"] else ""
-    out = ["## Profile from requests", "",
-           f"{section['requests']} requests of {section['shapes']} shapes from {section['source']}{aligned}: the profile is {ranges}. "
-           "Padding waste is the share of the work spent on padding if every request ran at its profile's max, as a static engine runs it.", ""]  # fmt: skip
+    chosen = len(section["profiles"])
+    why = f" ({section['rule']})" if section.get("rule") else f" (--profiles {section['asked']})"
+    out = ["## Profiles from requests", "",
+           f"{section['requests']} requests of {section['shapes']} shapes from {section['source']}{aligned}, in {chosen} "
+           f"profile{'s' if chosen > 1 else ''}{why}. Padding waste is the share of the work spent on padding if every request "
+           "ran at its profile's max, as a static engine runs it. A request runs on the smallest profile that holds it.", ""]  # fmt: skip
     if section.get("replaced"):
-        out += [f"The engine's range of {', '.join(section['replaced'])} came from --shapes or the recipe instead (see Dynamic dims).", ""]
-    rows = [["1 (this engine)", f"{section['waste']:.1%}", ranges]]
-    for split in section["split"]:
-        shown = "; ".join(", ".join(f"{d} {r['min']}..{r['max']}" for d, r in b["dims"].items()) for b in split["buckets"])
-        rows.append([str(split["profiles"]), f"{split['waste']:.1%}", shown])
-    return out + _table(["profiles", "padding waste", "ranges"], rows)
+        out += [f"The range of {', '.join(section['replaced'])} came from --shapes or the recipe instead (see Dynamic dims).", ""]
+    rows = [[str(i + 1), ", ".join(f"{d} {r['min']}..{r['opt']}..{r['max']}" if r["min"] != r["max"] else f"{d} {r['min']}" for d, r in b["dims"].items()),
+             b["requests"], b["shapes"], f"{b['waste']:.1%}"] for i, b in enumerate(section["profiles"])]  # fmt: skip
+    out += _table(["profile", "dims (min..opt..max)", "requests", "shapes", "padding waste"], rows)
+    out += [f"Padding waste with 1 to {len(section['split'])} profiles: "
+            + ", ".join(f"{s['profiles']}: {s['waste']:.1%}" for s in section["split"]) + f"; this engine's {section['waste']:.1%}.", ""]
+    return out
 
 
 def markdown(report: dict) -> str:

@@ -16,6 +16,8 @@ from kiln.targets.profile import base_dim
 
 # Models may carry their own ranges, as "batch=1..2..8,seq=1..128" (set by kiln's importers and examples).
 SHAPES_METADATA_KEY = "kiln.shapes"
+# {dim: {"multiple", "min", "max", "why"}}: sizes the model takes (its patch size, its positional table), from kiln's diffusers importer
+DIM_RULES_METADATA_KEY = "kiln.dim_rules"
 # And the value ranges of integer inputs, as JSON: {"class_labels": [0, 1000]}.
 INT_RANGES_METADATA_KEY = "kiln.int_ranges"
 DEFAULT_MIN, DEFAULT_MAX = 1, 8

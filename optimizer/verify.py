@@ -19,10 +19,12 @@ from kiln.calibration import DataError, quality, read_npz
 from kiln.optimizer.errors import InputError, first_line
 from kiln.optimizer.onnx_files import save_model
 from kiln.targets.align import Alignment
-from kiln.targets import Engine, Profile
+from kiln.targets import Engine, EngineSet, Profile
 from kiln.targets.engine import session_options
+from kiln.targets.profile import profile_label
 
 REFERENCE = "ONNX Runtime CPU, fp32, the original model with graph optimizations off"
+PROFILE_SEED_STRIDE = 1000  # profile K's checks draw seeds from seed + K * this: no two checks share data
 
 
 @dataclasses.dataclass
@@ -113,6 +115,7 @@ class Expected:
     want: dict[str, np.ndarray] | None
     error: str | None = None
     sample: bool = False  # the user's --verify-inputs, not seeded random data
+    profile: int | None = None  # of an engine of several profiles: the one this case checks (None: whichever runs it)
 
 
 EXPECTED_FILE = "kiln-verify.npz"  # a deferred build's verification cases, for `kiln verify`
@@ -126,7 +129,8 @@ def save_expected(path: Path, expected: list[Expected]) -> None:
     arrays, index = {}, []
     for i, case in enumerate(expected):
         index.append({"corner": case.corner, "shapes": {k: list(v) for k, v in case.shapes.items()}, "error": case.error,
-                      "sample": case.sample, "feeds": list(case.feeds), "want": list(case.want) if case.want is not None else None})  # fmt: skip
+                      "sample": case.sample, "feeds": list(case.feeds), "want": list(case.want) if case.want is not None else None,
+                      "profile": case.profile})  # fmt: skip
         arrays.update({f"{i}/feed/{k}": v for k, v in case.feeds.items()})
         arrays.update({f"{i}/want/{k}": v for k, v in (case.want or {}).items()})
     with atomic_file(path) as tmp:
@@ -142,7 +146,7 @@ def load_expected(path: Path) -> list[Expected]:
             for i, case in enumerate(json.loads(str(data["index"]))):
                 want = {k: data[f"{i}/want/{k}"] for k in case["want"]} if case["want"] is not None else None
                 cases.append(Expected(case["corner"], {k: tuple(v) for k, v in case["shapes"].items()},
-                                      {k: data[f"{i}/feed/{k}"] for k in case["feeds"]}, want, case["error"], case["sample"]))  # fmt: skip
+                                      {k: data[f"{i}/feed/{k}"] for k in case["feeds"]}, want, case["error"], case["sample"], case.get("profile")))  # fmt: skip
             return cases
     except FileNotFoundError:
         raise InputError(f"{path} is missing: it holds the cases a deferred build is verified on",
@@ -182,33 +186,38 @@ def sample_inputs(paths: list[str], profile: Profile, alignment: Alignment | Non
 
 
 def expected_outputs(
-    reference: ort.InferenceSession, profile: Profile, seed: int, alignment: Alignment | None = None, samples=()
+    reference: ort.InferenceSession, profile: Profile, seed: int, alignment: Alignment | None = None, samples=(),
+    profiles: tuple[Profile, ...] = (),
 ) -> list[Expected]:
-    """The reference's outputs at each profile corner, at an unaligned shape when the engine pads, and
-    on each of samples (from `sample_inputs`).
+    """The reference's outputs at each profile corner (of each of profiles, if several, run on that
+    profile's own session), at an unaligned shape when the engine pads, and on each of samples (from
+    `sample_inputs`).
 
     Computed before the engine exists, so the reference session can be dropped first: a large model's
     weights are then held once, not twice."""
-    cases = [(*case, False) for case in corner_inputs(profile, seed)]
+    cases = [(*case, False, None) for case in corner_inputs(profile, seed)] if not profiles else []
+    for index, member in enumerate(profiles):
+        cases += [(profile_label(index, member, corner), shapes, feeds, False, index)
+                  for corner, shapes, feeds in corner_inputs(member, seed + PROFILE_SEED_STRIDE * (index + 1))]  # fmt: skip
     if alignment:
-        cases.append((*padded_inputs(profile, alignment, seed), False))
-    cases += [(*case, True) for case in samples]
+        cases.append((*padded_inputs(profile, alignment, seed), False, None))
+    cases += [(*case, True, None) for case in samples]
     expected = []
-    for corner, shapes, feeds, sample in cases:
+    for corner, shapes, feeds, sample, index in cases:
         try:
             want = _run_reference(reference, feeds, alignment)
         except Exception as exc:  # a reference that cannot run is a failed check, named with its shape
             error = f"the original model failed: {type(exc).__name__}: {exc}"
-            expected.append(Expected(corner, shapes, feeds, None, error, sample=sample))
+            expected.append(Expected(corner, shapes, feeds, None, error, sample=sample, profile=index))
             continue
         undeclared = None if sample else _undeclared_shape(reference, want)
         if undeclared:
             # The output's size depends on the input values (ConstantOfShape, Slice bounds, a window length):
             # random values give a size the model says it never has, and an engine may rely on what it says.
             error = f"the original model gave {undeclared} on random inputs; they are not values it takes"
-            expected.append(Expected(corner, shapes, feeds, None, error))
+            expected.append(Expected(corner, shapes, feeds, None, error, profile=index))
         else:
-            expected.append(Expected(corner, shapes, feeds, want, sample=sample))
+            expected.append(Expected(corner, shapes, feeds, want, sample=sample, profile=index))
     return expected
 
 
@@ -230,8 +239,9 @@ def verify_engine(engine: Engine, expected: list[Expected], tolerance: Mapping[s
         if case.want is None:
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, case.error))
             continue
+        runner = engine.members[case.profile] if case.profile is not None and isinstance(engine, EngineSet) else engine
         try:
-            got = engine.run(engine.as_input_types(case.feeds))
+            got = runner.run(runner.as_input_types(case.feeds))
         except Exception as exc:  # a failing run is a failed check, named with its shape
             checks.append(ShapeCheck(case.corner, as_lists, False, {}, f"{type(exc).__name__}: {exc}"))
             continue

@@ -6,7 +6,7 @@ from kiln.targets.base import Target
 from kiln.targets.buffers import HostBuffers, OrtDeviceBuffers, TorchCudaBuffers
 from kiln.targets.cpu import CPU
 from kiln.targets.cuda import CUDA
-from kiln.targets.engine import Binding, Engine, load_engine
+from kiln.targets.engine import Binding, Engine, EngineSet, load_engine
 from kiln.targets.gpus import GPUS, gpu_here
 from kiln.targets.hardware import GPU, gpu_targets
 from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
@@ -49,6 +49,7 @@ __all__ = [
     "CropBox",
     "DimRange",
     "Engine",
+    "EngineSet",
     "GPU",
     "GPUS",
     "EngineError",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kiln.targets.align import Alignment
 from kiln.targets.hardware import GPU
-from kiln.targets.manifest import BuildConfig
+from kiln.targets.manifest import BuildConfig, with_profiles, write_manifest
 from kiln.targets.profile import Profile
 
 
@@ -23,6 +23,7 @@ class Target(abc.ABC):
     capabilities: tuple[str, ...]
     quantize: tuple[str, ...] = ()  # the 8-bit formats its engines run (FP8 also needs the GPU to have it)
     gpu: GPU | None = None  # the one GPU model it builds for, if it is a per-GPU target
+    one_profile: str | None = None  # why its engines take one profile only, if they do
 
     @abc.abstractmethod
     def available(self) -> str | None:
@@ -33,6 +34,18 @@ class Target(abc.ABC):
               alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
         """Write the engine files for model_path and their manifest into engine_dir; return the build config.
         `targets.load_engine(engine_dir)` loads it."""
+
+    def build_for(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32", alignment: Alignment | None = None,
+                  profiles: tuple[Profile, ...] = (), deferred: bool = False) -> BuildConfig:  # fmt: skip
+        """build (or defer) for profile, or for several profiles that profile spans: the target writes the
+        config of a static one (if any; its cuda_graph says whether static profiles are captured as CUDA
+        graphs), which is then made the config of them all."""
+        write = self.defer if deferred else self.build
+        config = write(model_path, engine_dir, next((p for p in profiles if p.is_static()), profile), precision, alignment)
+        if profiles:
+            config = with_profiles(config, profile, profiles)
+            write_manifest(engine_dir, config)
+        return config
 
     def deferrable(self) -> bool:
         """Whether a build may be deferred where the target does not run: such a target also has

@@ -12,6 +12,7 @@ crops outputs back; and for a new shape of a CUDA-graph engine it runs the captu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,8 +23,8 @@ import onnxruntime as ort
 
 from kiln.targets.align import CropBox
 from kiln.targets.buffers import Buffers, HostBuffers, OrtDeviceBuffers, numpy_type
-from kiln.targets.manifest import BuildConfig, EngineError, read_manifest
-from kiln.targets.profile import DimRange, Profile, TensorSpec, derived_mismatch
+from kiln.targets.manifest import CUDA_GRAPH_OPTIONS, BuildConfig, EngineError, read_manifest
+from kiln.targets.profile import DimRange, Profile, TensorSpec, derived_mismatch, dim_size, profile_label
 
 ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
 CUDA_GRAPH_RUNS = 3  # ONNX Runtime captures its CUDA graph on the third run of a shape
@@ -123,14 +124,43 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
         )
     if config.device == "cuda":
         preload_cuda()
+    if not config.profiles:
+        return Engine(_session(config, model, engine_dir, cuda_stream), config, engine_dir)
+    sessions, members = {}, []
+    for index, profile in enumerate(config.profiles):
+        member = config.member(index)
+        # Dynamic profiles run in one session; a static one in its own, its dims fixed for ONNX Runtime.
+        key = (profile.shapes(profile.sizes("opt")) if profile.is_static() else None, member.provider_options)
+        key = repr(key)
+        if key not in sessions:
+            sessions[key] = _session(member, model, engine_dir, cuda_stream, fixed=profile.is_static())
+        session = sessions[key]
+        if profile.is_static():  # its dims fixed, ONNX Runtime infers its outputs' sizes
+            outputs = session_specs(session.get_outputs())
+            if all(isinstance(d, int) for spec in outputs for d in spec.shape):
+                member = dataclasses.replace(member, outputs=outputs)
+            elif member.cuda_graph:  # a CUDA graph needs its outputs bound before its first run
+                member = dataclasses.replace(member, cuda_graph=False, provider_options={
+                    k: v for k, v in member.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()})  # fmt: skip
+                session = _session(member, model, engine_dir, cuda_stream, fixed=True)
+        members.append(Engine(session, member, engine_dir))
+    return EngineSet(members, config, engine_dir)
+
+
+def _session(config: BuildConfig, model: Path, engine_dir: Path, cuda_stream: int | None, fixed: bool = False) -> ort.InferenceSession:
+    """The session of one profile; fixed: the profile's dims given to ONNX Runtime as sizes, so that its
+    graph optimizer folds the shape arithmetic of that one shape."""
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    if fixed:
+        sizes = config.profile.sizes("opt")
+        for dim in dict.fromkeys(d for spec in config.profile.inputs for d in spec.shape if isinstance(d, str)):
+            options.add_free_dimension_override_by_name(dim, dim_size(dim, sizes))
     try:
-        session = ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream, engine_dir),
-                                       **config.session_kwargs())  # fmt: skip
+        return ort.InferenceSession(os.fspath(model), options, providers=config.session_providers(cuda_stream, engine_dir),
+                                    **config.session_kwargs())  # fmt: skip
     except Exception as exc:  # a damaged model file: ONNX Runtime says InvalidProtobuf or the like
         raise EngineError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}",
                           hint="the engine is damaged; rebuild it with `kiln optimize`") from None  # fmt: skip
-    return Engine(session, config, engine_dir)
 
 
 class Engine:
@@ -211,13 +241,92 @@ class Engine:
                 raise EngineError(f"{source}: input {spec.name!r} has shape {list(array.shape)}{note}, the engine takes {list(spec.shape)}")
         if mismatch := derived_mismatch(self.inputs, padded):
             raise EngineError(f"{source}: {mismatch}", hint=f"the engine takes {expected}")
-        problem = self.profile.contains(padded)
+        problem = self.outside(padded)
         return [f"{problem}; the engine was not verified at this shape"] if problem else []
+
+    def outside(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """Why (padded) shapes are outside what the engine was verified at, or None."""
+        return self.profile.contains(shapes)
 
     def as_input_types(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """feeds cast to the engine's input dtypes (an fp16-IO engine takes the same data as its original)."""
         dtypes = {spec.name: spec.dtype for spec in self.inputs}
         return {k: v.astype(dtypes[k]) if dtypes.get(k, v.dtype.name) != v.dtype.name else v for k, v in feeds.items()}
+
+
+class EngineSet(Engine):
+    """An engine of several profiles: one Engine per profile (sessions shared where their settings
+    are the same), and each request run by the smallest profile that holds its shape."""
+
+    def __init__(self, members: list[Engine], config: BuildConfig, directory: Path | None = None):
+        super().__init__(members[0].session, config, directory)
+        self.members = members
+
+    def bind(self, buffers: Buffers, run_options: ort.RunOptions | None = None) -> SetBinding:
+        return SetBinding(self, buffers, run_options)
+
+    def member_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """The index of the profile that runs (padded) shapes: the smallest one that holds them; outside
+        them all, the largest dynamic one (unverified there, as check_feeds says)."""
+        holding = [i for i, m in enumerate(self.members) if m.profile.contains(shapes) is None]
+        if holding:
+            return min(holding, key=lambda i: (self.members[i].profile.volume(), i))
+        dynamic = [i for i, m in enumerate(self.members) if not m.profile.is_static()]
+        if not dynamic:
+            ranges = "; ".join(self._describe(m.profile) for m in self.members)
+            raise EngineError(f"shapes {_listed(shapes)} are in none of the engine's {len(self.members)} profiles, which are all static: {ranges}",
+                              hint="give one of those shapes, or rebuild with a profile that holds this one (--profile-from, --shapes)")  # fmt: skip
+        return max(dynamic, key=lambda i: (self.members[i].profile.volume(), -i))
+
+    def outside(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        if any(m.profile.contains(shapes) is None for m in self.members):
+            return None
+        return f"shapes {_listed(shapes)} are in none of the engine's {len(self.members)} profiles"
+
+    def label(self, index: int, corner: str) -> str:
+        return profile_label(index, self.members[index].profile, corner)
+
+    @staticmethod
+    def _describe(profile: Profile) -> str:
+        return ", ".join(f"{name} {r.min}" if r.min == r.max else f"{name} {r.min}..{r.max}" for name, r in sorted(profile.dims.items()))
+
+
+def _listed(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+
+
+class SetBinding:
+    """A Binding per profile of an EngineSet, made when a request first needs it; stage() picks the
+    profile for the feeds' padded shapes, and execute() and results() follow it."""
+
+    def __init__(self, engine: EngineSet, buffers: Buffers, run_options: ort.RunOptions | None = None):
+        self.engine, self.buffers, self.run_options = engine, buffers, run_options
+        self.bindings: dict[int, Binding] = {}
+        self.current: Binding | None = None
+        self.profile: int | None = None  # the index of the profile the last stage() chose
+
+    def stage(self, feeds: Mapping[str, Any]) -> CropBox | None:
+        shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+        alignment = self.engine.alignment
+        self.profile = self.engine.member_for(alignment.padded_shapes(shapes) if alignment else shapes)
+        if self.profile not in self.bindings:
+            self.bindings[self.profile] = self.engine.members[self.profile].bind(self.buffers, self.run_options)
+        self.current = self.bindings[self.profile]
+        return self.current.stage(feeds)
+
+    def execute(self) -> None:
+        self.current.execute()
+
+    def execute_and_wait(self) -> None:
+        self.current.execute_and_wait()
+
+    def results(self, box: CropBox | None = None) -> dict[str, Any]:
+        return self.current.results(box)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        box = self.stage(feeds)
+        self.execute()
+        return self.results(box)
 
 
 class Binding:
@@ -289,7 +398,9 @@ class Binding:
         if all(isinstance(d, int) for spec in engine.outputs for d in spec.shape):
             out_shapes = {spec.name: tuple(spec.shape) for spec in engine.outputs}
         elif not buffers.takes_ort_outputs:
-            # Learn the output shapes from one run into buffers ONNX Runtime allocates.
+            # Learn the output shapes from one run into buffers ONNX Runtime allocates. Never for a CUDA
+            # graph engine (whose outputs load_engine makes static): ONNX Runtime captures the graph within
+            # its first run, into the addresses bound then.
             for spec in engine.outputs:
                 self.io.bind_output(spec.name, buffers.device, buffers.device_id)
             self.session.run_with_iobinding(self.io, self.run_options)

@@ -22,6 +22,8 @@ ENGINE_FORMAT = "kiln-engine"
 ENGINE_FORMAT_VERSION = 2  # 2: the typed build config
 # Provider options naming a folder of the engine directory (ONNX Runtime TensorRT's caches), kept relative.
 DIRECTORY_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
+# The option that makes each provider capture its run as a CUDA graph.
+CUDA_GRAPH_OPTIONS = {"CUDAExecutionProvider": "enable_cuda_graph", "TensorrtExecutionProvider": "trt_cuda_graph_enable"}
 
 
 class EngineError(ValueError):
@@ -42,8 +44,8 @@ class BuildConfig:
     provider_options: Mapping[str, str]
     precision: str
     tf32: bool
-    cuda_graph: bool  # one shape only, captured as one CUDA graph
-    profile: Profile
+    cuda_graph: bool  # one shape only, captured as one CUDA graph; with profiles: each static profile's
+    profile: Profile  # with profiles: the range they span together
     inputs: tuple[TensorSpec, ...]  # the engine's own, with the types it takes (float16 IO included)
     outputs: tuple[TensorSpec, ...]
     alignment: Alignment | None = None
@@ -52,6 +54,21 @@ class BuildConfig:
     # False: built on a machine without the target's GPU (Target.defer) and not yet verified; `kiln verify`
     # builds it for real on the GPU and verifies it.
     verified: bool = True
+    # Several profiles (from --profile-from's buckets): the engine runs each in a session of its own (one
+    # session serves the dynamic ones), and a request goes to the smallest profile that holds its shape.
+    profiles: tuple[Profile, ...] = ()
+
+    def member(self, index: int) -> BuildConfig:
+        """The one-profile config that profiles[index] runs with: a static profile is a CUDA graph where
+        the engine captures them, and a TensorRT provider builds for that profile's shapes alone."""
+        profile = self.profiles[index]
+        graph = self.cuda_graph and profile.is_static()
+        options = {k: v for k, v in self.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()}
+        if graph:
+            options[CUDA_GRAPH_OPTIONS[self.providers[0]]] = "1"
+        if "trt_profile_min_shapes" in options:
+            options.update({f"trt_profile_{corner}_shapes": profile.shapes_text(corner) for corner in ("min", "opt", "max")})
+        return dataclasses.replace(self, profile=profile, profiles=(), cuda_graph=graph, provider_options=options)
 
     def session_providers(self, cuda_stream: int | None = None, directory: Path | None = None) -> list:
         """Providers for ONNX Runtime; a CUDA engine's session runs on cuda_stream (a cudaStream_t) if given,
@@ -75,6 +92,7 @@ class BuildConfig:
             "providers": list(self.providers),
             "provider_options": dict(self.provider_options),
             "profile": self.profile.to_json(),
+            "profiles": [p.to_json() for p in self.profiles],
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "alignment": self.alignment.to_json() if self.alignment else None,
@@ -100,7 +118,18 @@ class BuildConfig:
             built_with=dict(data.get("built_with", {})),
             disabled_optimizers=tuple(str(name) for name in data.get("disabled_optimizers", ())),
             verified=data.get("verified", True) is not False,
+            profiles=tuple(Profile.from_json(p) for p in data.get("profiles", ())),
         )
+
+
+def with_profiles(config: BuildConfig, envelope: Profile, profiles: tuple[Profile, ...]) -> BuildConfig:
+    """A config a target wrote for one of profiles (a static one, if any: its cuda_graph then says
+    whether the target captures static profiles), made the config of them all."""
+    options = {k: v for k, v in config.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()}
+    if "trt_profile_min_shapes" in options:
+        options.update({f"trt_profile_{corner}_shapes": envelope.shapes_text(corner) for corner in ("min", "opt", "max")})
+    return dataclasses.replace(config, profile=envelope, profiles=profiles, provider_options=options,
+                               cuda_graph=config.cuda_graph and any(p.is_static() for p in profiles))  # fmt: skip
 
 
 def write_manifest(engine_dir: Path, config: BuildConfig) -> None:
@@ -154,13 +183,15 @@ def _damage(config: BuildConfig) -> str | None:
                 return f"provider option {key} is {value!r}, not a folder of the engine directory"
         elif set(key.split("_")) & {"path", "paths", "lib", "libs", "folder", "file", "prefix", "dir"}:  # not "profile"
             return f"provider option {key} names a file or library, which kiln never writes into a manifest"
-    for spec in (*config.inputs, *config.outputs, *config.profile.inputs):
+    profiles = (config.profile, *config.profiles)
+    for spec in (*config.inputs, *config.outputs, *(spec for profile in profiles for spec in profile.inputs)):
         problem = _spec_problem(spec)
         if problem:
             return f"{spec.name!r} {problem}"
-    names, profile_names = [s.name for s in config.inputs], [s.name for s in config.profile.inputs]
-    if names != profile_names:
-        return f"its inputs {names} and its profile's {profile_names} differ"
+    names = [s.name for s in config.inputs]
+    for profile in profiles:
+        if [s.name for s in profile.inputs] != names:
+            return f"its inputs {names} and its profile's {[s.name for s in profile.inputs]} differ"
     return None
 
 

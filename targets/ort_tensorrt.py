@@ -38,12 +38,6 @@ def tensorrt_missing() -> str | None:
     return None
 
 
-def shapes_option(profile: Profile, corner: str) -> str:
-    """`trt_profile_*_shapes`: 'input:1x4x32x32,other:8' for every input at one corner of the profile."""
-    shapes = profile.shapes(profile.sizes(corner))
-    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes.items())
-
-
 @dataclasses.dataclass(frozen=True)
 class OrtTensorRtTarget(OrtTarget):
     optimization_level: int = 3  # TensorRT's builder optimization level: 3 is its default; 5 searches longest
@@ -65,7 +59,7 @@ class OrtTensorRtTarget(OrtTarget):
         if precision == "bf16":  # an option since onnxruntime 1.23: older providers refuse the key
             options["trt_bf16_enable"] = "1"
         if profile.dims:
-            options.update({f"trt_profile_{corner}_shapes": shapes_option(profile, corner) for corner in ("min", "opt", "max")})
+            options.update({f"trt_profile_{corner}_shapes": profile.shapes_text(corner) for corner in ("min", "opt", "max")})
         if profile.is_static():
             options["trt_cuda_graph_enable"] = "1"
         return options

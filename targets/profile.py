@@ -77,6 +77,12 @@ def derived_mismatch(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, tuple[
     return None
 
 
+def profile_label(index: int, profile: Profile, corner: str) -> str:
+    """How reports name a corner of one of an engine's several profiles: "profile 2: opt", or "profile 3"
+    for a static one."""
+    return f"profile {index + 1}" if profile.is_static() else f"profile {index + 1}: {corner}"
+
+
 @dataclasses.dataclass(frozen=True)
 class DimRange:
     """The range one dynamic dimension may take, with the size to tune for."""
@@ -140,6 +146,14 @@ class Profile:
 
     def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {spec.name: spec.concrete(sizes) for spec in self.inputs}
+
+    def shapes_text(self, corner: str) -> str:
+        """'input:1x4x32x32,other:8': every input's shape at one corner (TensorRT's profile shape syntax)."""
+        return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in self.shapes(self.sizes(corner)).items())
+
+    def volume(self) -> int:
+        """The product of the dims' maxima: how much a request padded to this profile's max computes."""
+        return math.prod(r.max for r in self.dims.values())
 
     def corners(self) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
         """(label, input shapes) at min, opt and max; one 'static' entry when nothing is dynamic."""

@@ -172,6 +172,8 @@ class TensorRtTarget(Target):
     # Where timing caches are shared between builds (one file per target and TensorRT version); None:
     # the engine directory, a cache for this build alone.
     timing_cache_dir: Path | None = None
+    one_profile: str | None = ("its plan runs through ONNX Runtime's TensorRT provider, which kiln has not run with a plan "
+                               "of several profiles")  # fmt: skip
 
     def available(self) -> str | None:
         try:

@@ -1,4 +1,5 @@
-"""What one run of a model does: its tensor-core FLOPs at given input shapes, and the bytes it must move.
+"""What one run of a model does: its tensor-core FLOPs at given input shapes, the bytes it must move,
+and the most activation memory it holds at once.
 
 FLOPs are counted on the graph as imported (standard ONNX, before fusion: fusions change kernels, not
 arithmetic) for the ops that run on tensor cores: MatMul, Gemm, Conv, ConvTranspose and Attention, a
@@ -33,11 +34,7 @@ class Work:
 
 def count_flops(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> Work:
     """The model's tensor-core FLOPs for one run with inputs of these shapes."""
-    from onnxscript.optimizer import fold_constants
-
-    skeleton = ir.from_proto(_skeleton(model, shapes))
-    ir.passes.common.InlinePass()(skeleton)  # a function's matrix products are the model's
-    fold_constants(skeleton, onnx_shape_inference=True)
+    skeleton = _shaped(model, shapes)
     flops, uncounted = 0.0, Counter()
     for node in ir.traversal.RecursiveGraphIterator(skeleton.graph):
         rule = _RULES.get((node.domain, node.op_type))
@@ -51,6 +48,53 @@ def count_flops(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> Work:
         except (TypeError, IndexError, ValueError):  # a shape inference left unknown
             uncounted[node.op_type] += 1
     return Work(flops, dict(uncounted))
+
+
+def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The most bytes of inputs and intermediate tensors held at once in one run at these shapes, if
+    each tensor lives from the node that makes it to the last node that reads it (in graph order, as
+    ONNX Runtime's memory planner frees them). Tensors of unknown shape count nothing."""
+    skeleton = _shaped(model, shapes)
+    weights = set(model.graph.initializers)
+    nodes = list(skeleton.graph)
+    last = {}
+    for index, node in enumerate(nodes):
+        for value in node.inputs:
+            if value is not None:
+                last[value.name] = index
+    for value in skeleton.graph.outputs:
+        last[value.name] = len(nodes)
+    live = sum(_bytes(v) for v in skeleton.graph.inputs if v.name not in weights)
+    peak = live
+    held: dict[int, list[int]] = {}  # node index -> bytes freed after it
+    for value in skeleton.graph.inputs:
+        if value.name not in weights:
+            held.setdefault(last.get(value.name, -1), []).append(_bytes(value))
+    for index, node in enumerate(nodes):
+        for value in node.outputs:
+            size = _bytes(value)
+            live += size
+            held.setdefault(max(last.get(value.name, index), index), []).append(size)
+        peak = max(peak, live)
+        live -= sum(held.pop(index, ()))
+    return peak
+
+
+def _bytes(value: ir.Value) -> int:
+    dims = _dims(value)
+    if dims is None or value.dtype is None:
+        return 0
+    return int(math.prod(dims) * value.dtype.itemsize)
+
+
+def _shaped(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> ir.Model:
+    """The model's skeleton at these input shapes, inlined and folded, its values' shapes inferred."""
+    from onnxscript.optimizer import fold_constants
+
+    skeleton = ir.from_proto(_skeleton(model, shapes))
+    ir.passes.common.InlinePass()(skeleton)  # a function's matrix products are the model's
+    fold_constants(skeleton, onnx_shape_inference=True)
+    return skeleton
 
 
 def tensor_bytes(specs, sizes: Mapping[str, int]) -> int:

@@ -46,7 +46,7 @@ from kiln.optimizer.importers.diffusion_adapters import (
 )
 from kiln.optimizer.lazy import check_installed, require
 from kiln.optimizer.precision_policy import CLASS_METADATA_KEY
-from kiln.optimizer.shapes import INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
+from kiln.optimizer.shapes import DIM_RULES_METADATA_KEY, INT_RANGES_METADATA_KEY, SHAPES_METADATA_KEY
 from kiln.targets import DimRange
 from kiln.targets.engine import session_options
 from kiln.targets.profile import base_dim, derived_dim
@@ -580,6 +580,8 @@ def export(model, adapter: Adapter, ranges: Mapping[str, DimRange], out_path: Pa
         CLASS_METADATA_KEY: adapter.class_name,
         SHAPES_METADATA_KEY: shapes_spec(ranges),
         INT_RANGES_METADATA_KEY: json.dumps(adapter.int_ranges(), sort_keys=True),
+        DIM_RULES_METADATA_KEY: json.dumps({r.name: {"multiple": r.multiple, "min": r.min, "max": r.max, "why": r.why}
+                                            for r in adapter.dynamic_dims if r.multiple > 1 or r.min or r.max}, sort_keys=True),  # fmt: skip
         **adapter.metadata,
     })  # fmt: skip
     record["opset"] = onnx_model.opset_imports.get("")

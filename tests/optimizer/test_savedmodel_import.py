@@ -305,7 +305,7 @@ def test_missing_framework_names_the_extra(capsys, monkeypatch, film_dir, tmp_pa
 
 
 def test_spatial_range_off_the_alignment(capsys, replay, built, tmp_path):
-    err = assert_bad_input(capsys, "the range 50..100 of dim 'height' must be in multiples of 64",
+    err = assert_bad_input(capsys, "the profile: height 50..75..100 holds 50, not a multiple of 64, which the engine pads it to",
                            "optimize", built["film"], "-o", tmp_path / "o", "--shapes", "height=50..100")  # fmt: skip
     assert "--shapes height=64..128" in err
 

@@ -234,6 +234,7 @@ def test_damaged_or_outdated_engines_are_refused(built, tmp_path):
     (lambda m: m["inputs"][0].update(dtype="float99"), "is damaged: 'x' has dtype 'float99', which is no numpy dtype"),
     (lambda m: m["inputs"][0].update(shape=[1, -4]), "is damaged: 'x' has shape [1, -4]; dims are sizes or names"),
     (lambda m: m["inputs"][0].update(name=""), "is damaged: '' has no name"),
+    (lambda m: m.update(profiles=[{"inputs": [], "dims": {}}]), "is damaged: its inputs ['x'] and its profile's [] differ"),
 ])  # fmt: skip
 def test_a_manifest_that_would_mislead_loading_is_refused(built, edit, message):
     """Found by the fuzzing harness: each reached ONNX Runtime or numpy as an internal error."""

@@ -22,7 +22,7 @@ from kiln.optimizer.config import Options
 from kiln.targets import DimRange, EngineError, Profile, TensorSpec, read_manifest
 from kiln.targets.ort import OrtTarget
 from kiln.targets.ort import graph_specs
-from kiln.targets.ort_tensorrt import qdq_format, shapes_option, tensorrt_missing
+from kiln.targets.ort_tensorrt import qdq_format, tensorrt_missing
 from kiln.optimizer.cli import main
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.optimize import tensorrt_settings
@@ -92,7 +92,7 @@ def test_a_qdq_graph_gets_a_strongly_typed_network_and_no_precision_flag(tmp_pat
 def test_ort_tensorrt_provider_options_come_from_the_profile_and_precision():
     target = targets.TARGETS["h200-ort-trt"]
     assert target.providers == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    assert shapes_option(PROFILE, "opt") == "x:8x4x32x32,t:8"
+    assert PROFILE.shapes_text("opt") == "x:8x4x32x32,t:8"
     options = target.trt_options(PROFILE, "fp16", None)
     assert options == {
         "trt_engine_cache_enable": "1", "trt_engine_cache_path": "trt-cache", "trt_timing_cache_enable": "1",
