@@ -8,7 +8,7 @@ import numpy as np
 
 from kiln import targets
 from kiln.optimizer.errors import first_line
-from kiln.targets import Engine, EngineSet
+from kiln.targets import Engine, EngineSet, Profile
 from kiln.targets.cost import RunWork, cost_rows
 from kiln.targets.work import tensor_bytes
 
@@ -69,6 +69,15 @@ def compute_format(report: dict) -> str:
     return report.get("precision", "fp32")
 
 
+def opt_row(latency: list[dict], profile: Profile) -> dict | None:
+    """The latency row at the profile's opt shape: the "opt" corner, a static engine's one row, or of an
+    engine of several profiles the row at the opt shape of them all (the most frequent request's),
+    whichever profile's corner it is."""
+    opt = {name: list(shape) for name, shape in profile.shapes(profile.sizes("opt")).items()}
+    return next((r for r in latency if r["corner"] == "opt"), None) or next((r for r in latency if r["shapes"] == opt), None) \
+        or (latency[0] if len(latency) == 1 else None)  # fmt: skip
+
+
 def bench_or_note(engine: Engine, runs: int, warmup: int, seed: int, notes: list[str]) -> list[dict]:
     """bench_profile's rows, or none and a note when the engine cannot run on random inputs (the model
     may need valid indices or scales; see --int-range)."""
@@ -84,18 +93,14 @@ def cost_section(work: dict | None, latency: list[dict], engine: Engine, compute
     (corner -> FLOPs and weight bytes; None: no report): measured on this machine's GPU, estimated for
     the others. A result is one item of the batch (the size of the dim named batch; 1 without one)."""
     device, gpu = targets.gpu_here()
-    measured = next((r for r in latency if r["corner"] == "opt"), latency[0] if len(latency) == 1 else None)  # static: one
-    several = isinstance(engine, EngineSet)
-    if several:  # the row of the opt shape of them all (the most frequent request), whichever profile's corner it is
-        opt = {name: list(shape) for name, shape in engine.profile.shapes(engine.profile.sizes("opt")).items()}
-        measured = next((r for r in latency if r["shapes"] == opt), None)
+    measured = opt_row(latency, engine.profile) if latency else None  # a deferred build has no engine here
     if measured is None or gpu is None or measured.get("io") != "device":
         why = ("the engine was not benchmarked" if measured is None else "it ran on the CPU" if measured.get("io") != "device"
                else f"kiln has no price for {device}")  # fmt: skip
         return {"measured_on": None, "reason": f"no cost figures: {why}", "rows": []}
     if work is None:
         return {"measured_on": None, "reason": "no cost figures: the engine has no report.json beside it (the build's FLOP count is there)", "rows": []}
-    corner = work.get("opt" if several else measured["corner"])
+    corner = work.get(measured["corner"]) or work.get("opt")  # of several profiles, the row is one's corner
     if not corner:
         return {"measured_on": None, "reason": "no cost figures: the build counted no FLOPs (an older kiln, or a graph it could not count)", "rows": []}
     profile = engine.profile

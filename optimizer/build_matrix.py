@@ -26,10 +26,12 @@ import time
 import tomllib
 from pathlib import Path
 
+from kiln.optimizer.bench import opt_row
 from kiln.optimizer.config import FORMATS, MAX_PROFILES, PRECISIONS, Options, validate
 from kiln.optimizer.errors import EXIT_INTERNAL, EXIT_VERIFY_FAILED, InputError, KilnError, VerificationFailed, first_line
 from kiln.optimizer.outdir import atomic_file, check_not_link
 from kiln.optimizer.progress import Progress
+from kiln.targets import Profile
 
 SUMMARY = "build.json"
 SUMMARY_SCHEMA = "kiln-build/1"
@@ -91,11 +93,15 @@ def read_matrix(path: Path) -> list[Cell]:
     if unknown_target:
         raise InputError(f"{where}: targets has {unknown_target[0]!r}, which is no target", hint="`kiln targets` lists them")
     profiles = data.get("profiles", "auto")
-    if profiles != "auto" and (isinstance(profiles, bool) or not isinstance(profiles, int) or not 1 <= profiles <= MAX_PROFILES):
+    if profiles != "auto" and (type(profiles) is not int or not 1 <= profiles <= MAX_PROFILES):
         raise InputError(f"{where}: profiles is {profiles!r}", hint=f"give a number of profiles from 1 to {MAX_PROFILES}, or \"auto\"")
     shared = _shapes(data.get("shapes", {}), f"{where}: shapes")
     requests = _requests(data.get("profile_from"), path.parent, f"{where}: profile_from")
     models = [_model(entry, path.parent, shared, requests, where) for entry in lists["models"]]
+    alone = [name for _, name, _, requests in models if requests is None]
+    if profiles not in ("auto", 1) and alone:
+        raise InputError(f"{where}: profiles = {profiles} needs profile_from, which model {alone[0]!r} has none of",
+                         hint="add profile_from (for every model, or that one's own), or leave profiles out")  # fmt: skip
     names = [m[1] for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -206,7 +212,7 @@ def _chosen(cell: Cell) -> Options:
 def _figures(report: dict) -> dict:
     """What build.json says of a built cell: verification, latency at opt, cost where measured, cache."""
     checks = report["verification"]["shapes"]
-    latency = next((b for b in report.get("latency") or [] if b["corner"] == "opt"), None)
+    latency = opt_row(report.get("latency") or [], Profile.from_json(report["profile"]))
     measured = next((r for r in (report.get("cost") or {}).get("rows", []) if r.get("basis") == "measured"), None)
     return {
         "verified": f"{sum(c['passed'] for c in checks)}/{len(checks)}" if checks else None,

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from kiln import targets
-from kiln.optimizer.bench import samples_ms
+from kiln.optimizer.bench import opt_row, samples_ms
 from kiln.optimizer.compare_grid import GridPoint, Sweep
 from kiln.optimizer.compare_report import SCHEMA, to_json
-from kiln.optimizer.errors import InputError, KilnError, first_line
 from kiln.optimizer.engine_cache import key_versions, kiln_source_hash, model_hash
+from kiln.optimizer.errors import InputError, KilnError, first_line
 from kiln.optimizer.onnx_files import find_model
 from kiln.optimizer.outdir import ENGINE_DIR, atomic_file, check_not_link, staged_dir
 from kiln.optimizer.progress import Progress
@@ -155,7 +155,7 @@ class _State:
         after = _device_memory_mb(self.target)
         report = built.report
         quality = report.get("quality") or (report.get("quantization") or {}).get("quality")
-        latency = next((r for r in report["latency"] if r["corner"] == "opt"), report["latency"][0] if report["latency"] else None)
+        latency = opt_row(report["latency"], self.prepared.profile) or (report["latency"][0] if report["latency"] else None)
         row = _row(entry, built.status, error=built.failure.message if built.failure else None)
         row.update(
             command=_command(self.model_arg, self.sweep, entry.point),

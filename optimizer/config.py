@@ -233,7 +233,7 @@ def validate(options: Options) -> None:
         raise InputError(f"--trt-opt-level {options.trt_opt_level}: TensorRT's builder optimization levels are 0 to 5", hint="3 is TensorRT's default; 5 searches longest")
     if options.trt_time_limit is not None and options.trt_time_limit <= 0:
         raise InputError(f"--trt-time-limit {options.trt_time_limit:g}: must be a positive number of seconds")
-    if options.profiles != "auto" and (not isinstance(options.profiles, int) or not 1 <= options.profiles <= MAX_PROFILES):
+    if options.profiles != "auto" and (type(options.profiles) is not int or not 1 <= options.profiles <= MAX_PROFILES):
         raise InputError(f"--profiles {options.profiles}: give a number of profiles from 1 to {MAX_PROFILES}, or auto",
                          hint="auto: the fewest, up to 4, whose padding waste is at most 10%")  # fmt: skip
     if options.profiles not in ("auto", 1) and not options.profile_from:

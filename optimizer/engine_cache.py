@@ -146,18 +146,8 @@ class EngineCache:
     def building(self, key: str, waiting=None) -> Iterator[None]:
         """Hold KEY's lock for a lookup and the build after it: a second builder of KEY waits here (calling
         waiting() first), then finds the first one's entry."""
-        self._make()
-        with open(self.locks / f"{key}.lock", "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if waiting is not None:
-                    waiting()
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with self._locked(key, waiting or (lambda: None)):
+            yield
 
     def lookup(self, key: str, parts: dict) -> Lookup:
         """KEY's entry if it is whole; a damaged one is removed (and the miss says so)."""
@@ -279,13 +269,22 @@ class EngineCache:
     @contextlib.contextmanager
     def _idle(self, key: str) -> Iterator[bool]:
         """Hold KEY's lock if no other process holds it; yields whether it was free."""
+        with self._locked(key) as free:
+            yield free
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, waiting=None) -> Iterator[bool]:
+        """KEY's file lock: with waiting (called first), wait for it; without, yield False if it is held."""
         self._make()
         with open(self.locks / f"{key}.lock", "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                yield False
-                return
+                if waiting is None:
+                    yield False
+                    return
+                waiting()
+                fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield True
             finally:

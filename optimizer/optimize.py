@@ -64,6 +64,13 @@ def choose_target(options: Options, deferring: bool = False) -> targets.Target:
     return tensorrt_settings(options, target)
 
 
+def check_profiles(target: targets.Target, count: int) -> None:
+    """Refuse several profiles for a target whose engines take one."""
+    if target.one_profile and count > 1:
+        raise InputError(f"target {target.name!r} builds one profile per engine: {target.one_profile}",
+                         hint=f"give --profiles 1, or build {target.name.removesuffix('-trt')}-ort-trt, which takes several")  # fmt: skip
+
+
 def tensorrt_settings(options: Options, target: targets.Target) -> targets.Target:
     """target with the TensorRT builder settings options ask for, which only TensorRT targets take."""
     asked = {name: value for name, value in (("--trt-opt-level", options.trt_opt_level), ("--trt-time-limit", options.trt_time_limit)) if value is not None}
@@ -85,14 +92,16 @@ def optimize(model_arg: Path, outdir: Path, options: Options, force: bool, progr
     """Run the whole job; returns the report. Raises VerificationFailed after writing OUTDIR if parity fails."""
     target = choose_target(options, deferring=True)
     select_passes(options, target)  # refuses unknown --disable-pass names before any work
-    if target.one_profile and options.profile_from and options.profiles != 1:
-        raise InputError(f"target {target.name!r} builds one profile per engine: {target.one_profile}",
-                         hint=f"add --profiles 1, or build {target.name.removesuffix('-trt')}-ort-trt, which takes several")  # fmt: skip
+    if options.profile_from and isinstance(options.profiles, int):
+        check_profiles(target, options.profiles)  # before any work
     if not model_arg.exists():
         find_model(model_arg)  # raises the missing-path error
     check_outdir(outdir, model_arg, force)
     # Before the import: a refusal costs no export and no reference run.
     notes = [targets.detect_target()[1]] if options.target == "auto" else []
+    if target.one_profile and options.profile_from and options.profiles == "auto":
+        options = dataclasses.replace(options, profiles=1)
+        notes.append(f"one profile (--profiles auto) for {target.name}: {target.one_profile}")
     notes += filter(None, [apply_precision_policy(options, target.precisions, declared_class(model_arg))])
     deferred = target.available()
     if deferred:
@@ -243,8 +252,9 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         if synthesis:  # the dims whose range --shapes or the recipe gave instead, in every profile
             made = dict(spec.split("=", 1) for _, spec in synthesis.specs)
             synthesis.section["replaced"] = replaced = [d for d, text in made.items() if str(profile.dims[d]) != text]
-            profiles = tuple(dataclasses.replace(profile, dims={**profile.dims, **{d: DimRange(*r) for d, r in bucket.items() if d not in replaced}})
-                             for bucket in synthesis.buckets)  # fmt: skip
+            profiles = {json.dumps(p.to_json()): p for p in (dataclasses.replace(profile, dims={**profile.dims, **{d: DimRange(*r) for d, r in bucket.items() if d not in replaced}})
+                                                            for bucket in synthesis.buckets)}  # fmt: skip
+            profiles = tuple(profiles.values()) if len(profiles) > 1 else ()  # --shapes can make buckets one
         findings = lint_profiles(model, profiles or (profile,), multiples, synthesis.shapes if synthesis else [])
         notes += lint_check(findings)
         alignment, profile = _aligned(model, profile)
@@ -311,16 +321,17 @@ def build_point(prepared: Prepared, stage: Path, outdir: Path, target: targets.T
         for note in calib_notes:
             progress.line(f"note: {note}")
 
+    check_profiles(target, len(prepared.profiles))
     model = prepared.take_model()
     with progress.stage("estimate the memory at the profiles' max"):
-        memory = lint_memory(model, prepared.profiles or (profile,), target)
+        memory = lint_memory(model, prepared.profiles or (profile,), target, options.precision, options.quantize)
     notes += lint_check(memory)
     built = build_engine(model, stage, target, options, profile, alignment, prepared.verifier, progress, calibration, source, bool(deferred),
                          prepared.profiles)  # fmt: skip
     model, engine, records = built.model, built.engine, built.records
     engine_dir = stage / ENGINE_DIR
     timings["passes_s"], timings["build_s"] = built.passes_s, built.build_s
-    if getattr(target, "cuda_graphs", False) and profile.is_static() and not built.config.cuda_graph:
+    if getattr(target, "cuda_graphs", False) and any(p.is_static() for p in prepared.profiles or (profile,)) and not built.config.cuda_graph:
         for op, why in uncapturable_ops(stage / "model.onnx").items():
             notes.append(f"no CUDA graph for this static engine: {op}: {why}")
 

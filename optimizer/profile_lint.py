@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import onnx_ir as ir
 
 from kiln import targets
 from kiln.optimizer.errors import InputError
-from kiln.optimizer.shapes import DIM_RULES_METADATA_KEY
+from kiln.optimizer.shapes import DIM_RULES_METADATA_KEY, machine_memory
 from kiln.targets import Profile
 from kiln.targets.work import peak_activation_bytes
 
@@ -65,7 +64,7 @@ def lint_profiles(model: ir.Model, profiles: tuple[Profile, ...], multiples: dic
             if rule.get("min") is not None and r.min < rule["min"]:
                 findings.append(Finding("error", "reach", dim, f"{where}: {dim} starts at {r.min}, below the {rule['min']} the model takes{why}",
                                         f"keep {dim} at least {rule['min']}"))  # fmt: skip
-    return findings + _overlaps(profiles) + _gaps(profiles, requests)
+    return findings + _overlaps(profiles) + _gaps(profiles, requests, multiples)
 
 
 def _overlaps(profiles: tuple[Profile, ...]) -> list[Finding]:
@@ -82,8 +81,9 @@ def _overlaps(profiles: tuple[Profile, ...]) -> list[Finding]:
     return findings
 
 
-def _gaps(profiles: tuple[Profile, ...], requests: list[dict[str, int]]) -> list[Finding]:
-    """Requests no profile holds (errors), and per dim, sizes between the profiles' ranges (warnings)."""
+def _gaps(profiles: tuple[Profile, ...], requests: list[dict[str, int]], multiples: dict[str, int]) -> list[Finding]:
+    """Requests no profile holds (errors), and per dim, sizes between the profiles' ranges (warnings;
+    with an alignment, the sizes requests pad to)."""
     findings = []
     for request in requests:
         if any(all(_holds(p, d, size) for d, size in request.items()) for p in profiles):
@@ -98,9 +98,11 @@ def _gaps(profiles: tuple[Profile, ...], requests: list[dict[str, int]]) -> list
         for dim in sorted(profiles[0].dims):
             ranges, holes = sorted((p.dims[dim].min, p.dims[dim].max) for p in profiles), []
             reach = ranges[0][1]
+            step = multiples.get(dim, 1)  # a size between profiles that pads into one is no hole
             for lo, hi in ranges[1:]:
-                if lo > reach + 1:
-                    holes.append(f"{reach + 1}..{lo - 1}" if lo - 1 > reach + 1 else str(reach + 1))
+                first, last = -(-(reach + 1) // step) * step, (lo - 1) // step * step
+                if first <= last:
+                    holes.append(f"{first}..{last}" if last > first else str(first))
                 reach = max(reach, hi)
             if holes:
                 findings.append(Finding("warning", "gap", dim, f"{dim} {', '.join(holes)} {'is' if len(holes) == 1 else 'are'} in no profile: a request there {then}",
@@ -113,26 +115,31 @@ def _holds(profile: Profile, dim: str, size: int) -> bool:
     return r is None or r.min <= size <= r.max
 
 
-def lint_memory(model: ir.Model, profiles: tuple[Profile, ...], target: targets.Target) -> list[Finding]:
-    """The weights and the activations at each profile's max (a liveness estimate: each tensor held from
-    the node that makes it to the last that reads it) against the memory the target runs in."""
+def lint_memory(model: ir.Model, profiles: tuple[Profile, ...], target: targets.Target, precision: str = "fp32",
+                quantize: str | None = None) -> list[Finding]:  # fmt: skip
+    """The weights and the activations at each profile's max (peak_activation_bytes) against the memory
+    the target runs in. model is the imported one, in fp32: its floats are scaled to precision (fp16 and
+    bf16 halve them; 8-bit quantization takes a byte a weight). Each static profile of several holds
+    its own weights (a session of its own), and the dynamic ones one copy between them."""
     memory, where = _target_memory(target)
     if memory is None:
         return []
+    scale = 0.5 if precision in ("fp16", "bf16") else 1.0
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    weights *= 0.25 if quantize else scale
+    sessions = sum(p.is_static() for p in profiles) + any(not p.is_static() for p in profiles) if len(profiles) > 1 else 1
     findings = []
     for index, profile in enumerate(profiles):
-        shapes = profile.shapes(profile.sizes("max"))
         try:
-            activations = peak_activation_bytes(model, shapes)
+            activations = scale * peak_activation_bytes(model, profile.shapes(profile.sizes("max")))
         except Exception:  # onnxscript's folding or shape inference on an op it cannot take: no estimate
-            return []
-        need = weights + activations
+            continue
+        need = sessions * weights + activations
         if need > MEMORY_WARNING * memory:
             largest = max(profile.dims, key=lambda d: profile.dims[d].max, default=None)
-            level = "error" if need > memory else "warning"
-            findings.append(Finding(level, "memory", largest,
-                                    f"{_label(profiles, index)} at its max needs about {need / 1e9:.1f} GB ({weights / 1e9:.1f} GB of weights, "
+            copies = f"{sessions} sessions' " if sessions > 1 else ""
+            findings.append(Finding("error" if need > memory else "warning", "memory", largest,
+                                    f"{_label(profiles, index)} at its max needs about {need / 1e9:.1f} GB ({sessions * weights / 1e9:.1f} GB of {copies}weights, "
                                     f"{activations / 1e9:.1f} GB of activations), {need / memory:.0%} of {where}'s {memory / 1e9:.0f} GB",
                                     f"lower the max of {largest} with --shapes, or build for a target with more memory" if largest else "build for a target with more memory"))  # fmt: skip
     return findings
@@ -142,10 +149,7 @@ def _target_memory(target: targets.Target) -> tuple[int | None, str]:
     if target.gpu is not None:
         return int(target.gpu.memory_gb * 1e9), f"the {target.gpu.label}"
     if target.name == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
-        except (ValueError, OSError, AttributeError):
-            return None, ""
+        return machine_memory(), "this machine"
     return None, ""  # the generic cuda target: whatever GPU it lands on
 
 

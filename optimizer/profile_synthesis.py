@@ -156,7 +156,7 @@ def buckets_json(groups: list[Bucket], dims: list[str]) -> list[dict]:
 def choose_count(shapes: list[Bucket], asked: int | str) -> tuple[int, dict[int, list[Bucket]]]:
     """(how many profiles, {count: buckets} for it and for SPLITS): asked, or for "auto" the fewest up to
     AUTO_MAX whose padding waste is at most AUTO_WASTE (AUTO_MAX if none is)."""
-    wanted = set(SPLITS) | ({asked} if isinstance(asked, int) else set(range(1, AUTO_MAX + 1)))
+    wanted = set(SPLITS) | ({min(asked, len(shapes))} if isinstance(asked, int) else set(range(1, AUTO_MAX + 1)))
     found = merged_down(shapes, {k for k in wanted if k <= len(shapes)})
     found = {k: v for k, v in found.items() if k in wanted}
     if isinstance(asked, int):
@@ -188,7 +188,7 @@ def synthesize(source: str, model_dims: list[str], align: dict[str, int], asked:
     specs = [(f"--profile-from {source}", f"{d}={lo}..{op}..{hi}") for d, lo, op, hi in zip(named, whole.low(), whole.opt(), whole.high(), strict=True)]
     section = {
         "source": where, "requests": whole.count, "shapes": len(whole.requests), "aligned_to": {d: align[d] for d in named if d in align},
-        "asked": asked, "rule": AUTO_RULE if asked == "auto" else None, "profiles": buckets_json(chosen, named), "waste": round(waste_of(chosen), 4),
+        "asked": asked, "rule": None if asked != "auto" else AUTO_RULE if waste_of(chosen) <= AUTO_WASTE else f"{AUTO_RULE}: none is, so {count}", "profiles": buckets_json(chosen, named), "waste": round(waste_of(chosen), 4),
         "split": [{"profiles": k, "waste": round(waste_of(splits[k]), 4)} for k in sorted(splits)],
     }  # fmt: skip
     buckets = [{d: (lo, op, hi) for d, lo, op, hi in zip(named, g.low(), g.opt(), g.high(), strict=True)} for g in chosen] if count > 1 else []

@@ -54,8 +54,7 @@ def _from_requests(section: dict | None) -> list[str]:
     rows = [[str(i + 1), ", ".join(f"{d} {r['min']}..{r['opt']}..{r['max']}" if r["min"] != r["max"] else f"{d} {r['min']}" for d, r in b["dims"].items()),
              b["requests"], b["shapes"], f"{b['waste']:.1%}"] for i, b in enumerate(section["profiles"])]  # fmt: skip
     out += _table(["profile", "dims (min..opt..max)", "requests", "shapes", "padding waste"], rows)
-    out += [f"Padding waste with 1 to {len(section['split'])} profiles: "
-            + ", ".join(f"{s['profiles']}: {s['waste']:.1%}" for s in section["split"]) + f"; this engine's {section['waste']:.1%}.", ""]
+    out += ["Padding waste by the number of profiles: " + ", ".join(f"{s['profiles']}: {s['waste']:.1%}" for s in section["split"]) + ".", ""]
     return out
 
 

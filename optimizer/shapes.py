@@ -214,7 +214,8 @@ def build_profile(
     return profile, notes
 
 
-def _memory_bytes() -> int | None:
+def machine_memory() -> int | None:
+    """This machine's memory in bytes, where the system says."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system that says
@@ -224,7 +225,7 @@ def _memory_bytes() -> int | None:
 def _check_fits_in_memory(profile: Profile) -> None:
     """Refuse a profile whose largest inputs could not even be held: verification and the benchmark
     make them (a typo such as seq=1..99999999999 would otherwise end in a MemoryError)."""
-    memory = _memory_bytes()
+    memory = machine_memory()
     shapes = profile.shapes(profile.sizes("max"))
     needed = sum(int(np.prod(shapes[s.name], dtype=np.float64)) * np.dtype(s.dtype).itemsize for s in profile.inputs)
     # Half: the reference run and the engine each hold their own inputs and outputs besides.

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from kiln.targets.align import CropBox
 from kiln.targets.buffers import Buffers, HostBuffers, OrtDeviceBuffers, numpy_type
-from kiln.targets.manifest import CUDA_GRAPH_OPTIONS, BuildConfig, EngineError, read_manifest
+from kiln.targets.manifest import DIRECTORY_OPTIONS, BuildConfig, EngineError, for_profile, read_manifest
 from kiln.targets.profile import DimRange, Profile, TensorSpec, derived_mismatch, dim_size, profile_label
 
 ort.set_default_logger_severity(3)  # errors only: kiln reports what matters itself
@@ -140,8 +140,7 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
             if all(isinstance(d, int) for spec in outputs for d in spec.shape):
                 member = dataclasses.replace(member, outputs=outputs)
             elif member.cuda_graph:  # a CUDA graph needs its outputs bound before its first run
-                member = dataclasses.replace(member, cuda_graph=False, provider_options={
-                    k: v for k, v in member.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()})  # fmt: skip
+                member = dataclasses.replace(member, cuda_graph=False, provider_options=for_profile(member.provider_options, profile))
                 session = _session(member, model, engine_dir, cuda_stream, fixed=True)
         members.append(Engine(session, member, engine_dir))
     return EngineSet(members, config, engine_dir)
@@ -150,6 +149,9 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
 def _session(config: BuildConfig, model: Path, engine_dir: Path, cuda_stream: int | None, fixed: bool = False) -> ort.InferenceSession:
     """The session of one profile; fixed: the profile's dims given to ONNX Runtime as sizes, so that its
     graph optimizer folds the shape arithmetic of that one shape."""
+    for key in DIRECTORY_OPTIONS:  # a profile's own engine cache folder (EngineSet), made on first load
+        if key in config.provider_options:
+            (engine_dir / config.provider_options[key]).mkdir(parents=True, exist_ok=True)
     options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     if fixed:
         sizes = config.profile.sizes("opt")
@@ -265,6 +267,18 @@ class EngineSet(Engine):
     def bind(self, buffers: Buffers, run_options: ort.RunOptions | None = None) -> SetBinding:
         return SetBinding(self, buffers, run_options)
 
+    # Host runs go through the member's own binding: a CUDA graph member takes one binding, whoever runs it.
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.members[self.member_of(feeds)].run(feeds)
+
+    def device_runner(self, feeds: Mapping[str, np.ndarray]):
+        return self.members[self.member_of(feeds)].device_runner(feeds)
+
+    def member_of(self, feeds: Mapping[str, Any]) -> int:
+        """The index of the profile that runs these feeds (their shapes padded to the alignment)."""
+        shapes = {name: tuple(value.shape) for name, value in feeds.items()}
+        return self.member_for(self.alignment.padded_shapes(shapes) if self.alignment else shapes)
+
     def member_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
         """The index of the profile that runs (padded) shapes: the smallest one that holds them; outside
         them all, the largest dynamic one (unverified there, as check_feeds says)."""
@@ -306,9 +320,7 @@ class SetBinding:
         self.profile: int | None = None  # the index of the profile the last stage() chose
 
     def stage(self, feeds: Mapping[str, Any]) -> CropBox | None:
-        shapes = {name: tuple(value.shape) for name, value in feeds.items()}
-        alignment = self.engine.alignment
-        self.profile = self.engine.member_for(alignment.padded_shapes(shapes) if alignment else shapes)
+        self.profile = self.engine.member_of(feeds)
         if self.profile not in self.bindings:
             self.bindings[self.profile] = self.engine.members[self.profile].bind(self.buffers, self.run_options)
         self.current = self.bindings[self.profile]

@@ -19,7 +19,7 @@ from kiln.targets.profile import Profile, TensorSpec
 
 ENGINE_MANIFEST = "engine.json"
 ENGINE_FORMAT = "kiln-engine"
-ENGINE_FORMAT_VERSION = 2  # 2: the typed build config
+ENGINE_FORMAT_VERSION = 3  # 2: the typed build config; 3: with several profiles (one profile is still written as 2)
 # Provider options naming a folder of the engine directory (ONNX Runtime TensorRT's caches), kept relative.
 DIRECTORY_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
 # The option that makes each provider capture its run as a CUDA graph.
@@ -63,11 +63,9 @@ class BuildConfig:
         the engine captures them, and a TensorRT provider builds for that profile's shapes alone."""
         profile = self.profiles[index]
         graph = self.cuda_graph and profile.is_static()
-        options = {k: v for k, v in self.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()}
-        if graph:
-            options[CUDA_GRAPH_OPTIONS[self.providers[0]]] = "1"
-        if "trt_profile_min_shapes" in options:
-            options.update({f"trt_profile_{corner}_shapes": profile.shapes_text(corner) for corner in ("min", "opt", "max")})
+        options = for_profile(self.provider_options, profile, graph and self.providers[0])
+        if "trt_engine_cache_path" in options:  # TensorRT's cache names do not tell the profiles' engines apart
+            options["trt_engine_cache_path"] += f"/profile-{index + 1}"
         return dataclasses.replace(self, profile=profile, profiles=(), cuda_graph=graph, provider_options=options)
 
     def session_providers(self, cuda_stream: int | None = None, directory: Path | None = None) -> list:
@@ -122,18 +120,28 @@ class BuildConfig:
         )
 
 
+def for_profile(options: Mapping[str, str], profile: Profile, graph_provider: str | bool = False) -> dict[str, str]:
+    """Provider options for a session of one profile: a TensorRT provider's profile shapes set to it,
+    and a CUDA graph only where graph_provider names the provider to capture one."""
+    options = {k: v for k, v in options.items() if k not in CUDA_GRAPH_OPTIONS.values()}
+    if graph_provider:
+        options[CUDA_GRAPH_OPTIONS[graph_provider]] = "1"
+    if "trt_profile_min_shapes" in options:
+        options.update({f"trt_profile_{corner}_shapes": profile.shapes_text(corner) for corner in ("min", "opt", "max")})
+    return options
+
+
 def with_profiles(config: BuildConfig, envelope: Profile, profiles: tuple[Profile, ...]) -> BuildConfig:
     """A config a target wrote for one of profiles (a static one, if any: its cuda_graph then says
-    whether the target captures static profiles), made the config of them all."""
-    options = {k: v for k, v in config.provider_options.items() if k not in CUDA_GRAPH_OPTIONS.values()}
-    if "trt_profile_min_shapes" in options:
-        options.update({f"trt_profile_{corner}_shapes": envelope.shapes_text(corner) for corner in ("min", "opt", "max")})
-    return dataclasses.replace(config, profile=envelope, profiles=profiles, provider_options=options,
+    whether the target captures static profiles as CUDA graphs), made the config of them all."""
+    return dataclasses.replace(config, profile=envelope, profiles=profiles, provider_options=for_profile(config.provider_options, envelope),
                                cuda_graph=config.cuda_graph and any(p.is_static() for p in profiles))  # fmt: skip
 
 
 def write_manifest(engine_dir: Path, config: BuildConfig) -> None:
-    body = {"format": ENGINE_FORMAT, "version": ENGINE_FORMAT_VERSION, **config.to_json()}
+    # An engine of several profiles is version 3, which a kiln that would take it for one profile refuses.
+    version = ENGINE_FORMAT_VERSION if config.profiles else ENGINE_FORMAT_VERSION - 1
+    body = {"format": ENGINE_FORMAT, "version": version, **config.to_json()}
     (engine_dir / ENGINE_MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
@@ -148,9 +156,9 @@ def read_manifest(engine_dir: Path) -> BuildConfig:
         raise EngineError(f"{path} is not valid JSON ({exc})", hint=rebuild) from None
     if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
         raise EngineError(f"{path} is not a kiln engine manifest", hint="pass the OUTDIR that `kiln optimize -o` wrote")
-    if manifest.get("version") != ENGINE_FORMAT_VERSION:
+    if manifest.get("version") not in (ENGINE_FORMAT_VERSION - 1, ENGINE_FORMAT_VERSION):
         raise EngineError(
-            f"{path} has engine format version {manifest.get('version')}, this kiln reads version {ENGINE_FORMAT_VERSION}",
+            f"{path} has engine format version {manifest.get('version')}, this kiln reads versions {ENGINE_FORMAT_VERSION - 1} and {ENGINE_FORMAT_VERSION}",
             hint=rebuild,
         )
     try:

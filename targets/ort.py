@@ -101,8 +101,7 @@ class OrtTarget(Target):
             # (INVALID_GRAPH). The engine then keeps the model as given, optimized as it loads.
             for path in engine_dir.glob(ENGINE_MODEL + "*"):
                 path.unlink()
-            for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
-                shutil.copyfile(path, engine_dir / path.name)
+            _copy_model(model_path, engine_dir)
             config = dataclasses.replace(config, model=model_path.name)
         write_manifest(engine_dir, config)
         return config
@@ -118,16 +117,22 @@ class OrtTarget(Target):
         return write_deferred(model_path, engine_dir, config)
 
 
-def write_deferred(model_path: Path, engine_dir: Path, config: BuildConfig) -> BuildConfig:
-    """A deferred engine: model_path's files copied, and config with the model's inputs and outputs
-    and this machine's runtime (no GPU to record)."""
-    for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
-        shutil.copyfile(path, engine_dir / path.name)
+def write_deferred(model_path: Path, engine_dir: Path, config: BuildConfig, machine: dict | None = None) -> BuildConfig:
+    """An engine of the model as given (its runtime optimizes it as it loads): model_path's files
+    copied, and config with the model's inputs and outputs, this machine's runtime and the GPU (machine)
+    where there is one to record."""
+    _copy_model(model_path, engine_dir)
     graph = onnx.load(model_path, load_external_data=False).graph
     config = dataclasses.replace(config, model=model_path.name, inputs=graph_specs(graph.input, graph.initializer),
-                                 outputs=graph_specs(graph.output), built_with=runtime_versions())  # fmt: skip
+                                 outputs=graph_specs(graph.output), built_with={**runtime_versions(), **(machine or {})})  # fmt: skip
     write_manifest(engine_dir, config)
     return config
+
+
+def _copy_model(model_path: Path, engine_dir: Path) -> None:
+    """model_path and its external data file, if any, into engine_dir."""
+    for path in (model_path, *model_path.parent.glob(model_path.name + ".data")):
+        shutil.copyfile(path, engine_dir / path.name)
 
 
 def _repeats_names(model_path: Path) -> bool:

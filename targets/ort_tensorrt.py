@@ -21,7 +21,7 @@ import onnx
 
 from kiln.targets.align import Alignment
 from kiln.targets.gpu import fingerprint
-from kiln.targets.manifest import BuildConfig, EngineError, write_manifest
+from kiln.targets.manifest import BuildConfig, EngineError
 from kiln.targets.ort import OrtTarget, write_deferred
 from kiln.targets.profile import Profile
 
@@ -70,22 +70,24 @@ class OrtTensorRtTarget(OrtTarget):
         reason = self.available()
         if reason:
             raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
-        config = self.defer(model_path, engine_dir, profile, precision, alignment)
-        config = dataclasses.replace(config, verified=True, built_with={**config.built_with, **fingerprint()})
-        write_manifest(engine_dir, config)
-        return config
+        return self._write(model_path, engine_dir, profile, precision, alignment, deferred=False)
 
     def defer(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str = "fp32",
               alignment: Alignment | None = None) -> BuildConfig:  # fmt: skip
+        return self._write(model_path, engine_dir, profile, precision, alignment, deferred=True)
+
+    def _write(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str, alignment: Alignment | None,
+               deferred: bool) -> BuildConfig:  # fmt: skip
+        """The model and its manifest; a build (not deferred) also records this machine's GPU."""
         (engine_dir / CACHE_DIR).mkdir()
         quantized = qdq_format(onnx.load(model_path, load_external_data=False).graph)
         config = BuildConfig(
             target=self.name, model=model_path.name, device="cuda", providers=self.providers,
             provider_options=self.trt_options(profile, precision, quantized), precision=precision,
             # The provider captures a static engine as a CUDA graph (trt_cuda_graph_enable): one binding, one shape.
-            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=(), outputs=(), alignment=alignment, verified=False,
+            tf32=False, cuda_graph=profile.is_static(), profile=profile, inputs=(), outputs=(), alignment=alignment, verified=not deferred,
         )  # fmt: skip
-        return write_deferred(model_path, engine_dir, config)
+        return write_deferred(model_path, engine_dir, config, {} if deferred else fingerprint())
 
 
 def qdq_format(graph: onnx.GraphProto) -> str | None:

@@ -50,33 +50,40 @@ def count_flops(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> Work:
     return Work(flops, dict(uncounted))
 
 
+# Ops whose output ONNX Runtime makes a view of their input: no memory of their own.
+ALIASING = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
 def peak_activation_bytes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """The most bytes of inputs and intermediate tensors held at once in one run at these shapes, if
-    each tensor lives from the node that makes it to the last node that reads it (in graph order, as
-    ONNX Runtime's memory planner frees them). Tensors of unknown shape count nothing."""
+    """About the most bytes of inputs and intermediate tensors held at once in one run at these shapes:
+    the inputs throughout, and each other tensor from the node that makes it to the last node that reads
+    it (or a view of it), in graph order. An estimate: ONNX Runtime's planner orders and reuses memory
+    its own way; tensors of unknown shape, and those inside If and Loop bodies, count nothing."""
     skeleton = _shaped(model, shapes)
-    weights = set(model.graph.initializers)
     nodes = list(skeleton.graph)
-    last = {}
+    root: dict[str, str] = {}  # a view's name -> the tensor it views
+    last: dict[str, int] = {}  # a tensor -> the last node that reads it or a view of it
     for index, node in enumerate(nodes):
+        if node.op_type in ALIASING and node.domain == "" and node.inputs and node.inputs[0] is not None:
+            root[node.outputs[0].name] = root.get(node.inputs[0].name, node.inputs[0].name)
         for value in node.inputs:
             if value is not None:
-                last[value.name] = index
+                last[root.get(value.name, value.name)] = index
     for value in skeleton.graph.outputs:
-        last[value.name] = len(nodes)
-    live = sum(_bytes(v) for v in skeleton.graph.inputs if v.name not in weights)
-    peak = live
-    held: dict[int, list[int]] = {}  # node index -> bytes freed after it
-    for value in skeleton.graph.inputs:
-        if value.name not in weights:
-            held.setdefault(last.get(value.name, -1), []).append(_bytes(value))
+        last[root.get(value.name, value.name)] = len(nodes)
+    weights = set(model.graph.initializers)
+    live = sum(_bytes(v) for v in skeleton.graph.inputs if v.name not in weights)  # the caller's, held throughout
+    peak, freed = live, {}
     for index, node in enumerate(nodes):
         for value in node.outputs:
+            if value.name in root:
+                continue
             size = _bytes(value)
             live += size
-            held.setdefault(max(last.get(value.name, index), index), []).append(size)
+            at = max(last.get(value.name, index), index)
+            freed[at] = freed.get(at, 0) + size
         peak = max(peak, live)
-        live -= sum(held.pop(index, ()))
+        live -= freed.pop(index, 0)
     return peak
 
 

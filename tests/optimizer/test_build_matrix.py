@@ -85,6 +85,8 @@ def test_a_failed_verification_exits_3_and_a_failed_build_exits_1(block, tmp_pat
     ('models = ["block"]\ntargets = ["h1000"]\nprecisions = ["fp32"]\n', "targets has 'h1000', which is no target"),
     ('models = ["block"\n', "is not valid TOML"),
     ('models = ["block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\nprofile_from = "tablet"\n', "profile_from: 'tablet' is no file (relative to the matrix) and no preset"),
+    ('models = ["block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\nprofile_from = "phone"\nprofiles = 9\n', "profiles is 9"),
+    ('models = ["block"]\ntargets = ["cpu"]\nprecisions = ["fp32"]\nprofiles = 2\n', "profiles = 2 needs profile_from, which model 'block' has none of"),
 ])  # fmt: skip
 def test_a_bad_matrix_exits_2_naming_what_is_wrong(block, tmp_path, capsys, text, message):
     path = matrix(block, text)
@@ -100,3 +102,5 @@ def test_a_matrix_model_s_profile_comes_from_its_requests(block, tmp_path, capsy
     report = json.loads((tmp_path / "out" / "b-cpu-fp32" / "report.json").read_text())
     assert code == 0 and report["profile"]["dims"] == {"batch": {"min": 1, "opt": 1, "max": 2}, "seq": {"min": 8, "opt": 8, "max": 32}}
     assert report["profile_from"]["source"] == str(block / "requests.json")
+    assert len(report["profiles"]) == 2  # auto: one profile would pad 5/6 of the work
+    assert summary["cells"][0]["latency_ms"] > 0  # at the opt shape of them all, which profile 1 runs

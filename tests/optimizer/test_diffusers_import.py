@@ -19,7 +19,7 @@ from kiln.optimizer.examples.tiny_diffusers import TINY, tiny_model, write_dit, 
 from kiln.optimizer.errors import InputError  # noqa: E402
 from kiln.optimizer.importers import diffusers as D  # noqa: E402
 from kiln.optimizer.importers import diffusion_adapters as A  # noqa: E402
-from kiln.optimizer.shapes import SHAPES_METADATA_KEY  # noqa: E402
+from kiln.optimizer.shapes import DIM_RULES_METADATA_KEY, SHAPES_METADATA_KEY  # noqa: E402
 from kiln.targets import DimRange  # noqa: E402
 
 # class -> (ONNX input names, ONNX dims of each input, the output's dims)
@@ -141,6 +141,8 @@ def test_import_diffusers_source_and_notes(tmp_path):
     assert any("unpatchify" in n for n in notes) and any("matches PyTorch at 4 shapes" in n for n in notes)
     metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert metadata[SHAPES_METADATA_KEY] == "batch=1..2..3,height=8..12..16"
+    # What the profile lint holds a later build's profiles to (width follows height: DiT's latents are square).
+    assert json.loads(metadata[DIM_RULES_METADATA_KEY]) == {"height": {"max": None, "min": None, "multiple": 2, "why": "its patch_size is 2"}}
 
 
 def test_torchscript_fallback_is_recorded(tmp_path, monkeypatch):

@@ -81,6 +81,9 @@ def test_auto_takes_the_fewest_profiles_whose_waste_is_at_most_a_tenth():
     assert waste_of(splits[3]) == pytest.approx(512 * 64 / (10 * 4096 + 10 * 8192 + 2 * 512 * 512))
     assert count == 3 and AUTO_RULE == "the fewest profiles, up to 4, whose padding waste is at most 10%"
     assert choose_count(shapes, 2)[0] == 2 and choose_count(shapes, 8)[0] == 4  # never more than the shapes
+    six = shape_counts([{"height": 64 * i, "width": 64, "count": 1} for i in range(1, 7)], HW)
+    count, splits = choose_count(six, 8)
+    assert count == 6 and waste_of(splits[6]) == 0.0 and sorted(splits) == [1, 2, 3, 4, 6]
     _, phone = read_requests("phone")
     phone_shapes = shape_counts(phone, HW, {"height": 64, "width": 64})
     count, splits = choose_count(phone_shapes, "auto")

@@ -207,7 +207,7 @@ def test_damaged_or_outdated_engines_are_refused(built, tmp_path):
     for text, message in (
         ("{not json", "is not valid JSON"),
         (json.dumps({"format": "other"}), "is not a kiln engine manifest"),
-        (json.dumps({"format": "kiln-engine", "version": 1}), "has engine format version 1, this kiln reads version 2"),
+        (json.dumps({"format": "kiln-engine", "version": 1}), "has engine format version 1, this kiln reads versions 2 and 3"),
         (json.dumps({"format": "kiln-engine", "version": 2, "target": "cpu"}), "is incomplete or damaged (KeyError: 'model')"),
     ):
         manifest.write_text(text)

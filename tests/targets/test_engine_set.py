@@ -4,6 +4,7 @@ them, and the dispatch of each request to the smallest profile that holds its sh
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ def test_each_profile_runs_with_its_own_cuda_graph_and_tensorrt_shapes():
 
     trt = with_profiles(config_for(targets.get_target("h100-ort-trt"), SMALL), WIDE, (SMALL, LARGE, WIDE))
     assert trt.provider_options["trt_profile_max_shapes"] == "x:16x3" and "trt_cuda_graph_enable" not in trt.provider_options
+    assert [trt.member(i).provider_options["trt_engine_cache_path"] for i in range(3)] == [f"trt-cache/profile-{i}" for i in (1, 2, 3)]
+    assert trt.member(0).provider_options["trt_timing_cache_path"] == "trt-cache"  # one timing cache for them all
     large = trt.member(1)
     assert [large.provider_options[f"trt_profile_{c}_shapes"] for c in ("min", "opt", "max")] == ["x:8x3"] * 3
     assert large.provider_options["trt_cuda_graph_enable"] == "1"
@@ -56,6 +59,8 @@ def engine_set(tmp_path) -> EngineSet:
 def test_the_manifest_holds_the_profiles_and_load_makes_a_session_per_static_one(engine_set):
     assert isinstance(engine_set, EngineSet) and engine_set.config == targets.read_manifest(engine_set.directory)
     assert engine_set.config.profiles == (SMALL, LARGE, WIDE) and engine_set.profile == WIDE
+    # Version 3: a kiln that reads one profile refuses it, rather than run it as one.
+    assert json.loads((engine_set.directory / "engine.json").read_text())["version"] == 3
     assert [m.profile for m in engine_set.members] == [SMALL, LARGE, WIDE]
     assert len({id(m.session) for m in engine_set.members}) == 3
     # A static profile's outputs have their sizes: a CUDA graph binds them before its first run (which captures it).
