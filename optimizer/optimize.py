@@ -252,9 +252,7 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         if synthesis:  # the dims whose range --shapes or the recipe gave instead, in every profile
             made = dict(spec.split("=", 1) for _, spec in synthesis.specs)
             synthesis.section["replaced"] = replaced = [d for d, text in made.items() if str(profile.dims[d]) != text]
-            profiles = {json.dumps(p.to_json()): p for p in (dataclasses.replace(profile, dims={**profile.dims, **{d: DimRange(*r) for d, r in bucket.items() if d not in replaced}})
-                                                            for bucket in synthesis.buckets)}  # fmt: skip
-            profiles = tuple(profiles.values()) if len(profiles) > 1 else ()  # --shapes can make buckets one
+            profiles = _bucket_profiles(profile, synthesis.buckets, replaced)
         findings = lint_profiles(model, profiles or (profile,), multiples, synthesis.shapes if synthesis else [])
         notes += lint_check(findings)
         alignment, profile = _aligned(model, profile)
@@ -279,6 +277,16 @@ def prepare(model_arg: Path, work: Path, options: Options, progress: Progress) -
         progress.line(f"note: {note}")
     return Prepared(model_path, source, notes, profile, alignment, expected, verifier, timings, model,
                     from_requests=synthesis.section if synthesis else None, profiles=profiles, lint=findings)  # fmt: skip
+
+
+def _bucket_profiles(profile: Profile, buckets: list[dict], replaced: list[str]) -> tuple[Profile, ...]:
+    """A profile per bucket: profile with the bucket's ranges, except for the dims --shapes replaced
+    (whose range then holds in every profile); none if that leaves them all one."""
+    made = {}
+    for bucket in buckets:
+        dims = {**profile.dims, **{d: DimRange(*r) for d, r in bucket.items() if d not in replaced}}
+        made.setdefault(json.dumps({d: str(r) for d, r in sorted(dims.items())}), dataclasses.replace(profile, dims=dims))
+    return tuple(made.values()) if len(made) > 1 else ()
 
 
 def _aligned_dims(model: ir.Model, inputs) -> dict[str, int]:

@@ -59,7 +59,7 @@ def lint_profiles(model: ir.Model, profiles: tuple[Profile, ...], multiples: dic
                     findings.append(Finding("error", "alignment", dim, f"{where}: {dim} {r} holds {bad[0]}, not a multiple of {multiple}, which {what}{why}",
                                             f"give multiples of {multiple}, e.g. --shapes {dim}={lo}..{hi}"))  # fmt: skip
             if rule.get("max") is not None and r.max > rule["max"]:
-                findings.append(Finding("error", "reach", dim, f"{where}: {dim} reaches {r.max}, past the {rule['max']} the model's positional table covers{why}",
+                findings.append(Finding("error", "reach", dim, f"{where}: {dim} reaches {r.max}, past the {rule['max']} the model takes{why}",
                                         f"keep {dim} at most {rule['max']} (--shapes {dim}={min(r.min, rule['max'])}..{rule['max']})"))  # fmt: skip
             if rule.get("min") is not None and r.min < rule["min"]:
                 findings.append(Finding("error", "reach", dim, f"{where}: {dim} starts at {r.min}, below the {rule['min']} the model takes{why}",

@@ -130,8 +130,7 @@ def load_engine(engine_dir: Path, cuda_stream: int | None = None) -> Engine:
     for index, profile in enumerate(config.profiles):
         member = config.member(index)
         # Dynamic profiles run in one session; a static one in its own, its dims fixed for ONNX Runtime.
-        key = (profile.shapes(profile.sizes("opt")) if profile.is_static() else None, member.provider_options)
-        key = repr(key)
+        key = repr((profile.shapes(profile.sizes("opt")) if profile.is_static() else None, member.provider_options))
         if key not in sessions:
             sessions[key] = _session(member, model, engine_dir, cuda_stream, fixed=profile.is_static())
         session = sessions[key]

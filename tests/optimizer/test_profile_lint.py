@@ -46,7 +46,7 @@ def test_a_diffusers_model_s_patch_size_and_positional_table():
     why = "(its patch_size is 2, and its positional table covers 48 patches a side)"
     assert [(f.level, f.check, f.dim, f.message, f.hint) for f in findings] == [
         ("error", "alignment", "h", f"the profile: h 33..64..128 holds 33, not a multiple of 2, which the model takes {why}", "give multiples of 2, e.g. --shapes h=34..128"),
-        ("error", "reach", "h", f"the profile: h reaches 128, past the 96 the model's positional table covers {why}", "keep h at most 96 (--shapes h=33..96)"),
+        ("error", "reach", "h", f"the profile: h reaches 128, past the 96 the model takes {why}", "keep h at most 96 (--shapes h=33..96)"),
         ("error", "reach", "w", "the profile: w starts at 4, below the 8 the model takes (its patch_size is 2)", "keep w at least 8"),
     ]  # fmt: skip
     with pytest.raises(InputError) as info:
