@@ -10,7 +10,7 @@ import pytest
 from kiln.optimizer.config import TOLERANCES, Options, load_recipe, validate
 from kiln.optimizer.errors import InputError
 
-KNOWN_TOP = "bench, compare, import, int_ranges, io_dtype, passes, precision, profile_from, quantize, shapes, target, tensorrt, verify"
+KNOWN_TOP = "bench, compare, import, int_ranges, io_dtype, passes, precision, profile_from, profiles, quantize, shapes, target, tensorrt, verify"
 
 
 def write(tmp_path, text: str, name: str = "recipe.toml"):
@@ -255,6 +255,7 @@ def test_options_defaults():
         "io_dtype": "float32",
         "shapes": [],
         "profile_from": None,
+        "profiles": "auto",
         "int_ranges": [],
         "verify_inputs": [],
         "disable_passes": [],
