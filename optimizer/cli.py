@@ -275,7 +275,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-precision", action="store_true", help="build --precision even for a model kiln refuses it for (fp16 for Flux, whose activations overflow float16)")
     p.add_argument("--io-dtype", choices=IO_DTYPES, help="dtype of the engine's float inputs and outputs (default float32; float16 with --precision fp16 drops the boundary casts)")
     p.add_argument("--shapes", action="append", default=[], metavar="NAME=MIN..MAX", help="range of a dynamic dim; repeat per dim")
-    p.add_argument("--profile-from", metavar="FILE|PRESET", help="make the profile from request shapes: a JSON list of {DIM: size, count: n} "
+    p.add_argument("--profile-from", metavar="FILE|PRESET", help="make the profiles from request shapes: a JSON list of {DIM: size, count: n} "
                    "or a preset (phone, video-720p, video-1080p), grouped into --profiles; the report gives their padding waste")
     p.add_argument("--profiles", type=_profile_count, metavar="K|auto", help="how many profiles --profile-from makes, each run by a session of its own "
                    "(default auto: the fewest, up to 4, whose padding waste is at most 10%%); a request runs on the smallest that holds it")
