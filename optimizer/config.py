@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 from kiln.optimizer.errors import InputError
+from kiln.optimizer.profile_synthesis import AUTO_RULE
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 IO_DTYPES = ("float32", "float16")
@@ -235,7 +236,7 @@ def validate(options: Options) -> None:
         raise InputError(f"--trt-time-limit {options.trt_time_limit:g}: must be a positive number of seconds")
     if options.profiles != "auto" and (type(options.profiles) is not int or not 1 <= options.profiles <= MAX_PROFILES):
         raise InputError(f"--profiles {options.profiles}: give a number of profiles from 1 to {MAX_PROFILES}, or auto",
-                         hint="auto: the fewest, up to 4, whose padding waste is at most 10%")  # fmt: skip
+                         hint=f"auto: {AUTO_RULE}")  # fmt: skip
     if options.profiles not in ("auto", 1) and not options.profile_from:
         raise InputError(f"--profiles {options.profiles} needs --profile-from: the profiles are made from request shapes",
                          hint="add --profile-from FILE or a preset (phone, video-720p, video-1080p)")  # fmt: skip

@@ -146,7 +146,7 @@ class EngineCache:
     def building(self, key: str, waiting=None) -> Iterator[None]:
         """Hold KEY's lock for a lookup and the build after it: a second builder of KEY waits here (calling
         waiting() first), then finds the first one's entry."""
-        with self._locked(key, waiting or (lambda: None)):
+        with self._locked(key, wait=True, waiting=waiting):
             yield
 
     def lookup(self, key: str, parts: dict) -> Lookup:
@@ -269,21 +269,23 @@ class EngineCache:
     @contextlib.contextmanager
     def _idle(self, key: str) -> Iterator[bool]:
         """Hold KEY's lock if no other process holds it; yields whether it was free."""
-        with self._locked(key) as free:
+        with self._locked(key, wait=False) as free:
             yield free
 
     @contextlib.contextmanager
-    def _locked(self, key: str, waiting=None) -> Iterator[bool]:
-        """KEY's file lock: with waiting (called first), wait for it; without, yield False if it is held."""
+    def _locked(self, key: str, wait: bool, waiting=None) -> Iterator[bool]:
+        """KEY's file lock, held while the body runs: if another process holds it, wait for it (calling
+        waiting() first), or without wait yield False at once."""
         self._make()
         with open(self.locks / f"{key}.lock", "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if waiting is None:
+                if not wait:
                     yield False
                     return
-                waiting()
+                if waiting is not None:
+                    waiting()
                 fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield True

@@ -410,8 +410,8 @@ class Binding:
             out_shapes = {spec.name: tuple(spec.shape) for spec in engine.outputs}
         elif not buffers.takes_ort_outputs:
             # Learn the output shapes from one run into buffers ONNX Runtime allocates. Never for a CUDA
-            # graph engine (whose outputs load_engine makes static): ONNX Runtime captures the graph within
-            # its first run, into the addresses bound then.
+            # graph engine (whose outputs load_engine makes static): on an H100 that first run was the one
+            # captured, into the addresses ONNX Runtime had allocated.
             for spec in engine.outputs:
                 self.io.bind_output(spec.name, buffers.device, buffers.device_id)
             self.session.run_with_iobinding(self.io, self.run_options)

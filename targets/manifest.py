@@ -54,8 +54,9 @@ class BuildConfig:
     # False: built on a machine without the target's GPU (Target.defer) and not yet verified; `kiln verify`
     # builds it for real on the GPU and verifies it.
     verified: bool = True
-    # Several profiles (from --profile-from's buckets): the engine runs each in a session of its own (one
-    # session serves the dynamic ones), and a request goes to the smallest profile that holds its shape.
+    # Several profiles (from --profile-from's buckets): the engine runs each in a session of its own (the
+    # dynamic ones share one where their settings are the same), and a request goes to the smallest
+    # profile that holds its shape.
     profiles: tuple[Profile, ...] = ()
 
     def member(self, index: int) -> BuildConfig:
