@@ -32,6 +32,9 @@ kiln takes a trained model to a fast, verified inference engine for a target, an
                                          FILM in-betweens: a video or frame folder at 4x the rate
   kiln decode vae-out/ latents.npy -o frames/
                                          a VAE decoder over a sequence of latents, chunk by chunk
+  kiln serve dit-out/ --replicas 1..4    serve engines over HTTP (KServe v2) on Ray Serve
+  kiln batch film-out/ jobs.jsonl -o out/
+                                         many clips through Ray Data, resumably
 
 MODEL is an .onnx file, a TensorFlow SavedModel (kiln-ml[tf]; `kiln example film f/`) or a diffusers
 model directory (kiln-ml[torch]; `kiln example dit d/`, `kiln example vae v/`).
@@ -264,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, metavar="DIR", help="directory to write it to")
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)
+
+    from kiln.optimizer.cluster_cli import add_commands
+
+    add_commands(sub, common, _positive, _size)
     return parser
 
 

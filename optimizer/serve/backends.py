@@ -43,6 +43,9 @@ class Backend(Protocol):
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """The engine on feeds that upload made; outputs stay where the engine runs."""
 
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A server's request: host arrays in, the engine run, host arrays out."""
+
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> Any:
         """A float image in [low, 1] ([H, W, 3], or [3, H, W] if channels_first) as a uint8 RGB frame."""
 
@@ -77,6 +80,9 @@ class HostBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engine.run(self.engine.as_input_types(feeds))
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.engine.run(feeds)
 
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> np.ndarray:
         image = np.asarray(image, np.float32)

@@ -156,6 +156,13 @@ class CudaBackend:
             self._runs.append((start, end))
             return self.binding.results(box)
 
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in, host arrays out: staged through pinned memory, run, copied back (not timed)."""
+        with self._on_compute_stream():
+            box = self.binding.stage({k: self.upload_array(v) for k, v in feeds.items()})
+            self.binding.execute()
+            return {k: v.cpu().numpy() for k, v in self.binding.results(box).items()}
+
     def to_frame(self, image, channels_first: bool = False, low: float = 0.0) -> Any:
         with self._on_compute_stream():
             return uint8_frame(image, channels_first, low)
