@@ -75,7 +75,7 @@ def add_commands(sub, common, positive, size) -> None:
     p.add_argument("engine", type=Path, metavar="ENGINE_DIR", help="an OUTDIR `kiln optimize` wrote from FILM or a VAE decoder")
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="JSON lines, one job each (see above)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="folder the outputs and batch.json go to")
-    p.add_argument("--workers", type=positive(int), default=1, help="actors for a cpu engine (default 1); a GPU engine gets one per GPU it is given")
+    p.add_argument("--workers", type=positive(int), help="actors (default: one per GPU of the cluster for a GPU engine, 1 for a cpu engine)")
     p.add_argument("--retries", type=int, default=3, help="times a job whose worker died is run again (default 3)")
     p.add_argument("--address", help="an existing Ray cluster's address (HEAD:6379); default: start Ray on this machine")
     p.set_defaults(handler=cmd_batch)

@@ -18,10 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("optimizer", "passes", "targets", "calibration")  # installed as kiln.<folder>
-HEAVY = {"torch", "tensorflow", "tf2onnx", "diffusers", "tensorrt", "modelopt", "cv2"}
+HEAVY = {"torch", "tensorflow", "tf2onnx", "diffusers", "tensorrt", "modelopt", "cv2", "ray"}
 # Modules that are written in an optional framework, and so need its extra to import at all; nothing
-# else imports them at module level. FILM's reference architecture is TensorFlow modules ([tf]).
-NEEDS_EXTRA = {"kiln.optimizer.examples.film_net": "tensorflow"}
+# else imports them at module level. FILM's reference architecture is TensorFlow modules ([tf]); kiln
+# serve's deployments are Ray Serve classes ([cluster]).
+NEEDS_EXTRA = {"kiln.optimizer.examples.film_net": "tensorflow", "kiln.optimizer.serve.cluster": "ray"}
 
 
 def _py_files(*folders: str) -> list[Path]:

@@ -98,45 +98,50 @@ class JobActor:
         return {"line": list(batch["line"]), "result": [json.dumps(r) for r in results]}
 
 
-def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int, retries: int, address: str | None,
+def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None, retries: int, address: str | None,
         progress) -> dict:  # fmt: skip
     import ray
 
     from kiln.optimizer.serve.cluster import init_ray
 
     kind = job_kind(config)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out} is a file; kiln batch writes into a folder")
+    roots = Roots(manifest.parent.resolve(), out.resolve())
+    jobs = read_jobs(manifest, kind, roots)  # all checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    roots = Roots.of(manifest.parent, out)
-    jobs = read_jobs(manifest, kind, roots)
     cleaned = remove_partials(out)
     pending = [j for j in jobs if not confined(roots.output, json.loads(j["spec"])["output"], "output").exists()]
-    skipped = len(jobs) - len(pending)
-    progress(f"{len(jobs)} job(s): {skipped} done before, {len(pending)} to run" + (f"; removed {cleaned} partial output(s) of a killed run" if cleaned else ""))
+    progress(f"{len(jobs)} job(s): {len(jobs) - len(pending)} done before, {len(pending)} to run" + (f"; removed {cleaned} partial output(s) of a killed run" if cleaned else ""))
+    if not pending:
+        return summary(kind, manifest, out, jobs, {}, 0.0, cleaned)
     started = time.perf_counter()
     results: dict[int, dict] = {}
-    if pending:
-        init_ray(address)
-        try:
-            import ray.data
+    init_ray(address)
+    try:
+        import ray.data
 
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False
-            gpu = config.device == "cuda"
-            dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-                JobActor, fn_constructor_args=(str(engine_dir), roots), batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))),
-                num_gpus=1 if gpu else 0, num_cpus=1 if gpu else 1,
-                max_restarts=-1, max_task_retries=retries,
-            )  # fmt: skip
-            for row in dataset.iter_rows():
-                results[int(row["line"])] = json.loads(row["result"])
-                progress(f"{len(results)}/{len(pending)} job(s) ({results[int(row['line'])]['status']}: {results[int(row['line'])]['output']})")
-        finally:
-            if not address:
-                ray.shutdown()
-    wall = time.perf_counter() - started
+        ray.data.DataContext.get_current().enable_progress_bars = False  # kiln prints a line per job
+        gpu = config.device == "cuda"
+        workers = workers or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)  # one actor per GPU
+        dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+            JobActor, fn_constructor_args=(str(engine_dir), roots), batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))),
+            num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=retries,
+        )  # fmt: skip
+        for row in dataset.iter_rows():
+            result = results[int(row["line"])] = json.loads(row["result"])
+            progress(f"{len(results)}/{len(pending)} job(s) ({result['status']}: {result['output']})")
+    finally:
+        if not address:
+            ray.shutdown()
+    cleaned += remove_partials(out)  # the workers are gone: what a killed one left is no output
+    return summary(kind, manifest, out, jobs, results, time.perf_counter() - started, cleaned)
+
+
+def summary(kind: str, manifest: Path, out: Path, jobs: list[dict], results: dict[int, dict], wall: float, cleaned: int) -> dict:
     rows = [{"line": j["line"], **results.get(j["line"], {"status": "skipped", "output": json.loads(j["spec"])["output"]})} for j in jobs]
     frames = sum(r.get("frames", 0) for r in rows if r["status"] == "done")
-    return {"job": kind, "manifest": str(manifest), "output": str(out), "jobs": rows, "wall_s": wall,
-            "done": sum(r["status"] == "done" for r in rows), "skipped": skipped,
+    return {"job": kind, "manifest": str(manifest), "output": str(out), "jobs": rows, "wall_s": wall, "partials_removed": cleaned,
+            "done": sum(r["status"] == "done" for r in rows), "skipped": sum(r["status"] == "skipped" for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows), "frames": frames, "fps": frames / wall if wall > 0 else 0.0}  # fmt: skip

@@ -33,12 +33,17 @@ MAX_BODY = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    engines = {
+def engines(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engines")
+    return {
         "slow": build(slow_model(root / "slow.onnx"), root / "slow", "batch=1..2..4", "rows=1..16..64"),
         "vae": build(toy_decoder(root / "dec.onnx"), root / "vae", "batch=1..2..4", "height=8", "width=8"),
     }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, engines):
+    root = tmp_path_factory.mktemp("serve")
     (root / "in").mkdir()
     (root / "out").mkdir()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
@@ -236,3 +241,25 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(server):
         assert [f.result(timeout=120)[0] for f in in_flight] == [200] * 4
     assert process.wait(90) == 0
     assert "draining" in process.stderr.read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing-dir"], "missing-dir: no such directory"),
+    (["{slow}", "--replicas", "3..1"], "--replicas 3..1: need 1 <= MIN <= MAX"),
+    (["{slow}", "--replicas", "two"], "--replicas takes N or MIN..MAX"),
+    (["{slow}", "--input-root", "{root}"], "jobs need both --input-root and --output-root"),
+    (["{slow}", "--input-root", "{root}/nope", "--output-root", "{root}"], "the input root {root}/nope is not a directory"),
+    (["{slow}", "{slow}"], "two engines are named 'slow'"),
+    (["bad name={slow}"], "model name 'bad name' is not a name a URL can carry"),
+    (["{slow}", "--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
+])  # fmt: skip
+def test_bad_serve_options_exit_2_before_ray_starts(engines, tmp_path, args, message):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fill = {"slow": engines["slow"], "root": tmp_path, "busy": busy.getsockname()[1]}
+        done = subprocess.run([*KILN, "serve", *(a.format(**fill) for a in args)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and message.format(**fill) in done.stderr, done.stderr
+    assert "Ray" not in done.stderr  # refused before Ray started
