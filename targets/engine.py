@@ -151,7 +151,9 @@ def _session(config: BuildConfig, model: Path, engine_dir: Path, cuda_stream: in
     for key in DIRECTORY_OPTIONS:  # a profile's own engine cache folder (EngineSet), made on first load
         if key in config.provider_options:
             (engine_dir / config.provider_options[key]).mkdir(parents=True, exist_ok=True)
-    options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    # A static profile's dims are given at load (below), which the optimizer then folds.
+    skip = config.optimized_at_build and not fixed
+    options = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL if skip else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     if fixed:
         sizes = config.profile.sizes("opt")
         for dim in dict.fromkeys(d for spec in config.profile.inputs for d in spec.shape if isinstance(d, str)):

@@ -58,6 +58,9 @@ class BuildConfig:
     # dynamic ones share one where their settings are the same), and a request goes to the smallest
     # profile that holds its shape.
     profiles: tuple[Profile, ...] = ()
+    # The model is the graph ONNX Runtime optimized at build for this GPU provider, so loading skips the
+    # optimizer (seconds off a replica's cold start); a CPU engine's layout rewrites depend on the CPU.
+    optimized_at_build: bool = False
 
     def member(self, index: int) -> BuildConfig:
         """The one-profile config that profiles[index] runs with: a static profile is a CUDA graph where
@@ -118,6 +121,7 @@ class BuildConfig:
             disabled_optimizers=tuple(str(name) for name in data.get("disabled_optimizers", ())),
             verified=data.get("verified", True) is not False,
             profiles=tuple(Profile.from_json(p) for p in data.get("profiles", ())),
+            optimized_at_build=data.get("optimized_at_build", False) is True,
         )
 
 

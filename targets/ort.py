@@ -94,6 +94,7 @@ class OrtTarget(Target):
             # A GPU engine also records the machine: loading elsewhere is checked against it (portability.py).
             built_with={**runtime_versions(), "session_providers": ",".join(session.get_providers()),
                         **(fingerprint() if self.device == "cuda" else {})},  # fmt: skip
+            optimized_at_build=self.device == "cuda",
         )
         if _repeats_names(engine_dir / ENGINE_MODEL):
             # onnxruntime 1.32 names the Casts it inserts inside subgraphs (around float16 ops it has no
@@ -102,7 +103,7 @@ class OrtTarget(Target):
             for path in engine_dir.glob(ENGINE_MODEL + "*"):
                 path.unlink()
             _copy_model(model_path, engine_dir)
-            config = dataclasses.replace(config, model=model_path.name)
+            config = dataclasses.replace(config, model=model_path.name, optimized_at_build=False)
         write_manifest(engine_dir, config)
         return config
 

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kiln.optimizer import __version__
+from kiln.optimizer.errors import InputError
 from kiln.optimizer.serve.job_requests import Roots
 from kiln.optimizer.serve.protocol import EXTENSIONS, HEADER_LENGTH, ProtocolError, check_outputs, encode_infer, error_body, model_metadata, parse_infer
 from kiln.optimizer.serve.worker import EngineWorker
@@ -251,8 +252,15 @@ def init_ray(address: str | None) -> None:
 def start(engines: dict[str, Path], configs: dict, options: ServeOptions, host: str, port: int, timeout_s: float, address: str | None):
     """Start (or join) Ray, run the application and wait until every replica is up; return the gateway's
     handle and the seconds taken."""
+    import ray
+
     started = time.perf_counter()
     init_ray(address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if any(configs[name].device == "cuda" for name in engines) and gpus < 1:
+        ray.shutdown()
+        raise InputError("the engines run on a GPU, and the Ray cluster has none" + ("" if address else " (Ray found no GPU on this machine)"),
+                         hint="run kiln serve where Ray sees a GPU, or join a cluster that has one with --address")  # fmt: skip
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s}, logging_config={"log_level": "WARNING"})
     gateway = serve.run(application(engines, configs, options), name=APP, route_prefix="/")
     return gateway, time.perf_counter() - started
