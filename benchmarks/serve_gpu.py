@@ -58,8 +58,9 @@ class Server:
         self.process = subprocess.Popen([*KILN, "serve", *map(str, args), "--port", str(self.port), "--json"],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         line = self.process.stdout.readline()
-        if not line:
-            raise SystemExit(f"kiln serve did not start:\n{self.process.stderr.read()[-3000:]}")
+        if not line.startswith('{"status": "ready"'):
+            self.process.wait(60)
+            raise SystemExit(f"kiln serve did not start:\n{line}{self.process.stdout.read()}\n{self.process.stderr.read()[-3000:]}")
         self.ready = json.loads(line)
         self.url = self.ready["url"]
 

@@ -7,8 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 
 from kiln.targets.align import Alignment
@@ -18,6 +16,9 @@ from kiln.targets.manifest import BuildConfig, write_manifest
 from kiln.targets.profile import Profile, TensorSpec
 from kiln.targets.gpu import fingerprint
 from kiln.targets.versions import runtime_versions
+
+# onnx and onnx_ir are imported where a build needs them: a serving replica that only loads engines
+# starts without them (onnx_ir pulls in sympy, a few hundred milliseconds).
 
 ENGINE_MODEL = "model.ort.onnx"
 # Above this size the optimized model must keep its weights in a side file (protobuf's 2 GB limit).
@@ -122,6 +123,8 @@ def write_deferred(model_path: Path, engine_dir: Path, config: BuildConfig, mach
     """An engine of the model as given (its runtime optimizes it as it loads): model_path's files
     copied, and config with the model's inputs and outputs, this machine's runtime and the GPU (machine)
     where there is one to record."""
+    import onnx
+
     _copy_model(model_path, engine_dir)
     graph = onnx.load(model_path, load_external_data=False).graph
     config = dataclasses.replace(config, model=model_path.name, inputs=graph_specs(graph.input, graph.initializer),
@@ -138,6 +141,8 @@ def _copy_model(model_path: Path, engine_dir: Path) -> None:
 
 def _repeats_names(model_path: Path) -> bool:
     """Whether two nodes anywhere in the model (subgraphs included) write a value of the same name."""
+    import onnx_ir as ir
+
     names: set[str] = set()
     for node in ir.traversal.RecursiveGraphIterator(ir.load(model_path).graph):
         for value in node.outputs:
@@ -149,6 +154,8 @@ def _repeats_names(model_path: Path) -> bool:
 
 def uncapturable_ops(model_path: Path) -> dict[str, str]:
     """'domain::op' -> why, for each op of the model that a CUDA graph cannot capture."""
+    import onnx_ir as ir
+
     found = {}
     for node in ir.load(model_path).graph:
         why = UNCAPTURABLE.get((node.domain, node.op_type))
@@ -160,6 +167,8 @@ def uncapturable_ops(model_path: Path) -> dict[str, str]:
 def graph_specs(values, initializers=()) -> tuple[TensorSpec, ...]:
     """TensorSpecs of graph inputs (initializers left out) or outputs; a dim the graph leaves unnamed
     gets a name of its own (value_axis), never a size."""
+    import onnx
+
     weights = {t.name for t in initializers}
     specs = []
     for value in values:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from kiln.targets.align import Alignment
 from kiln.targets.gpu import fingerprint
 from kiln.targets.manifest import BuildConfig, EngineError
 from kiln.targets.ort import OrtTarget, write_deferred
 from kiln.targets.profile import Profile
+
+if TYPE_CHECKING:  # onnx is imported where a build needs it
+    import onnx
 
 CACHE_DIR = "trt-cache"  # inside the engine directory; resolved when the engine loads
 NVINFER = "libnvinfer.so.10"  # what ONNX Runtime 1.31's TensorRT provider links against
@@ -79,6 +81,8 @@ class OrtTensorRtTarget(OrtTarget):
     def _write(self, model_path: Path, engine_dir: Path, profile: Profile, precision: str, alignment: Alignment | None,
                deferred: bool) -> BuildConfig:  # fmt: skip
         """The model and its manifest; a build (not deferred) also records this machine's GPU."""
+        import onnx
+
         (engine_dir / CACHE_DIR).mkdir()
         quantized = qdq_format(onnx.load(model_path, load_external_data=False).graph)
         config = BuildConfig(
@@ -108,4 +112,4 @@ def qdq_format(graph: onnx.GraphProto) -> str | None:
     return found
 
 
-FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ}
+FP8_TYPES = {17, 18, 19, 20}  # onnx.TensorProto's FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ

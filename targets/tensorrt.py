@@ -26,8 +26,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import onnxruntime as ort
 
 from kiln.targets.align import Alignment
@@ -38,6 +38,9 @@ from kiln.targets.ort import graph_specs
 from kiln.targets.ort_tensorrt import qdq_format
 from kiln.targets.profile import Profile
 from kiln.targets.versions import runtime_versions
+
+if TYPE_CHECKING:  # onnx is imported where a build needs it
+    import onnx
 
 PLAN = "model.plan"
 CONTEXT_MODEL = "model.trt.onnx"  # the plan's ONNX face (see the module's docstring)
@@ -151,6 +154,8 @@ def context_model(model: onnx.ModelProto, plan: str, compute_capability: str, te
     """The model ONNX Runtime's TensorRT provider runs a prebuilt plan from: model's inputs and outputs
     around one com.microsoft EPContext node whose ep_cache_context is the plan's file name, relative to
     this model's folder (the provider refuses absolute paths and '..')."""
+    import onnx
+
     weights = {t.name for t in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in weights]
     node = onnx.helper.make_node(
@@ -196,6 +201,8 @@ class TensorRtTarget(Target):
         reason = self.available()
         if reason:
             raise EngineError(f"target {self.name!r} cannot build here: {reason}", hint="`kiln targets` shows what runs here")
+        import onnx
+
         model, version = onnx.load(model_path, load_external_data=False), tensorrt().__version__
         settings = build_settings(model.graph, [profile], precision, self.timing_cache(engine_dir, version), self.optimization_level, self.time_limit_s)
         build_plan(model_path, engine_dir / PLAN, settings)
