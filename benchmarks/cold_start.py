@@ -20,9 +20,10 @@ Each run is a new Python process that opens the engine the way a `kiln serve` re
 Ways of loading, each in its own processes: `reoptimize`, ONNX Runtime's graph optimizer run again at
 load (how kiln loaded every engine before), `as built`, the engine's manifest's own setting (a GPU
 engine's model is the optimized graph ONNX Runtime wrote at build, so it loads with the optimizer off),
-and with --heuristic, `heuristic conv search`: as built, with cuDNN's heuristic choice of each
-convolution's algorithm in place of kiln's exhaustive search (timing every algorithm on the first run). --cold first drops the engine's files from the page cache
-(posix_fadvise DONTNEED, and /proc/sys/vm/drop_caches where writable), and says which worked.
+and with --exhaustive, `exhaustive conv search`: as built, with cuDNN's exhaustive search (timing every
+convolution algorithm on the first run) in place of the cuda targets' heuristic choice. --cold first
+drops the engine's files from the page cache (posix_fadvise DONTNEED, and /proc/sys/vm/drop_caches
+where writable), and says which worked.
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ made = E.session_options
 def verbose(level, log_level=3):  # ONNX Runtime's own log marks the session's phases
     return made(ort.GraphOptimizationLevel.ORT_ENABLE_ALL if how == "reoptimize" else level, 0)
 E.session_options = verbose
-if how == "heuristic conv search":  # cuDNN's heuristic pick of each convolution's algorithm, no timing of them all
+if how == "exhaustive conv search":  # every cuDNN convolution algorithm timed on the first run (kiln's choice before)
     import dataclasses
     read = E.read_manifest
-    def heuristic(directory):
+    def exhaustive(directory):
         config = read(directory)
-        return dataclasses.replace(config, provider_options={**config.provider_options, "cudnn_conv_algo_search": "HEURISTIC"})
-    E.read_manifest = heuristic
+        return dataclasses.replace(config, provider_options={**config.provider_options, "cudnn_conv_algo_search": "EXHAUSTIVE"})
+    E.read_manifest = exhaustive
 context = None
 if config.device == "cuda":
     import ctypes
@@ -145,13 +146,13 @@ def main() -> None:
     parser.add_argument("engines", type=Path, nargs="+")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold", action="store_true", help="also runs with the engine's files dropped from the page cache")
-    parser.add_argument("--heuristic", action="store_true", help="also load with cuDNN's heuristic convolution search")
+    parser.add_argument("--exhaustive", action="store_true", help="also load with cuDNN's exhaustive convolution search")
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
     rows, everything = {}, {}
     for path in args.engines:
         directory = path / "engine" if (path / "engine").is_dir() else path
-        for how in ("reoptimize", "as built", *(("heuristic conv search",) if args.heuristic else ())):
+        for how in ("reoptimize", "as built", *(("exhaustive conv search",) if args.exhaustive else ())):
             for cache in ("warm", "cold") if args.cold else ("warm",):
                 one_run(directory, how, cold=False)  # fills the page cache (and any cache of the driver's)
                 runs = [one_run(directory, how, cold=cache == "cold") for _ in range(args.runs)]

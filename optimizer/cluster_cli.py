@@ -28,8 +28,10 @@ one deployment per engine, a replica per GPU (CPU replicas for a cpu engine), au
 Jobs read under --input-root and write under --output-root (paths relative to them; `..` and links
 out are refused), each output written whole under a temporary name and renamed at the end.
 Requests of one shape are batched up to the engine's batch max. Past --max-queued requests waiting
-for a replica, a request gets 503 with Retry-After at once. SIGINT or SIGTERM drains: requests in
-flight finish (up to --drain-timeout), new ones get 503, then it exits 0.
+for a replica, a request gets 503 with Retry-After at once. A replica that dies under a request fails
+it with 500 and the reason (send it again: a job's output is never half-written). SIGINT or SIGTERM
+drains: ready turns 503, requests in flight finish (up to --drain-timeout), new ones are refused,
+then it exits 0.
 
 On an existing Ray cluster (`ray start --head` on one node, `ray start --address HEAD:6379` on the
 others): kiln serve ... --address HEAD:6379; Ray places the replicas on the nodes' GPUs.
@@ -145,15 +147,16 @@ def cmd_serve(args) -> int:
         engines[name], configs[name] = _engine_config(path)
         if not args.address:
             _check_runs_here(configs[name], engines[name])
-    _check_port(args.host, args.port)
+    if not args.address:  # on a cluster, Ray Serve's proxy may hold the port already (see cluster.start)
+        _check_port(args.host, args.port)
     options = cluster.ServeOptions(min_replicas=low, max_replicas=high, target_ongoing=args.target_ongoing, max_ongoing=args.max_ongoing,
                                    max_queued=args.max_queued, max_body=args.max_body, batch_wait_s=args.batch_wait_ms / 1e3,
-                                   replica_cpus=args.replica_cpus, roots=roots)  # fmt: skip
+                                   replica_cpus=args.replica_cpus, drain_timeout_s=args.drain_timeout, roots=roots)  # fmt: skip
     say = (lambda text: None) if args.quiet else (lambda text: print(f"kiln: {text}", file=sys.stderr, flush=True))
     say(f"starting {len(engines)} engine(s) on Ray Serve ({'replicas ' + args.replicas})")
-    gateway = None
+    health = None
     try:
-        gateway, seconds = cluster.start(engines, configs, options, args.host, args.port, args.timeout, args.address)
+        health, seconds = cluster.start(engines, configs, options, args.host, args.port, args.timeout, args.address)
         base = f"http://{args.host}:{args.port}"
         ready = {"status": "ready", "url": base, "startup_s": seconds, "models": {n: f"{base}/v2/models/{n}" for n in engines}}
         text = "\n".join([f"ready in {seconds:.1f} s: {base}/v2/health/ready", *(f"  {n}: {u}" for n, u in ready["models"].items())])
@@ -162,11 +165,11 @@ def cmd_serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        say("draining: requests in flight finish, new ones get 503")
-        if gateway is None:
-            raise  # before the application ran: an interrupted start
-        left = cluster.stop(gateway, args.drain_timeout, owns_ray=not args.address)
-        say("stopped" + (f"; {left} request(s) were still in flight after --drain-timeout" if left else ""))
+        say("draining: requests in flight finish, new ones are refused")
+        if health is None:
+            raise  # before the applications ran: an interrupted start
+        cluster.stop(health, list(engines), owns_ray=not args.address)
+        say("stopped")
         return 0
 
 
