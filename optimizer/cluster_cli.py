@@ -125,6 +125,11 @@ def _check_port(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}", hint="pick another --port, or stop what holds it") from None
 
 
+def _progress(args):
+    """A line of progress on stderr, flushed (a log sees it at once); nothing with -q."""
+    return (lambda text: None) if args.quiet else (lambda text: print(f"kiln: {text}", file=sys.stderr, flush=True))
+
+
 def cmd_serve(args) -> int:
     from kiln.optimizer.cli import _JSON_STDOUT
     from kiln.optimizer.lazy import check_installed
@@ -152,7 +157,7 @@ def cmd_serve(args) -> int:
     options = cluster.ServeOptions(min_replicas=low, max_replicas=high, target_ongoing=args.target_ongoing, max_ongoing=args.max_ongoing,
                                    max_queued=args.max_queued, max_body=args.max_body, batch_wait_s=args.batch_wait_ms / 1e3,
                                    replica_cpus=args.replica_cpus, drain_timeout_s=args.drain_timeout, roots=roots)  # fmt: skip
-    say = (lambda text: None) if args.quiet else (lambda text: print(f"kiln: {text}", file=sys.stderr, flush=True))
+    say = _progress(args)
     say(f"starting {len(engines)} engine(s) on Ray Serve ({'replicas ' + args.replicas})")
     health = None
     try:
@@ -165,9 +170,9 @@ def cmd_serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        say("draining: requests in flight finish, new ones are refused")
         if health is None:
             raise  # before the applications ran: an interrupted start
+        say("draining: requests in flight finish, new ones are refused")
         cluster.stop(health, list(engines), owns_ray=not args.address)
         say("stopped")
         return 0
@@ -186,8 +191,7 @@ def cmd_batch(args) -> int:
         _check_runs_here(config, directory)
     if args.retries < 0:
         raise InputError(f"--retries must be 0 or more, got {args.retries}")
-    say = (lambda text: None) if args.quiet else (lambda text: print(f"kiln: {text}", file=sys.stderr, flush=True))
-    summary = batch.run(directory, config, args.manifest, args.output, args.workers, args.retries, args.address, say)
+    summary = batch.run(directory, config, args.manifest, args.output, args.workers, args.retries, args.address, _progress(args))
     with atomic_file(args.output / "batch.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     failed = [r for r in summary["jobs"] if r["status"] == "failed"]

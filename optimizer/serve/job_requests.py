@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import uuid
@@ -130,7 +131,7 @@ def _number(spec: dict, key: str, kind: type):
     value = spec.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf or (kind is int and value != int(value)):
         raise ProtocolError(f'"{key}" must be a positive {"whole number" if kind is int else "number"}, got {value!r}')
     return kind(value)
 
