@@ -3,6 +3,7 @@
     python benchmarks/serve_gpu.py dit WORK [--requests 400] [--clients 4]
     python benchmarks/serve_gpu.py film WORK FILM_ONNX [--frames 32]
     python benchmarks/serve_gpu.py batching WORK [--requests 400] [--clients 8]
+    python benchmarks/serve_gpu.py ongoing WORK [--requests 480]
 
 dit: DiT-XL/2 (random weights at real size) as a fp16 engine for this GPU (--target auto) at 256² batch 8,
 static (a CUDA graph). The engine runs in a loop, host arrays in and out (what a server must do too),
@@ -16,6 +17,10 @@ request's time, its warm-up included).
 
 batching: the example transformer block (a cpu engine, batch 1..4) served with batching on and off:
 batch-1 requests from C clients, throughput and p50/p99 latency. Runs anywhere.
+
+ongoing: a model of DiT-XL/2's input and output sizes that computes almost nothing (tanh, [8, 4, 32, 32]
+in, [8, 8, 32, 32] out; a cpu engine), served with --max-ongoing 8 and 32 to 8 and 16 clients: the cost
+of requests waiting in Ray's router rather than in the replica. Runs anywhere.
 """
 
 from __future__ import annotations
@@ -205,9 +210,33 @@ def batching(work: Path, requests_total: int, clients: int) -> None:
         print(f"| {'off' if wait == '0' else f'on, {wait} ms wait'} | {r['per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
 
 
+def ongoing(work: Path, requests_total: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    engine_dir = work / "io"
+    if not (engine_dir / "engine").is_dir():
+        nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Concat", ["t", "t"], ["y"], axis=1)]
+        graph = helper.make_graph(nodes, "io", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 32, 32])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 32, 32])])  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), work / "io.onnx")
+        kiln("optimize", work / "io.onnx", "-o", engine_dir, "--shapes", "batch=8", "--bench-runs", "0")
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 4, 32, 32)).astype(np.float32)}
+    print("\nDiT-sized requests to a cpu engine that computes almost nothing\n")
+    print("| --max-ongoing | clients | requests/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
+    for held in ("8", "32"):
+        server = Server(engine_dir, "--max-ongoing", held, "--max-queued", "64")
+        try:
+            for clients in (8, 16):
+                r = load(server.url, "io", feeds, requests_total, clients)
+                print(f"| {held} | {clients} | {r['per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        finally:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["dit", "film", "batching"])
+    parser.add_argument("case", choices=["dit", "film", "batching", "ongoing"])
     parser.add_argument("work", type=Path)
     parser.add_argument("film_onnx", type=Path, nargs="?")
     parser.add_argument("--requests", type=int, default=400)
@@ -220,8 +249,10 @@ def main() -> None:
         dit(args.work, args.requests, args.clients)
     elif args.case == "film":
         film(args.work, args.film_onnx, args.frames)
-    else:
+    elif args.case == "batching":
         batching(args.work, args.requests, args.clients)
+    else:
+        ongoing(args.work, args.requests)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def add_commands(sub, common, positive, size) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", default="1", metavar="N|MIN..MAX", help="replicas per engine; a range autoscales on ongoing requests (default 1)")
     p.add_argument("--target-ongoing", type=positive(float), default=2.0, help="ongoing requests per replica the autoscaler aims at (default 2)")
-    p.add_argument("--max-ongoing", type=positive(int), default=8, help="requests a replica holds at once, batching included (default 8)")
+    p.add_argument("--max-ongoing", type=positive(int), default=32, help="requests a replica holds at once, batching included (default 32)")
     p.add_argument("--max-queued", type=positive(int), default=16, help="requests waiting for a replica, per engine, before 503 (default 16)")
     p.add_argument("--max-body", type=size, default=64 << 20, metavar="SIZE", help="largest request body (default 64M); larger gets 400")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a replica waits to fill a batch (default 2; 0: no batching)")

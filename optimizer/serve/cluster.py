@@ -46,7 +46,9 @@ class ServeOptions:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing: float = 2.0  # per replica, for the autoscaler
-    max_ongoing: int = 8  # per replica; batching needs a few in hand
+    # Per replica. Requests past it wait in Ray's router, which polls with backoff: with 16 clients, 8 gave
+    # 80-95 requests/s and 32 gave 123-125 (benchmarks/serve_gpu.py ongoing, 2 cores; an H100 fell likewise).
+    max_ongoing: int = 32
     max_queued: int = 16  # per engine, past what its replicas hold
     max_body: int = 64 << 20
     batch_wait_s: float = 0.002  # 0: no batching
