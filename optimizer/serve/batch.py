@@ -69,7 +69,7 @@ def read_jobs(manifest: Path, kind: str, roots: Roots) -> list[dict]:
         if output in outputs:
             raise InputError(f"{where}: output {job['output']!r} is also line {outputs[output]}'s", hint='give one of them another "output"')
         outputs[output] = number
-        jobs.append({"line": number, "spec": json.dumps(job)})
+        jobs.append({"line": number, "output": job["output"], "spec": json.dumps(job)})
     if not jobs:
         raise InputError(f"{manifest} lists no jobs", hint='one job per line: {"input": "clips/a.mp4"} or a bare path')
     return jobs
@@ -86,14 +86,14 @@ class JobActor:
 
     def __call__(self, batch: dict) -> dict:
         results = []
-        for line, spec in zip(batch["line"], batch["spec"], strict=True):
+        for spec, output in zip(batch["spec"], batch["output"], strict=True):
             started = time.perf_counter()
             try:
                 # reuse: an output that exists now was written by this job's earlier try (run() skipped the others)
                 done = self.worker.job(self.kind, json.loads(spec), reuse=True)
                 results.append({"status": "reused" if done.pop("reused") else "done", **done})
             except ProtocolError as exc:
-                results.append({"status": "failed", "error": exc.message, "output": json.loads(spec)["output"]})
+                results.append({"status": "failed", "error": exc.message, "output": output})
             results[-1]["seconds"] = time.perf_counter() - started
         return {"line": list(batch["line"]), "result": [json.dumps(r) for r in results]}
 
@@ -102,7 +102,7 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
         progress) -> dict:  # fmt: skip
     import ray
 
-    from kiln.optimizer.serve.cluster import init_ray
+    from kiln.optimizer.serve.ray_start import init_ray
 
     kind = job_kind(config)
     if out.exists() and not out.is_dir():
@@ -111,7 +111,7 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
     jobs = read_jobs(manifest, kind, roots)  # all checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     cleaned = remove_partials(out)
-    pending = [j for j in jobs if not confined(roots.output, json.loads(j["spec"])["output"], "output").exists()]
+    pending = [j for j in jobs if not (roots.output / j["output"]).exists()]  # read_jobs kept each under the root
     progress(f"{len(jobs)} job(s): {len(jobs) - len(pending)} done before, {len(pending)} to run" + (f"; removed {cleaned} partial output(s) of a killed run" if cleaned else ""))
     if not pending:
         return summary(kind, manifest, out, jobs, {}, 0.0, cleaned)
@@ -140,7 +140,7 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
 
 
 def summary(kind: str, manifest: Path, out: Path, jobs: list[dict], results: dict[int, dict], wall: float, cleaned: int) -> dict:
-    rows = [{"line": j["line"], **results.get(j["line"], {"status": "skipped", "output": json.loads(j["spec"])["output"]})} for j in jobs]
+    rows = [{"line": j["line"], **results.get(j["line"], {"status": "skipped", "output": j["output"]})} for j in jobs]
     frames = sum(r.get("frames", 0) for r in rows if r["status"] == "done")
     return {"job": kind, "manifest": str(manifest), "output": str(out), "jobs": rows, "wall_s": wall, "partials_removed": cleaned,
             "done": sum(r["status"] == "done" for r in rows), "skipped": sum(r["status"] == "skipped" for r in rows),

@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from starlette.responses import Response
 from kiln.optimizer import __version__
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.serve.job_requests import KINDS, Roots
+from kiln.optimizer.serve.ray_start import init_ray
 from kiln.optimizer.serve.protocol import EXTENSIONS, HEADER_LENGTH, ProtocolError, check_outputs, encode_infer, error_body, model_metadata, parse_infer
 from kiln.optimizer.serve.worker import EngineWorker
 
@@ -199,17 +199,6 @@ def engine_deployment(name: str, directory: Path, config, options: ServeOptions)
         graceful_shutdown_timeout_s=options.drain_timeout_s, health_check_period_s=2, **scaling,
     )  # fmt: skip
     return deployment.bind(name, str(directory), model_metadata(name, config), options.roots, options.batch_wait_s, options.max_body)
-
-
-def init_ray(address: str | None) -> None:
-    """Start Ray on this machine, or join the cluster at address. Ray's driver exits on SIGTERM; kiln
-    keeps its own handlers, so a SIGTERM drains like Ctrl-C."""
-    import ray
-
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
 
 
 def start(engines: dict[str, Path], configs: dict, options: ServeOptions, host: str, port: int, timeout_s: float, address: str | None):

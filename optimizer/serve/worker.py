@@ -66,10 +66,14 @@ class EngineWorker:
                 self.runs, self.items = self.runs + 1, self.items + len(run)
                 start = 0
                 for i in run:
-                    count = len(next(iter(requests[i].values()))) if self.batch_dim else 1
+                    count = self._items(requests[i])
                     results[i] = {k: v[start : start + count] for k, v in outputs.items()} if self.batch_dim else outputs
                     start += count
         return results
+
+    def _items(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """How many items a request holds along the batch dim (1 for an engine without one)."""
+        return len(next(iter(feeds.values()))) if self.batch_dim else 1
 
     def _runs(self, requests, members: list[int]) -> list[list[int]]:
         """members packed in order into runs of at most batch_max items."""
@@ -77,7 +81,7 @@ class EngineWorker:
             return [[i] for i in members]
         runs, size = [], self.batch_max + 1
         for i in members:
-            count = len(next(iter(requests[i].values())))
+            count = self._items(requests[i])
             if size + count > self.batch_max:
                 runs.append([])
                 size = 0

@@ -83,8 +83,8 @@ def local(engine: Path, feeds: dict) -> dict:
     return open_engine(engine).run(feeds)
 
 
-def infer(url: str, x: np.ndarray, timeout: float = 60) -> tuple[int, np.ndarray | str]:
-    """x through the slow engine in the binary extension: (status, y), or (status, the error)."""
+def infer(url: str, x: np.ndarray, timeout: float = 60) -> tuple[int, np.ndarray | str, dict]:
+    """x through the slow engine in the binary extension: (status, y or the error, the headers)."""
     header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
                          "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
     response = requests.post(f"{url}/v2/models/slow/infer", data=header + x.tobytes(), timeout=timeout,
