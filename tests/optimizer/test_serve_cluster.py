@@ -41,10 +41,10 @@ def engines(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def start_server(engines: dict[str, Path], root: Path, address: str, port: int) -> tuple[subprocess.Popen, dict]:
+def start_server(engines: dict[str, Path], root: Path, address: str, port: int, max_ongoing: int = 2) -> tuple[subprocess.Popen, dict]:
     """kiln serve of the engines, two replicas each, a queue of 4, jobs under root/in and root/out;
     (the process, its ready line) once every replica has loaded and run its engine."""
-    process = subprocess.Popen([*KILN, "serve", *engines.values(), "--port", str(port), "--replicas", "2", "--max-ongoing", "2",
+    process = subprocess.Popen([*KILN, "serve", *engines.values(), "--port", str(port), "--replicas", "2", "--max-ongoing", str(max_ongoing),
                                 "--max-queued", "4", "--max-body", str(MAX_BODY), "--input-root", root / "in",
                                 "--output-root", root / "out", "--address", address, "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -245,8 +245,9 @@ def test_a_replica_killed_mid_request_fails_it_and_the_server_recovers(server, t
     replica in its place. On a server of its own: the test before stopped the module's."""
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
-    # Ray Serve stays up on the test's cluster, on the port it took first.
-    process, ready = start_server(server["engines"], tmp_path, server["address"], server["port"])
+    # Ray Serve stays up on the test's cluster, on the port it took first. One request per replica at
+    # most, so that the two requests run on different replicas.
+    process, ready = start_server(server["engines"], tmp_path, server["address"], server["port"], max_ongoing=1)
     try:
         killed_replica(ready["url"], server["engines"]["slow"])
     finally:
@@ -257,7 +258,7 @@ def killed_replica(url: str, engine: Path) -> None:
     xs = [np.random.default_rng(10 + i).standard_normal(SLOW + (512,)).astype(np.float32) for i in range(2)]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(infer, url, x, 120) for x in xs]
-        time.sleep(0.3)  # both are running, one on each replica
+        time.sleep(0.3)  # both are running, one on each replica (--max-ongoing 1)
         victim = _replicas("kiln-slow")[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
         responses = [f.result(timeout=180) for f in futures]
