@@ -268,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing model in DIR")
     p.set_defaults(handler=cmd_example)
 
-    from kiln.optimizer.cluster_cli import add_commands
+    from kiln.optimizer import cluster_cli, triton_cli
 
-    add_commands(sub, common, _positive, _size)
+    cluster_cli.add_commands(sub, common, _positive, _size)
+    triton_cli.add_commands(sub, common, _positive)
     return parser
 
 

@@ -33,6 +33,11 @@ it with 500 and the reason (send it again: a job's output is never half-written)
 drains: ready turns 503, requests in flight finish (up to --drain-timeout), new ones are refused,
 then it exits 0.
 
+--frontend triton serves the same engines on a real Triton Inference Server (PyTriton's tritonserver,
+kiln-ml[triton]) instead: each engine a Python-backend model running kiln's runtime, --replicas N
+instances, Triton's own HTTP (--port) and gRPC (--grpc-port) endpoints, dynamic batching and
+/v2/models/NAME/stats. `kiln export triton` writes such a repository for a Triton you run yourself.
+
 On an existing Ray cluster (`ray start --head` on one node, `ray start --address HEAD:6379` on the
 others): kiln serve ... --address HEAD:6379; Ray places the replicas on the nodes' GPUs.
 """
@@ -70,6 +75,11 @@ def add_commands(sub, common, positive, size) -> None:
     p.add_argument("--timeout", type=positive(float), default=300.0, help="seconds a request may take before 408 (default 300)")
     p.add_argument("--drain-timeout", type=positive(float), default=30.0, help="seconds to let requests in flight finish at shutdown (default 30)")
     p.add_argument("--address", help="an existing Ray cluster's address (HEAD:6379); default: start Ray on this machine")
+    p.add_argument("--frontend", choices=("ray", "triton"), default="ray",
+                   help="ray: Ray Serve (default); triton: a real Triton Inference Server (kiln-ml[triton]) running each engine "
+                        "as a Python-backend model, with Triton's HTTP and gRPC endpoints, dynamic batching and statistics; "
+                        "--replicas N are its instances")  # fmt: skip
+    p.add_argument("--grpc-port", type=int, help="Triton's gRPC port (--frontend triton; default --port + 1)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("batch", parents=[common], help="run a manifest of clips or latent files through Ray Data, resumably",
@@ -133,6 +143,11 @@ def _progress(args):
 def cmd_serve(args) -> int:
     from kiln.optimizer.cli import _JSON_STDOUT
     from kiln.optimizer.lazy import check_installed
+
+    if args.frontend == "triton":
+        from kiln.optimizer.triton_cli import serve_triton
+
+        return serve_triton(args, _named(args.engines))
 
     check_installed(["ray", "starlette"], "cluster", "kiln serve")
     from kiln.optimizer.serve import cluster
