@@ -1,6 +1,7 @@
 """`kiln serve` on one GPU against the engine run directly: issue 19's table.
 
     python benchmarks/serve_gpu.py dit WORK [--requests 400] [--clients 4]
+    python benchmarks/serve_gpu.py triton WORK [--requests 400] [--clients 16]
     python benchmarks/serve_gpu.py film WORK FILM_ONNX [--frames 32]
     python benchmarks/serve_gpu.py batching WORK [--requests 400] [--clients 8]
     python benchmarks/serve_gpu.py ongoing WORK [--requests 480]
@@ -9,6 +10,9 @@ dit: DiT-XL/2 (random weights at real size) as a fp16 engine for this GPU (--tar
 static (a CUDA graph). The engine runs in a loop, host arrays in and out (what a server must do too),
 then through `kiln serve` (one replica on the GPU) with C clients sending the same inputs in the binary
 tensor extension on kept-alive connections. Overhead = 1 - served throughput / loop throughput.
+
+triton: the same engine and loop, against `kiln serve --frontend triton` (a real tritonserver running it
+as a Python-backend model) with 1 and 2 instances on the GPU, C clients over HTTP and over gRPC.
 
 film: FILM (kiln's stripped graph from `benchmarks/film_gpu.py prepare`, weights refilled) as a fp16
 engine frozen to 1080p; `kiln interpolate` of F 1080p frames x2 to PNG, against the same job sent to
@@ -119,7 +123,7 @@ def engine_feeds(engine_dir: Path) -> dict[str, np.ndarray]:
             for s in config.inputs}  # fmt: skip
 
 
-def dit(work: Path, requests_total: int, clients: int) -> None:
+def dit_engine(work: Path) -> Path:
     engine_dir = work / "dit-engine"
     if not (engine_dir / "engine").is_dir():
         from dit_gpu import dit_xl_2
@@ -127,17 +131,34 @@ def dit(work: Path, requests_total: int, clients: int) -> None:
         dit_xl_2().save_pretrained(work / "dit-xl-2", safe_serialization=True)
         kiln("optimize", work / "dit-xl-2", "-o", engine_dir, "--target", "auto", "--precision", "fp16",
              "--shapes", "batch=8", "--shapes", "height=32", "--bench-runs", "0")  # fmt: skip
-    feeds = engine_feeds(engine_dir)
+    return engine_dir
+
+
+def loop_per_s(engine_dir: Path, feeds: dict[str, np.ndarray], runs: int) -> float:
+    """The engine's runs per second in a loop, host arrays in and out; its GPU memory is freed after."""
     from kiln.optimizer.run import open_engine
 
     engine = open_engine(engine_dir)
     for _ in range(5):
         engine.run(feeds)
     started = time.perf_counter()
-    for _ in range(requests_total):
+    for _ in range(runs):
         engine.run(feeds)
-    loop = requests_total / (time.perf_counter() - started)
-    del engine  # its GPU memory goes back before the replica takes its own
+    return runs / (time.perf_counter() - started)
+
+
+def print_table(title: str, rows: list[tuple[str, dict]], loop: float) -> None:
+    print(f"\n{title}\n")
+    print("| runner | runs/s | images/s | p50 ms | p99 ms | overhead |\n|---|---|---|---|---|---|")
+    for name, r in rows:
+        p = f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f}" if "p50_ms" in r else "| - | -"
+        print(f"| {name} | {r['per_s']:.1f} | {8 * r['per_s']:.1f} {p} | {1 - r['per_s'] / loop:+.1%} |")
+
+
+def dit(work: Path, requests_total: int, clients: int) -> None:
+    engine_dir = dit_engine(work)
+    feeds = engine_feeds(engine_dir)
+    loop = loop_per_s(engine_dir, feeds, requests_total)
     rows = [("engine in a loop (host in and out)", {"per_s": loop})]
     server = Server(engine_dir, "--max-queued", "64")
     try:
@@ -145,11 +166,50 @@ def dit(work: Path, requests_total: int, clients: int) -> None:
             rows.append((f"kiln serve, {c} client(s)", load(server.url, engine_dir.name, feeds, requests_total, c)))
     finally:
         server.stop()
-    print(f"\nDiT-XL/2 256² b8 fp16, {requests_total} runs; ready in {server.ready['startup_s']:.1f} s\n")
-    print("| runner | runs/s | images/s | p50 ms | p99 ms | overhead |\n|---|---|---|---|---|---|")
-    for name, r in rows:
-        p = f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f}" if "p50_ms" in r else "| - | -"
-        print(f"| {name} | {r['per_s']:.1f} | {8 * r['per_s']:.1f} {p} | {1 - r['per_s'] / loop:+.1%} |")
+    print_table(f"DiT-XL/2 256² b8 fp16, {requests_total} runs; ready in {server.ready['startup_s']:.1f} s", rows, loop)
+
+
+def load_grpc(address: str, model: str, feeds: dict[str, np.ndarray], requests_total: int, clients: int) -> dict:
+    """As load, over Triton's gRPC endpoint: a tritonclient per client thread."""
+    import tritonclient.grpc as grpc
+    from kiln.optimizer.serve.protocol import datatype_of
+
+    def client(_):
+        connection, times = grpc.InferenceServerClient(address), []
+        inputs = []
+        for name, value in feeds.items():
+            inputs.append(grpc.InferInput(name, list(value.shape), datatype_of(value.dtype)))
+            inputs[-1].set_data_from_numpy(value)
+        for _ in range(requests_total // clients):
+            start = time.perf_counter()
+            connection.infer(model, inputs)
+            times.append(time.perf_counter() - start)
+        return times
+
+    client(None)  # warm-up: the instances' first requests
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        times = [t for ts in pool.map(client, range(clients)) for t in ts]
+    wall = time.perf_counter() - started
+    ms = np.array(times) * 1e3
+    return {"requests": len(times), "per_s": len(times) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def triton(work: Path, requests_total: int, clients: int) -> None:
+    """The DiT engine behind a real Triton server (kiln serve --frontend triton, a Python-backend model
+    running kiln's runtime) with C clients over HTTP (binary tensors) and gRPC, against the loop."""
+    engine_dir = dit_engine(work)
+    feeds = engine_feeds(engine_dir)
+    loop = loop_per_s(engine_dir, feeds, requests_total)
+    rows = [("engine in a loop (host in and out)", {"per_s": loop})]
+    for instances in (1, 2):
+        server = Server(engine_dir, "--frontend", "triton", "--replicas", instances)
+        try:
+            rows.append((f"Triton HTTP, {instances} instance(s), {clients} clients", load(server.url, engine_dir.name, feeds, requests_total, clients)))
+            rows.append((f"Triton gRPC, {instances} instance(s), {clients} clients", load_grpc(server.ready["grpc"], engine_dir.name, feeds, requests_total, clients)))
+        finally:
+            server.stop()
+    print_table(f"DiT-XL/2 256² b8 fp16 behind Triton, {requests_total} runs a row; ready in {server.ready['startup_s']:.1f} s", rows, loop)
 
 
 def film(work: Path, film_onnx: Path, frames: int) -> None:
@@ -236,7 +296,7 @@ def ongoing(work: Path, requests_total: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["dit", "film", "batching", "ongoing"])
+    parser.add_argument("case", choices=["dit", "triton", "film", "batching", "ongoing"])
     parser.add_argument("work", type=Path)
     parser.add_argument("film_onnx", type=Path, nargs="?")
     parser.add_argument("--requests", type=int, default=400)
@@ -247,6 +307,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # one machine, loopback only
     if args.case == "dit":
         dit(args.work, args.requests, args.clients)
+    elif args.case == "triton":
+        triton(args.work, args.requests, args.clients)
     elif args.case == "film":
         film(args.work, args.film_onnx, args.frames)
     elif args.case == "batching":

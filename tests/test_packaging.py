@@ -22,7 +22,8 @@ HEAVY = {"torch", "tensorflow", "tf2onnx", "diffusers", "tensorrt", "modelopt", 
 # Modules that are written in an optional framework, and so need its extra to import at all; nothing
 # else imports them at module level. FILM's reference architecture is TensorFlow modules ([tf]); kiln
 # serve's deployments are Ray Serve classes ([cluster]).
-NEEDS_EXTRA = {"kiln.optimizer.examples.film_net": "tensorflow", "kiln.optimizer.serve.cluster": "ray"}
+NEEDS_EXTRA = {"kiln.optimizer.examples.film_net": "tensorflow", "kiln.optimizer.serve.cluster": "ray",
+               "kiln.optimizer.triton.model": "triton_python_backend_utils"}  # Triton's Python backend provides it
 
 
 def _py_files(*folders: str) -> list[Path]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from cluster_models import build, free_port, slow_model
@@ -29,6 +30,7 @@ from kiln.optimizer.triton import server  # noqa: E402
 from kiln.optimizer.triton.config import ExportOptions  # noqa: E402
 from kiln.optimizer.triton.repository import export  # noqa: E402
 from kiln.targets import read_manifest  # noqa: E402
+from kiln.targets.align import METADATA_KEY as ALIGN_KEY  # noqa: E402
 
 KILN = [sys.executable, "-c", "import sys; from kiln.optimizer.cli import main; sys.exit(main(sys.argv[1:]))"]
 ROWS = 4
@@ -41,12 +43,28 @@ def engine(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(engine, tmp_path_factory):
+def centred(tmp_path_factory) -> Path:
+    """x minus its spatial mean, an engine that pads H and W to multiples of 8 as FILM's does to 64: the
+    zeros it pads with move the mean, so an answer shows whether kiln's runtime ran it."""
+    root = tmp_path_factory.mktemp("centred")
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch,3,height,width] x) => (float[batch,3,height,width] y) {
+            m = ReduceMean <axes = [2, 3], keepdims = 1> (x)
+            y = Sub(x, m)
+        }""")
+    onnx.helper.set_model_props(model, {ALIGN_KEY: json.dumps({"multiple": 8, "inputs": {"x": [2, 3]}, "outputs": {"y": [2, 3]}})})
+    onnx.save(model, root / "centred.onnx")
+    return build(root / "centred.onnx", root / "centred", "batch=1..1..2", "height=8..16..32", "width=8..16..32")
+
+
+@pytest.fixture(scope="module")
+def triton(engine, centred, tmp_path_factory):
     """tritonserver on a repository `kiln export triton --backend python` wrote; a batch waits up to 100 ms
     for more requests, so that concurrent ones are batched even on a busy machine."""
     repo = tmp_path_factory.mktemp("repo")
-    directory = engine / "engine"
-    export([(directory, read_manifest(directory))], repo, "slow", 1, ExportOptions("python", batch_wait_us=100_000), force=False)
+    for name, outdir in (("slow", engine), ("centred", centred)):
+        directory = outdir / "engine"
+        export([(directory, read_manifest(directory))], repo, name, 1, ExportOptions("python", batch_wait_us=100_000), force=False)
     ports = free_port(), free_port()
     with server.running(repo, "127.0.0.1", *ports, timeout=120):
         yield {"http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}"}
@@ -58,11 +76,11 @@ def kiln_run(engine: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
     return np.load(tmp_path / "out.npz")["y"]
 
 
-def http_infer(url: str, x: np.ndarray, binary: bool = True, datatype: str = "FP32") -> np.ndarray:
+def http_infer(url: str, x: np.ndarray, binary: bool = True, datatype: str = "FP32", model: str = "slow") -> np.ndarray:
     client = http.InferenceServerClient(url)
     tensor = http.InferInput("x", list(x.shape), datatype)
     tensor.set_data_from_numpy(x, binary_data=binary)
-    return client.infer("slow", [tensor]).as_numpy("y")
+    return client.infer(model, [tensor]).as_numpy("y")
 
 
 def grpc_infer(url: str, x: np.ndarray) -> np.ndarray:
@@ -97,6 +115,19 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(triton, en
     batches = int(after["execution_count"]) - int(before["execution_count"])
     assert requests == 16 and batches < 16, (requests, batches)  # Triton's batcher handed kiln several at once
     assert max(b["batch_size"] for b in after["batch_stats"]) > 1
+
+
+def test_kiln_s_alignment_padding_runs_inside_triton(triton, centred):
+    """A 12x20 request is padded to 16x24 and cropped back, as `kiln run` does; the plain model's answer
+    on 12x20 (what Triton's ONNX Runtime backend would give) differs."""
+    x = np.random.default_rng(2).standard_normal((1, 3, 12, 20)).astype(np.float32)
+    y = http_infer(triton["http"], x, model="centred")
+    from kiln.optimizer.run import open_engine
+
+    np.testing.assert_allclose(y, open_engine(centred).run({"x": x})["y"], rtol=1e-6, atol=1e-6)
+    assert np.abs(y - (x - x.mean(axis=(2, 3), keepdims=True))).max() > 1e-3
+    config = http.InferenceServerClient(triton["http"]).get_model_config("centred")
+    assert config["max_batch_size"] == 2 and config["input"][0]["dims"] == [3, -1, -1]
 
 
 @pytest.mark.parametrize("x, datatype, message", [
