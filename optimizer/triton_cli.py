@@ -30,11 +30,17 @@ Backends (--backend; default: the engine's own runtime):
 An existing version is refused unless --force replaces it; other versions are left as they are.
 Served for real in kiln's tests: the python backend, on the tritonserver PyTriton ships. That binary
 has no ONNX Runtime or TensorRT backend, so those configs are checked against Triton's schema only.
+
+Examples:
+  kiln export triton dit-out/ models --name dit
+  kiln export triton film-out/ models --name film --backend python
+  kiln export triton h100-out/ l40s-out/ models --name dit_trt      (TensorRT plans, one per GPU)
+  tritonserver --model-repository models
 """
 
 
 def add_commands(sub, common, positive) -> None:
-    p = sub.add_parser("export", parents=[common], help="export an engine for another server: a Triton model repository")
+    p = sub.add_parser("export", help="export an engine for another server: a Triton model repository")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     t = formats.add_parser("triton", parents=[common], help="write a Triton Inference Server model repository entry",
                            description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
