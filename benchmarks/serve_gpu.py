@@ -86,6 +86,17 @@ def binary_request(feeds: dict[str, np.ndarray]) -> tuple[bytes, dict]:
     return header + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values()), {"Inference-Header-Content-Length": str(len(header))}
 
 
+def timed_clients(client, clients: int) -> dict:
+    """Throughput and p50/p99 latency of client(i) for i < clients run at once, each returning its
+    requests' seconds."""
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        times = [t for ts in pool.map(client, range(clients)) for t in ts]
+    wall = time.perf_counter() - started
+    ms = np.array(times) * 1e3
+    return {"requests": len(times), "per_s": len(times) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
 def load(url: str, model: str, feeds: dict[str, np.ndarray], requests_total: int, clients: int) -> dict:
     """requests_total requests from clients threads, each on its own kept-alive connection."""
     import requests
@@ -105,12 +116,7 @@ def load(url: str, model: str, feeds: dict[str, np.ndarray], requests_total: int
 
     for _ in range(4):  # warm-up: the replica's first requests
         requests.post(f"{url}/v2/models/{model}/infer", data=body, headers=headers, timeout=120)
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        times = [t for ts in pool.map(client, range(clients)) for t in ts]
-    wall = time.perf_counter() - started
-    ms = np.array(times) * 1e3
-    return {"requests": len(times), "per_s": len(times) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return timed_clients(client, clients)
 
 
 def engine_feeds(engine_dir: Path) -> dict[str, np.ndarray]:
@@ -187,12 +193,7 @@ def load_grpc(address: str, model: str, feeds: dict[str, np.ndarray], requests_t
         return times
 
     client(None)  # warm-up: the instances' first requests
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        times = [t for ts in pool.map(client, range(clients)) for t in ts]
-    wall = time.perf_counter() - started
-    ms = np.array(times) * 1e3
-    return {"requests": len(times), "per_s": len(times) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return timed_clients(client, clients)
 
 
 def triton(work: Path, requests_total: int, clients: int) -> None:

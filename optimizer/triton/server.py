@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -52,11 +53,13 @@ def backend_dir(workdir: Path) -> Path:
 
 
 def environment() -> dict[str, str]:
-    """The stub finds its Python by PATH (so kiln's environment, a venv included) and the server its
-    libraries in PyTriton's nvidia_pytriton.libs."""
+    """The stub finds its Python by PATH (so kiln's environment, a venv included) and links this
+    Python's libpython before any other of its version; the server finds its libraries in PyTriton's
+    nvidia_pytriton.libs."""
     env = dict(os.environ)
     libs = distribution().parent.parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [env.get("LD_LIBRARY_PATH"), str(libs)]))
+    own = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [own, env.get("LD_LIBRARY_PATH"), str(libs)]))
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     return env
 
