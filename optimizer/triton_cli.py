@@ -111,7 +111,7 @@ def serve_triton(args, named: dict[str, Path]) -> int:
             _check_runs_here(config, directory)
             repository.export([(directory, config)], repo, name, 1, options, force=False)
         say(f"starting tritonserver with {len(named)} engine(s), {args.replicas} instance(s) each")
-        start = time.perf_counter()
+        start, ready = time.perf_counter(), None
         try:
             with server.running(repo, args.host, args.port, grpc_port, args.timeout, log) as process:
                 base = f"http://{args.host}:{args.port}"
@@ -123,5 +123,7 @@ def serve_triton(args, named: dict[str, Path]) -> int:
                 code = process.wait()
                 raise InputError(f"tritonserver exited with code {code}:\n{server.tail(log)}")
         except KeyboardInterrupt:
+            if ready is None:
+                raise  # an interrupted start
             say("stopped: tritonserver finished the requests in flight")
             return 0

@@ -18,7 +18,6 @@ from kiln.optimizer.errors import InputError
 from kiln.targets.manifest import BuildConfig
 from kiln.targets.profile import Profile, base_dim, dim_size
 
-BACKENDS = ("onnxruntime", "tensorrt", "python")
 DATA_TYPES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
     "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -91,7 +90,7 @@ def non_leading_batch(config: BuildConfig) -> str | None:
     each), or None."""
     tensors = (*config.inputs, *config.outputs)
     for dim, limits in config.profile.dims.items():
-        if limits.min == limits.max or not all(dim in map(base_dim, _named(s.shape)) for s in tensors):
+        if limits.min == limits.max or not all(dim in [base_dim(d) for d in s.shape if isinstance(d, str)] for s in tensors):
             continue
         if dim == batch_dim(config):
             return None
@@ -100,10 +99,6 @@ def non_leading_batch(config: BuildConfig) -> str | None:
         return (f"the dynamic dim {dim!r}, which every input and output has, is axis {axis} of {spec.name!r}: "
                 "Triton batches requests along axis 0 only")  # fmt: skip
     return None
-
-
-def _named(shape) -> list[str]:
-    return [d for d in shape if isinstance(d, str)]
 
 
 def tensor_dims(shape, profile: Profile, batched: bool) -> list[int]:
@@ -126,7 +121,7 @@ def tensorrt_accelerator(config: BuildConfig) -> dict[str, str]:
     int8, fp16 = options.pop("trt_int8_enable", "0") == "1", options.pop("trt_fp16_enable", "0") == "1"
     params = {"precision_mode": "INT8" if int8 else "FP16" if fp16 else "FP32"}
     for key, value in sorted(options.items()):
-        if key in CACHE_OPTIONS or key in ("device_id", "user_compute_stream", "has_user_compute_stream"):
+        if key in CACHE_OPTIONS:
             continue
         if key not in TENSORRT_OPTIONS:
             raise InputError(f"the engine's TensorRT provider option {key}={value} has no counterpart in Triton's ONNX Runtime backend",

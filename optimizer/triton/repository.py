@@ -21,7 +21,7 @@ from pathlib import Path
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.onnx_files import model_files
 from kiln.optimizer.outdir import atomic_file, check_not_link, staged_dir
-from kiln.optimizer.triton.config import ExportOptions, config_text, model_config
+from kiln.optimizer.triton.config import ExportOptions, config_text, is_plan, model_config
 from kiln.targets.manifest import BuildConfig
 from kiln.targets.tensorrt import PLAN
 
@@ -53,7 +53,10 @@ def export(engines: list[tuple[Path, BuildConfig]], repo: Path, name: str, versi
     if len(engines) > 1 and options.backend != "tensorrt":
         raise InputError(f"{len(engines)} engines given: only TensorRT plans of one model for several GPUs go in one version",
                          hint="export each engine under its own --name")  # fmt: skip
-    (_, config), *others = engines
+    config = engines[0][1]
+    if any(not is_plan(c) or (c.inputs, c.outputs) != (config.inputs, config.outputs) for _, c in engines[1:]):
+        raise InputError("the engines given together are not TensorRT plans of one model (the same inputs and outputs)",
+                         hint="export each engine under its own --name")  # fmt: skip
     filenames = plan_names(engines) if len(engines) > 1 else None
     message = model_config(name, config, options, filenames)
     model_dir = repo / name

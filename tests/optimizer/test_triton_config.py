@@ -160,6 +160,9 @@ def test_plans_for_several_gpus_are_chosen_by_compute_capability(tmp_path):
     c = parse_config((tmp_path / "repo" / "m" / "config.pbtxt").read_text())
     assert c.platform == "tensorrt_plan" and dict(c.cc_model_filenames) == {"9.0": "model.sm90.plan", "8.9": "model.sm89.plan"}
     assert (version / "model.sm89.plan").read_bytes() == b"plan for sm8.9"
+    onnx_engine = _onnx_engine(tmp_path / "onnx", external=False)
+    with pytest.raises(InputError, match="the engines given together are not TensorRT plans of one model"):
+        export([engines[0], (onnx_engine, read_manifest(onnx_engine))], tmp_path / "repo", "mixed", 1, ExportOptions("tensorrt"), force=False)
     single = export(engines[:1], tmp_path / "repo", "one", 1, ExportOptions("tensorrt"), force=False)
     assert [p.name for p in single.iterdir()] == ["model.plan"]
     assert not parse_config((tmp_path / "repo" / "one" / "config.pbtxt").read_text()).cc_model_filenames
