@@ -8,10 +8,15 @@ up to the engine's batch max, and runs them together.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# Under `kiln serve --frontend triton`, the import path of the kiln process that started the server
+# (Triton's Python stub ignores PYTHONPATH); in a Triton of your own, kiln is installed where it runs.
+sys.path[:0] = [p for p in os.environ.get("KILN_SYS_PATH", "").split(os.pathsep) if p and p not in sys.path]
 
 
 class TritonPythonModel:

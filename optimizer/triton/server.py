@@ -61,6 +61,8 @@ def environment() -> dict[str, str]:
     own = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [own, env.get("LD_LIBRARY_PATH"), str(libs)]))
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # The stub's Python ignores PYTHONPATH; model.py puts kiln's own import path first from this.
+    env["KILN_SYS_PATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
 
 
