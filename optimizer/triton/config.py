@@ -134,8 +134,10 @@ def model_config(name: str, config: BuildConfig, options: ExportOptions, filenam
     """The ModelConfig message of the engine under name; filenames: compute capability -> plan file, for
     plans built for several GPUs."""
     if why := refusal(config, options.backend):
-        raise InputError(f"Triton cannot serve this engine with the {options.backend} backend: {why}",
-                         hint="export it with --backend python, which runs it with kiln's runtime" if options.backend != "python" else None)  # fmt: skip
+        own = "tensorrt" if is_plan(config) else "onnxruntime"
+        hint = (f"leave --backend out: the engine's own is {own}" if options.backend not in ("python", own)
+                else "export it with --backend python, which runs it with kiln's runtime" if options.backend != "python" else None)  # fmt: skip
+        raise InputError(f"Triton cannot serve this engine with the {options.backend} backend: {why}", hint=hint)
     pb = model_config_pb2()
     message = pb.ModelConfig(name=name)
     if options.backend == "python":

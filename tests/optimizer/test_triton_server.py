@@ -157,7 +157,8 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
         client = http.InferenceServerClient(f"127.0.0.1:{port}")
         config = client.get_model_config("dit")
         assert config["backend"] == "python" and config["max_batch_size"] == 8 and config["instance_group"][0]["count"] == 2
-        xs = [np.random.default_rng(20 + i).standard_normal((2, 16, 512)).astype(np.float32) for i in range(4)]
+        # Four requests of about a second each on a 2-core CPU, two instances: some in flight at SIGTERM.
+        xs = [np.random.default_rng(20 + i).standard_normal((8, 16, 512)).astype(np.float32) for i in range(4)]
         grpc_client = grpc.InferenceServerClient(ready["grpc"])
 
         def send(x):
@@ -167,8 +168,9 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(send, x) for x in xs]
-            time.sleep(0.3)  # they have reached the server
+            time.sleep(1.0)  # they have reached the server
             stats = client.get_inference_statistics("dit")["model_stats"][0]  # Triton's statistics extension
+            assert not all(f.done() for f in in_flight)
             process.send_signal(signal.SIGTERM)
             ys = [f.result(timeout=120) for f in in_flight]  # the requests in flight finish
         from kiln.optimizer.run import open_engine
