@@ -129,6 +129,8 @@ def _named(items: list[str]) -> dict[str, Path]:
 
 def _check_port(host: str, port: int) -> None:
     with socket.socket() as probe:
+        # As servers bind: a port another server has just left (TIME_WAIT) is free; one listened on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

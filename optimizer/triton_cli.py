@@ -113,7 +113,7 @@ def serve_triton(args, named: dict[str, Path]) -> int:
         say(f"starting tritonserver with {len(named)} engine(s), {args.replicas} instance(s) each")
         start, ready = time.perf_counter(), None
         try:
-            with server.running(repo, args.host, args.port, grpc_port, args.timeout, log) as process:
+            with server.running(repo, args.host, args.port, grpc_port, args.timeout, log, args.drain_timeout) as process:
                 base = f"http://{args.host}:{args.port}"
                 ready = {"status": "ready", "frontend": "triton", "url": base, "grpc": f"{args.host}:{grpc_port}",
                          "startup_s": time.perf_counter() - start, "models": {n: f"{base}/v2/models/{n}" for n in named}}  # fmt: skip

@@ -66,17 +66,20 @@ def environment() -> dict[str, str]:
     return env
 
 
-def command(repo: Path, backends: Path, host: str, http_port: int, grpc_port: int) -> list[str]:
+def command(repo: Path, backends: Path, host: str, http_port: int, grpc_port: int, drain_s: float) -> list[str]:
+    """drain_s: how long Triton waits at SIGTERM for requests in flight, and for clients' kept-alive HTTP
+    connections (a client that keeps one open holds the exit that long)."""
     return [
         str(distribution() / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}",
         f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
         "--allow-metrics=false", "--log-verbose=0", f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
-        f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
+        f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}", f"--exit-timeout-secs={max(1, round(drain_s))}",
     ]  # fmt: skip
 
 
 @contextlib.contextmanager
-def running(repo: Path, host: str, http_port: int, grpc_port: int, timeout: float, log: Path | None = None) -> Iterator[subprocess.Popen]:
+def running(repo: Path, host: str, http_port: int, grpc_port: int, timeout: float, log: Path | None = None,
+            drain_s: float = 30) -> Iterator[subprocess.Popen]:
     """tritonserver on repo, yielded once every model is ready; stopped (SIGTERM: Triton finishes the
     requests in flight, then exits) when the block ends. A server that dies while loading raises with
     its log's last lines."""
@@ -84,13 +87,13 @@ def running(repo: Path, host: str, http_port: int, grpc_port: int, timeout: floa
         work = Path(work)
         log = log or work / "tritonserver.log"
         with open(log, "wb") as sink:
-            process = subprocess.Popen(command(repo, backend_dir(work), host, http_port, grpc_port), stdout=sink, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command(repo, backend_dir(work), host, http_port, grpc_port, drain_s), stdout=sink, stderr=subprocess.STDOUT,
                                        env=environment(), start_new_session=True)  # fmt: skip
         try:
             wait_ready(process, f"http://{host}:{http_port}", timeout, log)
             yield process
         finally:
-            stop(process)
+            stop(process, drain_s + 30)
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float, log: Path) -> None:

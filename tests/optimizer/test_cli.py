@@ -507,3 +507,25 @@ def test_a_signal_after_the_work_is_done_changes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\nTrue True\n")
     assert (tmp_path / "ex" / "model.onnx").is_file()
+
+
+def test_a_port_a_server_has_just_left_is_free_and_one_listened_on_is_not():
+    """kiln serve checks its ports before starting: a port whose last connection the server closed (left
+    in TIME_WAIT for a minute) can be served again at once, as servers bind with SO_REUSEADDR."""
+    import socket
+
+    from kiln.optimizer.cluster_cli import _check_port
+    from kiln.optimizer.errors import InputError
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton's and Ray's servers bind
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            _check_port("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+        client.close()
+    _check_port("127.0.0.1", port)

@@ -148,7 +148,7 @@ def test_a_bad_request_gets_the_reason_and_the_server_stays_healthy(triton, x, d
 def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
     port = free_port()
     process = subprocess.Popen([*KILN, "serve", f"dit={engine}", "--frontend", "triton", "--port", str(port), "--grpc-port", str(free_port()),
-                                "--replicas", "2", "--batch-wait-ms", "50", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                "--replicas", "2", "--batch-wait-ms", "50", "--drain-timeout", "20", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         line = process.stdout.readline()
         assert line, process.stderr.read()
@@ -157,8 +157,8 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
         client = http.InferenceServerClient(f"127.0.0.1:{port}")
         config = client.get_model_config("dit")
         assert config["backend"] == "python" and config["max_batch_size"] == 8 and config["instance_group"][0]["count"] == 2
-        # Four requests of about a second each on a 2-core CPU, two instances: some in flight at SIGTERM.
-        xs = [np.random.default_rng(20 + i).standard_normal((8, 16, 512)).astype(np.float32) for i in range(4)]
+        # Four requests of half a second or more each on a 2-core CPU, two instances: some in flight at SIGTERM.
+        xs = [np.random.default_rng(20 + i).standard_normal((4, 16, 512)).astype(np.float32) for i in range(4)]
         grpc_client = grpc.InferenceServerClient(ready["grpc"])
 
         def send(x):
@@ -168,8 +168,9 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(send, x) for x in xs]
-            time.sleep(1.0)  # they have reached the server
+            time.sleep(0.5)  # they have reached the server
             stats = client.get_inference_statistics("dit")["model_stats"][0]  # Triton's statistics extension
+            client.close()  # a kept-alive HTTP connection would hold Triton's exit up to --drain-timeout
             assert not all(f.done() for f in in_flight)
             process.send_signal(signal.SIGTERM)
             ys = [f.result(timeout=120) for f in in_flight]  # the requests in flight finish
