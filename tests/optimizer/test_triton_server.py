@@ -157,8 +157,9 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
         client = http.InferenceServerClient(f"127.0.0.1:{port}")
         config = client.get_model_config("dit")
         assert config["backend"] == "python" and config["max_batch_size"] == 8 and config["instance_group"][0]["count"] == 2
-        # Four requests of half a second or more each on a 2-core CPU, two instances: some in flight at SIGTERM.
-        xs = [np.random.default_rng(20 + i).standard_normal((4, 16, 512)).astype(np.float32) for i in range(4)]
+        # Six requests of the engine's largest shape, each run alone (about 0.3 s on an idle 2-core CPU), on
+        # two instances: some are still in flight at SIGTERM.
+        xs = [np.random.default_rng(20 + i).standard_normal((8, 16, 512)).astype(np.float32) for i in range(6)]
         grpc_client = grpc.InferenceServerClient(ready["grpc"])
 
         def send(x):
@@ -166,9 +167,9 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
             tensor.set_data_from_numpy(x)
             return grpc_client.infer("dit", [tensor]).as_numpy("y")
 
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(xs)) as pool:
             in_flight = [pool.submit(send, x) for x in xs]
-            time.sleep(0.5)  # they have reached the server
+            time.sleep(0.3)  # they have reached the server
             stats = client.get_inference_statistics("dit")["model_stats"][0]  # Triton's statistics extension
             client.close()  # a kept-alive HTTP connection would hold Triton's exit up to --drain-timeout
             assert not all(f.done() for f in in_flight)
