@@ -128,6 +128,8 @@ def _named(items: list[str]) -> dict[str, Path]:
 
 
 def _check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise InputError(f"port {port} is not a port to listen on", hint="give one from 1 to 65535")
     with socket.socket() as probe:
         # As servers bind: a port another server has just left (TIME_WAIT) is free; one listened on is not.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -99,7 +99,9 @@ def serve_triton(args, named: dict[str, Path]) -> int:
             raise InputError(f"{flag} is for the Ray front end; Triton's serves tensor requests on this machine", hint="leave it out, or use --frontend ray")
     if not args.replicas.isdigit() or int(args.replicas) < 1:
         raise InputError(f"--replicas {args.replicas}: Triton runs a fixed number of instances per engine", hint="give a number, e.g. --replicas 2")
-    grpc_port = args.grpc_port or args.port + 1
+    grpc_port = args.port + 1 if args.grpc_port is None else args.grpc_port
+    if grpc_port == args.port:
+        raise InputError(f"--grpc-port {grpc_port} is --port too", hint="give Triton's HTTP and gRPC endpoints two ports")
     for port in (args.port, grpc_port):
         _check_port(args.host, port)
     options = _options("python", int(args.replicas), args.batch_wait_ms)

@@ -26,19 +26,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory) -> Path:
     """kiln's caches go to a folder of this run, not the user's ~/.cache/kiln (this one for the session's
-    fixtures; each test gets its own, below)."""
+    fixtures; each module and each test gets its own, below)."""
     root = tmp_path_factory.mktemp("kiln-cache")
     os.environ["KILN_CACHE_DIR"] = str(root)
     return root
 
 
+def _cache_sharing_calibration(session: Path, root: Path) -> Path:
+    """root as a kiln cache whose calibration statistics are the session's."""
+    (session / "calibration").mkdir(exist_ok=True)
+    (root / "calibration").symlink_to(session / "calibration")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_cache(_session_cache, tmp_path_factory):
+    """A test module's own fixtures build into a cache of their own: what another module built (in the
+    same worker, in whatever order) is neither a hit nor an entry a report could mention."""
+    root = _cache_sharing_calibration(_session_cache, tmp_path_factory.mktemp("kiln-cache-module"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_CACHE_DIR", str(root))
+        yield root
+
+
 @pytest.fixture(autouse=True)
-def _kiln_cache(_session_cache, tmp_path_factory, monkeypatch):
+def _kiln_cache(_session_cache, _module_cache, tmp_path_factory, monkeypatch):
     """Each test has a cache of its own (an engine another test built is no hit), sharing the session's
     calibration statistics."""
-    root = tmp_path_factory.mktemp("kiln-cache-test")
-    (_session_cache / "calibration").mkdir(exist_ok=True)
-    (root / "calibration").symlink_to(_session_cache / "calibration")
+    root = _cache_sharing_calibration(_session_cache, tmp_path_factory.mktemp("kiln-cache-test"))
     monkeypatch.setenv("KILN_CACHE_DIR", str(root))
 
 

@@ -18,7 +18,8 @@ from kiln.targets import EngineError
 
 
 def batch_dim(engine) -> str | None:
-    """The dynamic dim that is axis 0 of every input and every output, which requests can be stacked along."""
+    """The dynamic dim that is axis 0 of every input and every output, which requests can be stacked along
+    (engine: an Engine, or the BuildConfig of one)."""
     firsts = {spec.shape[0] if spec.shape else None for spec in (*engine.inputs, *engine.outputs)}
     (first,) = firsts if len(firsts) == 1 else (None,)
     return first if isinstance(first, str) else None

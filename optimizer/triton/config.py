@@ -77,12 +77,13 @@ def is_plan(config: BuildConfig) -> bool:
 
 
 def batch_dim(config: BuildConfig) -> str | None:
-    """The dynamic dim at axis 0 of every input and output (Triton's batch), or None."""
-    firsts = {spec.shape[0] if spec.shape else None for spec in (*config.inputs, *config.outputs)}
-    if len(firsts) != 1 or not isinstance(first := next(iter(firsts)), str) or first not in config.profile.dims:
-        return None
-    limits = config.profile.dims[first]
-    return first if limits.min < limits.max else None
+    """The dim kiln's runtime stacks requests along (axis 0 of every input and output), if its size
+    varies: Triton's batch. None otherwise."""
+    from kiln.optimizer.serve.worker import batch_dim as leading_dim
+
+    dim = leading_dim(config)
+    limits = config.profile.dims.get(dim) if dim else None
+    return dim if limits and limits.min < limits.max else None
 
 
 def non_leading_batch(config: BuildConfig) -> str | None:

@@ -64,11 +64,11 @@ def export(engines: list[tuple[Path, BuildConfig]], repo: Path, name: str, versi
     check_not_link(model_dir, "model folder")
     if target.exists() and not force:
         raise InputError(f"{target} exists: version {version} of model {name!r} is in the repository already",
-                         hint=f"pass --version {next_version(model_dir)} for a new version, or --force to replace this one")  # fmt: skip
+                         hint=f"pass --version {max(versions(model_dir), default=0) + 1} for a new version, or --force to replace this one")  # fmt: skip
     text = config_text(message)
-    others = sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() and p.name != str(version)) if model_dir.is_dir() else []
+    others = sorted(set(versions(model_dir)) - {version})
     if others and not force and _read(model_dir / "config.pbtxt") not in (None, text):
-        raise InputError(f"model {name!r} has version(s) {', '.join(others)} with another config.pbtxt, and Triton serves every "
+        raise InputError(f"model {name!r} has version(s) {', '.join(map(str, others))} with another config.pbtxt, and Triton serves every "
                          "version of a model with one config", hint="export it under another --name, or pass --force to replace the config")  # fmt: skip
     with staged_dir(target) as stage:
         if options.backend == "python":
@@ -104,9 +104,9 @@ def plan_names(engines: list[tuple[Path, BuildConfig]]) -> dict[str, str]:
     return names
 
 
-def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
+def versions(model_dir: Path) -> list[int]:
+    """The model's versions in the repository: its folders named by a number."""
+    return [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
 
 
 def _copy_onnx(model: Path, stage: Path) -> None:

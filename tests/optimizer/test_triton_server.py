@@ -192,6 +192,8 @@ def test_kiln_serve_frontend_triton_serves_batches_and_drains(engine, tmp_path):
     (["--replicas", "1..2"], "--replicas 1..2: Triton runs a fixed number of instances per engine"),
     (["--address", "10.0.0.1:6379"], "--address is for the Ray front end"),
     (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
+    (["--port", "0"], "port 0 is not a port to listen on"),
+    (["--port", "18000", "--grpc-port", "18000"], "--grpc-port 18000 is --port too"),
 ])  # fmt: skip
 def test_bad_triton_serve_options_exit_2_before_the_server_starts(engine, tmp_path, args, message):
     import socket
