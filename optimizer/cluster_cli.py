@@ -180,7 +180,7 @@ def cmd_serve(args) -> int:
     say(f"starting {len(engines)} engine(s) on Ray Serve ({'replicas ' + args.replicas})")
     health = None
     try:
-        health, seconds = cluster.start(engines, configs, options, args.host, args.port, args.timeout, args.address)
+        health, seconds = cluster.start(engines, configs, options, args.host, args.port, args.timeout, args.address, say)
         base = f"http://{args.host}:{args.port}"
         ready = {"status": "ready", "url": base, "startup_s": seconds, "models": {n: f"{base}/v2/models/{n}" for n in engines}}
         text = "\n".join([f"ready in {seconds:.1f} s: {base}/v2/health/ready", *(f"  {n}: {u}" for n, u in ready["models"].items())])

@@ -102,7 +102,7 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
         progress) -> dict:  # fmt: skip
     import ray
 
-    from kiln.optimizer.serve.ray_start import init_ray
+    from kiln.optimizer.serve.ray_start import check_room, init_ray
 
     kind = job_kind(config)
     if out.exists() and not out.is_dir():
@@ -123,10 +123,12 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # kiln prints a line per job
         gpu = config.device == "cuda"
-        workers = workers or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)  # one actor per GPU
+        workers = min(workers or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1), len(pending))  # one actor per GPU
+        check_room(f"{workers} worker(s), each {'a GPU and ' if gpu else ''}a CPU,", workers if gpu else 0, workers,
+                   "lower --workers, or join a larger cluster with --address", address is None, progress)  # fmt: skip
         dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
             JobActor, fn_constructor_args=(str(engine_dir), roots), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(pending))),
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=1 if gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=retries,
         )  # fmt: skip
         for row in dataset.iter_rows():

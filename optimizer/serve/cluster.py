@@ -33,7 +33,7 @@ from starlette.responses import Response
 from kiln.optimizer import __version__
 from kiln.optimizer.errors import InputError
 from kiln.optimizer.serve.job_requests import KINDS, Roots
-from kiln.optimizer.serve.ray_start import init_ray
+from kiln.optimizer.serve.ray_start import check_room as check_ray_room, init_ray
 from kiln.optimizer.serve.protocol import EXTENSIONS, HEADER_LENGTH, ProtocolError, check_outputs, encode_infer, error_body, model_metadata, parse_infer
 from kiln.optimizer.serve.worker import EngineWorker
 
@@ -185,10 +185,27 @@ def _json_object(body: bytes) -> dict:
     return value
 
 
+def replica_resources(config, options: ServeOptions) -> dict[str, float]:
+    """What Ray reserves for one replica: a whole GPU and a CPU to feed it, or --replica-cpus."""
+    return {"num_gpus": 1, "num_cpus": 1} if config.device == "cuda" else {"num_cpus": options.replica_cpus}
+
+
+def check_room(configs: dict, options: ServeOptions, address: str | None, say) -> None:
+    """MIN replicas of every engine must fit the cluster (a replica Ray cannot place never starts, and
+    the server would wait for it); MAX that does not fit is a warning."""
+    per_round = [replica_resources(config, options) for config in configs.values()]
+    gpus, cpus = (sum(r.get(key, 0) for r in per_round) for key in ("num_gpus", "num_cpus"))
+    hint = "lower --replicas (a GPU engine's replica takes a whole GPU) or --replica-cpus, or join a larger cluster with --address"
+    what = f"--replicas {options.min_replicas} of {len(configs)} engine(s) ({options.min_replicas * len(configs)} replicas)"
+    check_ray_room(what, options.min_replicas * gpus, options.min_replicas * cpus, hint, address is None, say)
+    if options.max_replicas > options.min_replicas:
+        what = f"--replicas ..{options.max_replicas} of {len(configs)} engine(s) ({options.max_replicas * len(configs)} replicas)"
+        check_ray_room(what, options.max_replicas * gpus, options.max_replicas * cpus, hint, False, say)
+
+
 def engine_deployment(name: str, directory: Path, config, options: ServeOptions):
     """The Ray Serve application of one engine: its Model deployment, placed and scaled."""
-    gpu = config.device == "cuda"
-    resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": options.replica_cpus}
+    resources = replica_resources(config, options)
     fixed = options.min_replicas == options.max_replicas
     scaling = {"num_replicas": options.min_replicas} if fixed else {"autoscaling_config": {
         "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
@@ -201,7 +218,8 @@ def engine_deployment(name: str, directory: Path, config, options: ServeOptions)
     return deployment.bind(name, str(directory), model_metadata(name, config), options.roots, options.batch_wait_s, options.max_body)
 
 
-def start(engines: dict[str, Path], configs: dict, options: ServeOptions, host: str, port: int, timeout_s: float, address: str | None):
+def start(engines: dict[str, Path], configs: dict, options: ServeOptions, host: str, port: int, timeout_s: float, address: str | None,
+          say=lambda text: None):  # fmt: skip
     """Start (or join) Ray, run the applications and wait until every replica is up; return the health
     application's handle and the seconds taken."""
     import ray
@@ -213,6 +231,7 @@ def start(engines: dict[str, Path], configs: dict, options: ServeOptions, host: 
         ray.shutdown()
         raise InputError("the engines run on a GPU, and the Ray cluster has none" + ("" if address else " (Ray found no GPU on this machine)"),
                          hint="run kiln serve where Ray sees a GPU, or join a cluster that has one with --address")  # fmt: skip
+    check_room(configs, options, address, say)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s}, logging_config={"log_level": "WARNING"})
     running = _get_global_client().http_config  # Serve already up on a cluster keeps its own address
     if (running.host, running.port) != (host, port):

@@ -104,3 +104,13 @@ def test_a_bad_manifest_is_refused_before_anything_is_written(decoder, tmp_path,
     done = kiln("batch", decoder, manifest, "-o", tmp_path / "out")
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_more_workers_than_this_machine_has_cpus_are_refused(decoder, tmp_path):
+    """Each worker takes a CPU; Ray started here counts at most os.cpu_count() of them."""
+    n = os.cpu_count() + 1
+    manifest = write_manifest(tmp_path, [f'{{"input": "lat/a.npy", "output": "a{i}"}}' for i in range(n)])
+    done = kiln("batch", decoder, manifest, "-o", tmp_path / "out", "--workers", n)
+    assert done.returncode == 2, done.stderr
+    assert f"kiln: error: {n} worker(s), each a CPU, need {n} CPUs; the Ray cluster has " in done.stderr
+    assert visible(tmp_path / "out") == []

@@ -296,3 +296,11 @@ def test_bad_serve_options_exit_2_before_ray_starts(engines, tmp_path, args, mes
         done = subprocess.run([*KILN, "serve", *(a.format(**fill) for a in args)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and message.format(**fill) in done.stderr, done.stderr
     assert "Ray" not in done.stderr  # refused before Ray started
+
+
+def test_replicas_this_machine_cannot_place_exit_2_once_ray_has_counted(engines, tmp_path):
+    """Ray started here cannot grow: two replicas of 1000 CPUs each are refused, not left pending."""
+    done = subprocess.run([*KILN, "serve", engines["slow"], "--replicas", "2", "--replica-cpus", "1000", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "kiln: error: --replicas 2 of 1 engine(s) (2 replicas) need 2000 CPUs; the Ray cluster has " in done.stderr
