@@ -98,7 +98,8 @@ class Model:
         if method == "GET" and action == ["ready"]:  # this replica answers: it loaded and ran its engine
             return _json({"name": self.name, "ready": True})
         if method == "GET" and action == ["stats"]:
-            return _json({**self.worker.startup, "runs": self.worker.runs, "items": self.worker.items})
+            replica = serve.get_replica_context().replica_id.unique_id  # stats are per replica: say which
+            return _json({"replica": replica, **self.worker.startup, "runs": self.worker.runs, "items": self.worker.items})
         if method == "POST" and action == ["infer"]:
             return await self._infer(request)
         if method == "POST" and len(action) == 1 and action[0] in KINDS:

@@ -128,6 +128,7 @@ def test_load_every_request_gets_one_correct_answer(server):
     url, engine = server["url"], server["engines"]["slow"]
     inputs = [np.random.default_rng(i).standard_normal((1 + i % 2, 2 * (1 + i % 3), 512)).astype(np.float32) for i in range(96)]
     wants = [local(engine, {"x": x})["y"] for x in inputs]
+    before = replica_stats(url)
 
     def client(k: int) -> list[tuple[int, float, int, np.ndarray]]:
         answers = []
@@ -150,8 +151,20 @@ def test_load_every_request_gets_one_correct_answer(server):
     latencies = np.array([a[1] for a in answers]) * 1e3
     print(f"\nload: 96 requests from 6 clients in {wall:.2f} s, {96 / wall:.1f} requests/s, p50 {np.percentile(latencies, 50):.1f} ms, "
           f"p99 {np.percentile(latencies, 99):.1f} ms, {sum(a[4] for a in answers)} refused and sent again")  # fmt: skip
-    stats = requests.get(f"{url}/v2/models/slow/stats", timeout=10).json()
-    assert stats["items"] >= stats["runs"] >= 1
+    after = replica_stats(url)
+    assert all(s["items"] >= s["runs"] >= 1 for s in after.values())
+    assert sum(s["items"] for s in after.values()) - sum(s["items"] for s in before.values()) == 96  # each request ran once
+
+
+def replica_stats(url: str) -> dict[str, dict]:
+    """The slow engine's stats from each of its two replicas, asked until both have answered."""
+    seen = {}
+    for _ in range(100):
+        stats = requests.get(f"{url}/v2/models/slow/stats", timeout=10).json()
+        seen[stats["replica"]] = stats
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"stats came from {len(seen)} replica(s) of 2")
 
 
 def test_a_full_queue_refuses_at_once_and_the_server_stays_healthy(server):
