@@ -218,6 +218,10 @@ def triton(work: Path, requests_total: int, clients: int) -> None:
 def film(work: Path, film_onnx: Path, frames: int) -> None:
     from serve_pipeline import film_frames
 
+    jobs(film_engine(work, film_onnx), film_frames(work / "in" / "clip", frames), work)
+
+
+def film_engine(work: Path, film_onnx: Path) -> Path:
     engine_dir = work / "film-engine"
     if not (engine_dir / "engine").is_dir():
         import onnx
@@ -227,7 +231,7 @@ def film(work: Path, film_onnx: Path, frames: int) -> None:
         onnx.save(refill(film_onnx), work / "film.onnx")
         kiln("optimize", work / "film.onnx", "-o", engine_dir, "--target", "auto", "--precision", "fp16", "--no-verify", "--bench-runs", "0",
              "--shapes", "batch=1", "--shapes", "height=1088", "--shapes", "width=1920")  # fmt: skip
-    jobs(engine_dir, film_frames(work / "in" / "clip", frames), work)
+    return engine_dir
 
 
 def jobs(engine_dir: Path, source: Path, work: Path) -> None:
