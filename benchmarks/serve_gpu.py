@@ -85,7 +85,9 @@ def binary_request(feeds: dict[str, np.ndarray]) -> tuple[bytes, dict]:
 
     inputs = [{"name": k, "shape": list(v.shape), "datatype": datatype_of(v.dtype), "parameters": {"binary_data_size": v.nbytes}} for k, v in feeds.items()]
     header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-    return header + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values()), {"Inference-Header-Content-Length": str(len(header))}
+    # identity: requests asks for gzip by default, and Triton then compresses every output (48 ms of DiT's 256 KB on an H100)
+    return header + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values()), {"Inference-Header-Content-Length": str(len(header)),
+                                                                                           "Accept-Encoding": "identity"}  # fmt: skip
 
 
 def timed_clients(client, clients: int) -> dict:

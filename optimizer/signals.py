@@ -17,7 +17,10 @@ def signals_deferred() -> Iterator[None]:
         yield  # only the main thread runs Python's signal handlers
         return
     caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # A handler set outside Python (getsignal gives None: an embedding process's, such as Triton's Python
+    # stub) could not be put back, so that signal is left alone.
+    held = [signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not None]
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
     try:
         yield
     finally:

@@ -122,6 +122,10 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> int:
 
 
 def tail(log: Path, lines: int = 15) -> str:
+    """Triton's error lines (a model's load error is far above the end, under the tables it prints), then
+    the log's last lines."""
     with contextlib.suppress(OSError):
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        text = log.read_text(errors="replace").splitlines()
+        errors = [line[:2000] for line in text if line.startswith("E")]
+        return "\n".join([*errors[-5:], *(["..."] if errors else []), *text[-lines:]])
     return "(no log)"

@@ -26,6 +26,7 @@ http = pytest.importorskip("tritonclient.http")
 grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from kiln.optimizer.errors import InputError  # noqa: E402
 from kiln.optimizer.triton import server  # noqa: E402
 from kiln.optimizer.triton.config import ExportOptions  # noqa: E402
 from kiln.optimizer.triton.repository import export  # noqa: E402
@@ -65,9 +66,34 @@ def triton(engine, centred, tmp_path_factory):
     for name, outdir in (("slow", engine), ("centred", centred)):
         directory = outdir / "engine"
         export([(directory, read_manifest(directory))], repo, name, 1, ExportOptions("python", batch_wait_us=100_000), force=False)
+    signals_model(repo / "signals")
     ports = free_port(), free_port()
     with server.running(repo, "127.0.0.1", *ports, timeout=120):
         yield {"http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}"}
+
+
+def signals_model(folder: Path) -> None:
+    """A Python-backend model that holds SIGINT and SIGTERM as kiln does while it loads a CUDA engine
+    (kiln.optimizer.signals), and answers whether Triton's stub, not Python, had set their handlers."""
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\ninput [{ name: "x", data_type: TYPE_INT32, dims: [1] }]\n'
+                                         'output [{ name: "y", data_type: TYPE_INT32, dims: [1] }]\ninstance_group [{ kind: KIND_CPU }]\n')  # fmt: skip
+    (folder / "1" / "model.py").write_text("""
+import os, signal, sys
+import numpy as np
+import triton_python_backend_utils as pb_utils
+sys.path[:0] = [p for p in os.environ["KILN_SYS_PATH"].split(os.pathsep) if p]
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from kiln.optimizer.signals import signals_deferred
+        self.embedded = signal.getsignal(signal.SIGTERM) is None  # a handler Python did not install
+        with signals_deferred():
+            pass
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", np.array([self.embedded], np.int32))]) for _ in requests]
+""")
 
 
 def kiln_run(engine: Path, x: np.ndarray, tmp_path: Path) -> np.ndarray:
@@ -115,6 +141,25 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(triton, en
     batches = int(after["execution_count"]) - int(before["execution_count"])
     assert requests == 16 and batches < 16, (requests, batches)  # Triton's batcher handed kiln several at once
     assert max(b["batch_size"] for b in after["batch_stats"]) > 1
+
+
+def test_kiln_holds_signals_inside_triton_s_python_stub(triton):
+    """Triton's stub sets SIGINT's and SIGTERM's handlers before Python starts, so Python cannot put them
+    back; kiln left the stub a handler of None, and every CUDA engine failed to load (found on an H100)."""
+    x = grpc.InferInput("x", [1], "INT32")
+    x.set_data_from_numpy(np.zeros(1, np.int32))
+    assert grpc.InferenceServerClient(triton["grpc"]).infer("signals", [x]).as_numpy("y").tolist() == [1]
+
+
+def test_a_model_that_fails_to_load_is_named_with_its_error(tmp_path):
+    """Triton prints a load error far above the end of its log; kiln's message leads with it."""
+    folder = tmp_path / "repo" / "broken"
+    signals_model(folder)
+    (folder / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n        raise ValueError('broken on purpose')\n")
+    with pytest.raises(InputError) as failed, server.running(tmp_path / "repo", "127.0.0.1", free_port(), free_port(), timeout=120):
+        pass
+    assert failed.value.message.startswith("tritonserver exited with code 1 before it was ready:\nE")
+    assert "failed to load 'broken' version 1: Internal: ValueError: broken on purpose" in failed.value.message
 
 
 def test_kiln_s_alignment_padding_runs_inside_triton(triton, centred):
