@@ -15,6 +15,8 @@ triton: the same engine and loop, against `kiln serve --frontend triton` (a real
 as a Python-backend model) with 1 and 2 instances on the GPU, C clients over HTTP and over gRPC.
 Needs nvidia-pytriton (its manylinux_2_35 wheel unpacked where kiln imports it), tritonclient[grpc],
 and numpy<2 in the site-packages of the Python on PATH: Triton's Python stub reads that one, not PYTHONPATH.
+Build the DiT engine before numpy 1 goes in, or with a sitecustomize.py that sets numpy.long, numpy.ulong
+and numpy.bool (recent transformers, which diffusers imports, uses those numpy 2 names).
 
 film: FILM (kiln's stripped graph from `benchmarks/film_gpu.py prepare`, weights refilled) as a fp16
 engine frozen to 1080p; `kiln interpolate` of F 1080p frames x2 to PNG, against the same job sent to
