@@ -184,9 +184,7 @@ def drive(url: str, model: str, bodies: list[tuple[bytes, dict]], wants: list[di
 def serve_scaling(work: Path, counts: list[int], clients_per_replica: int, requests_per_replica: int) -> None:
     engine_dir = work / "serve"
     inputs, wants = distinct_inputs(engine_dir)
-    for feeds in inputs:
-        feeds["__body"] = binary_request(feeds)
-    bodies = [feeds.pop("__body") for feeds in inputs]
+    bodies = [binary_request(feeds) for feeds in inputs]
     rows = []
     for n in counts:
         server = Server(f"serve={engine_dir}", "--replicas", n, "--max-queued", 4 * n * clients_per_replica, *cpu_options(engine_dir))
@@ -261,7 +259,7 @@ def autoscale(work: Path, most: int, load_s: float, idle_s: float, lead_s: float
                     *cpu_options(engine_dir))  # fmt: skip
     inputs, _ = distinct_inputs(engine_dir)
     body, headers = binary_request(inputs[0])
-    answered, stop_load, samples = [0], threading.Event(), []
+    answered, lock, stop_load, samples = [0], threading.Lock(), threading.Event(), []
 
     def client():
         import requests
@@ -270,7 +268,8 @@ def autoscale(work: Path, most: int, load_s: float, idle_s: float, lead_s: float
         while not stop_load.is_set():
             response = session.post(f"{server.url}/v2/models/serve/infer", data=body, headers=headers, timeout=300)
             if response.status_code == 200:
-                answered[0] += 1
+                with lock:
+                    answered[0] += 1
             else:
                 time.sleep(0.2)
 
@@ -282,15 +281,15 @@ def autoscale(work: Path, most: int, load_s: float, idle_s: float, lead_s: float
             stop_load.clear()
             for thread in threads:
                 thread.start()
-            until, last = time.monotonic() + seconds, answered[0]
+            until, last, last_t = time.monotonic() + seconds, answered[0], time.monotonic()
             while time.monotonic() < until:
                 time.sleep(0.5)
                 states = serve.status().applications["kiln-serve"].deployments["model"].replica_states
-                now = answered[0]
-                samples.append({"t": time.monotonic() - started, "phase": phase, "running": states.get("RUNNING", 0),
+                now, now_t = answered[0], time.monotonic()
+                samples.append({"t": now_t - started, "phase": phase, "running": states.get("RUNNING", 0),
                                 "starting": states.get("STARTING", 0) + states.get("PENDING_MIGRATION", 0), "stopping": states.get("STOPPING", 0),
-                                "answers_per_s": (now - last) / 0.5})  # fmt: skip
-                last = now
+                                "answers_per_s": (now - last) / (now_t - last_t)})  # fmt: skip
+                last, last_t = now, now_t
             stop_load.set()
             for thread in threads:
                 thread.join()
