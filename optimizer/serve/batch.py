@@ -109,7 +109,6 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
         raise InputError(f"-o {out} is a file; kiln batch writes into a folder")
     roots = Roots(manifest.parent.resolve(), out.resolve())
     jobs = read_jobs(manifest, kind, roots)  # all checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     cleaned = remove_partials(out)
     pending = [j for j in jobs if not (roots.output / j["output"]).exists()]  # read_jobs kept each under the root
     progress(f"{len(jobs)} job(s): {len(jobs) - len(pending)} done before, {len(pending)} to run" + (f"; removed {cleaned} partial output(s) of a killed run" if cleaned else ""))
@@ -126,6 +125,7 @@ def run(engine_dir: Path, config, manifest: Path, out: Path, workers: int | None
         workers = min(workers or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1), len(pending))  # one actor per GPU
         check_room(f"{workers} worker(s), each {'a GPU and ' if gpu else ''}a CPU,", workers if gpu else 0, workers,
                    "lower --workers, or join a larger cluster with --address", address is None, progress)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)  # once the run is sure to start: a refused one leaves nothing
         dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
             JobActor, fn_constructor_args=(str(engine_dir), roots), batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),
